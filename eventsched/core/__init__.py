@@ -1,0 +1,1 @@
+"""Machinery with no business rules: runtime, config, adapters, dev stack."""

@@ -1,0 +1,56 @@
+"""The project's small error hierarchy.
+
+Library errors are translated at the adapter boundary (``raise ... from err``) so that
+callers only ever handle these types. Each class builds its own message from context.
+"""
+
+from __future__ import annotations
+
+
+class EventschedError(Exception):
+    """Base class of every error eventsched raises on purpose."""
+
+
+class ConfigError(EventschedError):
+    """A setting is missing or invalid; start-up stops with exit code 2."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"invalid setting {key}: {problem}")
+
+
+class PluginError(EventschedError):
+    """A plugin named in settings cannot be imported or has the wrong interface."""
+
+    def __init__(self, key: str, target: str, problem: str) -> None:
+        self.key = key
+        self.target = target
+        self.problem = problem
+        super().__init__(f"invalid plugin {key} = {target!r}: {problem}")
+
+
+class DependencyError(EventschedError):
+    """An external dependency (postgres, redis, kafka) failed or is unreachable."""
+
+    def __init__(self, dependency: str, problem: str) -> None:
+        self.dependency = dependency
+        self.problem = problem
+        super().__init__(f"{dependency} unavailable: {problem}")
+
+
+class MigrationError(EventschedError):
+    """A schema migration failed or the schema is in a dirty state."""
+
+
+class DevStackError(EventschedError):
+    """An embedded server of the Docker-free dev stack failed to start."""
+
+
+class DecodeError(EventschedError):
+    """A Kafka message is not a valid event; ``reason`` is a short stable code for the DLQ."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")

@@ -1,0 +1,1 @@
+"""Behaviour: producer, consumer, executor and event-handler plugins."""
