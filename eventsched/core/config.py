@@ -1,0 +1,431 @@
+"""Typed settings: dynaconf is read once here, validated, and turned into frozen objects.
+
+Nothing else in the code base touches dynaconf. Sources, later ones winning:
+``config/settings.toml`` (``[default]`` then the section named by ``EVENTSCHED_ENV``),
+an extra file given with ``--settings PATH``, then ``EVENTSCHED_*`` environment variables
+with ``__`` for nesting (``EVENTSCHED_KAFKA__TOPIC=events``).
+
+A bad value raises :class:`ConfigError` naming the key; the CLI turns that into one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+from psycopg.conninfo import conninfo_to_dict
+
+from eventsched.core.errors import ConfigError
+
+ROLES: tuple[str, ...] = ("producer", "consumer", "executor")
+DEFAULT_PORTS: Mapping[str, int] = {"producer": 8080, "consumer": 8081, "executor": 8082}
+ENVIRONMENTS: tuple[str, ...] = ("development", "test", "production")
+ENV_PREFIX = "EVENTSCHED"
+
+# Top-level environment variables with our prefix that are not settings: the environment
+# switcher itself and the test suite's service addresses.
+_NOT_SETTINGS = re.compile(r"^(ENV|SETTINGS|TEST_.*|SQL_DIR)$")
+# Options we pass to Dynaconf() come back from as_dict(); they are not settings either.
+_DYNACONF_OPTIONS = frozenset(
+    {
+        "SETTINGS_FILES",
+        "ENVIRONMENTS",
+        "ENVVAR_PREFIX",
+        "ENV_SWITCHER",
+        "MERGE_ENABLED",
+        "LOAD_DOTENV",
+    }
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class Duration(float):
+    """Seconds, written in settings as ``500ms``, ``2s``, ``1m``, ``1h``, ``1d`` or a bare number."""
+
+
+def parse_duration(value: object) -> Duration:
+    """Parse a duration setting into seconds; raise ValueError with a readable reason."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 500ms, 2s or 1m, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration like 500ms, 2s or 1m, got {value!r}")
+    if seconds < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    return Duration(seconds)
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    if tp is Duration:
+        return parse_duration(obj)
+    raise NotImplementedError(f"no converter for {tp!r}")
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base for settings sections: immutable, and a misspelt key is an error, not ignored."""
+
+
+class KafkaSettings(_Section, frozen=True):
+    bootstrap_servers: str = ""
+    topic: str = "events"
+    dlq_topic: str = "events-dlq"
+    partitions: int = 3
+    replication_factor: int = 1
+    consumer_group: str = "eventsched-consumer"
+    replay_group: str = "eventsched-dlq-replay"
+    # Extra librdkafka properties merged into every client (e.g. security settings).
+    client: dict[str, str | int | float | bool] = {}
+
+
+class PostgresSettings(_Section, frozen=True):
+    dsn: str = ""
+    pool_min: int = 1
+    pool_max: int = 10
+    connect_timeout: Duration = Duration(5.0)
+
+
+class RedisSettings(_Section, frozen=True):
+    url: str = ""
+    queue: str = "eventsched"
+
+
+class HttpSettings(_Section, frozen=True):
+    host: str = "127.0.0.1"
+    # 0 means "the role's default port" (producer 8080, consumer 8081, executor 8082).
+    port: int = 0
+
+
+class LoggingSettings(_Section, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class ShutdownSettings(_Section, frozen=True):
+    grace: Duration = Duration(10.0)
+
+
+class ProducerSettings(_Section, frozen=True):
+    interval: Duration = Duration(2.0)
+    # Events per second; 0 means "one event every `interval`".
+    rate: float = 0.0
+    batch_size: int = 500
+    event_types: tuple[str, ...] = (
+        "user.created",
+        "order.placed",
+        "payment.processed",
+        "notification.sent",
+    )
+    delay_min: Duration = Duration(1.0)
+    delay_max: Duration = Duration(10.0)
+
+
+class ConsumerSettings(_Section, frozen=True):
+    max_batch: int = 1000
+    batch_timeout: Duration = Duration(0.1)
+    max_retries: int = 5
+    max_message_bytes: int = 1_048_576
+    max_payload_depth: int = 32
+    # Due times further in the past than this go to the DLQ; closer ones run now, flagged late.
+    max_past: Duration = Duration(86_400.0)
+    # Due times further in the future than this go to the DLQ.
+    horizon: Duration = Duration(365 * 86_400.0)
+
+
+class RetryBackoffSettings(_Section, frozen=True):
+    base: Duration = Duration(1.0)
+    factor: float = 2.0
+    max: Duration = Duration(60.0)
+    jitter: float = 0.2
+
+
+class SimulateSettings(_Section, frozen=True):
+    duration: Duration = Duration(0.05)
+    error_rate: float = 0.1
+
+
+class ExecutorSettings(_Section, frozen=True):
+    # 0 means "the number of CPUs".
+    concurrency: int = 0
+    max_retries: int = 3
+    retry_backoff: RetryBackoffSettings = RetryBackoffSettings()
+    simulate: SimulateSettings = SimulateSettings()
+    job_timeout: Duration = Duration(300.0)
+
+
+class ReconcilerSettings(_Section, frozen=True):
+    enabled: bool = True
+    interval: Duration = Duration(5.0)
+    grace: Duration = Duration(10.0)
+    stale_after: Duration = Duration(600.0)
+    batch: int = 1000
+
+
+class PluginSettings(_Section, frozen=True):
+    producer: str = "eventsched.plugins.producer:RandomProducer"
+    consumer: str = "eventsched.plugins.consumer:IngestConsumer"
+    executor: str = "eventsched.plugins.executor:Executor"
+
+
+class PyroscopeSettings(_Section, frozen=True):
+    enabled: bool = False
+    server: str = "http://127.0.0.1:4040"
+
+
+class DevSettings(_Section, frozen=True):
+    data_dir: str = ".eventsched/dev"
+
+
+class Settings(_Section, frozen=True):
+    env: str = "development"
+    kafka: KafkaSettings = KafkaSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    redis: RedisSettings = RedisSettings()
+    http: HttpSettings = HttpSettings()
+    logging: LoggingSettings = LoggingSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    producer: ProducerSettings = ProducerSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
+    executor: ExecutorSettings = ExecutorSettings()
+    reconciler: ReconcilerSettings = ReconcilerSettings()
+    plugins: PluginSettings = PluginSettings()
+    # Event type -> "module:attr"; the key "default" applies to types with no entry.
+    handlers: dict[str, str] = {}
+    pyroscope: PyroscopeSettings = PyroscopeSettings()
+    dev: DevSettings = DevSettings()
+
+    @property
+    def executor_concurrency(self) -> int:
+        return self.executor.concurrency or (os.cpu_count() or 1)
+
+
+def default_settings_file() -> Path:
+    """``config/settings.toml`` next to the package (repo checkout or container image)."""
+    return Path(__file__).resolve().parents[2] / "config" / "settings.toml"
+
+
+def load_settings(
+    extra_file: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    settings_file: str | os.PathLike[str] | None = None,
+) -> Settings:
+    """Read every source once and return validated, frozen settings.
+
+    ``environ`` replaces ``os.environ`` (tests); ``settings_file`` replaces the default
+    ``config/settings.toml``.
+    """
+    from dynaconf import Dynaconf  # local import: only the composition root reads settings
+
+    env = dict(os.environ if environ is None else environ)
+    env_name = env.get(f"{ENV_PREFIX}_ENV", "development").strip().lower()
+    if env_name not in ENVIRONMENTS:
+        raise ConfigError(
+            "env", f"unknown environment {env_name!r} (expected one of {', '.join(ENVIRONMENTS)})"
+        )
+    files = [Path(settings_file) if settings_file else default_settings_file()]
+    if extra_file is not None:
+        extra = Path(extra_file)
+        if not extra.is_file():
+            raise ConfigError("--settings", f"file not found: {extra}")
+        files.append(extra)
+    for f in files:
+        if not f.is_file():
+            raise ConfigError("settings file", f"not found: {f}")
+    raw = _read_dynaconf(Dynaconf, files, env, env_name)
+    return build_settings(raw, env_name)
+
+
+def _read_dynaconf(
+    dynaconf_cls: Any, files: list[Path], env: dict[str, str], env_name: str
+) -> dict[str, Any]:
+    # Dynaconf reads os.environ itself; swap in the requested mapping for the duration.
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.environ[f"{ENV_PREFIX}_ENV"] = env_name
+        try:
+            dyn = dynaconf_cls(
+                settings_files=[str(f) for f in files],
+                environments=True,
+                envvar_prefix=ENV_PREFIX,
+                env_switcher=f"{ENV_PREFIX}_ENV",
+                merge_enabled=True,
+                load_dotenv=False,
+            )
+            data: dict[str, Any] = dyn.as_dict()
+        except Exception as err:  # dynaconf raises many kinds (toml syntax, io, ...)
+            raise ConfigError("settings file", f"cannot be read: {err}") from err
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return data
+
+
+def build_settings(raw: Mapping[str, Any], env_name: str = "development") -> Settings:
+    """Validate a raw mapping (as dynaconf returns it) into :class:`Settings`."""
+    data: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).lower()
+        if _NOT_SETTINGS.match(name.upper()) or name.upper() in _DYNACONF_OPTIONS:
+            continue
+        if name not in Settings.__struct_fields__:
+            raise ConfigError(
+                name, f"unknown setting (from EVENTSCHED_{name.upper()} or a settings file)"
+            )
+        data[name] = _handler_keys(value) if name == "handlers" else _lower_keys(value)
+    data["env"] = env_name
+    try:
+        settings = msgspec.convert(data, Settings, dec_hook=_dec_hook)
+    except msgspec.ValidationError as err:
+        raise _config_error_from(err) from None
+    _check(settings)
+    return settings
+
+
+def _handler_keys(value: Any) -> Any:
+    """Event types are case-sensitive in files; an env var (EVENTSCHED_HANDLERS__DEFAULT) can
+    only spell upper case, so an all-upper-case key is taken to mean its lower-case type."""
+    if isinstance(value, Mapping):
+        return {(str(k).lower() if str(k).isupper() else str(k)): v for k, v in value.items()}
+    return value
+
+
+def _lower_keys(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k).lower(): _lower_keys(v) for k, v in value.items()}
+    return value
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def _config_error_from(err: msgspec.ValidationError) -> ConfigError:
+    match = _AT.match(str(err))
+    assert match is not None  # the pattern accepts any text
+    message, path = match.group("msg"), match.group("path") or ""
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
+    key = path.lstrip(".").replace("[", ".").replace("]", "")
+    if unknown:
+        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+        return ConfigError(key, "unknown setting")
+    return ConfigError(key or "settings", message[:1].lower() + message[1:])
+
+
+def _check(s: Settings) -> None:
+    """Cross-field and format checks msgspec types cannot express."""
+    _positive("kafka.partitions", s.kafka.partitions)
+    _positive("kafka.replication_factor", s.kafka.replication_factor)
+    for key, topic in (("kafka.topic", s.kafka.topic), ("kafka.dlq_topic", s.kafka.dlq_topic)):
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic):
+            raise ConfigError(key, f"invalid topic name {topic!r}")
+    if s.kafka.topic == s.kafka.dlq_topic:
+        raise ConfigError("kafka.dlq_topic", "must differ from kafka.topic")
+    _positive("postgres.pool_min", s.postgres.pool_min)
+    if s.postgres.pool_max < s.postgres.pool_min:
+        raise ConfigError("postgres.pool_max", "must be >= postgres.pool_min")
+    if not 0 <= s.http.port <= 65535:
+        raise ConfigError("http.port", f"must be between 0 and 65535, got {s.http.port}")
+    if s.producer.interval <= 0:
+        raise ConfigError("producer.interval", "must be positive")
+    if s.producer.rate < 0:
+        raise ConfigError("producer.rate", "must not be negative")
+    _positive("producer.batch_size", s.producer.batch_size)
+    if not s.producer.event_types:
+        raise ConfigError("producer.event_types", "must not be empty")
+    if s.producer.delay_max < s.producer.delay_min:
+        raise ConfigError("producer.delay_max", "must be >= producer.delay_min")
+    _positive("consumer.max_batch", s.consumer.max_batch)
+    _positive("consumer.max_retries", s.consumer.max_retries)
+    _positive("consumer.max_message_bytes", s.consumer.max_message_bytes)
+    _positive("consumer.max_payload_depth", s.consumer.max_payload_depth)
+    if s.executor.concurrency < 0:
+        raise ConfigError("executor.concurrency", "must not be negative (0 means CPU count)")
+    _positive("executor.max_retries", s.executor.max_retries)
+    if s.executor.retry_backoff.factor < 1:
+        raise ConfigError("executor.retry_backoff.factor", "must be >= 1")
+    if not 0 <= s.executor.retry_backoff.jitter <= 1:
+        raise ConfigError("executor.retry_backoff.jitter", "must be between 0 and 1")
+    if not 0 <= s.executor.simulate.error_rate <= 1:
+        raise ConfigError("executor.simulate.error_rate", "must be between 0 and 1")
+    if s.reconciler.interval <= 0:
+        raise ConfigError("reconciler.interval", "must be positive")
+    if s.shutdown.grace <= 0:
+        raise ConfigError("shutdown.grace", "must be positive")
+    for type_, target in s.handlers.items():
+        if ":" not in target:
+            raise ConfigError(f"handlers.{type_}", f"expected 'module:attr', got {target!r}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be positive, got {value}")
+
+
+def require_postgres(s: Settings) -> str:
+    """The PostgreSQL DSN, validated; raises ConfigError naming the key when unusable."""
+    return _validate_dsn(s.postgres.dsn)
+
+
+def _validate_dsn(dsn: str) -> str:
+    if not dsn:
+        raise ConfigError("postgres.dsn", "required (set EVENTSCHED_POSTGRES__DSN)")
+    if not dsn.startswith(("postgresql://", "postgres://")) and "=" not in dsn:
+        raise ConfigError("postgres.dsn", "not a PostgreSQL URL or key=value conninfo")
+    try:
+        conninfo_to_dict(dsn)
+        if "://" in dsn:
+            urlsplit(dsn).port  # noqa: B018 -- raises ValueError for an out-of-range port
+    except Exception as err:  # psycopg raises ProgrammingError for bad conninfo
+        raise ConfigError("postgres.dsn", f"cannot be parsed: {redact(str(err))}") from None
+    return dsn
+
+
+def require_redis(s: Settings) -> str:
+    url = s.redis.url
+    if not url:
+        raise ConfigError("redis.url", "required (set EVENTSCHED_REDIS__URL)")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+    return url
+
+
+def require_kafka(s: Settings) -> str:
+    servers = s.kafka.bootstrap_servers
+    if not servers:
+        raise ConfigError(
+            "kafka.bootstrap_servers", "required (set EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS)"
+        )
+    for part in servers.split(","):
+        if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", part.strip()):
+            raise ConfigError(
+                "kafka.bootstrap_servers", f"expected host:port[,host:port], got {part.strip()!r}"
+            )
+    return servers
+
+
+def validate_for_roles(s: Settings, roles: set[str]) -> None:
+    """Fail fast on the settings the given roles need before anything starts."""
+    require_kafka(s)
+    if roles & {"consumer", "executor"}:
+        require_postgres(s)
+        require_redis(s)
+
+
+_SECRET = re.compile(r"(://[^:/@\s]*:)[^@\s]*@|(password\s*=\s*)\S+", re.I)
+
+
+def redact(text: str) -> str:
+    """Remove passwords from DSNs/URLs and conninfo strings before they reach a log or a body."""
+    return _SECRET.sub(lambda m: f"{m.group(1)}***@" if m.group(1) else f"{m.group(2)}***", text)

@@ -1,0 +1,187 @@
+"""The health/metrics HTTP server: ``/metrics``, ``/healthz``, ``/readyz``.
+
+Served by hypercorn on trio (a well-kept ASGI server, so request parsing, size limits and
+keep-alive are not ours to get wrong) with a tiny ASGI app: three read-only endpoints need
+no framework.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from hypercorn.typing import Framework
+
+from eventsched.core import metrics
+from eventsched.core.config import redact
+from eventsched.core.logging import get_logger
+
+log = get_logger(__name__)
+
+Check = Callable[[], Awaitable[None]]
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class Health:
+    """Readiness state: which roles are ready and whether each dependency answers.
+
+    Dependency checks run in :meth:`monitor` on an interval (so ``/readyz`` is cheap and a
+    flood of probes cannot overload PostgreSQL); their results also drive the
+    ``eventsched_dependency_up`` gauge.
+    """
+
+    check_timeout: float = 2.0
+    roles: dict[str, bool] = field(default_factory=dict)
+    checks: dict[str, Check] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    checked: trio.Event = field(default_factory=trio.Event)
+
+    def expect_role(self, role: str) -> None:
+        self.roles[role] = False
+        metrics.ROLE_READY.labels(role).set(0)
+
+    def role_ready(self, role: str, ready: bool = True) -> None:
+        self.roles[role] = ready
+        metrics.ROLE_READY.labels(role).set(1 if ready else 0)
+
+    def add_check(self, dependency: str, check: Check) -> None:
+        self.checks[dependency] = check
+        self.failures.setdefault(dependency, "not checked yet")
+
+    def mark(self, dependency: str, problem: str | None) -> None:
+        """Record a dependency's state (also called by adapters that saw it fail)."""
+        previous = self.failures.get(dependency)
+        if problem is None:
+            self.failures.pop(dependency, None)
+            metrics.DEPENDENCY_UP.labels(dependency).set(1)
+            if previous is not None and previous != "not checked yet":
+                log.info("dependency_recovered", dependency=dependency)
+        else:
+            problem = redact(problem)
+            self.failures[dependency] = problem
+            metrics.DEPENDENCY_UP.labels(dependency).set(0)
+            if previous != problem:
+                log.warning("dependency_down", dependency=dependency, error=problem)
+
+    async def run_checks(self) -> None:
+        async def one(name: str, check: Check) -> None:
+            try:
+                with trio.fail_after(self.check_timeout):
+                    await check()
+            except trio.TooSlowError:
+                self.mark(name, f"no answer within {self.check_timeout:g}s")
+            except Exception as err:  # any failure of the dependency means "not ready"
+                self.mark(name, f"{type(err).__name__}: {err}")
+            else:
+                self.mark(name, None)
+
+        async with trio.open_nursery() as nursery:
+            for name, check in self.checks.items():
+                nursery.start_soon(one, name, check)
+        self.checked.set()
+
+    async def monitor(self, interval: float = 1.0) -> None:
+        while True:
+            await self.run_checks()
+            await trio.sleep(interval)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        not_ready = sorted(role for role, ok in self.roles.items() if not ok)
+        body: dict[str, Any] = {
+            "ready": not not_ready and not self.failures,
+            "roles": dict(self.roles),
+            "dependencies": {name: self.failures.get(name, "ok") for name in self.checks},
+        }
+        if not_ready:
+            body["not_ready_roles"] = not_ready
+        if self.failures:
+            body["failing"] = sorted(self.failures)
+        return bool(body["ready"]), body
+
+
+def make_app(health: Health) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if method not in ("GET", "HEAD"):
+            await _respond(send, 405, b"method not allowed\n", "text/plain")
+        elif path == "/metrics":
+            await _respond(send, 200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/healthz":
+            await _respond(send, 200, b'{"alive": true}\n', "application/json")
+        elif path == "/readyz":
+            ready, body = health.readiness()
+            payload = (json.dumps(body, sort_keys=True) + "\n").encode()
+            await _respond(send, 200 if ready else 503, payload, "application/json")
+        else:
+            await _respond(send, 404, b"not found\n", "text/plain")
+
+    return app
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type.encode()), (b"cache-control", b"no-store")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def hypercorn_config(host: str, port: int) -> Config:
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    # Bounded inputs: these endpoints take no body; small header limits and short keep-alive.
+    config.h11_max_incomplete_size = 16 * 1024
+    config.wsgi_max_body_size = 0
+    config.keep_alive_timeout = 5
+    config.graceful_timeout = 1
+    return config
+
+
+async def serve_http(
+    health: Health,
+    host: str,
+    port: int,
+    *,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown`` is set; ``task_status.started`` gets the bound port."""
+
+    async def started_wrapper(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        # Our app takes plain mappings; hypercorn types its scope/event unions precisely.
+        app = cast("Framework", make_app(health))
+        await serve(
+            app,
+            hypercorn_config(host, port),
+            shutdown_trigger=shutdown.wait,
+            task_status=task_status,
+        )
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(started_wrapper)
+        bound = int(str(binds[0]).rsplit(":", 1)[1]) if binds else port
+        log.info("http_listening", host=host, port=bound)
+        task_status.started(bound)

@@ -1,0 +1,80 @@
+"""structlog configuration: JSON lines for containers (Loki/Promtail), console on a TTY.
+
+Configured once by the composition root. Every line carries ``ts``, ``level``, ``event``,
+``logger`` and the bound context (``role``, ``event_id``, ``partition``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Literal
+
+import structlog
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def _add_logger_name(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Name the emitting module: structlog's stdlib processor needs stdlib loggers, we don't."""
+    record_name = event_dict.pop("logger_name", None)
+    if "logger" not in event_dict:
+        event_dict["logger"] = record_name or getattr(logger, "name", None) or "eventsched"
+    return event_dict
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: Literal["auto", "json", "console"] = "auto",
+    stream: Any = None,
+) -> None:
+    """Configure structlog (and route stdlib logging of libraries through it)."""
+    out = stream if stream is not None else sys.stdout
+    use_console = fmt == "console" or (fmt == "auto" and out.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=out.isatty())
+        if use_console
+        else structlog.processors.JSONRenderer()
+    )
+    numeric = _LEVELS.get(level, logging.INFO)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=True,
+    )
+    # Libraries (psycopg pool, saq, hypercorn) log through stdlib logging: forward their
+    # warnings and errors as structured lines too, without duplicating handlers on reconfigure.
+    root = logging.getLogger()
+    root.handlers[:] = [_StructlogHandler()]
+    root.setLevel(max(numeric, logging.WARNING))
+
+
+class _StructlogHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            log = structlog.get_logger(record.name)
+            log.log(record.levelno, record.getMessage(), logger=record.name)
+        except Exception:  # pragma: no cover - a logging failure must never crash the app
+            self.handleError(record)
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger that names its module in the ``logger`` key."""
+    return structlog.get_logger(name).bind(logger=name)

@@ -1,0 +1,153 @@
+"""Plugin contracts and loading.
+
+settings.toml names each implementation as ``"module:attr"``. A role plugin is a factory
+(usually a class) called with a :class:`RoleContext`; the object it returns has
+``async def run(self, *, task_status)`` which calls ``task_status.started()`` only once the
+role can do its work, returns when intake has stopped (``ctx.stopping``) and in-flight work
+is drained, and declares which shared adapters it needs in ``needs``.
+
+An event handler is an async callable ``handler(event: HandlerEvent) -> None`` that returns
+on success and raises on failure (:class:`PermanentError` means "do not retry").
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import trio
+
+from eventsched.core.errors import EventschedError, PluginError
+
+if TYPE_CHECKING:
+    from eventsched.core.config import Settings
+    from eventsched.core.http import Health
+    from eventsched.core.kafka import KafkaProducer
+    from eventsched.core.postgres import Database
+    from eventsched.core.queue import JobQueue
+
+
+@dataclass
+class Resources:
+    """Adapters the runtime opened for the roles of this process (None when no role needs one)."""
+
+    db: Database | None = None
+    queue: JobQueue | None = None
+    kafka_producer: KafkaProducer | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def require_db(self) -> Database:
+        if self.db is None:
+            raise PluginError("resources", "db", "role did not declare 'postgres' in needs")
+        return self.db
+
+    def require_queue(self) -> JobQueue:
+        if self.queue is None:
+            raise PluginError("resources", "queue", "role did not declare 'redis' in needs")
+        return self.queue
+
+    def require_kafka_producer(self) -> KafkaProducer:
+        if self.kafka_producer is None:
+            raise PluginError(
+                "resources", "kafka_producer", "role did not declare 'kafka_producer' in needs"
+            )
+        return self.kafka_producer
+
+
+@dataclass(frozen=True)
+class RoleContext:
+    role: str
+    settings: Settings
+    resources: Resources
+    health: Health
+    # Set on the first SIGTERM/SIGINT: stop taking new work, finish what is in flight.
+    stopping: trio.Event
+
+
+@runtime_checkable
+class RolePlugin(Protocol):
+    # Subset of {"postgres", "redis", "kafka_producer"}: adapters the runtime opens for it.
+    needs: ClassVar[frozenset[str]]
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None: ...
+
+
+RoleFactory = Callable[[RoleContext], RolePlugin]
+
+
+@dataclass(frozen=True)
+class HandlerEvent:
+    """What a handler receives: enough to act, and the id to make side effects idempotent."""
+
+    id: str
+    type: str
+    payload: Mapping[str, Any]
+    execute_at: datetime
+    attempt: int
+
+
+Handler = Callable[[HandlerEvent], Awaitable[None]]
+
+
+class PermanentError(EventschedError):
+    """Raised by a handler when retrying cannot help (bad payload): the event goes dead."""
+
+
+KNOWN_NEEDS = frozenset({"postgres", "redis", "kafka_producer"})
+
+
+def import_target(key: str, target: str) -> Any:
+    """Import ``module:attr``; raise PluginError naming the settings key on any failure."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise PluginError(key, target, "expected 'module:attr'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise PluginError(key, target, f"cannot import module {module_name!r}: {err}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PluginError(
+                key, target, f"module {module_name!r} has no attribute {attr!r}"
+            ) from None
+    return obj
+
+
+def load_role_factory(role: str, target: str) -> RoleFactory:
+    """Load and check a role plugin factory: callable, with ``run`` and valid ``needs``."""
+    key = f"plugins.{role}"
+    factory = import_target(key, target)
+    if not callable(factory):
+        raise PluginError(key, target, "is not callable")
+    run = getattr(factory, "run", None)
+    if inspect.isclass(factory) and (run is None or not inspect.iscoroutinefunction(run)):
+        raise PluginError(key, target, "class has no 'async def run(self, *, task_status)' method")
+    needs = getattr(factory, "needs", None)
+    if not isinstance(needs, frozenset) or not needs <= KNOWN_NEEDS:
+        raise PluginError(key, target, f"'needs' must be a frozenset of {sorted(KNOWN_NEEDS)}")
+    return factory  # type: ignore[no-any-return]  # checked structurally above
+
+
+def load_handler(key: str, target: str) -> Handler:
+    """Load an event handler: an ``async def handler(event)`` (or a factory's result)."""
+    handler = import_target(key, target)
+    if not callable(handler):
+        raise PluginError(key, target, "is not callable")
+    if not (
+        inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)
+    ):
+        raise PluginError(key, target, "must be an async function taking one HandlerEvent")
+    try:
+        inspect.signature(handler).bind(None)
+    except TypeError:
+        raise PluginError(key, target, "must accept exactly one argument (the event)") from None
+    return handler  # type: ignore[no-any-return]  # checked structurally above

@@ -1,0 +1,229 @@
+"""The composition root: settings → adapters → plugins, one nursery, trio owns the signals.
+
+Start-up order: the HTTP server first (so ``/healthz`` answers and ``/readyz`` says 503 while
+roles start), dependency monitoring, then every role with ``await nursery.start(plugin.run)``
+in its own task (a role waiting for PostgreSQL does not hold up another role).
+
+Shutdown is two-phase: the first SIGTERM/SIGINT sets ``stopping`` (roles stop intake and
+drain) and puts a deadline of ``shutdown.grace`` on the roles; a second signal cancels
+everything at once. Adapters are closed under a shield with a time limit.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+import trio_asyncio
+
+from eventsched.core.config import (
+    DEFAULT_PORTS,
+    ROLES,
+    Settings,
+    require_kafka,
+    require_postgres,
+    require_redis,
+)
+from eventsched.core.errors import DependencyError
+from eventsched.core.http import Health, serve_http
+from eventsched.core.logging import get_logger
+from eventsched.core.plugins import Resources, RoleContext, RoleFactory, load_role_factory
+
+log = get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_FORCED = 130  # a second signal: we stopped without draining
+
+
+def expand_roles(roles: Iterable[str]) -> list[str]:
+    """``all`` means every role; order is fixed (producer, consumer, executor), no repeats."""
+    wanted = set()
+    for role in roles:
+        wanted.update(ROLES if role == "all" else (role,))
+    return [r for r in ROLES if r in wanted]
+
+
+def http_port(settings: Settings, roles: list[str]) -> int:
+    """The configured port, or the first role's default (one server per process)."""
+    return settings.http.port or DEFAULT_PORTS[roles[0]]
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    drained: bool
+
+
+class Runtime:
+    """Runs the given roles in this process until a signal or until every role returns."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        roles: list[str],
+        *,
+        port: int | None = None,
+        on_ready: Callable[[int], Awaitable[None]] | None = None,
+        extra_tasks: list[Callable[[RoleContext], Awaitable[None]]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.roles = roles
+        self.port = http_port(settings, roles) if port is None else port
+        self.factories: dict[str, RoleFactory] = {
+            role: load_role_factory(role, getattr(settings.plugins, role)) for role in roles
+        }
+        self.needs: set[str] = set()
+        for factory in self.factories.values():
+            self.needs |= set(getattr(factory, "needs", frozenset()))
+        self.health = Health()
+        self.stopping = trio.Event()
+        self.all_ready = trio.Event()
+        self.forced = False
+        self.on_ready = on_ready
+        self.extra_tasks = extra_tasks or []
+        self.bound_port: int | None = None
+
+    async def run(self) -> RunResult:
+        async with trio_asyncio.open_loop():
+            return await self._run_in_loop()
+
+    async def _run_in_loop(self) -> RunResult:
+        drained = True
+        http_stop = trio.Event()
+        async with trio.open_nursery() as root:
+            await root.start(self._watch_signals, root.cancel_scope)
+            async with self._resources() as resources:
+                self.bound_port = await root.start(self._serve_http, http_stop)
+                root.start_soon(self.health.monitor)
+                ctx_for = {
+                    role: RoleContext(role, self.settings, resources, self.health, self.stopping)
+                    for role in self.roles
+                }
+                with trio.CancelScope() as roles_scope:
+                    self._roles_scope = roles_scope
+                    async with trio.open_nursery() as roles_nursery:
+                        for role in self.roles:
+                            self.health.expect_role(role)
+                            roles_nursery.start_soon(
+                                self._start_role, roles_nursery, role, ctx_for[role]
+                            )
+                        for task in self.extra_tasks:
+                            roles_nursery.start_soon(task, ctx_for[self.roles[0]])
+                        if self.on_ready is not None:
+                            roles_nursery.start_soon(self._notify_ready)
+                if roles_scope.cancelled_caught:
+                    drained = False
+                    log.warning("shutdown_deadline_exceeded", grace=self.settings.shutdown.grace)
+                http_stop.set()
+                root.cancel_scope.cancel()
+        if self.forced:
+            log.warning("shutdown_forced")
+            return RunResult(EXIT_FORCED, False)
+        log.info("shutdown_complete", drained=drained)
+        return RunResult(EXIT_OK, drained)
+
+    async def _serve_http(self, stop: trio.Event, *, task_status: trio.TaskStatus[int]) -> None:
+        await serve_http(
+            self.health, self.settings.http.host, self.port, shutdown=stop, task_status=task_status
+        )
+
+    async def _start_role(self, nursery: trio.Nursery, role: str, ctx: RoleContext) -> None:
+        plugin = self.factories[role](ctx)
+        log.info("role_starting", role=role)
+        await nursery.start(plugin.run)
+        self.health.role_ready(role)
+        log.info("role_ready", role=role)
+        if all(self.health.roles.values()):
+            self.all_ready.set()
+
+    async def _notify_ready(self) -> None:
+        await self.all_ready.wait()
+        assert self.on_ready is not None and self.bound_port is not None
+        await self.on_ready(self.bound_port)
+
+    async def _watch_signals(
+        self, root_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self.stopping.is_set():
+                    log.info("shutdown_requested", signal=name, grace=self.settings.shutdown.grace)
+                    self.request_stop()
+                else:
+                    log.warning("shutdown_now", signal=name)
+                    self.forced = True
+                    root_scope.cancel()
+                    return
+
+    def request_stop(self) -> None:
+        """Phase one: stop intake and give in-flight work ``shutdown.grace`` to drain."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        for role in self.roles:
+            self.health.role_ready(role, False)
+        scope = getattr(self, "_roles_scope", None)
+        if scope is not None:
+            scope.deadline = trio.current_time() + self.settings.shutdown.grace
+
+    @asynccontextmanager
+    async def _resources(self) -> AsyncIterator[Resources]:
+        resources = Resources()
+        s = self.settings
+        try:
+            if "postgres" in self.needs:
+                from eventsched.core.postgres import Database
+
+                resources.db = await Database.open(
+                    require_postgres(s),
+                    min_size=s.postgres.pool_min,
+                    max_size=s.postgres.pool_max,
+                    connect_timeout=s.postgres.connect_timeout,
+                )
+                self.health.add_check("postgres", resources.db.ping)
+            if "redis" in self.needs:
+                from eventsched.core.queue import JobQueue
+
+                resources.queue = JobQueue(require_redis(s), name=s.redis.queue)
+                await resources.queue.connect()
+                self.health.add_check("redis", resources.queue.ping)
+            async with self._kafka_producer(resources):
+                self.health.add_check("kafka", self._kafka_check)
+                yield resources
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                if resources.queue is not None:
+                    await _quietly("redis", resources.queue.close())
+                if resources.db is not None:
+                    await _quietly("postgres", resources.db.close())
+
+    @asynccontextmanager
+    async def _kafka_producer(self, resources: Resources) -> AsyncIterator[None]:
+        if "kafka_producer" not in self.needs:
+            yield
+            return
+        from eventsched.core.kafka import KafkaProducer
+
+        config = {"bootstrap.servers": require_kafka(self.settings), **self.settings.kafka.client}
+        async with KafkaProducer.open(
+            config, flush_timeout=self.settings.shutdown.grace
+        ) as producer:
+            resources.kafka_producer = producer
+            yield
+
+    async def _kafka_check(self) -> None:
+        from eventsched.core.kafka import check_broker
+
+        await check_broker(require_kafka(self.settings), dict(self.settings.kafka.client))
+
+
+async def _quietly(dependency: str, closing: Awaitable[None]) -> None:
+    try:
+        await closing
+    except (DependencyError, OSError) as err:
+        log.warning("close_failed", dependency=dependency, error=str(err))
