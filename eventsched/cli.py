@@ -165,7 +165,7 @@ def migrate_version(state: State) -> None:
         click.echo(f"{version}{' (dirty)' if dirty else ''}")
 
 
-@migrate.command("force")
+@migrate.command("force", context_settings={"ignore_unknown_options": True})
 @click.argument("version", type=int)
 @pass_state
 @handle_errors

@@ -209,9 +209,14 @@ class Settings(_Section, frozen=True):
         return self.executor.concurrency or (os.cpu_count() or 1)
 
 
-def default_settings_file() -> Path:
-    """``config/settings.toml`` next to the package (repo checkout or container image)."""
-    return Path(__file__).resolve().parents[2] / "config" / "settings.toml"
+def default_settings_file(environ: Mapping[str, str] | None = None) -> Path:
+    """The base settings file: ``$EVENTSCHED_SETTINGS``, else ``config/settings.toml`` of the
+    source checkout, else ``./config/settings.toml`` (an installed package, e.g. the image)."""
+    env = os.environ if environ is None else environ
+    if env.get(f"{ENV_PREFIX}_SETTINGS"):
+        return Path(env[f"{ENV_PREFIX}_SETTINGS"])
+    beside_package = Path(__file__).resolve().parents[2] / "config" / "settings.toml"
+    return beside_package if beside_package.is_file() else Path.cwd() / "config" / "settings.toml"
 
 
 def load_settings(
@@ -233,7 +238,7 @@ def load_settings(
         raise ConfigError(
             "env", f"unknown environment {env_name!r} (expected one of {', '.join(ENVIRONMENTS)})"
         )
-    files = [Path(settings_file) if settings_file else default_settings_file()]
+    files = [Path(settings_file) if settings_file else default_settings_file(env)]
     if extra_file is not None:
         extra = Path(extra_file)
         if not extra.is_file():

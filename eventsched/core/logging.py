@@ -25,9 +25,8 @@ def _add_logger_name(
     logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """Name the emitting module: structlog's stdlib processor needs stdlib loggers, we don't."""
-    record_name = event_dict.pop("logger_name", None)
-    if "logger" not in event_dict:
-        event_dict["logger"] = record_name or getattr(logger, "name", None) or "eventsched"
+    name = event_dict.pop("logger_name", None)
+    event_dict.setdefault("logger", name or "eventsched")
     return event_dict
 
 
@@ -77,4 +76,6 @@ class _StructlogHandler(logging.Handler):
 
 def get_logger(name: str) -> Any:
     """A structlog logger that names its module in the ``logger`` key."""
-    return structlog.get_logger(name).bind(logger=name)
+    # Initial values, not .bind(): binding would build the logger now, with whatever
+    # configuration exists at import time, instead of lazily after configure_logging().
+    return structlog.get_logger(logger_name=name)

@@ -70,7 +70,8 @@ class RoleContext:
 
 @runtime_checkable
 class RolePlugin(Protocol):
-    # Subset of {"postgres", "redis", "kafka_producer"}: adapters the runtime opens for it.
+    # Subset of KNOWN_NEEDS: adapters the runtime opens (postgres, redis, kafka_producer)
+    # and dependencies /readyz checks ("kafka" alone: checked, no shared producer).
     needs: ClassVar[frozenset[str]]
 
     async def run(
@@ -99,7 +100,7 @@ class PermanentError(EventschedError):
     """Raised by a handler when retrying cannot help (bad payload): the event goes dead."""
 
 
-KNOWN_NEEDS = frozenset({"postgres", "redis", "kafka_producer"})
+KNOWN_NEEDS = frozenset({"postgres", "redis", "kafka", "kafka_producer"})
 
 
 def import_target(key: str, target: str) -> Any:

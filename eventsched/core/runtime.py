@@ -193,7 +193,8 @@ class Runtime:
                 await resources.queue.connect()
                 self.health.add_check("redis", resources.queue.ping)
             async with self._kafka_producer(resources):
-                self.health.add_check("kafka", self._kafka_check)
+                if self.needs & {"kafka", "kafka_producer"}:
+                    self.health.add_check("kafka", self._kafka_check)
                 yield resources
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
