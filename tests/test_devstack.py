@@ -21,6 +21,7 @@ import redis
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from eventsched.core import devstack
 from eventsched.core.devstack import (
     DevStack,
     DevStackInfo,
@@ -215,6 +216,23 @@ def test_partial_stack_leaves_disabled_servers_out(tmp_path: Path) -> None:
         assert stack.kafka is None
 
 
+def test_a_server_on_its_own_picks_a_port_and_keeps_it_across_restarts(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        port = server.port
+        assert port is not None
+        server.stop()
+        server.start()
+        assert server.port == port
+        client = redis.Redis.from_url(server.url)
+        assert client.ping()
+        client.close()
+    finally:
+        server.stop()
+    assert not server.running
+
+
 def test_start_failure_quotes_the_server_log(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -223,6 +241,25 @@ def test_start_failure_quotes_the_server_log(tmp_path: Path) -> None:
         with pytest.raises(DevStackError, match=r"(?s)redis exited.*Address already in use"):
             server.start(timeout=10)
     assert not server.running
+
+
+def test_start_moves_to_another_port_when_the_remembered_one_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "ports.json").write_text(json.dumps({"redis": port}))
+        # Pretend the port looked free when it was picked: the race the retry exists for.
+        monkeypatch.setattr(devstack, "_port_is_free", lambda candidate: True)
+        with DevStack(tmp_path, postgres=False, kafka=False) as stack:
+            assert stack.redis is not None
+            assert stack.redis.port != port
+            client = redis.Redis.from_url(stack.info.redis_url or "")
+            assert client.ping()
+            client.close()
+    assert json.loads((tmp_path / "ports.json").read_text()) == {"redis": stack.redis.port}
 
 
 def test_parent_death_signal_survives_the_switch_to_the_postgres_user() -> None:
@@ -284,6 +321,11 @@ def test_servers_die_with_the_process_that_started_them(tmp_path: Path, ending: 
             proc.kill()
         assert proc.wait(timeout=20) in (0, -signal.SIGKILL)
         assert _wait_all_gone(pids, timeout=5) == set()
+        # The lock died with its owner, and PostgreSQL recovers from the unclean stop.
+        with DevStack(tmp_path, fast=True) as again:
+            assert again.info.postgres_dsn is not None
+            with psycopg.connect(again.info.postgres_dsn) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         proc.kill()
         proc.wait()
