@@ -40,7 +40,7 @@ EXIT_FORCED = 130  # a second signal: we stopped without draining
 
 def expand_roles(roles: Iterable[str]) -> list[str]:
     """``all`` means every role; order is fixed (producer, consumer, executor), no repeats."""
-    wanted = set()
+    wanted: set[str] = set()
     for role in roles:
         wanted.update(ROLES if role == "all" else (role,))
     return [r for r in ROLES if r in wanted]
@@ -67,7 +67,7 @@ class Runtime:
         *,
         port: int | None = None,
         on_ready: Callable[[int], Awaitable[None]] | None = None,
-        extra_tasks: list[Callable[[RoleContext], Awaitable[None]]] | None = None,
+        extra_tasks: list[Callable[[Runtime], Awaitable[None]]] | None = None,
     ) -> None:
         self.settings = settings
         self.roles = roles
@@ -85,6 +85,7 @@ class Runtime:
         self.on_ready = on_ready
         self.extra_tasks = extra_tasks or []
         self.bound_port: int | None = None
+        self.resources: Resources | None = None
 
     async def run(self) -> RunResult:
         async with trio_asyncio.open_loop():
@@ -96,8 +97,12 @@ class Runtime:
         async with trio.open_nursery() as root:
             await root.start(self._watch_signals, root.cancel_scope)
             async with self._resources() as resources:
+                self.resources = resources
                 self.bound_port = await root.start(self._serve_http, http_stop)
                 root.start_soon(self.health.monitor)
+                # Side tasks (live summary, a --duration timer) run until the roles are done.
+                for task in self.extra_tasks:
+                    root.start_soon(task, self)
                 ctx_for = {
                     role: RoleContext(role, self.settings, resources, self.health, self.stopping)
                     for role in self.roles
@@ -110,8 +115,6 @@ class Runtime:
                             roles_nursery.start_soon(
                                 self._start_role, roles_nursery, role, ctx_for[role]
                             )
-                        for task in self.extra_tasks:
-                            roles_nursery.start_soon(task, ctx_for[self.roles[0]])
                         if self.on_ready is not None:
                             roles_nursery.start_soon(self._notify_ready)
                 if roles_scope.cancelled_caught:

@@ -1,0 +1,128 @@
+"""`eventsched dev`: the newcomer's first minute, without Docker.
+
+Starts the embedded servers (PostgreSQL, Redis, the Kafka-protocol broker) as children of
+this process, writes their addresses to ``<data dir>/env``, migrates, ensures the topics,
+then runs every role in this process with a live summary. ``--infra-only`` stops after the
+servers are up and waits. The servers are started from the main thread on purpose: their
+parent-death signal is tied to the thread that forked them (see devstack).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TextIO
+
+import trio
+
+from eventsched.core import migrate
+from eventsched.core.config import ROLES, load_settings, require_kafka, require_postgres
+from eventsched.core.devstack import DevStack, DevStackInfo
+from eventsched.core.kafka import ensure_topics
+from eventsched.core.logging import configure_logging, get_logger
+from eventsched.core.runtime import Runtime
+
+log = get_logger(__name__)
+
+
+def run_dev(
+    settings_path: str | None,
+    data_dir: Path,
+    *,
+    infra_only: bool,
+    duration: float | None,
+    port: int | None,
+) -> int:
+    interactive = sys.stdout.isatty()
+    log_file = _log_to(data_dir, interactive)
+    base = load_settings(settings_path)
+    configure_logging(
+        base.logging.level, "json" if log_file else base.logging.format, stream=log_file
+    )
+    if interactive:
+        print(
+            f"eventsched dev: starting PostgreSQL, Redis and the broker in {data_dir} ...",
+            flush=True,
+        )
+    stack = DevStack(data_dir)
+    info = stack.start()
+    try:
+        env_file = stack.env_path
+        _announce(info, env_file, interactive, stack.timings.get("total", 0.0))
+        if infra_only:
+            trio.run(_wait_for_stop, duration)
+            return 0
+        settings = load_settings(settings_path, environ={**os.environ, **info.as_env()})
+        applied = migrate.up(require_postgres(settings), migrate.default_sql_dir())
+        log.info("migrated", applied=applied)
+        s = settings.kafka
+        for line in ensure_topics(
+            require_kafka(settings),
+            {s.topic: s.partitions, s.dlq_topic: s.partitions},
+            replication_factor=s.replication_factor,
+            config=dict(s.client),
+        ):
+            log.info("topics", result=line)
+        runtime = Runtime(
+            settings, list(ROLES), port=port, extra_tasks=_extra_tasks(info, duration)
+        )
+        return trio.run(runtime.run).exit_code
+    finally:
+        stack.stop()
+        if log_file is not None:
+            log_file.close()
+        if interactive:
+            print("eventsched dev: stopped.", flush=True)
+
+
+def _log_to(data_dir: Path, interactive: bool) -> TextIO | None:
+    """On a terminal the summary owns the screen: JSON logs go to a file in the data dir."""
+    if not interactive:
+        return None
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return (logs / "eventsched.log").open("a", buffering=1)
+
+
+def _announce(info: DevStackInfo, env_file: Path, interactive: bool, seconds: float) -> None:
+    log.info("dev_stack_ready", env_file=str(env_file), seconds=round(seconds, 2), **info.as_env())
+    if interactive:
+        print(f"eventsched dev: servers up in {seconds:.1f}s", flush=True)
+        for key, value in info.as_env().items():
+            print(f"  {key}={value}")
+        print(f"  use them from another shell: set -a; . {env_file}; set +a", flush=True)
+
+
+def _extra_tasks(
+    info: DevStackInfo, duration: float | None
+) -> list[Callable[[Runtime], Awaitable[None]]]:
+    from eventsched.core.summary import live_summary
+
+    stack = {
+        "postgres": info.postgres_dsn or "-",
+        "redis": info.redis_url or "-",
+        "kafka": info.kafka_bootstrap or "-",
+    }
+
+    async def summary(runtime: Runtime) -> None:
+        await live_summary(runtime, stack)
+
+    async def stop_after(runtime: Runtime) -> None:
+        assert duration is not None
+        await trio.sleep(duration)
+        log.info("duration_elapsed", seconds=duration)
+        runtime.request_stop()
+
+    return [summary, stop_after] if duration is not None else [summary]
+
+
+async def _wait_for_stop(duration: float | None) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.move_on_after(duration if duration is not None else float("inf")):
+            async for signum in signals:
+                log.info("shutdown_requested", signal=signal.Signals(signum).name)
+                return
+        log.info("duration_elapsed", seconds=duration)
