@@ -110,3 +110,15 @@ def test_unknown_role_is_a_usage_error() -> None:
     app = AppProcess(["run", "--role", "janitor"])
     assert app.wait() == 2
     assert "Invalid value for '--role'" in "".join(app.raw)
+
+
+def test_a_failing_role_exits_1_with_a_logged_error(tmp_path: Path) -> None:
+    app = AppProcess(
+        ["run", "--role", "consumer", "--port", "0"],
+        env={
+            "EVENTSCHED_PLUGINS__CONSUMER": "tests.support.roles:FailingRole",
+        },
+    )
+    assert app.wait() == 1
+    failed = [line for line in app.lines if line.get("event") == "runtime_failed"]
+    assert failed and failed[0]["error"] == "RuntimeError: role broke on purpose"

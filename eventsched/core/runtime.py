@@ -35,6 +35,7 @@ from eventsched.core.plugins import Resources, RoleContext, RoleFactory, load_ro
 log = get_logger(__name__)
 
 EXIT_OK = 0
+EXIT_FAILED = 1  # a role or the runtime itself failed
 EXIT_FORCED = 130  # a second signal: we stopped without draining
 
 
@@ -88,8 +89,12 @@ class Runtime:
         self.resources: Resources | None = None
 
     async def run(self) -> RunResult:
-        async with trio_asyncio.open_loop():
-            return await self._run_in_loop()
+        try:
+            async with trio_asyncio.open_loop():
+                return await self._run_in_loop()
+        except Exception as err:  # nurseries raise ExceptionGroups; report, exit non-zero
+            log.error("runtime_failed", error=_describe(err), exc_info=err)
+            return RunResult(EXIT_FAILED, False)
 
     async def _run_in_loop(self) -> RunResult:
         drained = True
@@ -224,6 +229,13 @@ class Runtime:
         from eventsched.core.kafka import check_broker
 
         await check_broker(require_kafka(self.settings), dict(self.settings.kafka.client))
+
+
+def _describe(err: BaseException) -> str:
+    """One line for an error, unwrapping single-exception groups."""
+    while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+        err = err.exceptions[0]
+    return f"{type(err).__name__}: {err}"
 
 
 async def _quietly(dependency: str, closing: Awaitable[None]) -> None:

@@ -62,3 +62,15 @@ def sync_handler(event: object) -> None:
 
 async def two_arg_handler(event: object, other: object) -> None:
     return None
+
+
+class FailingRole:
+    """Raises during start-up: the runtime must report it and exit non-zero."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, ctx: RoleContext) -> None:
+        self.ctx = ctx
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise RuntimeError("role broke on purpose")
