@@ -128,6 +128,9 @@ class ProducerSettings(_Section, frozen=True):
     )
     delay_min: Duration = Duration(1.0)
     delay_max: Duration = Duration(10.0)
+    # Batches (with rate > 0) whose delivery reports may be outstanding at once; when all
+    # are, generation waits: back-pressure instead of an ever-growing local queue.
+    max_in_flight: int = 8
 
 
 class ConsumerSettings(_Section, frozen=True):
@@ -140,6 +143,15 @@ class ConsumerSettings(_Section, frozen=True):
     max_past: Duration = Duration(86_400.0)
     # Due times further in the future than this go to the DLQ.
     horizon: Duration = Duration(365 * 86_400.0)
+    # Retries while PostgreSQL, Redis or the broker is down: exponential backoff with jitter
+    # from backoff_initial up to backoff_max, for as long as it takes (nothing is skipped).
+    backoff_initial: Duration = Duration(0.1)
+    backoff_max: Duration = Duration(5.0)
+    # On a rebalance, how long the revoke hook waits for the batch in flight to be recorded
+    # and committed before the partitions go (keep it well below max.poll.interval.ms).
+    revoke_wait: Duration = Duration(5.0)
+    # How often the consumer_lag gauge is refreshed from the broker.
+    lag_interval: Duration = Duration(5.0)
 
 
 class RetryBackoffSettings(_Section, frozen=True):
@@ -180,6 +192,8 @@ class PluginSettings(_Section, frozen=True):
 class PyroscopeSettings(_Section, frozen=True):
     enabled: bool = False
     server: str = "http://127.0.0.1:4040"
+    sample_rate: int = 100
+    upload_interval: Duration = Duration(10.0)
 
 
 class DevSettings(_Section, frozen=True):
@@ -347,6 +361,7 @@ def _check(s: Settings) -> None:
     if s.producer.rate < 0:
         raise ConfigError("producer.rate", "must not be negative")
     _positive("producer.batch_size", s.producer.batch_size)
+    _positive("producer.max_in_flight", s.producer.max_in_flight)
     if not s.producer.event_types:
         raise ConfigError("producer.event_types", "must not be empty")
     if s.producer.delay_max < s.producer.delay_min:
@@ -355,6 +370,12 @@ def _check(s: Settings) -> None:
     _positive("consumer.max_retries", s.consumer.max_retries)
     _positive("consumer.max_message_bytes", s.consumer.max_message_bytes)
     _positive("consumer.max_payload_depth", s.consumer.max_payload_depth)
+    if s.consumer.backoff_initial <= 0:
+        raise ConfigError("consumer.backoff_initial", "must be positive")
+    if s.consumer.backoff_max < s.consumer.backoff_initial:
+        raise ConfigError("consumer.backoff_max", "must be >= consumer.backoff_initial")
+    if s.consumer.lag_interval <= 0:
+        raise ConfigError("consumer.lag_interval", "must be positive")
     if s.executor.concurrency < 0:
         raise ConfigError("executor.concurrency", "must not be negative (0 means CPU count)")
     _positive("executor.max_retries", s.executor.max_retries)

@@ -31,6 +31,7 @@ from eventsched.core.errors import DependencyError
 from eventsched.core.http import Health, serve_http
 from eventsched.core.logging import get_logger
 from eventsched.core.plugins import Resources, RoleContext, RoleFactory, load_role_factory
+from eventsched.core.profiling import start_profiling, stop_profiling
 
 log = get_logger(__name__)
 
@@ -89,12 +90,16 @@ class Runtime:
         self.resources: Resources | None = None
 
     async def run(self) -> RunResult:
+        profiling = start_profiling(self.settings, self.roles)
         try:
             async with trio_asyncio.open_loop():
                 return await self._run_in_loop()
         except Exception as err:  # nurseries raise ExceptionGroups; report, exit non-zero
             log.error("runtime_failed", error=_describe(err), exc_info=err)
             return RunResult(EXIT_FAILED, False)
+        finally:
+            if profiling:
+                stop_profiling()
 
     async def _run_in_loop(self) -> RunResult:
         drained = True

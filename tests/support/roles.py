@@ -6,6 +6,7 @@ import os
 from typing import ClassVar
 
 import trio
+import trio.lowlevel
 
 from eventsched.core.plugins import RoleContext
 
@@ -74,3 +75,18 @@ class FailingRole:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         raise RuntimeError("role broke on purpose")
+
+
+class BusyRole:
+    """Burns CPU until stopped (something for a CPU profiler to see)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, ctx: RoleContext) -> None:
+        self.ctx = ctx
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while not self.ctx.stopping.is_set():
+            sum(range(20_000))
+            await trio.lowlevel.checkpoint()
