@@ -22,13 +22,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check eventsched tests bench
-	$(BIN)/ruff format --check eventsched tests bench
+	$(BIN)/ruff check eventsched tests $(wildcard bench)
+	$(BIN)/ruff format --check eventsched tests $(wildcard bench)
 	$(BIN)/mypy --strict eventsched
 
 fmt: $(STAMP)
-	$(BIN)/ruff format eventsched tests bench
-	$(BIN)/ruff check --fix eventsched tests bench
+	$(BIN)/ruff format eventsched tests $(wildcard bench)
+	$(BIN)/ruff check --fix eventsched tests $(wildcard bench)
 
 clean:
 	rm -rf $(VENV) .eventsched .mypy_cache .ruff_cache .pytest_cache
