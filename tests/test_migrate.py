@@ -190,10 +190,12 @@ def test_up_down_up_round_trip_keeps_golang_migrate_bookkeeping(database: Databa
     dsn = database.dsn
     assert migrate.version(dsn) == (None, False)
 
-    assert migrate.up(dsn, REPO_SQL_DIR) == [1]
+    latest = max(m.version for m in migrate.list_migrations(REPO_SQL_DIR))
+    every = [m.version for m in migrate.list_migrations(REPO_SQL_DIR)]
+    assert migrate.up(dsn, REPO_SQL_DIR) == every
     assert {"events", "event_attempts", "schema_migrations"} <= tables(dsn)
-    assert migrate.version(dsn) == (1, False)
-    assert schema_migrations_rows(dsn) == [(1, False)]
+    assert migrate.version(dsn) == (latest, False)
+    assert schema_migrations_rows(dsn) == [(latest, False)]
     # The table exactly as golang-migrate creates it.
     columns = execute(
         dsn,
@@ -211,14 +213,14 @@ def test_up_down_up_round_trip_keeps_golang_migrate_bookkeeping(database: Databa
 
     assert migrate.up(dsn, REPO_SQL_DIR) == []  # nothing pending
 
-    assert migrate.down(dsn, REPO_SQL_DIR) == [1]
+    assert migrate.down(dsn, REPO_SQL_DIR, None) == every[::-1]
     assert tables(dsn) == {"schema_migrations"}
     assert migrate.version(dsn) == (None, False)
     assert schema_migrations_rows(dsn) == []  # golang-migrate truncates for "no version"
 
-    assert migrate.up(dsn, REPO_SQL_DIR) == [1]
+    assert migrate.up(dsn, REPO_SQL_DIR) == every
     assert {"events", "event_attempts"} <= tables(dsn)
-    assert migrate.version(dsn) == (1, False)
+    assert migrate.version(dsn) == (latest, False)
 
 
 def test_version_does_not_create_the_bookkeeping_table(database: Database) -> None:
@@ -408,7 +410,9 @@ def test_the_lock_is_the_one_golang_migrate_takes(database: Database) -> None:
         with pytest.raises(MigrationError, match=r"waiting for the migration lock"):
             migrate.force(database.dsn, 1, lock_timeout=0.3)
         other_migrator.execute("SELECT pg_advisory_unlock(%s)", (key,))
-    assert migrate.up(database.dsn, REPO_SQL_DIR) == [1]
+    assert migrate.up(database.dsn, REPO_SQL_DIR) == [
+        m.version for m in migrate.list_migrations(REPO_SQL_DIR)
+    ]
     # Released afterwards: nobody holds it any more.
     held = execute(
         database.dsn,

@@ -11,6 +11,7 @@ everything at once. Adapters are closed under a shield with a time limit.
 
 from __future__ import annotations
 
+import gc
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -150,6 +151,10 @@ class Runtime:
         self.health.role_ready(role)
         log.info("role_ready", role=role)
         if all(self.health.roles.values()):
+            # Everything allocated at start-up (modules, pools, clients) lives until exit:
+            # moving it out of the collector's generations removes 40-60 ms GC pauses that
+            # otherwise show up directly as execution lateness.
+            gc.freeze()
             self.all_ready.set()
 
     async def _notify_ready(self) -> None:
