@@ -238,5 +238,110 @@ def dev(
     )
 
 
+# -- operator commands (eventsched.core.operator does the work) ----------------------------
+
+
+def _input_errors_exit_2(fn: F) -> F:
+    """Bad option values of the operator commands: one line, exit 2 (like bad settings)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from eventsched.core.operator import InputError
+
+        try:
+            return fn(*args, **kwargs)
+        except InputError as err:
+            _fail(2, f"error: {err}")
+
+    return wrapper  # type: ignore[return-value]  # same signature as fn
+
+
+@cli.command()
+@click.option("--type", "type_", required=True, help="Event type (selects the handler).")
+@click.option("--at", default=None, help="Due time, RFC 3339 with an offset: 2030-01-31T09:00:00Z.")
+@click.option("--in", "in_", default=None, help="Due in this long: 30s, 5m, 2h, 1d.")
+@click.option("--payload", default=None, help="Payload, a JSON object (default {}).")
+@click.option("--key", default=None, help="Idempotency key (default: the event id).")
+@pass_state
+@handle_errors
+@_input_errors_exit_2
+def send(
+    state: State,
+    type_: str,
+    at: str | None,
+    in_: str | None,
+    payload: str | None,
+    key: str | None,
+) -> None:
+    """Publish one event to the events topic and print its id."""
+    from eventsched.core import operator
+
+    event = operator.build_event(
+        state.settings, type_=type_, at=at, in_=in_, payload=payload, key=key
+    )
+    operator.send_event(state.settings, event)
+    click.echo(str(event.id))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_state
+@handle_errors
+def status(state: State, as_json: bool) -> None:
+    """Events by status, SAQ queue sizes, consumer lag, DLQ size, oldest overdue event.
+
+    Exit code 1 when a dependency did not answer (its section says why).
+    """
+    import json
+
+    from eventsched.core import operator
+
+    report = operator.status(state.settings)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(operator.render_status(report))
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.group()
+def dlq() -> None:
+    """The dead-letter topic: inspect and replay."""
+
+
+@dlq.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of text.")
+@pass_state
+@handle_errors
+def dlq_list(state: State, limit: int, as_json: bool) -> None:
+    """Show the oldest DLQ messages with their reason (reads without committing)."""
+    import json
+
+    from eventsched.core import operator
+
+    messages = operator.dlq_list(state.settings, limit=limit)
+    if as_json:
+        click.echo(json.dumps([m.to_json() for m in messages], indent=2))
+    else:
+        click.echo(operator.render_dlq(messages))
+
+
+@dlq.command("replay")
+@click.option("--reason", default=None, help="Replay only messages with this dlq-reason.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Replay at most N.")
+@click.option("--dry-run", is_flag=True, help="Count what would be replayed; send nothing.")
+@pass_state
+@handle_errors
+def dlq_replay(state: State, reason: str | None, limit: int | None, dry_run: bool) -> None:
+    """Re-publish DLQ messages to the events topic (after a fix); progress is remembered."""
+    from eventsched.core import operator
+
+    result = operator.dlq_replay(state.settings, reason=reason, limit=limit, dry_run=dry_run)
+    verb = "would replay" if dry_run else "replayed"
+    click.echo(f"{verb} {result.replayed}, skipped {result.skipped} (group {result.group})")
+
+
 def main() -> None:
     cli(prog_name="eventsched")

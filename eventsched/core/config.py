@@ -166,6 +166,14 @@ class SimulateSettings(_Section, frozen=True):
     error_rate: float = 0.1
 
 
+class WebhookSettings(_Section, frozen=True):
+    # Whole request (connect, send, response) time limit of the webhook handler.
+    timeout: Duration = Duration(10.0)
+    # Whether an event's payload field `webhook_url` may choose the URL (else only
+    # [webhooks] is used). Turn off when producers are not trusted to pick targets.
+    allow_payload_url: bool = True
+
+
 class ExecutorSettings(_Section, frozen=True):
     # 0 means "the number of CPUs".
     concurrency: int = 0
@@ -173,6 +181,7 @@ class ExecutorSettings(_Section, frozen=True):
     retry_backoff: RetryBackoffSettings = RetryBackoffSettings()
     simulate: SimulateSettings = SimulateSettings()
     job_timeout: Duration = Duration(300.0)
+    webhook: WebhookSettings = WebhookSettings()
 
 
 class ReconcilerSettings(_Section, frozen=True):
@@ -181,6 +190,8 @@ class ReconcilerSettings(_Section, frozen=True):
     grace: Duration = Duration(10.0)
     stale_after: Duration = Duration(600.0)
     batch: int = 1000
+    # How often the leader refreshes the eventsched_events / eventsched_queue_jobs gauges.
+    gauge_interval: Duration = Duration(5.0)
 
 
 class PluginSettings(_Section, frozen=True):
@@ -215,6 +226,8 @@ class Settings(_Section, frozen=True):
     plugins: PluginSettings = PluginSettings()
     # Event type -> "module:attr"; the key "default" applies to types with no entry.
     handlers: dict[str, str] = {}
+    # Event type -> URL for the webhook handler; the key "default" applies to types with no entry.
+    webhooks: dict[str, str] = {}
     pyroscope: PyroscopeSettings = PyroscopeSettings()
     dev: DevSettings = DevSettings()
 
@@ -303,7 +316,7 @@ def build_settings(raw: Mapping[str, Any], env_name: str = "development") -> Set
             raise ConfigError(
                 name, f"unknown setting (from EVENTSCHED_{name.upper()} or a settings file)"
             )
-        data[name] = _handler_keys(value) if name == "handlers" else _lower_keys(value)
+        data[name] = _handler_keys(value) if name in _TYPE_KEYED else _lower_keys(value)
     data["env"] = env_name
     try:
         settings = msgspec.convert(data, Settings, dec_hook=_dec_hook)
@@ -311,6 +324,10 @@ def build_settings(raw: Mapping[str, Any], env_name: str = "development") -> Set
         raise _config_error_from(err) from None
     _check(settings)
     return settings
+
+
+# Sections whose keys are event types (case-sensitive), not setting names.
+_TYPE_KEYED = frozenset({"handlers", "webhooks"})
 
 
 def _handler_keys(value: Any) -> Any:
@@ -385,13 +402,27 @@ def _check(s: Settings) -> None:
         raise ConfigError("executor.retry_backoff.jitter", "must be between 0 and 1")
     if not 0 <= s.executor.simulate.error_rate <= 1:
         raise ConfigError("executor.simulate.error_rate", "must be between 0 and 1")
+    if s.executor.job_timeout <= 0:
+        raise ConfigError("executor.job_timeout", "must be positive")
+    if s.executor.webhook.timeout <= 0:
+        raise ConfigError("executor.webhook.timeout", "must be positive")
     if s.reconciler.interval <= 0:
         raise ConfigError("reconciler.interval", "must be positive")
+    if s.reconciler.gauge_interval <= 0:
+        raise ConfigError("reconciler.gauge_interval", "must be positive")
+    if s.reconciler.stale_after <= 0:
+        raise ConfigError("reconciler.stale_after", "must be positive")
+    _positive("reconciler.batch", s.reconciler.batch)
     if s.shutdown.grace <= 0:
         raise ConfigError("shutdown.grace", "must be positive")
     for type_, target in s.handlers.items():
         if ":" not in target:
             raise ConfigError(f"handlers.{type_}", f"expected 'module:attr', got {target!r}")
+    for type_, url in s.webhooks.items():
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"webhooks.{type_}", f"expected an http:// or https:// URL, got {url!r}"
+            )
 
 
 def _positive(key: str, value: int) -> None:

@@ -7,7 +7,12 @@ role can do its work, returns when intake has stopped (``ctx.stopping``) and in-
 is drained, and declares which shared adapters it needs in ``needs``.
 
 An event handler is an async callable ``handler(event: HandlerEvent) -> None`` that returns
-on success and raises on failure (:class:`PermanentError` means "do not retry").
+on success and raises on failure (:class:`PermanentError` means "do not retry"). Handlers are
+*asyncio* coroutines: the executor calls them from SAQ's job function, on the asyncio side of
+trio-asyncio (a handler written for trio can be wrapped with ``trio_asyncio.trio_as_aio``).
+A handler that needs settings or shared clients is built by a factory marked with
+:func:`handler_factory`: ``factory(context: HandlerContext) -> Handler``, called once per
+settings entry when the executor starts.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import trio
 
 from eventsched.core.errors import EventschedError, PluginError
 
 if TYPE_CHECKING:
+    import httpx
+
     from eventsched.core.config import Settings
     from eventsched.core.http import Health
     from eventsched.core.kafka import KafkaProducer
@@ -96,6 +103,33 @@ class HandlerEvent:
 Handler = Callable[[HandlerEvent], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class HandlerContext:
+    """What a handler factory receives: the settings and the executor's shared clients."""
+
+    settings: Settings
+    key: str  # the settings key being loaded, e.g. "handlers.default"
+    # The executor's one shared HTTP client (asyncio side), created on first call and
+    # closed by the executor on shutdown.
+    http_client: Callable[[], httpx.AsyncClient]
+
+
+HandlerFactory = Callable[[HandlerContext], Handler]
+F = TypeVar("F", bound=Callable[..., Any])
+_FACTORY_MARK = "__eventsched_handler_factory__"
+
+
+def handler_factory(fn: F) -> F:
+    """Mark ``fn(context: HandlerContext) -> Handler`` as a handler factory: settings may
+    name it like a handler, and :func:`load_handler` calls it to build the handler."""
+    setattr(fn, _FACTORY_MARK, True)
+    return fn
+
+
+def is_handler_factory(obj: object) -> bool:
+    return bool(getattr(obj, _FACTORY_MARK, False))
+
+
 class PermanentError(EventschedError):
     """Raised by a handler when retrying cannot help (bad payload): the event goes dead."""
 
@@ -138,9 +172,19 @@ def load_role_factory(role: str, target: str) -> RoleFactory:
     return factory  # type: ignore[no-any-return]  # checked structurally above
 
 
-def load_handler(key: str, target: str) -> Handler:
-    """Load an event handler: an ``async def handler(event)`` (or a factory's result)."""
+def load_handler(key: str, target: str, context: HandlerContext | None = None) -> Handler:
+    """Load an event handler: an ``async def handler(event)``, an object with such a
+    ``__call__``, or the result of a :func:`handler_factory` called with ``context``."""
     handler = import_target(key, target)
+    if is_handler_factory(handler):
+        if context is None:
+            raise PluginError(key, target, "is a handler factory; it needs a HandlerContext")
+        try:
+            handler = handler(context)
+        except EventschedError:
+            raise
+        except Exception as err:
+            raise PluginError(key, target, f"handler factory failed: {err!r}") from err
     if not callable(handler):
         raise PluginError(key, target, "is not callable")
     if not (

@@ -1,0 +1,664 @@
+"""Operator commands behind the CLI: ``send``, ``status``, ``dlq list`` and ``dlq replay``.
+
+These are short-lived command-line actions, not part of the trio runtime, so the Kafka
+parts use confluent-kafka's blocking clients directly (created, used and closed on one
+thread); ``status`` runs its PostgreSQL and Redis queries through the usual adapters in one
+``trio.run`` with the Kafka part in a worker thread, every section under a time limit.
+
+High watermarks: Tansu answers ListOffsets(latest) with the base offset of the last record
+batch + 1 instead of the end of the partition. Fetch responses carry the right high
+watermark, so :func:`high_watermarks` reads the tail of every partition (one batch at most)
+and trusts the larger of the two. On Kafka this costs one small fetch per partition.
+
+DLQ replay progress lives in a consumer group of its own, per reason filter
+(``kafka.replay_group``, or ``<replay_group>.<reason>`` with ``--reason``), so replaying
+one class of failures never passes over messages of another. The group is used with
+``assign()`` and explicit commits, never joined: nothing to wait for, no rebalance.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, TypeVar
+
+import trio
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import TopicPartition as TP
+from confluent_kafka import admin as kafka_admin
+from confluent_kafka.admin import AdminClient
+
+from eventsched.core.config import (
+    Settings,
+    parse_duration,
+    redact,
+    require_kafka,
+    require_postgres,
+    require_redis,
+)
+from eventsched.core.errors import DecodeError, DependencyError, EventschedError
+from eventsched.core.events import (
+    DLQ_HEADER_NAMES,
+    Event,
+    encode_event,
+    format_time,
+    kafka_headers,
+    kafka_key,
+    new_event,
+    parse_time,
+)
+from eventsched.core.kafka import PRODUCER_DEFAULTS
+
+T = TypeVar("T")
+
+#: Seconds each ``status`` section (and each Kafka request) may take.
+SECTION_TIMEOUT: Final = 5.0
+#: Characters of a DLQ value shown by ``dlq list``.
+PREVIEW_CHARS: Final = 120
+#: Headers the consumer adds besides DLQ_HEADER_NAMES (a cut-down oversized value).
+TRUNCATED_HEADER: Final = "dlq-truncated-from"
+#: Replayed messages per delivery check and commit.
+REPLAY_CHUNK: Final = 100
+
+
+class InputError(EventschedError):
+    """A command-line value is unusable; the CLI prints one line and exits 2."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        self.option = option
+        self.problem = problem
+        super().__init__(f"{option}: {problem}")
+
+
+# -- send ------------------------------------------------------------------------------
+
+
+def build_event(
+    settings: Settings,
+    *,
+    type_: str,
+    at: str | None,
+    in_: str | None,
+    payload: str | None,
+    key: str | None,
+    now: datetime | None = None,
+) -> Event:
+    """The event ``eventsched send`` publishes; InputError names the bad option."""
+    if (at is None) == (in_ is None):
+        raise InputError("--at/--in", "give exactly one of --at TIME or --in DURATION")
+    now = now or datetime.now(UTC)
+    if at is not None:
+        try:
+            due = parse_time(at)
+        except DecodeError:
+            raise InputError(
+                "--at", f"{at!r} is not an RFC 3339 time with an offset (2030-01-31T09:00:00Z)"
+            ) from None
+    else:
+        assert in_ is not None
+        try:
+            due = now + timedelta(seconds=parse_duration(in_))
+        except ValueError as err:
+            raise InputError("--in", str(err)) from None
+    data: Any = {}
+    if payload is not None:
+        try:
+            data = json.loads(payload)
+        except json.JSONDecodeError as err:
+            raise InputError("--payload", f"not valid JSON ({err.msg} at {err.pos})") from None
+        if not isinstance(data, dict):
+            raise InputError("--payload", "must be a JSON object ({...})")
+    limits = settings.consumer
+    if due > now + timedelta(seconds=limits.horizon):
+        raise InputError(
+            "--at/--in", f"more than consumer.horizon ({_human(limits.horizon)}) ahead"
+        )
+    if due < now - timedelta(seconds=limits.max_past):
+        raise InputError("--at", f"more than consumer.max_past ({_human(limits.max_past)}) ago")
+    try:
+        return new_event(type_, data, due, idempotency_key=key)
+    except ValueError as err:
+        option = "--key" if key is not None and "idempotency" in str(err) else "--type/--payload"
+        raise InputError(option, str(err)) from None
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def send_event(settings: Settings, event: Event, *, timeout: float = 15.0) -> tuple[int, int]:
+    """Publish ``event`` (idempotent producer, acks=all); returns (partition, offset)."""
+    config = {
+        **PRODUCER_DEFAULTS,
+        **settings.kafka.client,
+        "bootstrap.servers": require_kafka(settings),
+        "message.timeout.ms": int(timeout * 1000),
+    }
+    producer = _client(Producer, config)
+    outcome: dict[str, Any] = {}
+    headers: list[tuple[str, str | bytes | None]] = [*kafka_headers()]
+
+    def on_delivery(err: KafkaError | None, msg: Any) -> None:
+        outcome["error"] = err
+        outcome["where"] = (msg.partition(), msg.offset())
+
+    try:
+        producer.produce(
+            settings.kafka.topic,
+            value=encode_event(event),
+            key=kafka_key(event),
+            headers=headers,
+            on_delivery=on_delivery,
+        )
+    except (KafkaException, BufferError) as err:
+        raise DependencyError("kafka", f"cannot send: {err}") from err
+    producer.flush(timeout + 1)
+    if "error" not in outcome:
+        raise DependencyError("kafka", f"no delivery report within {timeout:g}s")
+    if outcome["error"] is not None:
+        raise DependencyError("kafka", f"delivery failed: {outcome['error'].str()}")
+    where: tuple[int, int] = outcome["where"]
+    return where
+
+
+# -- Kafka helpers -----------------------------------------------------------------------
+
+
+def _client(cls: Callable[[dict[str, Any]], T], config: dict[str, Any]) -> T:
+    # librdkafka would print every client error to stderr; keep the command's output clean
+    # and let the calls' own errors speak.
+    config.setdefault("error_cb", lambda err: None)
+    config.setdefault("log_level", 0)
+    try:
+        return cls(config)
+    except (KafkaException, ValueError, TypeError) as err:
+        raise DependencyError("kafka", f"cannot create client: {err}") from err
+
+
+def _reader(settings: Settings, group: str, **extra: Any) -> Consumer:
+    return _client(
+        Consumer,
+        {
+            **settings.kafka.client,
+            "bootstrap.servers": require_kafka(settings),
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            # Short long-polls: an empty partition answers (EOF) quickly.
+            "fetch.wait.max.ms": 100,
+            **extra,
+        },
+    )
+
+
+def _partitions(consumer: Consumer, topic: str, timeout: float) -> list[int]:
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout)
+    except KafkaException as err:
+        raise DependencyError("kafka", f"cannot list topic {topic}: {err}") from err
+    info = metadata.topics.get(topic)
+    if info is None or info.error is not None or not info.partitions:
+        raise DependencyError("kafka", f"topic {topic} does not exist")
+    return sorted(info.partitions)
+
+
+# OffsetSpec is public API, but confluent-kafka's stubs neither export nor type it.
+_EARLIEST: Final = kafka_admin.OffsetSpec.earliest()  # type: ignore[attr-defined,no-untyped-call]
+_LATEST: Final = kafka_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no-untyped-call]
+
+
+def _admin(settings: Settings) -> AdminClient:
+    return _client(
+        AdminClient, {**settings.kafka.client, "bootstrap.servers": require_kafka(settings)}
+    )
+
+
+def _list_offsets(
+    admin: AdminClient, topic: str, partitions: Iterable[int], spec: Any, timeout: float
+) -> dict[int, int]:
+    futures = admin.list_offsets({TP(topic, p): spec for p in partitions}, request_timeout=timeout)
+    try:
+        return {tp.partition: f.result(timeout + 1).offset for tp, f in futures.items()}
+    except (KafkaException, TimeoutError) as err:
+        raise DependencyError("kafka", f"cannot read offsets of {topic}: {err}") from err
+
+
+def high_watermarks(
+    admin: AdminClient, consumer: Consumer, topic: str, partitions: list[int], timeout: float
+) -> dict[int, tuple[int, int]]:
+    """(low, high) per partition, with the true high watermark (see the module docstring).
+
+    Offsets come from one batched ListOffsets request each for earliest and latest (a
+    consumer's per-partition query waits behind its own long-polling fetch); the tails
+    are then read with ``consumer`` (left unassigned afterwards).
+    """
+    lows = _list_offsets(admin, topic, partitions, _EARLIEST, timeout)
+    highs = _list_offsets(admin, topic, partitions, _LATEST, timeout)
+    marks = {p: (lows[p], highs[p]) for p in partitions}
+    tails = [TP(topic, p, max(low, high - 1)) for p, (low, high) in marks.items() if high > low]
+    if not tails:
+        return marks
+    consumer.assign(tails)
+    try:
+        waiting = {tp.partition for tp in tails}
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            for message in consumer.consume(500, 0.1):
+                error = message.error()
+                if error is not None and error.code() == KafkaError._PARTITION_EOF:
+                    waiting.discard(message.partition())
+        for p, (low, high) in list(marks.items()):
+            cached = consumer.get_watermark_offsets(TP(topic, p), cached=True)
+            if cached is not None and cached[1] > high:
+                marks[p] = (low, cached[1])
+    finally:
+        consumer.unassign()
+    return marks
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+@dataclass
+class StatusReport:
+    """Every section holds its data, or ``{"error": ...}`` when its dependency failed."""
+
+    events: dict[str, Any] = field(default_factory=dict)
+    queue: dict[str, Any] = field(default_factory=dict)
+    kafka: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not any("error" in s for s in (self.events, self.queue, self.kafka))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def status(settings: Settings) -> StatusReport:
+    """Gather the status sections concurrently; a failing section carries its error."""
+    report = StatusReport()
+    trio.run(_gather_status, settings, report)
+    return report
+
+
+async def _gather_status(settings: Settings, report: StatusReport) -> None:
+    import trio_asyncio
+
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        nursery.start_soon(_section, report.events, _events_section, settings)
+        nursery.start_soon(_section, report.queue, _queue_section, settings)
+        nursery.start_soon(_section, report.kafka, _kafka_section_async, settings)
+
+
+async def _section(into: dict[str, Any], fn: Callable[[Settings], Any], settings: Settings) -> None:
+    try:
+        with trio.fail_after(SECTION_TIMEOUT + 2):
+            into.update(await fn(settings))
+    except trio.TooSlowError:
+        into["error"] = f"no answer within {SECTION_TIMEOUT + 2:g}s"
+    except EventschedError as err:
+        into["error"] = redact(str(err))
+
+
+async def _events_section(settings: Settings) -> dict[str, Any]:
+    from eventsched.core import eventstore
+    from eventsched.core.postgres import Database
+
+    db = await Database.open(
+        require_postgres(settings), min_size=1, max_size=1, connect_timeout=SECTION_TIMEOUT
+    )
+    try:
+        counts = await eventstore.status_counts(db)
+        overdue = await eventstore.oldest_overdue(db)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await db.close()
+    return {
+        "by_status": counts.counts,
+        "succeeded_estimated": counts.estimated,
+        "oldest_overdue": None
+        if overdue is None
+        else {
+            "id": str(overdue.id),
+            "execute_at": format_time(overdue.execute_at),
+            "overdue_seconds": round(overdue.overdue_seconds, 3),
+        },
+    }
+
+
+async def _queue_section(settings: Settings) -> dict[str, Any]:
+    from eventsched.core.queue import JobQueue
+
+    queue = JobQueue(require_redis(settings), settings.redis.queue, connect_timeout=SECTION_TIMEOUT)
+    try:
+        await queue.connect()
+        counts = await queue.counts()
+    finally:
+        await queue.close()
+    return {"name": settings.redis.queue, **counts}
+
+
+async def _kafka_section_async(settings: Settings) -> dict[str, Any]:
+    section: dict[str, Any] = await trio.to_thread.run_sync(
+        kafka_status, settings, limiter=trio.CapacityLimiter(1), abandon_on_cancel=True
+    )
+    return section
+
+
+def kafka_status(settings: Settings, timeout: float = SECTION_TIMEOUT) -> dict[str, Any]:
+    """Consumer-group lag per partition and the DLQ size (blocking)."""
+    k = settings.kafka
+    admin = _admin(settings)
+    consumer = _reader(settings, k.consumer_group)
+    try:
+        partitions = _partitions(consumer, k.topic, timeout)
+        try:
+            committed = consumer.committed([TP(k.topic, p) for p in partitions], timeout=timeout)
+        except KafkaException as err:
+            raise DependencyError("kafka", f"cannot read committed offsets: {err}") from err
+        marks = high_watermarks(admin, consumer, k.topic, partitions, timeout)
+        lag: dict[str, dict[str, int | None]] = {}
+        for tp in committed:
+            low, high = marks[tp.partition]
+            position = tp.offset if tp.offset >= 0 else None
+            lag[str(tp.partition)] = {
+                "committed": position,
+                "high_watermark": high,
+                "lag": high - (low if position is None else position),
+            }
+        dlq_partitions = _partitions(consumer, k.dlq_topic, timeout)
+        dlq_marks = high_watermarks(admin, consumer, k.dlq_topic, dlq_partitions, timeout)
+        return {
+            "topic": k.topic,
+            "group": k.consumer_group,
+            "lag": lag,
+            "total_lag": sum(int(v["lag"] or 0) for v in lag.values()),
+            "dlq_topic": k.dlq_topic,
+            "dlq_size": sum(high - low for low, high in dlq_marks.values()),
+        }
+    finally:
+        consumer.close()
+
+
+def render_status(report: StatusReport) -> str:
+    """The human view of ``eventsched status``."""
+    lines: list[str] = ["EVENTS (PostgreSQL)"]
+    events = report.events
+    if "error" in events:
+        lines.append(f"  {events['error']}")
+    else:
+        for name, count in events["by_status"].items():
+            note = " (estimated)" if name == "succeeded" and events["succeeded_estimated"] else ""
+            lines.append(f"  {name:<10} {count:>12}{note}")
+        overdue = events["oldest_overdue"]
+        if overdue is None:
+            lines.append("  oldest overdue: none")
+        else:
+            lines.append(
+                f"  oldest overdue: {overdue['id']} due {overdue['execute_at']}, "
+                f"{overdue['overdue_seconds']:.1f}s ago"
+            )
+    queue = report.queue
+    lines.append(f"QUEUE (Redis, SAQ queue {queue.get('name', '?')})")
+    if "error" in queue:
+        lines.append(f"  {queue['error']}")
+    else:
+        for name in ("queued", "scheduled", "active"):
+            lines.append(f"  {name:<10} {queue[name]:>12}")
+    kafka = report.kafka
+    lines.append("KAFKA")
+    if "error" in kafka:
+        lines.append(f"  {kafka['error']}")
+    else:
+        lines.append(f"  consumer lag, group {kafka['group']} on {kafka['topic']}:")
+        for partition, info in kafka["lag"].items():
+            committed = "none" if info["committed"] is None else info["committed"]
+            lines.append(
+                f"    partition {partition:>3}  lag {info['lag']:>10}  "
+                f"(committed {committed}, end {info['high_watermark']})"
+            )
+        lines.append(f"    total lag {kafka['total_lag']}")
+        lines.append(f"  DLQ {kafka['dlq_topic']}: {kafka['dlq_size']} messages")
+    return "\n".join(lines)
+
+
+# -- DLQ ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DlqMessage:
+    partition: int
+    offset: int
+    timestamp: str | None
+    key: str | None
+    reason: str | None
+    error: str | None
+    source: str | None
+    failed_at: str | None
+    value_bytes: int
+    preview: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _text(value: bytes | None, limit: int | None = None) -> str | None:
+    if value is None:
+        return None
+    text = value.decode("utf-8", "backslashreplace")
+    if limit is not None and len(text) > limit:
+        return text[: limit - 3] + "..."
+    return text
+
+
+def _dlq_message(message: Any) -> DlqMessage:
+    headers: dict[str, bytes | None] = dict(message.headers() or [])
+    kind, ts = message.timestamp()
+    value: bytes = message.value() or b""
+    source = None
+    if headers.get("source-topic") is not None:
+        source = (
+            f"{_text(headers['source-topic'])}/{_text(headers.get('source-partition'))}"
+            f"@{_text(headers.get('source-offset'))}"
+        )
+    return DlqMessage(
+        partition=message.partition(),
+        offset=message.offset(),
+        timestamp=None if kind == 0 else format_time(datetime.fromtimestamp(ts / 1000, UTC)),
+        key=_text(message.key(), 80),
+        reason=_text(headers.get("dlq-reason")),
+        error=_text(headers.get("dlq-error")),
+        source=source,
+        failed_at=_text(headers.get("failed-at")),
+        value_bytes=len(value),
+        preview=_text(value, PREVIEW_CHARS) or "",
+    )
+
+
+def _read(
+    consumer: Consumer,
+    topic: str,
+    starts: Mapping[int, int],
+    visit: Callable[[Any], bool],
+    timeout: float,
+) -> None:
+    """Read ``topic`` from ``starts`` until every partition is at its end, calling
+    ``visit(message)`` in partition order of arrival; ``visit`` returns False to stop.
+
+    ``timeout`` bounds the silence between two fetches, not the whole read.
+    """
+    consumer.assign([TP(topic, p, offset) for p, offset in starts.items()])
+    waiting = set(starts)
+    last_progress = time.monotonic()
+    while waiting:
+        messages = consumer.consume(500, 0.2)
+        if messages:
+            last_progress = time.monotonic()
+        elif time.monotonic() - last_progress > timeout:
+            raise DependencyError("kafka", f"reading {topic}: no answer within {timeout:g}s")
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    waiting.discard(message.partition())
+                    continue
+                if error.fatal():
+                    raise DependencyError("kafka", f"reading {topic}: {error.str()}")
+                continue
+            partition = message.partition()
+            if partition is not None:
+                waiting.add(partition)
+            if not visit(message):
+                return
+
+
+def dlq_list(
+    settings: Settings, *, limit: int = 50, timeout: float = SECTION_TIMEOUT
+) -> list[DlqMessage]:
+    """The oldest ``limit`` DLQ messages (by broker timestamp), read with assign():
+    no group membership, nothing committed."""
+    topic = settings.kafka.dlq_topic
+    consumer = _reader(settings, f"{settings.kafka.replay_group}.list")
+    try:
+        partitions = _partitions(consumer, topic, timeout)
+        per_partition: dict[int, int] = {p: 0 for p in partitions}
+        found: list[DlqMessage] = []
+
+        def visit(message: Any) -> bool:
+            # At most `limit` per partition: enough to pick the oldest `limit` of all.
+            if per_partition[message.partition()] < limit:
+                per_partition[message.partition()] += 1
+                found.append(_dlq_message(message))
+            return any(n < limit for n in per_partition.values())
+
+        _read(consumer, topic, {p: OFFSET_BEGINNING for p in partitions}, visit, timeout)
+    finally:
+        consumer.close()
+    found.sort(key=lambda m: (m.timestamp or "", m.partition, m.offset))
+    return found[:limit]
+
+
+def render_dlq(messages: list[DlqMessage]) -> str:
+    if not messages:
+        return "DLQ is empty"
+    lines = []
+    for m in messages:
+        lines.append(
+            f"{m.partition}:{m.offset}  {m.timestamp or '-'}  reason={m.reason or '-'}  "
+            f"key={m.key if m.key is not None else '-'}  from={m.source or '-'}"
+        )
+        if m.error:
+            lines.append(f"    error: {m.error}")
+        lines.append(f"    value ({m.value_bytes} bytes): {m.preview}")
+    return "\n".join(lines)
+
+
+@dataclass
+class ReplayResult:
+    replayed: int = 0
+    skipped: int = 0
+    group: str = ""
+    dry_run: bool = False
+
+
+def dlq_replay(
+    settings: Settings,
+    *,
+    reason: str | None = None,
+    limit: int | None = None,
+    dry_run: bool = False,
+    timeout: float = SECTION_TIMEOUT,
+) -> ReplayResult:
+    """Re-publish DLQ messages to ``kafka.topic`` (original value, key and non-DLQ headers).
+
+    Starts at the replay group's committed offsets (the beginning the first time); messages
+    whose ``dlq-reason`` does not match ``reason``, and values the consumer had to cut, are
+    skipped. Progress is committed after each chunk's deliveries are acknowledged, so an
+    interrupted replay resumes where it stopped (at worst re-sending one chunk, which the
+    consumer absorbs as duplicates). ``dry_run`` sends and commits nothing.
+    """
+    k = settings.kafka
+    group = k.replay_group if reason is None else f"{k.replay_group}.{reason}"
+    result = ReplayResult(group=group, dry_run=dry_run)
+    consumer = _reader(settings, group)
+    producer = None
+    if not dry_run:
+        producer = _client(
+            Producer,
+            {**PRODUCER_DEFAULTS, **k.client, "bootstrap.servers": require_kafka(settings)},
+        )
+    pending: list[tuple[int, int]] = []  # (partition, next offset) examined, not committed
+    failures: list[str] = []
+
+    def flush() -> None:
+        if producer is not None:
+            left = producer.flush(timeout * 3)
+            if left or failures:
+                problem = failures[0] if failures else f"{left} messages undelivered"
+                raise DependencyError("kafka", f"replay delivery failed: {problem}")
+        if pending and not dry_run:
+            offsets: dict[int, int] = {}
+            for partition, offset in pending:
+                offsets[partition] = max(offsets.get(partition, 0), offset)
+            try:
+                consumer.commit(
+                    offsets=[TP(k.dlq_topic, p, o) for p, o in offsets.items()],
+                    asynchronous=False,
+                )
+            except KafkaException as err:
+                raise DependencyError("kafka", f"cannot commit replay progress: {err}") from err
+        pending.clear()
+
+    def on_delivery(err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            failures.append(err.str())
+
+    def visit(message: Any) -> bool:
+        headers = list(message.headers() or [])
+        names = {name for name, _ in headers}
+        if (reason is not None and dict(headers).get("dlq-reason") != reason.encode()) or (
+            TRUNCATED_HEADER in names
+        ):
+            result.skipped += 1
+        else:
+            if producer is not None:
+                original = [(n, v) for n, v in headers if n not in DLQ_HEADER_NAMES]
+                producer.produce(
+                    k.topic,
+                    value=message.value(),
+                    key=message.key(),
+                    headers=original,
+                    on_delivery=on_delivery,
+                )
+                producer.poll(0)
+            result.replayed += 1
+        pending.append((message.partition(), message.offset() + 1))
+        if len(pending) >= REPLAY_CHUNK:
+            flush()
+        return limit is None or result.replayed < limit
+
+    try:
+        partitions = _partitions(consumer, k.dlq_topic, timeout)
+        try:
+            committed = consumer.committed(
+                [TP(k.dlq_topic, p) for p in partitions], timeout=timeout
+            )
+        except KafkaException as err:
+            raise DependencyError("kafka", f"cannot read replay progress: {err}") from err
+        starts = {
+            tp.partition: tp.offset if tp.offset >= 0 else OFFSET_BEGINNING for tp in committed
+        }
+        if limit is None or limit > 0:
+            _read(consumer, k.dlq_topic, starts, visit, timeout)
+        flush()
+    finally:
+        consumer.close()
+    return result

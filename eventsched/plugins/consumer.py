@@ -1,0 +1,623 @@
+"""The consumer role: Kafka ``events`` -> PostgreSQL (source of truth) -> SAQ jobs in Redis.
+
+Per Kafka batch, in three pipelined stages (batch N+1 is recorded while batch N is being
+scheduled and an earlier one committed; batches keep their order):
+
+1. *record*: decode every message (:func:`decode_event`); invalid ones go to the DLQ topic
+   with their original bytes, key and headers plus the reason headers; valid ones are
+   inserted into PostgreSQL with ONE statement (``ON CONFLICT (idempotency_key) DO
+   NOTHING``), then the keys that already existed are looked up.
+2. *schedule*: one pipelined enqueue of a SAQ job (the executor's contract,
+   :func:`eventsched.plugins.executor.make_job`: key = event id, scheduled = due time) for
+   every event of the batch whose row is still ``scheduled`` - new rows and rows a crashed
+   run inserted but never enqueued (enqueueing a pending key again is a no-op).
+3. *commit*: the batch's offsets; batches that became durable while a commit was in flight
+   are merged into the next commit.
+
+So an offset is committed only once everything before it is durable in PostgreSQL and
+Redis (and DLQ deliveries are acknowledged); a crash anywhere means redelivery, which the
+idempotency key and the job key make harmless.
+
+Failures:
+
+* A dependency down (``DependencyError``: PostgreSQL, Redis, broker) is retried with
+  exponential backoff and jitter for as long as it takes; meanwhile fetching is paused,
+  ``/readyz`` names the dependency and nothing is committed or skipped. It never sends a
+  message to the DLQ.
+* PostgreSQL refusing the data of the batch (``RowsRejected``) is narrowed down by splitting
+  the batch in halves; a single row still refused after ``consumer.max_retries`` attempts
+  goes to the DLQ with reason ``db_rejected``.
+* The same idempotency key with other content (another id, type, payload or due time):
+  the first event wins; the later message counts as ``duplicate`` and is logged as
+  ``conflicting_duplicate`` with both ids.
+
+Rebalances: the revoke hook waits (``consumer.revoke_wait``) for the batch in flight and
+commits what is durable; the adapter refuses commits for partitions that moved meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Final, TypeVar
+
+import tenacity
+import trio
+from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import admin as kafka_admin
+from confluent_kafka.admin import AdminClient
+
+from eventsched.core import eventstore, metrics
+from eventsched.core.config import require_kafka
+from eventsched.core.errors import DecodeError, DependencyError
+from eventsched.core.events import DecodeLimits, Event, decode_event, dlq_headers
+from eventsched.core.eventstore import IngestRow, RowsRejected, StoredEvent
+from eventsched.core.kafka import (
+    Batch,
+    DeliveryReport,
+    KafkaConsumer,
+    OutboundMessage,
+    Record,
+    TopicPartitionKey,
+)
+from eventsched.core.logging import get_logger
+from eventsched.core.plugins import RoleContext
+from eventsched.core.queue import ScheduledJob
+from eventsched.plugins.executor import make_job, saq_timeout
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+#: DLQ reason for a row PostgreSQL refused even alone (decode reasons come from events.py).
+DB_REJECTED: Final = "db_rejected"
+# OffsetSpec is public API, but confluent-kafka's stubs neither export nor type it.
+_LATEST: Final = kafka_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no-untyped-call]
+#: Durable batches that may wait for the committer before scheduling waits too.
+COMMIT_BACKLOG: Final = 4
+#: A value bigger than the producer may send is dead-lettered cut to this size.
+DLQ_TRUNCATE_BYTES: Final = 64 * 1024
+
+
+@dataclass(slots=True)
+class _Recorded:
+    """A batch after stage 1: durable in PostgreSQL, bad messages acknowledged by the DLQ."""
+
+    batch: Batch
+    #: Per partition, the offset to commit once this batch is done.
+    offsets: dict[TopicPartitionKey, int]
+    jobs: list[ScheduledJob]
+    new: int
+    duplicates: int
+    invalid: int
+    dlq_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Invalid:
+    record: Record
+    reason: str
+    error: str
+
+
+class IngestConsumer:
+    """The consumer role plugin (see the module docstring)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"postgres", "redis", "kafka_producer"})
+
+    def __init__(self, ctx: RoleContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        s = ctx.settings.consumer
+        self._db = ctx.resources.require_db()
+        self._queue = ctx.resources.require_queue()
+        self._producer = ctx.resources.require_kafka_producer()
+        self._limits = DecodeLimits.from_settings(s)
+        self._consumer_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._job_timeout = saq_timeout(ctx.settings)
+        self._consumer: KafkaConsumer | None = None
+        # Dependencies whose failure paused consumption: name -> problem.
+        self._failing: dict[str, str] = {}
+        # Batches taken from the adapter and not yet committed (or given up).
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        # For the lag gauge: offsets committed by us, and the end of what we fetched.
+        self._committed: dict[TopicPartitionKey, int] = {}
+        self._fetched_end: dict[TopicPartitionKey, int] = {}
+        self._log = log.bind(role=ctx.role)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # Ready means ready: join the group only once PostgreSQL (with its schema) and Redis
+        # answer, so partitions go to members that can work.
+        with trio.CancelScope() as waiting:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_when_set, self.ctx.stopping, waiting)
+                await self._retrying(eventstore.check_schema, self._db)
+                await self._retrying(self._queue.ping)
+                nursery.cancel_scope.cancel()
+        if self.ctx.stopping.is_set():
+            task_status.started()
+            return
+        s, k = self.settings.consumer, self.settings.kafka
+        config = {
+            **k.client,
+            "bootstrap.servers": require_kafka(self.settings),
+            "group.id": k.consumer_group,
+            "client.id": f"eventsched-consumer-{self._consumer_id}",
+        }
+        async with KafkaConsumer.open(
+            config,
+            [k.topic],
+            max_batch=s.max_batch,
+            poll_timeout=s.batch_timeout,
+            on_revoke=self._on_revoke,
+            hook_timeout=s.revoke_wait + 5.0,
+            close_timeout=min(10.0, self.settings.shutdown.grace),
+        ) as consumer:
+            self._consumer = consumer
+            task_status.started()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._stop_intake_on_stopping, consumer)
+                    nursery.start_soon(self._refresh_lag, consumer)
+                    await self._pipeline(consumer)
+                    nursery.cancel_scope.cancel()
+            finally:
+                # Nothing is in flight any more (done or cancelled): the revoke hook that
+                # runs while the consumer closes must not wait for it.
+                self._in_flight = 0
+                self._idle.set()
+        self._log.info("consumer_stopped", **_stats(consumer))
+
+    async def _stop_intake_on_stopping(self, consumer: KafkaConsumer) -> None:
+        await self.ctx.stopping.wait()
+        self._log.info("consumer_stopping_intake")
+        consumer.stop()
+
+    async def _pipeline(self, consumer: KafkaConsumer) -> None:
+        """Three stages in their own tasks, so that batch N+1 is recorded in PostgreSQL while
+        batch N is scheduled in Redis and an earlier one is committed. Batches stay in order.
+        """
+        to_schedule, scheduling = trio.open_memory_channel[_Recorded](0)
+        to_commit, committing = trio.open_memory_channel[_Recorded](COMMIT_BACKLOG)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._schedule_all, scheduling, to_commit)
+            nursery.start_soon(self._commit_all, committing, consumer)
+            async with to_schedule:
+                async for batch in consumer.batches():
+                    self._in_flight += 1
+                    if self._idle.is_set():
+                        self._idle = trio.Event()
+                    metrics.CONSUMER_BATCH_SIZE.observe(len(batch))
+                    await to_schedule.send(await self._record(batch))
+
+    async def _schedule_all(
+        self,
+        receive: trio.MemoryReceiveChannel[_Recorded],
+        send: trio.MemorySendChannel[_Recorded],
+    ) -> None:
+        async with receive, send:
+            async for recorded in receive:
+                if recorded.jobs:
+                    added = await self._retrying(self._queue.enqueue_many, recorded.jobs)
+                    metrics.JOBS_SCHEDULED.inc(added)
+                await send.send(recorded)
+
+    async def _commit_all(
+        self, receive: trio.MemoryReceiveChannel[_Recorded], consumer: KafkaConsumer
+    ) -> None:
+        """Commit durable batches; batches that became durable during a commit are merged
+        into the next one, so a slow commit (a round trip to the group coordinator, taken
+        between two consume() calls of the consumer thread) does not slow the pipeline."""
+        async with receive:
+            async for first in receive:
+                done = [first]
+                while True:
+                    try:
+                        done.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._commit(consumer, done)
+                self._account(done)
+                self._in_flight -= len(done)
+                if self._in_flight == 0:
+                    self._idle.set()
+
+    # -- stage 1: decode, record, dead-letter ------------------------------------------
+
+    async def _record(self, batch: Batch) -> _Recorded:
+        now = datetime.now(UTC)
+        limits = self._limits
+        rows: list[IngestRow] = []
+        invalid: list[_Invalid] = []
+        first_by_key: dict[str, IngestRow] = {}
+        later: list[IngestRow] = []  # same key as an earlier message of this batch
+        for record in batch.records:
+            try:
+                event = decode_event(
+                    record.value,
+                    now=now,
+                    limits=limits,
+                    headers=dict(record.headers) if record.headers else None,
+                )
+            except DecodeError as err:
+                invalid.append(_Invalid(record, err.reason, err.detail))
+                continue
+            row = IngestRow(event, record.topic, record.partition, record.offset)
+            if event.idempotency_key in first_by_key:
+                later.append(row)
+            else:
+                first_by_key[event.idempotency_key] = row
+                rows.append(row)
+
+        new_keys, rejected = await self._insert(rows)
+        for row, problem in rejected:
+            invalid.append(_Invalid(_record_of(batch, row), DB_REJECTED, problem))
+        rejected_keys = {row.event.idempotency_key for row, _ in rejected}
+        existing_rows = [
+            row
+            for row in rows
+            if row.event.idempotency_key not in new_keys
+            and row.event.idempotency_key not in rejected_keys
+        ]
+        existing: dict[str, StoredEvent] = {}
+        if existing_rows:
+            existing = await self._retrying(eventstore.lookup_existing, self._db, existing_rows)
+
+        jobs = [
+            self._job(row.event.id, row.event.execute_at)
+            for row in rows
+            if row.event.idempotency_key in new_keys
+        ]
+        for row in existing_rows:
+            stored = existing.get(row.event.idempotency_key)
+            if stored is None:
+                # Cannot happen unless someone deletes rows: a conflict means a committed row.
+                self._log.error(
+                    "idempotency_key_vanished",
+                    idempotency_key=row.event.idempotency_key,
+                    partition=row.partition,
+                    offset=row.offset,
+                )
+                continue
+            if not stored.same:
+                self._conflict(row, stored.id)
+            if stored.status == "scheduled":
+                jobs.append(self._job(stored.id, stored.execute_at))
+        for row in later:
+            first = first_by_key[row.event.idempotency_key]
+            if not _same_event(first.event, row.event):
+                self._conflict(row, first.event.id)
+
+        if invalid:
+            await self._dead_letter(invalid)
+        offsets = batch.next_offsets()
+        for key, offset in offsets.items():
+            self._fetched_end[key] = max(self._fetched_end.get(key, 0), offset)
+        return _Recorded(
+            batch=batch,
+            offsets=offsets,
+            jobs=jobs,
+            new=len(new_keys),
+            duplicates=len(existing_rows) + len(later),
+            invalid=len(invalid),
+            dlq_reasons=[item.reason for item in invalid],
+        )
+
+    async def _insert(
+        self, rows: Sequence[IngestRow]
+    ) -> tuple[set[str], list[tuple[IngestRow, str]]]:
+        """Insert rows; returns (new keys, rows refused even alone with the reason)."""
+        if not rows:
+            return set(), []
+        try:
+            return await self._retrying(eventstore.insert_events, self._db, rows), []
+        except RowsRejected as err:
+            if len(rows) == 1:
+                return await self._insert_one(rows[0], err)
+        # Some row's data is refused: halve until the culprits are alone (about
+        # 2 * log2(len(rows)) statements per bad row instead of one per row).
+        middle = len(rows) // 2
+        new_a, rejected_a = await self._insert(rows[:middle])
+        new_b, rejected_b = await self._insert(rows[middle:])
+        return new_a | new_b, rejected_a + rejected_b
+
+    async def _insert_one(
+        self, row: IngestRow, first_error: RowsRejected
+    ) -> tuple[set[str], list[tuple[IngestRow, str]]]:
+        error = first_error
+        for attempt in range(1, self.settings.consumer.max_retries):
+            await trio.sleep(min(self.settings.consumer.backoff_initial * 2 ** (attempt - 1), 1.0))
+            try:
+                return await self._retrying(eventstore.insert_events, self._db, [row]), []
+            except RowsRejected as err:
+                error = err
+        self._log.warning(
+            "row_rejected",
+            problem=error.problem,
+            event_id=str(row.event.id),
+            partition=row.partition,
+            offset=row.offset,
+            attempts=self.settings.consumer.max_retries,
+        )
+        return set(), [(row, error.problem)]
+
+    def _conflict(self, row: IngestRow, winner_id: Any) -> None:
+        self._log.warning(
+            "conflicting_duplicate",
+            idempotency_key=row.event.idempotency_key,
+            kept_id=str(winner_id),
+            dropped_id=str(row.event.id),
+            partition=row.partition,
+            offset=row.offset,
+        )
+
+    def _job(self, event_id: Any, execute_at: datetime) -> ScheduledJob:
+        # The executor's job contract: first attempt, key = event id, due time in epoch s.
+        return make_job(str(event_id), 1, execute_at.timestamp(), self._job_timeout)
+
+    async def _dead_letter(self, invalid: Sequence[_Invalid]) -> None:
+        failed_at = datetime.now(UTC)
+        dlq_topic = self.settings.kafka.dlq_topic
+        messages: list[OutboundMessage] = []
+        for item in invalid:
+            record = item.record
+            self._log.warning(
+                "message_dead_lettered",
+                reason=item.reason,
+                error=item.error,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+            )
+            headers = dlq_headers(
+                reason=item.reason,
+                error=item.error,
+                source_topic=record.topic,
+                source_partition=record.partition,
+                source_offset=record.offset,
+                source_timestamp_ms=record.timestamp_ms,
+                consumer_id=self._consumer_id,
+                failed_at=failed_at,
+                original=record.headers,
+            )
+            messages.append(
+                OutboundMessage(
+                    dlq_topic,
+                    record.value or b"",
+                    record.key,
+                    # confluent-kafka accepts None header values (Kafka allows null ones).
+                    headers,  # type: ignore[arg-type]
+                )
+            )
+        await self._retrying(self._deliver_all, messages)
+
+    async def _deliver_all(self, messages: list[OutboundMessage]) -> None:
+        """Send until every message is acknowledged. ``messages`` is trimmed in place to
+        what is left, so a retry (after DependencyError) sends only those again."""
+        while messages:
+            reports = await self._producer.send_many(messages)
+            left: list[OutboundMessage] = []
+            problem: str | None = None
+            for message, report in zip(messages, reports, strict=True):
+                if report.ok:
+                    continue
+                if _too_large(report) and len(message.value) > DLQ_TRUNCATE_BYTES:
+                    # Bigger than the producer may send (message.max.bytes): keep the head.
+                    left.append(_truncated(message))
+                else:
+                    left.append(message)
+                    problem = problem or report.error
+            messages[:] = left
+            if problem is not None:
+                raise DependencyError("kafka", f"DLQ delivery failed: {problem}")
+
+    # -- stages 2 and 3: schedule and commit -------------------------------------------
+
+    async def _commit(self, consumer: KafkaConsumer, done: Sequence[_Recorded]) -> None:
+        # One commit per assignment generation (normally one): the adapter checks each
+        # partition's ownership against the generation its records were fetched under.
+        by_generation: dict[int, dict[TopicPartitionKey, int]] = {}
+        for recorded in done:
+            offsets = by_generation.setdefault(recorded.batch.generation, {})
+            for key, offset in recorded.offsets.items():
+                offsets[key] = max(offsets.get(key, 0), offset)
+        for generation in sorted(by_generation):
+            result = await self._retrying(
+                consumer.commit, by_generation[generation], generation=generation
+            )
+            self._committed.update(result.committed)
+            for key in result.stale:
+                self._committed.pop(key, None)
+            if result.stale:
+                # Those records belong to another member now; it reprocesses them harmlessly.
+                self._log.info("commit_stale", partitions=sorted(result.stale))
+
+    def _account(self, done: Sequence[_Recorded]) -> None:
+        committed_at = time.time()
+        observe = metrics.INGEST_LATENCY.observe
+        new = duplicates = invalid = 0
+        for recorded in done:
+            for record in recorded.batch.records:
+                if record.timestamp_ms is not None and record.timestamp_ms >= 0:
+                    observe(max(0.0, committed_at - record.timestamp_ms / 1000))
+            new += recorded.new
+            duplicates += recorded.duplicates
+            invalid += recorded.invalid
+            for reason in recorded.dlq_reasons:
+                metrics.DLQ_MESSAGES.labels(reason).inc()
+        if new:
+            metrics.EVENTS_CONSUMED.labels("new").inc(new)
+        if duplicates:
+            metrics.EVENTS_CONSUMED.labels("duplicate").inc(duplicates)
+        if invalid:
+            metrics.EVENTS_CONSUMED.labels("invalid").inc(invalid)
+
+    async def _on_revoke(self, partitions: frozenset[TopicPartitionKey]) -> None:
+        """Rebalance: give the batches in flight time to be recorded and committed while we
+        still own their partitions (commits made before the revocation completes count)."""
+        with trio.move_on_after(self.settings.consumer.revoke_wait) as scope:
+            await self._idle.wait()
+        if scope.cancelled_caught:
+            # Their commits will be refused as stale; the new owner reprocesses them.
+            self._log.warning("revoke_before_batches_done", partitions=sorted(partitions))
+
+    # -- dependency failures -----------------------------------------------------------
+
+    async def _retrying(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Call ``fn`` until it stops raising DependencyError (backoff with jitter); pause
+        consumption and mark the dependency down meanwhile, undo both on success."""
+        s = self.settings.consumer
+        retrying = tenacity.AsyncRetrying(
+            sleep=trio.sleep,
+            retry=tenacity.retry_if_exception_type(DependencyError),
+            # Full exponential backoff plus up to one initial step of jitter, so that several
+            # consumers do not hammer a recovering server in lockstep.
+            wait=tenacity.wait_exponential(multiplier=s.backoff_initial, max=s.backoff_max)
+            + tenacity.wait_random(0, s.backoff_initial),
+            before_sleep=self._on_dependency_failure,
+            reraise=True,
+        )
+        result: T = await retrying(fn, *args, **kwargs)
+        if self._failing:
+            await self._on_recovery()
+        return result
+
+    async def _on_dependency_failure(self, state: tenacity.RetryCallState) -> None:
+        outcome = state.outcome
+        err = outcome.exception() if outcome is not None else None
+        if not isinstance(err, DependencyError):
+            return
+        first = not self._failing
+        if self._failing.get(err.dependency) != err.problem:
+            self.ctx.health.mark(err.dependency, err.problem)
+        self._failing[err.dependency] = err.problem
+        self._log.warning(
+            "dependency_retry",
+            dependency=err.dependency,
+            error=err.problem,
+            attempt=state.attempt_number,
+            retry_in=round(state.upcoming_sleep, 3),
+        )
+        if first and self._consumer is not None:
+            try:
+                await self._consumer.pause()
+            except DependencyError as pause_err:
+                self._log.warning("pause_failed", error=str(pause_err))
+
+    async def _on_recovery(self) -> None:
+        for dependency in list(self._failing):
+            self.ctx.health.mark(dependency, None)
+        self._failing.clear()
+        self._log.info("dependencies_recovered")
+        if self._consumer is not None:
+            try:
+                await self._consumer.resume()
+            except DependencyError as err:
+                self._log.warning("resume_failed", error=str(err))
+
+    # -- lag ---------------------------------------------------------------------------
+
+    async def _refresh_lag(self, consumer: KafkaConsumer) -> None:
+        """Keep ``eventsched_consumer_lag{partition}`` current: end of the partition minus
+        the next offset this consumer will commit.
+
+        Deliberately not ``KafkaConsumer.lag()``: that asks the broker from the consumer
+        thread, one partition at a time, each request queued behind the long-polling fetch
+        (~0.5 s each, measured), and the thread neither fetches nor commits meanwhile. Here
+        a separate admin client asks for all partitions in one request, on a worker thread.
+        The end is the larger of that answer and the end of what we fetched (Tansu answers
+        ListOffsets(latest) with the start of the last record batch).
+        """
+        limiter = trio.CapacityLimiter(1)
+        config: dict[str, Any] = {
+            **self.settings.kafka.client,
+            "bootstrap.servers": require_kafka(self.settings),
+            "error_cb": lambda err: None,  # the runtime's own probe reports the broker
+        }
+        admin = AdminClient(config)
+        shown: set[str] = set()
+        while True:
+            await trio.sleep(self.settings.consumer.lag_interval)
+            assigned = sorted(consumer.assignment())
+            try:
+                ends = await trio.to_thread.run_sync(
+                    _latest_offsets, admin, assigned, limiter=limiter, abandon_on_cancel=True
+                )
+            except DependencyError as err:
+                self._log.debug("lag_unavailable", error=str(err))
+                continue
+            current: dict[str, int] = {}
+            for key in assigned:
+                position = self._committed.get(key)
+                if position is not None:
+                    end = max(ends.get(key, 0), self._fetched_end.get(key, 0))
+                    current[str(key[1])] = max(0, end - position)
+            for partition, value in current.items():
+                metrics.CONSUMER_LAG.labels(partition).set(value)
+            for gone in shown - current.keys():
+                metrics.CONSUMER_LAG.remove(gone)
+            shown = set(current)
+
+
+def _latest_offsets(
+    admin: AdminClient, partitions: Sequence[TopicPartitionKey]
+) -> dict[TopicPartitionKey, int]:
+    """Blocking: the latest offset of every partition, in one ListOffsets request."""
+    if not partitions:
+        return {}
+    futures = admin.list_offsets(
+        {TopicPartition(topic, p): _LATEST for topic, p in partitions}, request_timeout=5.0
+    )
+    try:
+        return {(tp.topic, tp.partition): f.result(6.0).offset for tp, f in futures.items()}
+    except (KafkaException, TimeoutError) as err:
+        raise DependencyError("kafka", f"cannot read the end offsets: {err}") from err
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _record_of(batch: Batch, row: IngestRow) -> Record:
+    for record in batch.records:
+        if record.partition == row.partition and record.offset == row.offset:
+            return record
+    raise LookupError(f"no record at {row.partition}:{row.offset}")  # rows come from batch
+
+
+def _same_event(a: Event, b: Event) -> bool:
+    return (
+        a.id == b.id
+        and a.type == b.type
+        and a.execute_at == b.execute_at
+        and a.payload == b.payload
+    )
+
+
+def _too_large(report: DeliveryReport) -> bool:
+    return report.error is not None and report.error.startswith("MSG_SIZE_TOO_LARGE")
+
+
+def _truncated(message: OutboundMessage) -> OutboundMessage:
+    headers = [
+        *(message.headers or ()),
+        ("dlq-truncated-from", str(len(message.value)).encode()),
+    ]
+    return OutboundMessage(message.topic, message.value[:DLQ_TRUNCATE_BYTES], message.key, headers)
+
+
+def _stats(consumer: KafkaConsumer) -> dict[str, int]:
+    stats = consumer.stats()
+    return {
+        "batches_fetched": stats.batches_fetched,
+        "batches_delivered": stats.batches_delivered,
+        "records_fetched": stats.records_fetched,
+    }

@@ -1,0 +1,802 @@
+"""The executor role: runs each scheduled event at its due time, once in effect.
+
+The consumer enqueues one SAQ job per event; an :class:`~eventsched.core.queue.OnTimeWorker`
+(on the root trio-asyncio loop, ``executor.concurrency`` slots) starts it on time and calls
+:meth:`Executor.execute_event`, which:
+
+1. **claims** the event: CAS ``scheduled|retrying -> running`` plus its ``event_attempts``
+   row, committed before the handler runs (a job whose claim loses — a duplicate delivery,
+   a reconciler race, an event already done — runs nothing: ``skipped_duplicate``);
+2. runs the **handler** for the event type (``[handlers]``, else ``default``) under
+   ``executor.job_timeout``;
+3. **records** the outcome (CAS ``running -> succeeded|retrying|dead`` with ``AND attempts =
+   n``, plus the attempt row), written behind: the job returns at once and the outcome
+   commits with the next batch (see :meth:`Executor._record` for why that is safe);
+4. once the outcome committed: on ``retrying`` enqueues the next attempt; on ``dead`` hands
+   the event to the DLQ publisher.
+
+Job contract (what the consumer and the reconciler enqueue)::
+
+    ScheduledJob(key=job_key(event_id, n), function=EXECUTE_FUNCTION,
+                 scheduled=<due time, epoch s>, kwargs={"event_id": "<uuid>"} for the first
+                 attempt, {"event_id": "<uuid>", "attempt": n} for retry n >= 2,
+                 timeout=saq_timeout(settings))
+
+Key scheme: the first attempt's key is the event id; retry ``n`` is ``"<event id>#<n>"``.
+SAQ still holds a job's key while that job runs, so a retry enqueued from inside the
+running job needs a key of its own; and a reconciler re-enqueue of the same attempt uses the
+same key, which SAQ skips while that job is pending.
+
+Statuses and attempts: ``max_retries`` attempts in all. A failure with attempts left ->
+``retrying`` with ``next_attempt_at = now + backoff(n)`` (``base * factor**(n-1)``, capped
+at ``max``, times ``1 ± jitter``); a failure of the last attempt -> ``dead``
+(``retries_exhausted``); :class:`PermanentError` -> ``dead`` (``permanent_error``); no
+handler for the type and no default -> ``dead`` (``no_handler``). An attempt interrupted by
+shutdown or lost with its worker counts as an attempt too (so a handler that kills its
+worker cannot loop forever).
+
+Where handlers run: on the asyncio side, inside SAQ's job task, awaited directly. Per-job
+CPU is the budget here (the queue adapter alone takes ~0.3-0.6 ms per job); hopping to the
+trio side for every handler would add two cross-loop hand-offs per job. asyncio handlers
+can use httpx/aiohttp/asyncpg directly; a trio handler is wrapped with
+``trio_asyncio.trio_as_aio``.
+
+PostgreSQL writes are batched across concurrent jobs (:class:`GroupCommit`: one statement
+per round trip on a dedicated thread, no timers). A running attempt's ``updated_at`` is
+refreshed every ``reconciler.stale_after / 4`` (one statement for every long job of the
+process), so the reconciler takes over only attempts whose worker is gone.
+
+Shutdown: on ``ctx.stopping`` the worker takes no new jobs and running ones finish (bounded
+by the runtime's grace). Jobs still running when the grace ends are cancelled; each records
+its attempt as interrupted (``retrying`` at once, or ``dead`` if it was the last) on its way
+out — if even that fails, the reconciler's stale-running path recovers the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import os
+import random
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Final, TypeVar
+
+import httpx
+import trio
+import trio_asyncio
+from redis.exceptions import RedisError
+from saq.types import Context
+
+from eventsched.core import execstore, metrics
+from eventsched.core.config import RetryBackoffSettings, Settings, redact, require_postgres
+from eventsched.core.errors import DependencyError
+from eventsched.core.events import Event, dlq_headers, encode_event, kafka_headers
+from eventsched.core.execstore import (
+    Claimed,
+    ClaimRequest,
+    ClaimResult,
+    DeadEvent,
+    GroupCommit,
+    NotClaimed,
+    Outcome,
+)
+from eventsched.core.kafka import KafkaProducer, OutboundMessage
+from eventsched.core.logging import get_logger
+from eventsched.core.plugins import (
+    Handler,
+    HandlerContext,
+    HandlerEvent,
+    PermanentError,
+    RoleContext,
+    load_handler,
+)
+from eventsched.core.postgres import Database
+from eventsched.core.queue import OnTimeWorker, ScheduledJob, drain_worker, make_worker, run_worker
+from eventsched.plugins.reconciler import Reconciler
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+#: SAQ function name of the executor's job (the consumer enqueues jobs by this name).
+EXECUTE_FUNCTION: Final = "execute_event"
+#: Seconds a job keeps re-sending its claim while PostgreSQL is unreachable before it gives
+#: up (the reconciler re-enqueues the event later).
+CLAIM_PATIENCE: Final = 10.0
+#: Same for the outcome; giving up leaves the event `running` for the reconciler's
+#: stale-running path (the handler would then run again).
+RECORD_PATIENCE: Final = 60.0
+#: SAQ's own job timeout is the handler timeout plus this much room for the claim and the
+#: outcome write, so our timeout (a recorded, retried failure) always fires first.
+SAQ_TIMEOUT_MARGIN: Final = 30
+#: Event types used as metric labels: those named in settings; any other is "other".
+OTHER_TYPE: Final = "other"
+#: Seconds between two outcome statements at most (write-behind: nobody waits for them).
+OUTCOME_INTERVAL: Final = 0.01
+#: Statement sizes of the group commits.
+MAX_BATCH: Final = 500
+
+
+# -- pure parts: keys, jobs, backoff, decisions ---------------------------------------------------
+
+
+def job_key(event_id: str, attempt: int) -> str:
+    """SAQ job key of an event's attempt: the event id for the first, ``<id>#<n>`` after."""
+    return event_id if attempt <= 1 else f"{event_id}#{attempt}"
+
+
+def saq_timeout(settings: Settings) -> int:
+    """SAQ job timeout (whole seconds) for executor jobs: ``job_timeout`` plus a margin."""
+    return math.ceil(settings.executor.job_timeout) + SAQ_TIMEOUT_MARGIN
+
+
+def make_job(event_id: str, attempt: int, scheduled: float, timeout: int) -> ScheduledJob:
+    """The SAQ job that runs ``attempt`` of an event at ``scheduled`` (epoch seconds)."""
+    kwargs: dict[str, Any] = {"event_id": event_id}
+    if attempt > 1:
+        kwargs["attempt"] = attempt
+    return ScheduledJob(
+        key=job_key(event_id, attempt),
+        function=EXECUTE_FUNCTION,
+        scheduled=scheduled,
+        kwargs=kwargs,
+        timeout=timeout,
+    )
+
+
+def retry_delay(attempt: int, backoff: RetryBackoffSettings, rng: random.Random) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1-based): exponential, jittered by
+    ``± jitter`` (a fraction), never above ``max``."""
+    delay = min(float(backoff.max), float(backoff.base) * backoff.factor ** (attempt - 1))
+    if backoff.jitter:
+        delay *= 1.0 + backoff.jitter * rng.uniform(-1.0, 1.0)
+    return max(0.0, min(float(backoff.max), delay))
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why an attempt failed."""
+
+    error: str
+    permanent: bool = False
+    reason: str = "permanent_error"  # the dead reason if permanent
+
+
+def decide(
+    event_id: str,
+    attempt: int,
+    failure: Failure | None,
+    *,
+    max_attempts: int,
+    now: float,
+    delay: Callable[[int], float],
+    label: str = "",
+) -> Outcome:
+    """The outcome of an attempt: succeeded, retrying after ``delay(attempt)``, or dead."""
+    if failure is None:
+        return Outcome(event_id, attempt, "succeeded", None, now, label=label)
+    if failure.permanent:
+        return Outcome(
+            event_id, attempt, "dead", failure.error, now, dead_reason=failure.reason, label=label
+        )
+    if attempt >= max_attempts:
+        return Outcome(
+            event_id, attempt, "dead", failure.error, now, dead_reason="retries_exhausted",
+            label=label,
+        )  # fmt: skip
+    return Outcome(
+        event_id, attempt, "retrying", failure.error, now, next_attempt_at=now + delay(attempt),
+        label=label,
+    )  # fmt: skip
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+# -- dead letters ------------------------------------------------------------------------------
+
+
+class DeadLetters:
+    """Publishes dead events to the DLQ topic, after their ``dead`` state is committed.
+
+    Dead event ids arrive through :meth:`submit_nowait` (from job functions, any side); the
+    trio task :meth:`run` reads the rows, publishes and sets ``dlq_published_at``. A crash
+    in between loses nothing: the reconciler republishes dead events still unpublished
+    after ``reconciler.grace`` (at-least-once; consumers of the DLQ dedupe by ``event-id``).
+    """
+
+    def __init__(self, db: Database, producer: KafkaProducer, topic: str, worker_id: str) -> None:
+        self._db = db
+        self._producer = producer
+        self._topic = topic
+        self._worker_id = worker_id
+        self._send, self._receive = trio.open_memory_channel[str](10_000)
+        # Submitted here and not published yet: the reconciler leaves these alone.
+        self._in_flight: set[str] = set()
+        self.finished = trio.Event()  # run() returned (closed and drained)
+
+    def submit_nowait(self, event_id: str) -> None:
+        try:
+            self._send.send_nowait(event_id)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            log.warning("dlq_handoff_dropped", event_id=event_id, note="reconciler republishes")
+        else:
+            self._in_flight.add(event_id)
+
+    def close(self) -> None:
+        self._send.close()
+
+    async def run(self) -> None:
+        """Publish submitted dead events until :meth:`close`, then the rest."""
+        try:
+            await self._run()
+        finally:
+            self.finished.set()
+
+    async def _run(self) -> None:
+        async with self._receive:
+            async for first in self._receive:
+                ids = [first]
+                while len(ids) < MAX_BATCH:
+                    try:
+                        ids.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                try:
+                    await self.publish(await execstore.dead_events(self._db, ids))
+                except DependencyError as err:
+                    log.warning("dlq_lookup_failed", error=err.problem, events=len(ids))
+                finally:
+                    self._in_flight.difference_update(ids)
+
+    async def republish(self, dead: list[DeadEvent]) -> int:
+        """Publish dead events found unpublished by the reconciler, except those this
+        process is publishing right now."""
+        return await self.publish([d for d in dead if d.event_id not in self._in_flight])
+
+    def message(self, dead: DeadEvent) -> OutboundMessage:
+        """The DLQ message of a dead event: the event as v1 JSON, reason headers."""
+        event = Event(
+            id=uuid.UUID(dead.event_id),
+            idempotency_key=dead.idempotency_key,
+            type=dead.type,
+            payload=dead.payload,
+            execute_at=dead.execute_at,
+            created_at=dead.created_at,
+        )
+        from_kafka = dead.kafka_topic is not None
+        ours = dlq_headers(
+            reason=dead.reason,
+            error=dead.error,
+            source_topic=dead.kafka_topic or "",
+            source_partition=-1 if dead.kafka_partition is None else dead.kafka_partition,
+            source_offset=-1 if dead.kafka_offset is None else dead.kafka_offset,
+            source_timestamp_ms=None,
+            consumer_id=self._worker_id,
+            failed_at=dead.finished_at,
+        )
+        headers = [
+            *kafka_headers(),
+            *(
+                (name, value)
+                for name, value in ours
+                if value is not None and (from_kafka or not name.startswith("source-"))
+            ),
+            ("attempts", str(dead.attempts).encode()),
+            ("event-id", dead.event_id.encode()),
+        ]
+        return OutboundMessage(
+            topic=self._topic,
+            value=encode_event(event),
+            key=dead.idempotency_key.encode(),
+            headers=headers,
+        )
+
+    async def publish(self, dead: list[DeadEvent]) -> int:
+        """Publish and mark as published; returns how many the broker acknowledged."""
+        if not dead:
+            return 0
+        try:
+            reports = await self._producer.send_many([self.message(d) for d in dead])
+        except DependencyError as err:
+            log.warning("dlq_publish_failed", error=err.problem, events=len(dead))
+            return 0
+        published: list[str] = []
+        for item, report in zip(dead, reports, strict=True):
+            if report.ok:
+                published.append(item.event_id)
+                metrics.DLQ_MESSAGES.labels(item.reason).inc()
+                log.warning(
+                    "event_dead_lettered",
+                    event_id=item.event_id,
+                    type=item.type,
+                    reason=item.reason,
+                    attempts=item.attempts,
+                    error=item.error,
+                )
+            else:
+                log.warning("dlq_publish_failed", event_id=item.event_id, error=report.error)
+        try:
+            await execstore.mark_published(self._db, published)
+        except DependencyError as err:
+            # They are in the DLQ; the reconciler will publish them once more (a duplicate).
+            log.warning("dlq_mark_failed", error=err.problem, events=len(published))
+        return len(published)
+
+
+# -- the role ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Running:
+    """An attempt this process is running (asyncio side writes, trio side reads)."""
+
+    attempt: int
+    since: float  # time.monotonic() of the claim or the last heartbeat
+    task: asyncio.Task[Any]
+    deadline: float = math.inf  # time.monotonic() when the handler times out
+    timed_out: bool = False
+
+
+class Executor:
+    """The executor role plugin (see the module docstring)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"postgres", "redis", "kafka_producer"})
+
+    def __init__(self, ctx: RoleContext) -> None:
+        self.ctx = ctx
+        s = self.settings = ctx.settings
+        self._db = ctx.resources.require_db()
+        self._jobs = ctx.resources.require_queue()
+        self._producer = ctx.resources.require_kafka_producer()
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._log = log.bind(role=ctx.role, worker_id=self.worker_id)
+        self._max_attempts = s.executor.max_retries
+        self._job_timeout = float(s.executor.job_timeout)
+        self._saq_timeout = saq_timeout(s)
+        self._rng = random.Random()
+        self._http: httpx.AsyncClient | None = None
+        self._handlers, self._default = self._load_handlers()
+        known = (set(s.handlers) | set(s.producer.event_types) | set(s.webhooks)) - {"default"}
+        self._labels = frozenset(known)
+        # Metric children looked up once (labels() costs more than the observation).
+        self._durations = {t: metrics.EXECUTION_DURATION.labels(t) for t in {*known, OTHER_TYPE}}
+        self._claims: GroupCommit[ClaimRequest, ClaimResult] = GroupCommit(
+            "claim",
+            functools.partial(execstore.claim_batch, worker_id=self.worker_id),
+            key=lambda r: r.event_id,
+            max_batch=MAX_BATCH,
+        )
+        self._finishes: GroupCommit[Outcome, bool] = GroupCommit(
+            "finish",
+            execstore.finish_batch,
+            key=lambda o: o.event_id,
+            max_batch=MAX_BATCH,
+            after_batch=self._after_outcomes,
+            patience=RECORD_PATIENCE,
+            min_interval=OUTCOME_INTERVAL,
+        )
+        # Outcomes are written behind (the job returns at once) until this many wait; then
+        # jobs wait for their own write, which slows intake instead of growing memory.
+        self._write_behind_limit = max(MAX_BATCH, 2 * s.executor_concurrency)
+        self.dead_letters = DeadLetters(self._db, self._producer, s.kafka.dlq_topic, self.worker_id)
+        self._running: dict[str, _Running] = {}
+        self._retrying: set[asyncio.Task[None]] = set()  # retry enqueues in progress
+        self.worker: OnTimeWorker | None = None
+        self.reconciler: Reconciler | None = None
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    def _load_handlers(self) -> tuple[dict[str, Handler], Handler | None]:
+        """Load every configured handler now: a bad one stops start-up (PluginError)."""
+        handlers: dict[str, Handler] = {}
+        for type_, target in self.settings.handlers.items():
+            key = f"handlers.{type_}"
+            context = HandlerContext(self.settings, key, self._http_client)
+            handlers[type_] = load_handler(key, target, context)
+        default = handlers.pop("default", None)
+        return handlers, default
+
+    def _http_client(self) -> httpx.AsyncClient:
+        """The one HTTP client shared by every handler (asyncio side; created on first use)."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=float(self.settings.executor.webhook.timeout),
+                limits=httpx.Limits(max_connections=max(10, self.settings.executor_concurrency)),
+            )
+        return self._http
+
+    def handler_for(self, type_: str) -> Handler | None:
+        return self._handlers.get(type_, self._default)
+
+    def _label(self, type_: str | None) -> str:
+        return type_ if type_ is not None and type_ in self._labels else OTHER_TYPE
+
+    # -- life cycle (trio) -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if not await self._wait_for_dependencies():
+            task_status.started()
+            return
+        # Services the job functions depend on live in their own, shielded scopes: when the
+        # runtime's grace expires and the worker is cancelled, its jobs still record their
+        # interrupted attempts through them on the way out; they are stopped last.
+        async with trio.open_nursery() as services:
+            dsn = require_postgres(self.settings)
+            timeout = float(self.settings.postgres.connect_timeout)
+            scopes = [
+                await services.start(self._service, self._claims.run, dsn, timeout),
+                await services.start(self._service, self._finishes.run, dsn, timeout),
+                await services.start(self._service, self.dead_letters.run),
+            ]
+            try:
+                await self._run_worker(task_status)
+            finally:
+                await self._stop_services(scopes)
+
+    async def _service(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            task_status.started(scope)
+            await fn(*args)
+
+    async def _stop_services(self, scopes: list[trio.CancelScope]) -> None:
+        # Shielded and bounded: this may run after the runtime's grace has expired.
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(3.0):
+                # Let the stores send what is pending (outcomes written behind, retries
+                # enqueued), then the DLQ publisher publish what they handed it.
+                self._claims.close()
+                self._finishes.close()
+                while not (self._claims.idle and self._finishes.idle):  # noqa: ASYNC110  # written by other threads
+                    await trio.sleep(0.01)
+                if self._retrying:
+                    await trio_asyncio.aio_as_trio(asyncio.wait)(list(self._retrying))
+                self.dead_letters.close()
+                await self.dead_letters.finished.wait()
+            for scope in scopes:
+                scope.cancel()
+            if self._http is not None:
+                with trio.move_on_after(2.0):
+                    await trio_asyncio.aio_as_trio(self._http.aclose)()
+
+    async def _run_worker(self, task_status: trio.TaskStatus[None]) -> None:
+        s = self.settings
+        # Liveness of this worker for the reconciler: SAQ's worker-info key, refreshed well
+        # within stale_after (whole seconds: redis-py wants an int expiry).
+        info_every = int(max(1, min(10, s.reconciler.stale_after // 4)))
+        self.worker = worker = make_worker(
+            self._jobs,
+            [(EXECUTE_FUNCTION, self.execute_event)],
+            concurrency=s.executor_concurrency,
+            id=self.worker_id,
+            timers={"worker_info": info_every},
+        )
+        self.reconciler = Reconciler(
+            settings=s,
+            db=self._db,
+            jobs=self._jobs,
+            dead_letters=self.dead_letters,
+            job_for=self._job_for,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_worker, worker)
+            nursery.start_soon(self._heartbeats)
+            nursery.start_soon(self._reap)
+            reconciling = trio.CancelScope()
+            if s.reconciler.enabled:
+                nursery.start_soon(self._reconcile, reconciling)
+            self._log.info(
+                "executor_started", concurrency=s.executor_concurrency, queue=self._jobs.name
+            )
+            task_status.started()
+            await self.ctx.stopping.wait()
+            reconciling.cancel()  # intake stops: no more re-enqueues
+            self._log.info("executor_draining", running=len(self._running))
+            await drain_worker(worker)
+            self._log.info("executor_drained")
+            nursery.cancel_scope.cancel()
+
+    async def _reconcile(self, scope: trio.CancelScope) -> None:
+        assert self.reconciler is not None  # built before this task starts
+        with scope:
+            await self.reconciler.run()
+
+    async def _wait_for_dependencies(self) -> bool:
+        """Ready means ready: wait until PostgreSQL (with our schema) and Redis answer."""
+        backoff = 0.1
+        while not self.ctx.stopping.is_set():
+            try:
+                await self._db.ping()
+                await execstore.check_schema(self._db)
+                await self._jobs.ping()
+                return True
+            except DependencyError as err:
+                self.ctx.health.mark(err.dependency, err.problem)
+                self._log.warning(
+                    "dependency_unavailable",
+                    dependency=err.dependency,
+                    error=err.problem,
+                    retry_in=backoff,
+                )
+            with trio.move_on_after(backoff):
+                await self.ctx.stopping.wait()
+            backoff = min(backoff * 2, 5.0)
+        return False
+
+    async def _heartbeats(self) -> None:
+        """Refresh ``updated_at`` of attempts running longer than a heartbeat interval."""
+        every = max(0.2, float(self.settings.reconciler.stale_after) / 4)
+        while True:
+            await trio.sleep(every)
+            now = time.monotonic()
+            due = [(event_id, r) for event_id, r in self._running.items() if now - r.since >= every]
+            if not due:
+                continue
+            try:
+                await execstore.heartbeat(self._db, [(event_id, r.attempt) for event_id, r in due])
+            except DependencyError as err:
+                self._log.warning("heartbeat_failed", error=err.problem, running=len(due))
+                continue
+            for _, running in due:
+                running.since = now
+
+    async def _reap(self) -> None:
+        """Cancel handlers running past their timeout (checked every tenth of it, 10 ms to
+        1 s: the timeout fires that much late at most)."""
+        every = min(1.0, max(0.01, self._job_timeout / 10))
+        while True:
+            await trio.sleep(every)
+            now = time.monotonic()
+            for running in list(self._running.values()):
+                if running.deadline <= now and not running.timed_out:
+                    running.timed_out = True
+                    running.task.cancel()
+
+    def _job_for(self, event_id: str, attempt: int, scheduled: float) -> ScheduledJob:
+        return make_job(event_id, attempt, scheduled, self._saq_timeout)
+
+    # -- the job function (asyncio side) --------------------------------------------------------
+
+    async def execute_event(
+        self, ctx: Context, *, event_id: str, attempt: int | None = None
+    ) -> None:
+        """SAQ job function: run attempt ``attempt`` (default: the first) of an event."""
+        started = time.time()
+        try:
+            uuid.UUID(event_id)
+        except (ValueError, TypeError, AttributeError):
+            self._log.error("job_with_bad_event_id", event_id=repr(event_id))
+            return
+        request = ClaimRequest(event_id, attempt or 0, started)
+        claim: ClaimResult | None
+        try:
+            claim = await self._claims.submit(request)
+        except DependencyError:
+            claim = await self._patiently(self._claims, request, CLAIM_PATIENCE)
+        if claim is None:
+            return  # PostgreSQL unreachable: the reconciler re-enqueues the event
+        if isinstance(claim, NotClaimed):
+            self._skipped(claim, attempt)
+            return
+        label = self._label(claim.type)
+        metrics.EXECUTION_LATENESS.observe(started - claim.scheduled_for)
+        task = asyncio.current_task()
+        assert task is not None  # SAQ runs job functions in a task
+        running = self._running[event_id] = _Running(claim.attempt, time.monotonic(), task)
+        try:
+            failure = await self._run_handler(claim, label, ctx, running)
+        except asyncio.CancelledError:
+            self._running.pop(event_id, None)
+            self._record_interrupted(claim, label)
+            raise
+        self._running.pop(event_id, None)
+        outcome = decide(
+            event_id,
+            claim.attempt,
+            failure,
+            max_attempts=self._max_attempts,
+            now=time.time(),
+            delay=self._delay,
+            label=label,
+        )
+        await self._record(outcome)
+
+    def _delay(self, attempt: int) -> float:
+        return retry_delay(attempt, self.settings.executor.retry_backoff, self._rng)
+
+    async def _run_handler(
+        self, claim: Claimed, label: str, ctx: Context, running: _Running
+    ) -> Failure | None:
+        handler = self.handler_for(claim.type)
+        if handler is None:
+            return Failure(
+                f"no handler for event type {claim.type!r} and no default handler",
+                permanent=True,
+                reason="no_handler",
+            )
+        event = HandlerEvent(
+            id=claim.event_id,
+            type=claim.type,
+            payload=claim.payload,
+            execute_at=datetime.fromtimestamp(claim.execute_at, UTC),
+            attempt=claim.attempt,
+        )
+        limit = self._handler_timeout(ctx)
+        began = time.perf_counter()
+        # No asyncio.timeout here: under trio-asyncio every timer costs two trips through
+        # the loop (queued, then popped, even when cancelled) and stays in its heap until it
+        # would have fired; :meth:`_reap` cancels overdue handlers from one periodic scan.
+        running.deadline = time.monotonic() + limit
+        try:
+            await handler(event)
+        except asyncio.CancelledError:
+            if not running.timed_out:
+                raise
+            running.task.uncancel()  # our own timeout, handled here
+            return Failure(f"handler timed out after {limit:g}s")
+        except PermanentError as err:
+            return Failure(_describe(err), permanent=True)
+        except Exception as err:
+            return Failure(_describe(err))
+        finally:
+            running.deadline = math.inf
+            self._durations[label].observe(time.perf_counter() - began)
+        return None
+
+    def _handler_timeout(self, ctx: Context) -> float:
+        # SAQ cancels the job at its own timeout (set by whoever enqueued it); ours must
+        # fire first so the failure is recorded and retried rather than cut off.
+        saq_limit = ctx["job"].timeout if "job" in ctx else 0
+        if saq_limit:
+            return min(self._job_timeout, max(0.5 * saq_limit, saq_limit - 5.0))
+        return self._job_timeout
+
+    def _skipped(self, claim: NotClaimed, attempt: int | None) -> None:
+        metrics.EXECUTIONS.labels(self._label(claim.type), "skipped_duplicate").inc()
+        if claim.type is None:
+            self._log.warning("job_for_unknown_event", event_id=claim.event_id)
+        else:
+            self._log.info(
+                "skipped_duplicate",
+                event_id=claim.event_id,
+                job_attempt=attempt or 1,
+                status=claim.status,
+                attempts=claim.attempts,
+            )
+
+    async def _record(self, outcome: Outcome) -> None:
+        """Record the outcome; written behind unless too many writes are waiting.
+
+        Write-behind means SAQ acknowledges the job before the outcome is committed (a few
+        milliseconds later, with the next batch). If the process dies in between, the
+        event stays `running` without heartbeat, and the reconciler's stale-running path
+        gives the attempt up as lost and runs the next one: the handler may run once more
+        after a crash (at-least-once, as with any crash mid-handler), never twice for the
+        same attempt number, and never while its first run is alive.
+        """
+        if self._finishes.backlog < self._write_behind_limit:
+            self._finishes.submit_nowait(outcome)
+            return
+        recorded = await self._patiently(self._finishes, outcome, RECORD_PATIENCE)
+        if recorded is None:
+            self._log.error(
+                "outcome_not_recorded", event_id=outcome.event_id, attempt=outcome.attempt,
+                outcome=outcome.status, note="reconciler recovers it as stale running",
+            )  # fmt: skip
+        # Metrics, retries and dead letters follow in _after_outcomes, as for write-behind.
+
+    def _after_outcomes(self, outcomes: Sequence[Outcome], recorded: Sequence[bool]) -> None:
+        """After a batch of outcomes committed (on the loop): count, log, enqueue retries
+        (one Redis call per batch, in a task), hand dead events to the DLQ publisher."""
+        retries: list[ScheduledJob] = []
+        for outcome, ok in zip(outcomes, recorded, strict=True):
+            if not ok:
+                # Someone else moved the event on (the reconciler took the attempt over).
+                self._log.warning(
+                    "outcome_discarded", event_id=outcome.event_id, attempt=outcome.attempt,
+                    outcome=outcome.status,
+                )  # fmt: skip
+                continue
+            status = outcome.status
+            metrics.EXECUTIONS.labels(
+                outcome.label, "retried" if status == "retrying" else status
+            ).inc()
+            if status == "succeeded":
+                continue
+            if status == "retrying":
+                assert outcome.next_attempt_at is not None  # decide() sets it for retrying
+                retries.append(
+                    self._job_for(outcome.event_id, outcome.attempt + 1, outcome.next_attempt_at)
+                )
+            else:
+                self.dead_letters.submit_nowait(outcome.event_id)
+            self._log.info(
+                "attempt_failed",
+                event_id=outcome.event_id,
+                attempt=outcome.attempt,
+                outcome=status,
+                error=outcome.error,
+                reason=outcome.dead_reason,
+                retry_in=(
+                    None
+                    if outcome.next_attempt_at is None
+                    else round(outcome.next_attempt_at - outcome.finished, 3)
+                ),
+            )
+        if retries:
+            task = asyncio.ensure_future(self._enqueue_retries(retries))
+            self._retrying.add(task)
+            task.add_done_callback(self._retrying.discard)
+
+    async def _enqueue_retries(self, jobs: list[ScheduledJob]) -> None:
+        try:
+            await self._jobs.aio_queue.enqueue_scheduled(jobs)
+        except (RedisError, OSError) as err:
+            # The events are `retrying` in PostgreSQL; the reconciler enqueues them after grace.
+            self._log.warning(
+                "retry_enqueue_failed", jobs=[job.key for job in jobs], error=redact(str(err))
+            )
+
+    def _record_interrupted(self, claim: Claimed, label: str) -> None:
+        """The job is being cancelled (shutdown past its grace, SAQ's own timeout): record
+        the attempt as failed (written behind, so the cancellation is not delayed; the
+        executor flushes the writes before it stops) and retry at once."""
+        outcome = decide(
+            claim.event_id,
+            claim.attempt,
+            Failure("interrupted: the executor stopped before the handler finished"),
+            max_attempts=self._max_attempts,
+            now=time.time(),
+            delay=lambda _: 0.0,
+            label=label,
+        )
+        self._finishes.submit_nowait(outcome)
+
+    async def _patiently(
+        self, store: GroupCommit[Any, T], request: Any, patience: float
+    ) -> T | None:
+        """Submit ``request`` until it gets an answer; None if PostgreSQL stays unreachable
+        for ``patience`` s. Requests are idempotent (see execstore), so re-sending is safe."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        delay = 0.05
+        while True:
+            try:
+                return await store.submit(request)
+            except DependencyError as err:
+                if loop.time() + delay > deadline:
+                    self._log.error(
+                        "postgres_write_failed", store=store.name, error=err.problem,
+                        event_id=getattr(request, "event_id", None),
+                    )  # fmt: skip
+                    return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    # -- introspection (tests, benchmarks) ------------------------------------------------------
+
+    @property
+    def running(self) -> Mapping[str, int]:
+        """Event id -> attempt, for attempts this process is running now."""
+        return {event_id: r.attempt for event_id, r in self._running.items()}
+
+    @property
+    def store_stats(self) -> dict[str, tuple[int, int]]:
+        """(statements, requests) per group commit."""
+        return {
+            self._claims.name: (self._claims.batches, self._claims.requests),
+            self._finishes.name: (self._finishes.batches, self._finishes.requests),
+        }

@@ -1,0 +1,364 @@
+"""The reconciler: PostgreSQL says which jobs should exist; put back the ones Redis lost.
+
+Runs inside the executor role, one leader at a time across all executor processes. Every
+``reconciler.interval`` the leader:
+
+* ``overdue``: events ``scheduled`` and due more than ``reconciler.grace`` ago whose SAQ job
+  (key = event id) is not pending -> enqueue it again;
+* ``retry_overdue``: events ``retrying`` whose next attempt was due more than ``grace`` ago and
+  whose job (key ``<id>#<n>``) is not pending -> enqueue it again;
+* ``stale_running``: events ``running`` without a heartbeat for ``reconciler.stale_after``
+  (the executor refreshes ``updated_at`` of long attempts every ``stale_after / 4``) whose
+  SAQ job is not active on a live worker (SAQ's worker-info key of the job's worker has
+  expired, or the job is not active at all) -> CAS ``running -> retrying`` (the lost attempt's
+  row gets outcome ``retried``, error "worker lost") and enqueue the next attempt, or
+  ``dead`` if that was the last attempt;
+* republishes dead events whose DLQ message was not acknowledged (a crash between the dead
+  transition and the publish) after ``grace``.
+
+This covers Redis losing data (FLUSHALL, a restart without persistence), enqueues lost
+between PostgreSQL and Redis (consumer or executor crash), and workers killed mid-job. Every
+re-enqueue uses the executor's key scheme, so a job that does exist is never doubled, and
+whatever slips through (a race with a job finishing right now) is a duplicate delivery that
+the claim CAS turns into ``skipped_duplicate``.
+
+Leader election: a session-level PostgreSQL advisory lock held on a dedicated connection.
+The lock lives exactly as long as the leader's session: a crashed or partitioned leader's
+lock goes with its connection (TCP keepalives bound how long a half-open one lingers), there
+is no lease to renew and no clock to trust, and the reconciler's work needs PostgreSQL
+anyway — a leader that cannot reach PostgreSQL could not reconcile either. A Redis lease
+would vanish with the very FLUSHALL the reconciler must repair, and a pause longer than its
+TTL makes two leaders. Leadership only saves duplicate work: every step above is safe to run
+twice.
+
+The leader also refreshes the ``eventsched_events{status}`` and ``eventsched_queue_jobs{state}``
+gauges every ``reconciler.gauge_interval`` (other processes clear theirs, so a dashboard
+sums or maxes without double counting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Protocol, TypeVar
+
+import psycopg
+import trio
+import trio_asyncio
+from redis.exceptions import RedisError
+from saq.job import Status
+
+from eventsched.core import execstore, metrics
+from eventsched.core.config import Settings, redact, require_postgres
+from eventsched.core.errors import DependencyError
+from eventsched.core.execstore import Candidate, Cursor, DeadEvent
+from eventsched.core.logging import get_logger
+from eventsched.core.postgres import Database
+from eventsched.core.queue import JobQueue, ScheduledJob
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+#: Pages of ``reconciler.batch`` rows one pass looks at per reason, at most.
+MAX_PAGES: Final = 50
+JobFor = Callable[[str, int, float], ScheduledJob]
+
+
+def lock_key(queue_name: str) -> int:
+    """The advisory lock id of the reconcilers serving ``queue_name`` (signed 64 bit)."""
+    digest = hashlib.blake2b(f"eventsched:reconciler:{queue_name}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+class DeadLetterSink(Protocol):
+    """Where dead events go (the executor's DeadLetters)."""
+
+    def submit_nowait(self, event_id: str) -> None: ...
+
+    async def republish(self, dead: list[DeadEvent]) -> int: ...
+
+
+class LeaderLock:
+    """A session-level ``pg_try_advisory_lock`` on a connection of its own (trio side)."""
+
+    def __init__(self, dsn: str, key: int, *, connect_timeout: float = 5.0) -> None:
+        self._dsn = dsn
+        self.key = key
+        self._connect_timeout = connect_timeout
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.held = False
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        try:
+            result: T = await trio_asyncio.aio_as_trio(fn)(*args)
+            return result
+        except psycopg.Error as err:
+            await self._drop()
+            raise DependencyError("postgres", redact(str(err)) or type(err).__name__) from err
+
+    async def _query(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        conn = self._conn
+        assert conn is not None  # connected by acquire()
+
+        async def run() -> Any:
+            cur = await conn.execute(sql, params)
+            row = await cur.fetchone()
+            return None if row is None else row[0]
+
+        return await self._call(run)
+
+    async def acquire(self) -> bool:
+        """Try to become leader (no waiting); True if this session holds the lock."""
+        if self._conn is None:
+            connect = functools.partial(
+                psycopg.AsyncConnection.connect,
+                self._dsn,
+                autocommit=True,
+                connect_timeout=max(1, int(self._connect_timeout)),
+                application_name="eventsched-reconciler",
+                # A half-open connection would keep the lock (and block a new leader) until
+                # the server notices; keepalives bound that to ~25 s.
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            )
+            self._conn = await self._call(connect)
+        self.held = bool(await self._query("SELECT pg_try_advisory_lock(%s)", [self.key]))
+        return self.held
+
+    async def still_held(self) -> bool:
+        """True while the session (and so the lock) is alive."""
+        if not self.held or self._conn is None:
+            return False
+        try:
+            await self._query("SELECT 1")
+        except DependencyError:
+            return False
+        return True
+
+    async def release(self) -> None:
+        """Unlock and close (shielded, bounded); errors are logged."""
+        with trio.CancelScope(shield=True), trio.move_on_after(3.0):
+            if self._conn is not None and self.held:
+                try:
+                    await self._query("SELECT pg_advisory_unlock(%s)", [self.key])
+                except DependencyError as err:
+                    log.warning("reconciler_unlock_failed", error=err.problem)
+            await self._drop()
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        self.held = False
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error, OSError):  # it is gone either way
+                await trio_asyncio.aio_as_trio(conn.close)()
+
+
+class Reconciler:
+    """See the module docstring; ``run`` until cancelled."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        jobs: JobQueue,
+        dead_letters: DeadLetterSink,
+        job_for: JobFor,  # the executor's job builder: same keys, kwargs and timeout
+    ) -> None:
+        r = settings.reconciler
+        self._db = db
+        self._jobs = jobs
+        self._dead_letters = dead_letters
+        self._job_for = job_for
+        self._interval = float(r.interval)
+        self._gauge_interval = float(r.gauge_interval)
+        self._grace = float(r.grace)
+        self._stale_after = float(r.stale_after)
+        self._batch = r.batch
+        self._max_attempts = settings.executor.max_retries
+        self.lock = LeaderLock(
+            require_postgres(settings),
+            lock_key(settings.redis.queue),
+            connect_timeout=float(settings.postgres.connect_timeout),
+        )
+        self.passes = 0
+
+    # -- leadership loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        next_pass = next_gauges = trio.current_time()
+        leading = False
+        try:
+            while True:
+                was_leading = leading
+                leading = await self._campaign(leading)
+                if leading != was_leading:
+                    log.info("reconciler_leader" if leading else "reconciler_follower",
+                             lock_key=self.lock.key)  # fmt: skip
+                    if not leading:
+                        metrics.EVENTS_BY_STATUS.clear()
+                        metrics.QUEUE_JOBS.clear()
+                now = trio.current_time()
+                if not leading:
+                    await trio.sleep(self._interval)
+                    continue
+                if now >= next_pass:
+                    await self._safely("reconcile", self.reconcile_once)
+                    next_pass = trio.current_time() + self._interval
+                if now >= next_gauges:
+                    await self._safely("gauges", self.refresh_gauges)
+                    next_gauges = trio.current_time() + self._gauge_interval
+                await trio.sleep_until(min(next_pass, next_gauges))
+        finally:
+            await self.lock.release()
+
+    async def _campaign(self, leading: bool) -> bool:
+        try:
+            if leading:
+                return await self.lock.still_held()
+            return await self.lock.acquire()
+        except DependencyError as err:
+            log.warning("reconciler_lock_unavailable", error=err.problem)
+            return False
+
+    async def _safely(self, what: str, fn: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await fn()
+        except DependencyError as err:
+            log.warning("reconciler_pass_failed", step=what, error=str(err))
+
+    # -- one pass --------------------------------------------------------------------------------
+
+    async def reconcile_once(self) -> dict[str, int]:
+        """One pass over every reason; returns how many events each one re-enqueued
+        (``dlq_republished``: dead events published again)."""
+        done = {
+            "overdue": await self._requeue("overdue", self._grace, lambda c: 1),
+            "retry_overdue": await self._requeue(
+                "retry_overdue", self._grace, lambda c: c.attempts + 1
+            ),
+            "stale_running": await self._take_over_stale(),
+            "dlq_republished": await self._republish_dead(),
+        }
+        self.passes += 1
+        if any(done.values()):
+            log.info("reconciler_pass", **done)
+        return done
+
+    async def _each_page(
+        self, reason: str, age: float, handle: Callable[[list[Candidate]], Awaitable[int]]
+    ) -> int:
+        """Run ``handle`` on every page of candidates (keyset paging, oldest first)."""
+        total = 0
+        cursor = Cursor()
+        for _ in range(MAX_PAGES):
+            page = await execstore.candidates(
+                self._db, reason, age=age, limit=self._batch, after=cursor
+            )
+            if page:
+                total += await handle(page)
+            if len(page) < self._batch:
+                break
+            cursor = Cursor(page[-1].at, page[-1].event_id)
+        return total
+
+    async def _requeue(
+        self, reason: str, age: float, attempt_of: Callable[[Candidate], int]
+    ) -> int:
+        async def handle(page: list[Candidate]) -> int:
+            jobs = [self._job_for(c.event_id, attempt_of(c), c.at.timestamp()) for c in page]
+            pending = await self._jobs.pending_keys([job.key for job in jobs])
+            missing = [
+                (c, job) for c, job in zip(page, jobs, strict=True) if job.key not in pending
+            ]
+            if missing:
+                still = await execstore.still_waiting(self._db, reason, [c for c, _ in missing])
+                missing = [(c, job) for c, job in missing if c.event_id in still]
+            added = await self._jobs.enqueue_many([job for _, job in missing]) if missing else 0
+            if added:
+                metrics.RECONCILER_REQUEUED.labels(reason).inc(added)
+            return added
+
+        return await self._each_page(reason, age, handle)
+
+    async def _take_over_stale(self) -> int:
+        return await self._each_page("stale_running", self._stale_after, self._take_over_page)
+
+    async def _take_over_page(self, page: list[Candidate]) -> int:
+        keys = [self._job_for(c.event_id, c.attempts, 0.0).key for c in page]
+        live = await self.live_jobs(keys)
+        stale: list[tuple[str, int]] = []
+        for c, key in zip(page, keys, strict=True):
+            if key in live:
+                # No heartbeat, yet its worker is alive and still on it (PostgreSQL trouble
+                # on that worker?): taking over would run the handler twice.
+                log.info("stale_running_still_active", event_id=c.event_id, attempt=c.attempts)
+            else:
+                stale.append((c.event_id, c.attempts))
+        taken = await execstore.take_over(
+            self._db,
+            stale,
+            stale_after=self._stale_after,
+            max_attempts=self._max_attempts,
+            error=f"worker lost: no heartbeat for {self._stale_after:g}s",
+        )
+        jobs: list[ScheduledJob] = []
+        for t in taken:
+            log.warning("stale_attempt_taken_over", event_id=t.event_id, attempt=t.attempts,
+                        status=t.status)  # fmt: skip
+            if t.status == "retrying":
+                assert t.next_attempt_at is not None  # set with status retrying
+                jobs.append(self._job_for(t.event_id, t.attempts + 1, t.next_attempt_at))
+            else:
+                self._dead_letters.submit_nowait(t.event_id)
+        added = await self._jobs.enqueue_many(jobs) if jobs else 0
+        if added:
+            metrics.RECONCILER_REQUEUED.labels("stale_running").inc(added)
+        return added
+
+    async def _republish_dead(self) -> int:
+        dead = await execstore.unpublished_dead(self._db, age=self._grace, limit=self._batch)
+        return await self._dead_letters.republish(dead) if dead else 0
+
+    async def live_jobs(self, keys: list[str]) -> set[str]:
+        """Of these job keys, those whose SAQ job is active on a worker still alive (its
+        worker-info key, refreshed by the worker's upkeep loop, has not expired)."""
+        if not keys:
+            return set()
+        queue = self._jobs.aio_queue
+
+        async def check() -> set[str]:
+            jobs = await queue.jobs(keys)
+            active = [
+                (key, job.worker_id)
+                for key, job in zip(keys, jobs, strict=True)
+                if job is not None
+                and job.status in (Status.ACTIVE, Status.ABORTING)
+                and job.worker_id
+            ]
+            if not active:
+                return set()
+            async with queue.redis.pipeline(transaction=False) as pipe:
+                for _, worker_id in active:
+                    pipe.exists(queue.namespace(f"worker_info:{worker_id}"))
+                alive = await pipe.execute()
+            return {key for (key, _), up in zip(active, alive, strict=True) if up}
+
+        try:
+            result: set[str] = await trio_asyncio.aio_as_trio(check)()
+        except (RedisError, OSError) as err:
+            raise DependencyError("redis", redact(str(err)) or type(err).__name__) from err
+        return result
+
+    # -- gauges ----------------------------------------------------------------------------------
+
+    async def refresh_gauges(self) -> None:
+        counts = await execstore.status_counts(self._db)
+        for status in execstore.STATUSES:
+            metrics.EVENTS_BY_STATUS.labels(status).set(counts.get(status, 0))
+        for state, count in (await self._jobs.counts()).items():
+            metrics.QUEUE_JOBS.labels(state).set(count)

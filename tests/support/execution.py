@@ -1,0 +1,272 @@
+"""Helpers for the execution tests: events straight into PostgreSQL, jobs straight into
+SAQ, an executor role in this process, and what came out (rows, DLQ messages).
+
+Blocking helpers (psycopg, confluent-kafka, redis) are plain functions; async tests call
+them with ``trio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import redis
+import trio
+import trio_asyncio
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from eventsched.core.config import Settings
+from eventsched.core.events import uuid7
+from eventsched.core.http import Health
+from eventsched.core.kafka import KafkaProducer
+from eventsched.core.plugins import Resources, RoleContext
+from eventsched.core.postgres import Database
+from eventsched.core.queue import JobQueue
+from eventsched.plugins.executor import Executor, make_job, saq_timeout
+from tests.conftest import Names
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    id: str
+    type: str
+    payload: dict[str, Any]
+    execute_at: float  # epoch seconds (ms precision)
+
+
+def new_events(
+    count: int, *, due: float | Callable[[int], float], type: str = "test.event", **payload: Any
+) -> list[NewEvent]:
+    """``count`` events due at ``due`` (epoch s, or a function of the index)."""
+    events = []
+    for i in range(count):
+        at = due(i) if callable(due) else due
+        events.append(NewEvent(str(uuid7()), type, {"n": i, **payload}, round(at, 3)))
+    return events
+
+
+def insert_events(dsn: str, events: Sequence[NewEvent], **columns: Any) -> None:
+    """Insert events as the consumer would (``scheduled``); ``columns`` override (e.g.
+    status, attempts, next_attempt_at, updated_at) for every row."""
+    names = ["id", "idempotency_key", "type", "payload", "execute_at", "created_at", *columns]
+    rows = [
+        (
+            e.id,
+            e.id,
+            e.type,
+            json.dumps(e.payload),
+            datetime.fromtimestamp(e.execute_at, UTC),
+            datetime.now(UTC),
+            *columns.values(),
+        )
+        for e in events
+    ]
+    with (
+        psycopg.connect(dsn, autocommit=True) as conn,
+        conn.cursor() as cur,
+        cur.copy(f"COPY events ({', '.join(names)}) FROM STDIN") as copy,
+    ):
+        for row in rows:
+            copy.write_row(row)
+
+
+def query(dsn: str, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> list[Any]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def statuses(dsn: str) -> dict[str, str]:
+    return {str(i): s for i, s in query(dsn, "SELECT id, status FROM events")}
+
+
+def status_counts(dsn: str) -> dict[str, int]:
+    return dict(query(dsn, "SELECT status, count(*) FROM events GROUP BY status"))
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    event_id: str
+    attempt: int
+    scheduled_for: float
+    started_at: float
+    finished_at: float | None
+    lateness_ms: float
+    outcome: str | None
+    error: str | None
+    worker_id: str
+
+
+def attempt_rows(dsn: str) -> list[AttemptRow]:
+    rows = query(
+        dsn,
+        "SELECT event_id::text, attempt, extract(epoch FROM scheduled_for)::float8,"
+        " extract(epoch FROM started_at)::float8, extract(epoch FROM finished_at)::float8,"
+        " lateness_ms, outcome, error, worker_id FROM event_attempts ORDER BY event_id, attempt",
+    )
+    return [AttemptRow(*row) for row in rows]
+
+
+async def wait_until(
+    check: Callable[[], bool], *, limit: float = 20.0, interval: float = 0.1
+) -> None:
+    """Poll the blocking ``check`` (in a thread) until it is true."""
+    with trio.fail_after(limit):
+        while not await trio.to_thread.run_sync(check):  # noqa: ASYNC110  # state in other processes
+            await trio.sleep(interval)
+
+
+def all_finished(dsn: str, count: int) -> Callable[[], bool]:
+    """A check: ``count`` events are succeeded or dead."""
+
+    def check() -> bool:
+        counts = status_counts(dsn)
+        return counts.get("succeeded", 0) + counts.get("dead", 0) >= count
+
+    return check
+
+
+def read_topic(bootstrap: str, topic: str, *, timeout: float = 15.0) -> list[Any]:
+    """Every message of ``topic`` from the beginning (partition EOF marks the end)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        done: set[int] = set()
+        messages = []
+        deadline = time.monotonic() + timeout
+        while len(done) < len(partitions):
+            assert time.monotonic() < deadline, f"{topic}: no EOF on {set(partitions) - done}"
+            for message in consumer.consume(1000, 0.2):
+                error = message.error()
+                if error is not None:
+                    assert error.code() == KafkaError._PARTITION_EOF, error.str()
+                    done.add(message.partition() or 0)
+                    continue
+                done.discard(message.partition() or 0)
+                messages.append(message)
+        return messages
+    finally:
+        consumer.close()
+
+
+def flush_redis(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+
+
+def saq_score(url: str, queue: str, key: str) -> float | None:
+    """The score of a job key in the queue's ``incomplete`` zset (None: not pending)."""
+    client = redis.Redis.from_url(url)
+    try:
+        score = client.zscore(f"saq:{queue}:incomplete", f"saq:job:{queue}:{key}")
+        return None if score is None else float(score)
+    finally:
+        client.close()
+
+
+def delete_queue_keys(url: str, queue: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        for pattern in (f"saq:{queue}:*", f"saq:job:{queue}:*", f"saq:abort:{queue}*"):
+            keys = list(client.scan_iter(match=pattern, count=5000))
+            for start in range(0, len(keys), 1000):
+                client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
+
+
+@dataclass
+class Harness:
+    """An executor role running in this test's process, with its adapters."""
+
+    settings: Settings
+    db: Database
+    jobs: JobQueue
+    producer: KafkaProducer
+    executor: Executor
+    stopping: trio.Event
+
+    async def enqueue(self, events: Sequence[NewEvent]) -> int:
+        """Enqueue the first attempt of each event, as the consumer does."""
+        timeout = saq_timeout(self.settings)
+        return await self.jobs.enqueue_many(
+            [make_job(e.id, 1, e.execute_at, timeout) for e in events]
+        )
+
+
+@asynccontextmanager
+async def queue_client(url: str, queue: str) -> AsyncIterator[JobQueue]:
+    """A connected JobQueue (enter inside ``trio_asyncio.open_loop()``)."""
+    jobs = JobQueue(url, queue)
+    await jobs.connect()
+    try:
+        yield jobs
+    finally:
+        await jobs.close()
+
+
+@asynccontextmanager
+async def running_executor(settings: Settings, *, loop: bool = True) -> AsyncIterator[Harness]:
+    """Run the executor role here until the block ends, then stop it gracefully."""
+    if loop:
+        async with trio_asyncio.open_loop(), running_executor(settings, loop=False) as harness:
+            yield harness
+        return
+    db = await Database.open(settings.postgres.dsn, max_size=4)
+    try:
+        async with (
+            queue_client(settings.redis.url, settings.redis.queue) as jobs,
+            KafkaProducer.open(
+                {"bootstrap.servers": settings.kafka.bootstrap_servers}, flush_timeout=5.0
+            ) as producer,
+        ):
+            stopping = trio.Event()
+            ctx = RoleContext(
+                "executor", settings, Resources(db, jobs, producer), Health(), stopping
+            )
+            executor = Executor(ctx)
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(15):
+                    await nursery.start(executor.run)
+                harness = Harness(settings, db, jobs, producer, executor, stopping)
+                try:
+                    yield harness
+                finally:
+                    stopping.set()
+                    nursery.cancel_scope.deadline = trio.current_time() + settings.shutdown.grace
+    finally:
+        await db.close()
+
+
+def executor_env(
+    names: Names, database: str, redis_url: str, kafka: str, **extra: str
+) -> dict[str, str]:
+    """Environment of a child ``eventsched run --role executor`` for this test."""
+    return {
+        "EVENTSCHED_ENV": "test",
+        "EVENTSCHED_POSTGRES__DSN": database,
+        "EVENTSCHED_REDIS__URL": redis_url,
+        "EVENTSCHED_REDIS__QUEUE": names.queue,
+        "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS": kafka,
+        "EVENTSCHED_KAFKA__TOPIC": names.topic,
+        "EVENTSCHED_KAFKA__DLQ_TOPIC": names.dlq_topic,
+        **extra,
+    }

@@ -1,0 +1,130 @@
+"""The producer role: random events on an interval, or a steady rate, into a real broker.
+
+The timing rule (:class:`RateSchedule`) is a pure function of the clock and is specified
+with plain numbers; the role itself runs in the real runtime against the broker, and what
+it wrote is read back from the topic and decoded like the consumer would.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import trio
+
+from eventsched.core.events import DecodeLimits, decode_event
+from eventsched.core.kafka import ensure_topics
+from eventsched.core.summary import metric_total
+from eventsched.plugins.producer import RateSchedule
+from tests.conftest import Names
+from tests.support.ingest import read_topic, running
+
+# -- the schedule ----------------------------------------------------------------------
+
+
+def test_rate_schedule_keeps_the_long_run_rate_whatever_the_wake_up_times() -> None:
+    schedule = RateSchedule(1000.0, 500, origin=100.0)
+    now, sent = 100.0, 0
+    for step in [0.003, 0.017, 0.0005, 0.1, 0.02, 0.2] * 20:  # irregular wake-ups
+        now += step
+        sent += schedule.take(now)
+    assert sent == pytest.approx((now - 100.0) * 1000, abs=1)
+
+
+def test_rate_schedule_wakes_for_chunks_of_a_hundredth_of_the_rate() -> None:
+    schedule = RateSchedule(20_000.0, 500, origin=0.0)
+    assert schedule.next_wake() == pytest.approx(0.01)  # 200 events
+    assert schedule.take(0.01) == 200
+    assert schedule.next_wake() == pytest.approx(0.02)
+    slow = RateSchedule(2.0, 500, origin=0.0)
+    assert slow.next_wake() == pytest.approx(0.5)  # one event at a time
+    assert [slow.take(t) for t in (0.4, 0.5, 1.0, 1.2)] == [0, 1, 1, 0]
+
+
+def test_rate_schedule_caps_a_send_at_the_batch_size() -> None:
+    schedule = RateSchedule(10_000.0, 300, origin=0.0)
+    assert schedule.take(0.1) == 300  # 1000 due
+    assert schedule.take(0.1) == 300
+    assert schedule.take(0.1) == 300
+    assert schedule.take(0.1) == 100
+
+
+def test_rate_schedule_forgets_a_backlog_older_than_max_lag_instead_of_bursting() -> None:
+    schedule = RateSchedule(100.0, 10_000, origin=0.0, max_lag=1.0)
+    assert schedule.take(5.0) == 100  # 500 were due; only the last second's worth is sent
+    assert schedule.dropped == 400
+    assert schedule.take(5.5) == 50  # and the rate holds from there
+    assert schedule.take(6.0) == 50
+
+
+@pytest.mark.parametrize(("rate", "batch"), [(0.0, 10), (-1.0, 10), (10.0, 0)])
+def test_rate_schedule_rejects_nonsense(rate: float, batch: int) -> None:
+    with pytest.raises(ValueError, match="rate must be positive"):
+        RateSchedule(rate, batch, origin=0.0)
+
+
+# -- the role against the broker -------------------------------------------------------
+
+
+def produced(type_: str | None = None) -> float:
+    labels = {"type": type_} if type_ else {}
+    return metric_total("eventsched_events_produced_total", **labels)
+
+
+@pytest.fixture
+def topic(kafka_bootstrap: str, names: Names) -> str:
+    ensure_topics(kafka_bootstrap, {names.topic: 3})
+    return names.topic
+
+
+async def test_interval_mode_sends_one_random_event_per_interval(
+    make_settings: Any, topic: str, kafka_bootstrap: str
+) -> None:
+    types = ("user.created", "order.placed")
+    settings = make_settings(
+        producer={
+            "interval": "100ms",
+            "event_types": list(types),
+            "delay_min": "1s",
+            "delay_max": "2s",
+        }
+    )
+    before = produced()
+    async with running(settings, ["producer"]):
+        await trio.sleep(0.55)  # ticks at 0, 0.1, ..., 0.5
+
+    records = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, topic)
+    assert 5 <= len(records) <= 7
+    assert produced() - before == len(records)
+    now = datetime.now(UTC)
+    for record in records:
+        event = decode_event(record.value, now=now, limits=DecodeLimits(), headers=record.headers)
+        assert record.headers == {"content-type": b"application/json", "schema-version": b"1"}
+        assert record.key == event.idempotency_key.encode() == str(event.id).encode()
+        assert event.type in types
+        assert set(event.payload) == {"seq", "value", "message"}
+        delay = event.execute_at - event.created_at
+        ms = timedelta(milliseconds=1)
+        assert timedelta(seconds=1) - ms <= delay <= timedelta(seconds=2) + ms
+    assert len({r.value for r in records}) == len(records)
+
+
+async def test_rate_mode_achieves_the_configured_rate_with_back_pressure(
+    make_settings: Any, topic: str, kafka_bootstrap: str, names: Names
+) -> None:
+    rate = 3000
+    settings = make_settings(
+        producer={"rate": rate, "batch_size": 250, "max_in_flight": 2},
+        # A tiny librdkafka queue: sends must wait for room instead of failing.
+        kafka={"client": {"queue.buffering.max.messages": 300}},
+    )
+    errors_before = metric_total("eventsched_produce_errors_total")
+    async with running(settings, ["producer"]):
+        started = trio.current_time()
+        await trio.sleep(1.5)
+        elapsed = trio.current_time() - started
+
+    records = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, topic)
+    assert len(records) == pytest.approx(rate * elapsed, rel=0.1)
+    assert metric_total("eventsched_produce_errors_total") == errors_before
