@@ -58,6 +58,11 @@ class Snapshot:
     lateness_p50_ms: float | None = None
     lateness_p99_ms: float | None = None
     executed_last_minute: int = 0
+    stopping: bool = False
+
+    @property
+    def _not_ready(self) -> str:
+        return "stopping" if self.stopping else "starting"
 
     def line(self) -> str:
         st = self.statuses
@@ -66,7 +71,9 @@ class Snapshot:
             if self.lateness_p50_ms is not None and self.lateness_p99_ms is not None
             else "lateness -"
         )
-        roles = ",".join(f"{r}{'' if ok else '(starting)'}" for r, ok in self.roles.items())
+        roles = ",".join(
+            f"{r}{'' if ok else f'({self._not_ready})'}" for r, ok in self.roles.items()
+        )
         down = f" DOWN: {','.join(sorted(self.failing))}" if self.failing else ""
         return (
             f"roles {roles}{down} | produced {self.produced} consumed {self.consumed} "
@@ -83,7 +90,7 @@ class Snapshot:
             table.add_row(name, url)
         table.add_row(
             "roles",
-            ", ".join(f"{r} {'ready' if ok else 'starting'}" for r, ok in self.roles.items()),
+            ", ".join(f"{r} {'ready' if ok else self._not_ready}" for r, ok in self.roles.items()),
         )
         if self.failing:
             table.add_row("down", "; ".join(f"{k}: {v}" for k, v in sorted(self.failing.items())))
@@ -113,7 +120,10 @@ class Snapshot:
 
 async def take_snapshot(runtime: Runtime, stack: dict[str, str]) -> Snapshot:
     snap = Snapshot(
-        stack=stack, roles=dict(runtime.health.roles), failing=dict(runtime.health.failures)
+        stack=stack,
+        roles=dict(runtime.health.roles),
+        failing=dict(runtime.health.failures),
+        stopping=runtime.stopping.is_set(),
     )
     snap.produced = int(metric_total("eventsched_events_produced_total"))
     snap.consumed = int(metric_total("eventsched_events_consumed_total"))

@@ -1,0 +1,96 @@
+"""`eventsched dev`: the Docker-free stack as a newcomer runs it."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import psycopg
+import redis
+
+from tests.support.proc import AppProcess
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float = 15.0) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {key: value for key, value in pairs}
+
+
+def test_infra_only_starts_servers_writes_env_and_cleans_up(tmp_path: Path) -> None:
+    data_dir = tmp_path / "dev"
+    app = AppProcess(["dev", "--infra-only", "--data-dir", str(data_dir)])
+    try:
+        app.wait_event("dev_stack_ready", timeout=60)
+        env = _read_env(data_dir / "env")
+        assert set(env) == {
+            "EVENTSCHED_POSTGRES__DSN",
+            "EVENTSCHED_REDIS__URL",
+            "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS",
+        }
+        with psycopg.connect(env["EVENTSCHED_POSTGRES__DSN"]) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        client = redis.Redis.from_url(env["EVENTSCHED_REDIS__URL"])
+        assert client.ping()
+        client.close()
+        children = _children(app.proc.pid)
+        assert len(children) >= 3
+        app.proc.send_signal(signal.SIGTERM)
+        assert app.wait(30) == 0
+    finally:
+        app.kill()
+    assert _wait_gone(children) == []
+    assert not (data_dir / "env").exists()
+
+
+def test_kill_9_of_dev_takes_its_servers_along(tmp_path: Path) -> None:
+    app = AppProcess(["dev", "--infra-only", "--data-dir", str(tmp_path / "dev")])
+    try:
+        app.wait_event("dev_stack_ready", timeout=60)
+        children = _children(app.proc.pid)
+        assert len(children) >= 3
+    finally:
+        app.kill()
+    assert _wait_gone(children) == []
+
+
+def test_dev_runs_the_pipeline_end_to_end(tmp_path: Path) -> None:
+    """Within seconds, produced events are consumed, scheduled and run (the first minute)."""
+    data_dir = tmp_path / "dev"
+    app = AppProcess(
+        ["dev", "--data-dir", str(data_dir), "--duration", "60s", "--port", "0"],
+        env={
+            "EVENTSCHED_PRODUCER__INTERVAL": "200ms",
+            "EVENTSCHED_PRODUCER__DELAY_MIN": "500ms",
+            "EVENTSCHED_PRODUCER__DELAY_MAX": "1s",
+            "EVENTSCHED_EXECUTOR__SIMULATE__ERROR_RATE": "0",
+        },
+    )
+    try:
+        app.wait_event("dev_stack_ready", timeout=60)
+        env = _read_env(data_dir / "env")
+        deadline = time.monotonic() + 45
+        succeeded = 0
+        while time.monotonic() < deadline and succeeded < 5:
+            time.sleep(1)
+            with psycopg.connect(env["EVENTSCHED_POSTGRES__DSN"]) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM events WHERE status = 'succeeded'"
+                ).fetchone()
+            succeeded = row[0] if row else 0
+        assert succeeded >= 5, "no events flowed through the pipeline"
+        app.proc.send_signal(signal.SIGTERM)
+        assert app.wait(60) == 0
+    finally:
+        app.kill()
+    assert any(line.get("event") == "shutdown_complete" for line in app.lines)
