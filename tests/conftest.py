@@ -143,7 +143,7 @@ def make_settings(database: str, redis_url: str, kafka_bootstrap: str, names: Na
                 "topic": names.topic,
                 "dlq_topic": names.dlq_topic,
                 "consumer_group": names.group,
-                "client": dict(FAST_GROUP_CONFIG),
+                "consumer_client": dict(FAST_GROUP_CONFIG),
             },
             "postgres": {"dsn": database},
             "redis": {"url": redis_url, "queue": names.queue},

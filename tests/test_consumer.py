@@ -65,7 +65,11 @@ PARTITIONS = 3
 # Children of the crash and rebalance tests: a dead member is noticed after 3 s instead of 6
 # (and Tansu completes joins in about half the session timeout).
 QUICK_GROUP = {
-    "client": {**FAST_GROUP_CONFIG, "session.timeout.ms": 3000, "heartbeat.interval.ms": 300}
+    "consumer_client": {
+        **FAST_GROUP_CONFIG,
+        "session.timeout.ms": 3000,
+        "heartbeat.interval.ms": 300,
+    }
 }
 
 

@@ -124,7 +124,7 @@ def _prometheus_config(tmp_path: Path, ports: dict[str, int]) -> Path:
 def _role_settings(tmp_path: Path) -> Path:
     path = tmp_path / "roles.toml"
     client = "\n".join(f'"{k}" = {v}' for k, v in FAST_GROUP_CONFIG.items())
-    path.write_text(f"[default.kafka.client]\n{client}\n")
+    path.write_text(f"[default.kafka.consumer_client]\n{client}\n")
     return path
 
 

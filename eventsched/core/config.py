@@ -86,6 +86,9 @@ class KafkaSettings(_Section, frozen=True):
     replay_group: str = "eventsched-dlq-replay"
     # Extra librdkafka properties merged into every client (e.g. security settings).
     client: dict[str, str | int | float | bool] = {}
+    # Extra properties for consumers only (group timeouts such as session.timeout.ms): a
+    # producer or admin client given consumer properties warns about each one.
+    consumer_client: dict[str, str | int | float | bool] = {}
 
 
 class PostgresSettings(_Section, frozen=True):

@@ -186,6 +186,7 @@ def _reader(settings: Settings, group: str, **extra: Any) -> Consumer:
         Consumer,
         {
             **settings.kafka.client,
+            **settings.kafka.consumer_client,
             "bootstrap.servers": require_kafka(settings),
             "group.id": group,
             "enable.auto.commit": False,

@@ -147,6 +147,7 @@ class IngestConsumer:
         s, k = self.settings.consumer, self.settings.kafka
         config = {
             **k.client,
+            **k.consumer_client,
             "bootstrap.servers": require_kafka(self.settings),
             "group.id": k.consumer_group,
             "client.id": f"eventsched-consumer-{self._consumer_id}",

@@ -256,7 +256,7 @@ def child_sections(
             "topic": names.topic,
             "dlq_topic": names.dlq_topic,
             "consumer_group": names.group,
-            "client": dict(FAST_GROUP_CONFIG),
+            "consumer_client": dict(FAST_GROUP_CONFIG),
         },
         "postgres": {"dsn": database},
         "redis": {"url": redis_url, "queue": names.queue},

@@ -62,8 +62,13 @@ class AppProcess:
                 seen = len(self.lines)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"log line not seen; output:\n{''.join(self.raw[-40:])}")
+                    raise AssertionError(f"log line not seen; output:\n{self.tail()}")
                 self._cond.wait(min(remaining, 0.2))
+
+    def tail(self, lines: int = 40) -> str:
+        """The last output lines, without librdkafka's configuration warnings."""
+        kept = [line for line in self.raw if "CONFWARN" not in line]
+        return "".join(kept[-lines:])
 
     def wait_event(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
         return self.wait_for(lambda line: line.get("event") == event, timeout)
