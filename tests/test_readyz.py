@@ -66,3 +66,33 @@ def test_readyz_tracks_postgres_outage(own_postgres: PostgresServer) -> None:
         assert 'eventsched_dependency_up{dependency="postgres"} 1.0' in metrics
     finally:
         app.stop()
+
+
+def test_a_role_started_while_redis_is_down_waits_for_it(tmp_path: Path) -> None:
+    """Start-up rides out a dependency that is not there yet (it used to exit 1)."""
+    from eventsched.core.devstack import RedisServer
+
+    server = RedisServer(tmp_path / "redis", fast=True)
+    server.start()
+    url = server.url
+    server.stop()
+    app = AppProcess(
+        ["run", "--role", "executor", "--port", "0"],
+        env={
+            "EVENTSCHED_PLUGINS__EXECUTOR": "tests.support.roles:RedisRole",
+            "EVENTSCHED_REDIS__URL": url,
+        },
+    )
+    try:
+        port = app.wait_event("http_listening")["port"]
+        down = _poll_ready(port, 503)
+        assert "redis" in down.json()["failing"]
+        time.sleep(1.5)
+        assert app.proc.poll() is None, app.tail()
+        server.start()  # same port
+        up = _poll_ready(port, 200)
+        assert up.json()["roles"] == {"executor": True}
+        app.wait_event("dependency_recovered")
+    finally:
+        app.stop()
+        server.stop()

@@ -107,9 +107,11 @@ class Runtime:
         http_stop = trio.Event()
         async with trio.open_nursery() as root:
             await root.start(self._watch_signals, root.cancel_scope)
+            # HTTP first: /healthz answers and /readyz says what is missing while the
+            # adapters wait for their dependencies.
+            self.bound_port = await root.start(self._serve_http, http_stop)
             async with self._resources() as resources:
                 self.resources = resources
-                self.bound_port = await root.start(self._serve_http, http_stop)
                 root.start_soon(self.health.monitor)
                 # Side tasks (live summary, a --duration timer) run until the roles are done.
                 for task in self.extra_tasks:
@@ -121,7 +123,8 @@ class Runtime:
                 with trio.CancelScope() as roles_scope:
                     self._roles_scope = roles_scope
                     async with trio.open_nursery() as roles_nursery:
-                        for role in self.roles:
+                        # Stopped while waiting for a dependency: no role to start.
+                        for role in self.roles if not self.stopping.is_set() else ():
                             self.health.expect_role(role)
                             roles_nursery.start_soon(
                                 self._start_role, roles_nursery, role, ctx_for[role]
@@ -208,8 +211,8 @@ class Runtime:
                 from eventsched.core.queue import JobQueue
 
                 resources.queue = JobQueue(require_redis(s), name=s.redis.queue)
-                await resources.queue.connect()
                 self.health.add_check("redis", resources.queue.ping)
+                await self._until_connected("redis", resources.queue.connect)
             async with self._kafka_producer(resources):
                 if self.needs & {"kafka", "kafka_producer"}:
                     self.health.add_check("kafka", self._kafka_check)
@@ -220,6 +223,27 @@ class Runtime:
                     await _quietly("redis", resources.queue.close())
                 if resources.db is not None:
                     await _quietly("postgres", resources.db.close())
+
+    async def _until_connected(
+        self, dependency: str, connect: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Retry ``connect`` with exponential backoff until it works or a stop is requested.
+
+        A process that starts while Redis restarts must wait for it, not exit: the outage is
+        logged and shown on /readyz meanwhile (found by the chaos run).
+        """
+        delay = 0.2
+        while not self.stopping.is_set():
+            try:
+                await connect()
+            except DependencyError as err:
+                self.health.mark(dependency, err.problem)
+                with trio.move_on_after(delay):
+                    await self.stopping.wait()
+                delay = min(delay * 2, 5.0)
+            else:
+                self.health.mark(dependency, None)
+                return
 
     @asynccontextmanager
     async def _kafka_producer(self, resources: Resources) -> AsyncIterator[None]:

@@ -90,3 +90,17 @@ class BusyRole:
         while not self.ctx.stopping.is_set():
             sum(range(20_000))
             await trio.lowlevel.checkpoint()
+
+
+class RedisRole:
+    """Needs Redis; ready once it answers, then waits for stop."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"redis"})
+
+    def __init__(self, ctx: RoleContext) -> None:
+        self.ctx = ctx
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.ctx.resources.require_queue().ping()
+        task_status.started()
+        await self.ctx.stopping.wait()
