@@ -1,0 +1,1 @@
+"""eventsched benchmarks: one script per target of issue #6 (see bench/README.md)."""

@@ -1,0 +1,291 @@
+"""Target 1 — on time: start lateness at a steady rate, eventsched's executor vs stock SAQ.
+
+One executor process (``executor.concurrency`` 10, handler ``log``) runs events fed at
+``--rate`` events/s for ``--duration`` s, each due ``U(--delay-min, --delay-max)`` s after it
+is fed; rows go to PostgreSQL and jobs to Redis the consumer's way (``bench.feeder``).
+Lateness is read back from ``event_attempts`` (``lateness_ms``; "never early" also checks
+``started_at >= scheduled_for``). Then, on the same Redis, a stock ``saq.Worker``
+(concurrency 10, no-op function, plain asyncio, own process) gets the same count with the
+same due offsets through stock ``Queue.enqueue`` (``bench.stock_saq``).
+
+Target: p99 <= 10 ms, max <= 50 ms, never early, at 1,000 events/s due 2-10 s out for 60 s,
+with PostgreSQL status and attempt rows written.
+
+    python -m bench.lateness                  # full: 1,000/s for 60 s, then the baseline
+    python -m bench.lateness --quick          # CI: 200/s for 2 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    BenchRun,
+    Profiler,
+    Sampler,
+    Stack,
+    fmt_ms,
+    lateness_summary,
+    lateness_timeline,
+    log,
+    noise,
+    parse_args,
+    percentiles,
+    plot_cdf,
+    pyplot,
+    rate_series,
+    ratio,
+    read_attempts,
+    stats_delta,
+    status_counts,
+    throughput,
+    verdict,
+    wait_until,
+)
+
+TARGET_P99_MS = 10.0
+TARGET_MAX_MS = 50.0
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rate", type=float, default=None, help="events/s (1000; quick 200)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds (60; quick 2)")
+    parser.add_argument("--delay-min", type=float, default=None, help="s (2; quick 0.5)")
+    parser.add_argument("--delay-max", type=float, default=None, help="s (10; quick 1)")
+    parser.add_argument("--concurrency", type=int, default=10, help="executor slots")
+    parser.add_argument("--saq-concurrency", type=int, default=10, help="stock SAQ worker slots")
+    parser.add_argument("--no-baseline", action="store_true", help="skip stock SAQ")
+
+
+def sizes(args: argparse.Namespace) -> dict[str, float]:
+    quick = args.quick
+    return {
+        "rate": args.rate or (200.0 if quick else 1000.0),
+        "duration": args.duration or (2.0 if quick else 60.0),
+        "delay_min": args.delay_min if args.delay_min is not None else (0.5 if quick else 2.0),
+        "delay_max": args.delay_max if args.delay_max is not None else (1.0 if quick else 10.0),
+    }
+
+
+def run_ours(
+    run: BenchRun, stack: Stack, sampler: Sampler, size: dict[str, float]
+) -> dict[str, Any]:
+    args = run.args
+    settings = stack.settings(
+        "executor", executor={"concurrency": args.concurrency}, redis={"queue": "bench"}
+    )
+    executor = stack.role("executor", settings)
+    executor.wait_ready()
+    sampler.track("executor", executor.pid)
+    profiler = Profiler(run)
+    if args.profile:
+        profiler.start("executor", executor.pid, size["duration"])
+    sampler.mark("ours_start")
+    work_before = stack.server_stats()
+    feeder = stack.helper(
+        "feeder",
+        "bench.feeder",
+        [
+            "steady", "--dsn", stack.dsn, "--redis", stack.redis_url, "--queue", "bench",
+            "--rate", str(size["rate"]), "--duration", str(size["duration"]),
+            "--delay-min", str(size["delay_min"]), "--delay-max", str(size["delay_max"]),
+        ],
+    )  # fmt: skip
+    feeder.wait(size["duration"] + 120)
+    fed = feeder.result()
+    log(f"fed {fed['sent']} events at {fed['achieved_rate']}/s (min lead {fed['min_lead_s']} s)")
+    wait_until(
+        lambda: status_counts(stack).get("succeeded", 0) >= fed["sent"],
+        timeout=size["delay_max"] + 60,
+        what="every fed event succeeded",
+    )
+    sampler.mark("ours_end")
+    memory = sampler.memory().get("executor", {})
+    time.sleep(1.2)  # PostgreSQL flushes its statistics about once a second
+    work = stats_delta(work_before, stack.server_stats(), fed["sent"])
+    code = executor.stop()
+    attempts = read_attempts(stack)
+    return {
+        "fed": fed,
+        "statuses": status_counts(stack),
+        "attempt_rows": len(attempts.started),
+        "outcomes": dict(attempts.outcomes),
+        "lateness_ms": lateness_summary(attempts.lateness_ms, attempts.early_by_timestamps),
+        "lateness_by_second": lateness_timeline(
+            attempts.scheduled, attempts.lateness_ms, fed["started_at"]
+        ),
+        "early_by_lateness_ms": sum(1 for x in attempts.lateness_ms if x < 0),
+        "service_ms": percentiles(attempts.service_ms),
+        "server_work": work,
+        "throughput_finished": throughput(attempts.finished),
+        "cpu": sampler.cpu_between("ours_start", "ours_end"),
+        "memory": memory,
+        "exit_code": code,
+        "profile": profiler.finish(),
+        "_lateness": attempts.lateness_ms,
+        "_finished": attempts.finished,
+        "_t0": fed["started_at"],
+    }
+
+
+def run_stock(
+    run: BenchRun, stack: Stack, sampler: Sampler, size: dict[str, float], expect: int
+) -> dict[str, Any]:
+    args = run.args
+    worker = stack.helper(
+        "saq-worker",
+        "bench.stock_saq",
+        [
+            "worker", "--redis", stack.redis_url, "--queue", "stock", "--expect", str(expect),
+            "--concurrency", str(args.saq_concurrency),
+            "--timeout", str(size["duration"] + size["delay_max"] + 60),
+        ],
+    )  # fmt: skip
+    worker.wait_for(lambda x: x.get("event") == "ready", 30)
+    sampler.track("stock_saq", worker.pid)
+    sampler.mark("stock_start")
+    feeder = stack.helper(
+        "saq-feeder",
+        "bench.stock_saq",
+        [
+            "feed", "--redis", stack.redis_url, "--queue", "stock", "--count", str(expect),
+            "--rate", str(size["rate"]), "--duration", str(size["duration"]),
+            "--delay-min", str(size["delay_min"]), "--delay-max", str(size["delay_max"]),
+        ],
+    )  # fmt: skip
+    feeder.wait(size["duration"] + 120)
+    worker.wait(size["duration"] + size["delay_max"] + 90)
+    sampler.mark("stock_end")
+    result = worker.result()
+    jobs = result["jobs"]
+    lateness = [(start - scheduled) * 1000 for scheduled, start, _ in jobs]
+    finished = [end for _, _, end in jobs if end]
+    return {
+        "fed": feeder.result(),
+        "finished": result["finished"],
+        "lateness_ms": lateness_summary(lateness),
+        "throughput_finished": throughput(finished),
+        "cpu_s": result["cpu_work_s"],
+        "servers_cpu": sampler.cpu_between("stock_start", "stock_end"),
+        "memory": {**sampler.memory().get("stock_saq", {}), "hwm_mb": result["vm_hwm_mb"]},
+        "_lateness": lateness,
+        "_finished": finished,
+        "_t0": min((s for s, _, _ in jobs), default=0.0) - size["delay_min"],
+    }
+
+
+def plot(
+    path: Path, ours: dict[str, Any], stock: dict[str, Any] | None, size: dict[str, float]
+) -> None:
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = {"eventsched executor": ours["_lateness"]}
+    if stock:
+        series["stock SAQ worker"] = stock["_lateness"]
+    plot_cdf(
+        left,
+        series,
+        f"start lateness at {size['rate']:,.0f} events/s, due {size['delay_min']:g}-{size['delay_max']:g} s out",
+        TARGET_P99_MS,
+    )
+    for label, data in (("eventsched executor", ours), ("stock SAQ worker", stock)):
+        if data:
+            xs, ys = rate_series(data["_finished"], data["_t0"])
+            right.plot(xs, ys, label=label)
+    right.set_xlabel("seconds since feeding started")
+    right.set_ylabel("completions per second")
+    right.set_title("completions over time")
+    right.grid(True, alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "", add_args)
+    run = BenchRun("lateness", args)
+    size = sizes(args)
+    sampler = Sampler().start()
+    stock: dict[str, Any] | None = None
+    try:
+        with Stack(run, kafka=True) as stack:
+            for name, pid in stack.server_pids().items():
+                sampler.track_cpu(name, pid)
+            ours = run_ours(run, stack, sampler, size)
+            if not args.no_baseline:
+                stock = run_stock(run, stack, sampler, size, ours["fed"]["sent"])
+    finally:
+        sampler.stop()
+
+    lat = ours["lateness_ms"]
+    fed = ours["fed"]["sent"]
+    ok = (
+        lat.get("count") == fed
+        and ours["statuses"] == {"succeeded": fed}
+        and lat.get("early") == 0
+        and ours["early_by_lateness_ms"] == 0
+    )
+    met = ok and lat["p99"] <= TARGET_P99_MS and lat["max"] <= TARGET_MAX_MS
+    slat = stock["lateness_ms"] if stock else {}
+    cpu_ms = 1000 * ours["cpu"]["cpu_s"].get("executor", 0.0) / max(1, fed)
+    rows = [
+        ["metric", "eventsched", "stock SAQ", "eventsched vs SAQ", "target", "verdict"],
+        ["jobs run / fed", f"{lat.get('count', 0):,} / {fed:,}", f"{stock['finished']:,}" if stock else "-", "", "all, PG rows written", verdict(ok)],
+    ]  # fmt: skip
+    for key, target, limit in (
+        ("p50", "", None),
+        ("p90", "", None),
+        ("p99", "≤ 10 ms", TARGET_P99_MS),
+        ("max", "≤ 50 ms", TARGET_MAX_MS),
+    ):
+        rows.append([
+            f"lateness {key} (ms)", fmt_ms(lat.get(key)), fmt_ms(slat.get(key)) if stock else "-",
+            ratio(lat.get(key, 0), slat.get(key, 0), higher_is_better=False) if stock else "-",
+            target, verdict(None if limit is None else lat.get(key, 1e9) <= limit),
+        ])  # fmt: skip
+    rows.append(
+        [
+            "early starts",
+            str(lat.get("early")),
+            str(slat.get("early", "-")),
+            "",
+            "0",
+            verdict(lat.get("early") == 0),
+        ]
+    )
+    rows.append([
+        "worker CPU (ms/job; cores)",
+        f"{cpu_ms:.2f}; {ours['cpu']['cores'].get('executor', 0):.2f}",
+        f"{1000 * stock['cpu_s'] / max(1, stock['finished']):.2f}" if stock else "-",
+        "", "", "",
+    ])  # fmt: skip
+    rows.append([
+        "worker RSS peak (VmHWM MB)", f"{ours['memory'].get('hwm_mb', 0):.0f}",
+        f"{stock['memory'].get('hwm_mb', 0):.0f}" if stock else "-", "", "", "",
+    ])  # fmt: skip
+    servers = ", ".join(f"{k} {v:.2f}" for k, v in ours["cpu"]["cores"].items() if k != "executor")
+    notes = [
+        f"{size['rate']:,.0f} events/s for {size['duration']:g} s, due {size['delay_min']:g}-{size['delay_max']:g} s out; "
+        f"executor concurrency {args.concurrency}, handler `log`, log level {args.log_level}; "
+        f"PostgreSQL {'without fsync (--fast-stack)' if args.fast_stack else 'as `eventsched dev` (fsync on)'}",
+        f"CPU cores used during our run: executor {ours['cpu']['cores'].get('executor', 0):.2f}, {servers}; "
+        f"{noise(ours['cpu'])}"
+        + (f"; during the stock run: {noise(stock['servers_cpu'])}" if stock else ""),
+        f"target 1 (p99 ≤ 10 ms, max ≤ 50 ms, never early, rows written): {verdict(met)}",
+    ]
+    results = {
+        "size": size,
+        "target_met": met,
+        "ours": {k: v for k, v in ours.items() if not k.startswith("_")},
+        "stock_saq": {k: v for k, v in stock.items() if not k.startswith("_")} if stock else None,
+        "lateness_percentiles_check": percentiles(ours["_lateness"]),
+    }
+    run.finish(results, rows, notes, plot=lambda p: plot(p, ours, stock, size))
+
+
+if __name__ == "__main__":
+    main()
