@@ -129,7 +129,7 @@ def main() -> None:
                 produced = preload(stack.kafka, count)
             settings = stack.settings(
                 "consumer",
-                **{"kafka.client": dict(FAST_GROUP_CONFIG)},
+                **{"kafka.consumer_client": dict(FAST_GROUP_CONFIG)},
                 consumer={"max_batch": args.max_batch},
                 redis={"queue": "ingest"},
             )

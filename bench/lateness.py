@@ -27,6 +27,7 @@ from bench.common import (
     Profiler,
     Sampler,
     Stack,
+    executions_done,
     fmt_ms,
     lateness_summary,
     lateness_timeline,
@@ -98,7 +99,7 @@ def run_ours(
     fed = feeder.result()
     log(f"fed {fed['sent']} events at {fed['achieved_rate']}/s (min lead {fed['min_lead_s']} s)")
     wait_until(
-        lambda: status_counts(stack).get("succeeded", 0) >= fed["sent"],
+        lambda: executions_done([executor]) >= fed["sent"],
         timeout=size["delay_max"] + 60,
         what="every fed event succeeded",
     )

@@ -103,7 +103,6 @@ def main() -> None:
         concurrency=args.concurrency,
         profile=args.profile,
         profile_seconds=args.profile_seconds,
-        extra_scheduled=backlog,
     )
     sampler = Sampler().start()
     profiler = Profiler(run)

@@ -23,6 +23,7 @@ from bench.common import (
     Role,
     Sampler,
     Stack,
+    executions_done,
     lateness_summary,
     lateness_timeline,
     log,
@@ -57,7 +58,6 @@ class Pipeline:
     concurrency: int = 10
     profile: bool = False
     profile_seconds: float = 20.0
-    extra_scheduled: int = 0  # events already pending before the run (memory benchmark)
     samples: list[LagSample] = field(default_factory=list)
 
 
@@ -103,7 +103,7 @@ def _slope(points: list[tuple[float, float]]) -> float:
 def run_pipeline(stack: Stack, sampler: Sampler, p: Pipeline, profiler: Profiler) -> dict[str, Any]:
     """Start the three roles, run the load, wait for every event, return the measurements."""
     consumer_settings = stack.settings(
-        "consumer", **{"kafka.client": dict(FAST_GROUP_CONFIG)}, redis={"queue": QUEUE}
+        "consumer", **{"kafka.consumer_client": dict(FAST_GROUP_CONFIG)}, redis={"queue": QUEUE}
     )
     executor_settings = stack.settings(
         "executor", executor={"concurrency": p.concurrency}, redis={"queue": QUEUE}
@@ -150,16 +150,11 @@ def run_pipeline(stack: Stack, sampler: Sampler, p: Pipeline, profiler: Profiler
         line = producer.wait_for(lambda x: x.get("event") == "producer_stopped", 5)
         generated = int(line.get("generated", 0))
         log(f"producer generated {generated:,} events in {time.time() - started:.1f} s")
-        expected = generated + p.extra_scheduled
-
-        def all_ran() -> bool:
-            counts = status_counts(stack)
-            return (
-                counts.get("succeeded", 0) + counts.get("dead", 0) >= generated
-                and sum(counts.values()) >= expected
-            )
-
-        finished = wait_until(all_ran, timeout=p.delay_max + 60, what="every generated event ran")
+        finished = wait_until(
+            lambda: executions_done([executor]) >= generated,
+            timeout=p.delay_max + 60,
+            what="every generated event ran",
+        )
     finally:
         stop.set()
         lag_thread.join(5)

@@ -29,6 +29,7 @@ from bench.common import (
     Profiler,
     Sampler,
     Stack,
+    executions_done,
     fmt_ms,
     lateness_summary,
     log,
@@ -98,7 +99,7 @@ def run_ours(
     sampler.mark(f"ours{processes}_start")
     work_before = stack.server_stats()
     finished = wait_until(
-        lambda: status_counts(stack).get("succeeded", 0) >= count,
+        lambda: executions_done(executors) >= count,
         timeout=drain_timeout(count),
         what=f"{count} events succeeded",
     )
