@@ -42,6 +42,7 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -129,7 +130,15 @@ def parse_args(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
-        help="roles' log level (info: the `log` handler writes a line per event)",
+        help="executors' log level (info: the `log` handler writes a line per event; "
+        "warning: it costs nothing); the other roles always log at info",
+    )
+    parser.add_argument(
+        "--noisy-retries",
+        type=int,
+        default=1,
+        help="run a measured phase again (after waiting for a quiet machine) when other "
+        "processes used more than 0.25 cores during it; the quietest attempt is kept",
     )
     parser.add_argument(
         "--set",
@@ -453,22 +462,48 @@ class Child:
         return code
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class Role(Child):
-    """``python -m eventsched --settings FILE run --role ROLE --port 0``."""
+    """``python -m eventsched --settings FILE run --role ROLE --port N``.
+
+    The harness picks the HTTP port (not ``--port 0``, whose answer is only in the log) so
+    that readiness can be read from ``/readyz`` whatever the role's log level.
+    """
 
     def __init__(
         self, role: str, settings_file: Path, env: Mapping[str, str], logdir: Path, index: int = 0
     ) -> None:
         name = role if index == 0 else f"{role}-{index + 1}"
+        self.port: int | None = _free_port()
         argv = [PYTHON, "-m", "eventsched", "--settings", str(settings_file)]
-        super().__init__(name, [*argv, "run", "--role", role, "--port", "0"], env, logdir)
+        super().__init__(
+            name, [*argv, "run", "--role", role, "--port", str(self.port)], env, logdir
+        )
         self.role = role
-        self.port: int | None = None
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        line = self.wait_for(lambda x: x.get("event") == "http_listening", timeout)
-        self.port = int(line["port"])
-        self.wait_for(lambda x: x.get("event") == "role_ready", timeout)
+        """Until the role logs ``role_ready`` or ``/readyz`` answers 200 (at a log level above
+        info only the latter comes)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if any(line.get("event") == "role_ready" for line in self.read_lines()):
+                return
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:  # not listening yet, or 503 (HTTPError is an OSError)
+                pass
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: not ready in {timeout} s:\n{self.tail()}")
+            time.sleep(0.1)
 
     def metrics(self) -> dict[str, float]:
         """``name{label="v",...}`` -> value from the role's /metrics (empty if unreachable)."""
@@ -657,6 +692,17 @@ class Stack:
         out.update({f"pg.{n}": float(v or 0) for n, v in zip(names, row, strict=True)})
         hot = self.sql("SELECT coalesce(sum(n_tup_hot_upd), 0) FROM pg_stat_user_tables")[0][0]
         out["pg.tup_hot_updated"] = float(hot)
+        # Who reads the tuples: sequential scans per table, index reads per index.
+        for table, seq_scan, seq_read in self.sql(
+            "SELECT relname, seq_scan, seq_tup_read FROM pg_stat_user_tables"
+        ):
+            out[f"scan.seq_scans.{table}"] = float(seq_scan or 0)
+            out[f"scan.seq_tup_read.{table}"] = float(seq_read or 0)
+        for index, idx_scan, idx_read in self.sql(
+            "SELECT indexrelname, idx_scan, idx_tup_read FROM pg_stat_user_indexes"
+        ):
+            out[f"scan.idx_scans.{index}"] = float(idx_scan or 0)
+            out[f"scan.idx_tup_read.{index}"] = float(idx_read or 0)
         with contextlib.suppress(psycopg.Error):
             wal = self.sql("SELECT wal_records, wal_bytes, wal_fpi FROM pg_stat_wal")[0]
             out.update({"pg.wal_records": float(wal[0]), "pg.wal_bytes": float(wal[1]),
@@ -671,12 +717,17 @@ class Stack:
     # -- processes
 
     def settings(self, name: str, **sections: Mapping[str, Any]) -> Path:
-        """Write a role settings file: the bench defaults, overridden by ``sections``."""
+        """Write a role settings file: the bench defaults, overridden by ``sections``.
+
+        ``--log-level`` applies to executors only (it decides what the ``log`` handler
+        costs); the other roles log at info, which the harness reads some lines of.
+        """
+        level = self.run.args.log_level if name.startswith("executor") else "info"
         base: dict[str, dict[str, Any]] = {
             "kafka": {"partitions": 3},
             "handlers": {"default": LOG_HANDLER},
             "executor": {"concurrency": PEER_CONCURRENCY},
-            "logging": {"format": "json", "level": self.run.args.log_level},
+            "logging": {"format": "json", "level": level},
             "shutdown": {"grace": "10s"},
         }
         for section, values in [*sections.items(), *_overrides(self.run.args.overrides)]:
@@ -763,6 +814,11 @@ class Sampler:
             self._cpu[name] = pid
 
     def track(self, name: str, pid: int) -> None:
+        """Track memory and CPU of ``name`` (a new pid under a used name starts afresh)."""
+        with self._lock:
+            if self._mem.get(name) not in (None, pid):
+                self.rss.pop(name, None)
+                self.hwm.pop(name, None)
         self.track_memory(name, pid)
         self.track_cpu(name, pid)
 
@@ -799,13 +855,20 @@ class Sampler:
         self.marks[label] = (time.time(), {k: v for k, v in values.items() if v is not None})
         self._sample()
 
-    def cpu_between(self, start: str, end: str) -> dict[str, Any]:
-        """CPU seconds and share of one core per tracked tree between two marks (trees that
-        were gone at either mark are left out: helpers report their own CPU)."""
+    def cpu_between(
+        self, start: str, end: str, exited: Mapping[str, float] | None = None
+    ) -> dict[str, Any]:
+        """CPU seconds and share of one core per tracked tree between two marks.
+
+        Trees gone at either mark are left out; processes that exited inside the window
+        report their own CPU seconds in ``exited`` (else it would count as foreign).
+        """
         t0, a = self.marks[start]
         t1, b = self.marks[end]
         wall = max(1e-9, t1 - t0)
         per = {name: round(b[name] - a[name], 3) for name in b if name in a and b[name] >= a[name]}
+        for name, seconds in (exited or {}).items():
+            per[name] = round(seconds, 3)
         machine = per.pop(_MACHINE, 0.0)
         ours = sum(per.values())
         return {
@@ -879,7 +942,11 @@ class Profiler:
                 if proc.poll() is None:
                     proc.kill()
             if out.exists():
-                summaries[name] = {"raw": str(out), **summarize_stacks(out)}
+                summaries[name] = {
+                    "raw": str(out),
+                    **summarize_stacks(out),
+                    "main_thread": summarize_stacks(out, thread="MainThread"),
+                }
         return summaries
 
 
@@ -935,8 +1002,13 @@ def _category(path: str) -> str:
     return "other" if path else "native/unknown"
 
 
-def summarize_stacks(path: Path, top: int = 25) -> dict[str, Any]:
-    """Self time by function and by package, inclusive time by function, per thread."""
+def summarize_stacks(path: Path, top: int = 25, thread: str | None = None) -> dict[str, Any]:
+    """Self time by function and by package, inclusive time by function, per thread.
+
+    ``thread``: only samples of threads whose name contains it (e.g. "MainThread", where
+    the event loop runs; blocking clients' threads mostly wait on sockets, which py-spy
+    cannot always tell from work without ``--native``).
+    """
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     category: Counter[str] = Counter()
@@ -951,6 +1023,8 @@ def summarize_stacks(path: Path, top: int = 25) -> dict[str, Any]:
         if frames and frames[0].startswith(("thread (", "process ")):
             # --threads puts "thread (0x...)" (and maybe "process ...") at the root.
             roots = [f for f in frames if f.startswith(("thread (", "process "))]
+            if thread is not None and thread not in roots[-1]:
+                continue
             threads[roots[-1]] += count
             frames = [f for f in frames if not f.startswith(("thread (", "process "))]
         if not frames:
@@ -1086,9 +1160,16 @@ def stats_delta(
                 calls = after.get(f"redis.{name}.calls", 0.0)
                 redis_calls[name] = round((calls - before.get(f"redis.{name}.calls", 0.0)) / n, 3)
     top = sorted(redis_usec, key=lambda k: -redis_usec[k])[:8]
+    scans = {
+        k.removeprefix("scan."): round((after.get(k, 0.0) - before.get(k, 0.0)) / n, 3)
+        for k in after
+        if k.startswith("scan.") and after.get(k, 0.0) != before.get(k, 0.0)
+    }
     return {
         "events": per,
         "postgres_per_event": pg,
+        # seq_tup_read.<table> / idx_tup_read.<index> per event: where tup_returned comes from.
+        "postgres_scans_per_event": dict(sorted(scans.items(), key=lambda kv: -kv[1])[:12]),
         "redis_usec_per_event": {k: redis_usec[k] for k in top},
         # EVALSHA's time includes the commands its script runs (listed on their own too).
         "redis_calls_per_event": {k: redis_calls[k] for k in top},
@@ -1099,16 +1180,24 @@ def status_counts(stack: Stack) -> dict[str, int]:
     return {s: int(n) for s, n in stack.sql("SELECT status, count(*) FROM events GROUP BY status")}
 
 
-def wait_until(
-    check: Callable[[], bool], timeout: float, interval: float = 0.5, what: str = ""
+def wait_for_count(
+    count: Callable[[], int], target: int, *, stall: float, cap: float, what: str = ""
 ) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
+    """Poll ``count()`` every 0.5 s until it reaches ``target``; give up when it has not
+    moved for ``stall`` s or after ``cap`` s in all (an overloaded run still finishes)."""
+    began = last_move = time.monotonic()
+    last = -1
+    while True:
+        now_count = count()
+        if now_count >= target:
             return True
-        time.sleep(interval)
-    log(f"gave up waiting after {timeout:.0f} s" + (f": {what}" if what else ""))
-    return check()
+        now = time.monotonic()
+        if now_count != last:
+            last, last_move = now_count, now
+        if now - last_move > stall or now - began > cap:
+            log(f"gave up waiting ({what}): {now_count:,} of {target:,} after {now - began:.0f} s")
+            return False
+        time.sleep(0.5)
 
 
 def lateness_timeline(
@@ -1159,6 +1248,32 @@ def noise(cpu: Mapping[str, Any]) -> str:
         f"{foreign:.2f} of them not ours"
     )
     return text + (" (**noisy window**)" if foreign > NOISY_CORES else "")
+
+
+def quietest(
+    run: BenchRun,
+    label: str,
+    phase: Callable[[int], dict[str, Any]],
+    window: Callable[[dict[str, Any]], Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Run ``phase(attempt)``; while its CPU window (``window(result)``) was noisy and
+    ``--noisy-retries`` allows, wait for a quiet machine and run it again. Returns the
+    attempt with the least foreign CPU, with ``attempts`` (the foreign CPU of each)."""
+    results: list[dict[str, Any]] = []
+    retries = 0 if run.quick else max(0, run.args.noisy_retries)
+    for attempt in range(retries + 1):
+        result = phase(attempt)
+        results.append(result)
+        foreign = float(window(result).get("foreign_cores", 0.0))
+        if foreign <= NOISY_CORES or attempt == retries:
+            break
+        log(f"{label}: {foreign:.2f} foreign cores during the run: waiting, then again")
+        wait_for_quiet(run.args.load_threshold, min(300.0, run.args.max_wait))
+    best = min(results, key=lambda r: float(window(r).get("foreign_cores", 0.0)))
+    best["attempts_foreign_cores"] = [
+        round(float(window(r).get("foreign_cores", 0.0)), 3) for r in results
+    ]
+    return best
 
 
 def verdict(ok: bool | None) -> str:

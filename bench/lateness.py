@@ -37,6 +37,7 @@ from bench.common import (
     percentiles,
     plot_cdf,
     pyplot,
+    quietest,
     rate_series,
     ratio,
     read_attempts,
@@ -44,7 +45,7 @@ from bench.common import (
     status_counts,
     throughput,
     verdict,
-    wait_until,
+    wait_for_count,
 )
 
 TARGET_P99_MS = 10.0
@@ -72,11 +73,14 @@ def sizes(args: argparse.Namespace) -> dict[str, float]:
 
 
 def run_ours(
-    run: BenchRun, stack: Stack, sampler: Sampler, size: dict[str, float]
+    run: BenchRun, stack: Stack, sampler: Sampler, size: dict[str, float], attempt: int = 0
 ) -> dict[str, Any]:
     args = run.args
+    queue = f"bench{attempt}"
+    if attempt:
+        stack.sql("TRUNCATE events CASCADE")
     settings = stack.settings(
-        "executor", executor={"concurrency": args.concurrency}, redis={"queue": "bench"}
+        f"executor{attempt}", executor={"concurrency": args.concurrency}, redis={"queue": queue}
     )
     executor = stack.role("executor", settings)
     executor.wait_ready()
@@ -84,13 +88,13 @@ def run_ours(
     profiler = Profiler(run)
     if args.profile:
         profiler.start("executor", executor.pid, size["duration"])
-    sampler.mark("ours_start")
+    sampler.mark(f"ours{attempt}_start")
     work_before = stack.server_stats()
     feeder = stack.helper(
-        "feeder",
+        f"feeder{attempt}",
         "bench.feeder",
         [
-            "steady", "--dsn", stack.dsn, "--redis", stack.redis_url, "--queue", "bench",
+            "steady", "--dsn", stack.dsn, "--redis", stack.redis_url, "--queue", queue,
             "--rate", str(size["rate"]), "--duration", str(size["duration"]),
             "--delay-min", str(size["delay_min"]), "--delay-max", str(size["delay_max"]),
         ],
@@ -98,15 +102,20 @@ def run_ours(
     feeder.wait(size["duration"] + 120)
     fed = feeder.result()
     log(f"fed {fed['sent']} events at {fed['achieved_rate']}/s (min lead {fed['min_lead_s']} s)")
-    wait_until(
-        lambda: executions_done([executor]) >= fed["sent"],
-        timeout=size["delay_max"] + 60,
+    wait_for_count(
+        lambda: executions_done([executor]),
+        fed["sent"],
+        stall=30,
+        cap=size["delay_max"] + 60 + 3 * size["duration"],
         what="every fed event succeeded",
     )
-    sampler.mark("ours_end")
+    sampler.mark(f"ours{attempt}_end")
     memory = sampler.memory().get("executor", {})
     time.sleep(1.2)  # PostgreSQL flushes its statistics about once a second
     work = stats_delta(work_before, stack.server_stats(), fed["sent"])
+    cpu = sampler.cpu_between(
+        f"ours{attempt}_start", f"ours{attempt}_end", exited={"feeder": fed["cpu_s"]}
+    )
     code = executor.stop()
     attempts = read_attempts(stack)
     return {
@@ -122,7 +131,7 @@ def run_ours(
         "service_ms": percentiles(attempts.service_ms),
         "server_work": work,
         "throughput_finished": throughput(attempts.finished),
-        "cpu": sampler.cpu_between("ours_start", "ours_end"),
+        "cpu": cpu,
         "memory": memory,
         "exit_code": code,
         "profile": profiler.finish(),
@@ -133,44 +142,56 @@ def run_ours(
 
 
 def run_stock(
-    run: BenchRun, stack: Stack, sampler: Sampler, size: dict[str, float], expect: int
+    run: BenchRun,
+    stack: Stack,
+    sampler: Sampler,
+    size: dict[str, float],
+    expect: int,
+    attempt: int = 0,
 ) -> dict[str, Any]:
     args = run.args
+    queue = f"stock{attempt}"
     worker = stack.helper(
-        "saq-worker",
+        f"saq-worker{attempt}",
         "bench.stock_saq",
         [
-            "worker", "--redis", stack.redis_url, "--queue", "stock", "--expect", str(expect),
+            "worker", "--redis", stack.redis_url, "--queue", queue, "--expect", str(expect),
             "--concurrency", str(args.saq_concurrency),
             "--timeout", str(size["duration"] + size["delay_max"] + 60),
         ],
     )  # fmt: skip
     worker.wait_for(lambda x: x.get("event") == "ready", 30)
     sampler.track("stock_saq", worker.pid)
-    sampler.mark("stock_start")
+    sampler.mark(f"stock{attempt}_start")
     feeder = stack.helper(
-        "saq-feeder",
+        f"saq-feeder{attempt}",
         "bench.stock_saq",
         [
-            "feed", "--redis", stack.redis_url, "--queue", "stock", "--count", str(expect),
+            "feed", "--redis", stack.redis_url, "--queue", queue, "--count", str(expect),
             "--rate", str(size["rate"]), "--duration", str(size["duration"]),
             "--delay-min", str(size["delay_min"]), "--delay-max", str(size["delay_max"]),
         ],
     )  # fmt: skip
     feeder.wait(size["duration"] + 120)
     worker.wait(size["duration"] + size["delay_max"] + 90)
-    sampler.mark("stock_end")
+    sampler.mark(f"stock{attempt}_end")
     result = worker.result()
+    fed = feeder.result()
     jobs = result["jobs"]
     lateness = [(start - scheduled) * 1000 for scheduled, start, _ in jobs]
     finished = [end for _, _, end in jobs if end]
     return {
-        "fed": feeder.result(),
+        "fed": fed,
         "finished": result["finished"],
         "lateness_ms": lateness_summary(lateness),
         "throughput_finished": throughput(finished),
         "cpu_s": result["cpu_work_s"],
-        "servers_cpu": sampler.cpu_between("stock_start", "stock_end"),
+        # The worker and the feeder exit inside the window: their own CPU figures.
+        "servers_cpu": sampler.cpu_between(
+            f"stock{attempt}_start",
+            f"stock{attempt}_end",
+            exited={"stock_saq": result["cpu_s"], "saq_feeder": fed["cpu_s"]},
+        ),
         "memory": {**sampler.memory().get("stock_saq", {}), "hwm_mb": result["vm_hwm_mb"]},
         "_lateness": lateness,
         "_finished": finished,
@@ -216,9 +237,20 @@ def main() -> None:
         with Stack(run, kafka=True) as stack:
             for name, pid in stack.server_pids().items():
                 sampler.track_cpu(name, pid)
-            ours = run_ours(run, stack, sampler, size)
+            ours = quietest(
+                run,
+                "eventsched run",
+                lambda n: run_ours(run, stack, sampler, size, n),
+                lambda r: r["cpu"],
+            )
             if not args.no_baseline:
-                stock = run_stock(run, stack, sampler, size, ours["fed"]["sent"])
+                expect = ours["fed"]["sent"]
+                stock = quietest(
+                    run,
+                    "stock SAQ run",
+                    lambda n: run_stock(run, stack, sampler, size, expect, n),
+                    lambda r: r["servers_cpu"],
+                )
     finally:
         sampler.stop()
 

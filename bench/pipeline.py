@@ -32,7 +32,7 @@ from bench.common import (
     read_attempts,
     stats_delta,
     status_counts,
-    wait_until,
+    wait_for_count,
 )
 
 QUEUE = "bench"
@@ -150,9 +150,11 @@ def run_pipeline(stack: Stack, sampler: Sampler, p: Pipeline, profiler: Profiler
         line = producer.wait_for(lambda x: x.get("event") == "producer_stopped", 5)
         generated = int(line.get("generated", 0))
         log(f"producer generated {generated:,} events in {time.time() - started:.1f} s")
-        finished = wait_until(
-            lambda: executions_done([executor]) >= generated,
-            timeout=p.delay_max + 60,
+        finished = wait_for_count(
+            lambda: executions_done([executor]),
+            generated,
+            stall=30,
+            cap=p.delay_max + 60 + 3 * p.duration,
             what="every generated event ran",
         )
     finally:

@@ -37,6 +37,7 @@ from bench.common import (
     parse_args,
     percentiles,
     pyplot,
+    quietest,
     rate_series,
     ratio,
     read_attempts,
@@ -44,7 +45,7 @@ from bench.common import (
     status_counts,
     throughput,
     verdict,
-    wait_until,
+    wait_for_count,
 )
 
 TARGET_ONE = 3000.0
@@ -69,13 +70,20 @@ def drain_timeout(count: int) -> float:
 
 
 def run_ours(
-    run: BenchRun, stack: Stack, sampler: Sampler, count: int, lead: float, processes: int
+    run: BenchRun,
+    stack: Stack,
+    sampler: Sampler,
+    count: int,
+    lead: float,
+    processes: int,
+    attempt: int = 0,
 ) -> dict[str, Any]:
     args = run.args
     stack.sql("TRUNCATE events CASCADE")
-    queue = f"tp{processes}"
+    tag = f"{processes}-{attempt}"
+    queue = f"tp{tag}"
     settings = stack.settings(
-        f"executor-{processes}", executor={"concurrency": args.concurrency}, redis={"queue": queue}
+        f"executor-{tag}", executor={"concurrency": args.concurrency}, redis={"queue": queue}
     )
     executors = [stack.role("executor", settings, index=i) for i in range(processes)]
     for ex in executors:
@@ -83,7 +91,7 @@ def run_ours(
         sampler.track(ex.name, ex.pid)
     due = time.time() + lead
     feeder = stack.helper(
-        f"preload-{processes}",
+        f"preload-{tag}",
         "bench.feeder",
         ["preload", "--dsn", stack.dsn, "--redis", stack.redis_url, "--queue", queue,
          "--count", str(count), "--due", repr(due)],
@@ -96,20 +104,22 @@ def run_ours(
     profiler = Profiler(run)
     if args.profile and processes == 1:
         profiler.start("executor", executors[0].pid, args.profile_seconds)
-    sampler.mark(f"ours{processes}_start")
+    sampler.mark(f"ours{tag}_start")
     work_before = stack.server_stats()
-    finished = wait_until(
-        lambda: executions_done(executors) >= count,
-        timeout=drain_timeout(count),
+    finished = wait_for_count(
+        lambda: executions_done(executors),
+        count,
+        stall=30,
+        cap=drain_timeout(count),
         what=f"{count} events succeeded",
     )
-    sampler.mark(f"ours{processes}_end")
+    sampler.mark(f"ours{tag}_end")
     memory = {ex.name: sampler.memory().get(ex.name, {}) for ex in executors}
     time.sleep(1.2)  # PostgreSQL flushes its statistics about once a second
     work = stats_delta(work_before, stack.server_stats(), count)
     codes = [ex.stop() for ex in executors]
     attempts = read_attempts(stack)
-    cpu = sampler.cpu_between(f"ours{processes}_start", f"ours{processes}_end")
+    cpu = sampler.cpu_between(f"ours{tag}_start", f"ours{tag}_end")
     executor_cpu = sum(v for k, v in cpu["cpu_s"].items() if k.startswith("executor"))
     return {
         "processes": processes,
@@ -134,27 +144,29 @@ def run_ours(
 
 
 def run_stock(
-    run: BenchRun, stack: Stack, sampler: Sampler, count: int, lead: float
+    run: BenchRun, stack: Stack, sampler: Sampler, count: int, lead: float, attempt: int = 0
 ) -> dict[str, Any]:
     args = run.args
+    queue = f"stock{attempt}"
     worker = stack.helper(
-        "saq-worker",
+        f"saq-worker{attempt}",
         "bench.stock_saq",
-        ["worker", "--redis", stack.redis_url, "--queue", "stock", "--expect", str(count),
+        ["worker", "--redis", stack.redis_url, "--queue", queue, "--expect", str(count),
          "--concurrency", str(args.saq_concurrency), "--timeout", str(lead + drain_timeout(count))],
     )  # fmt: skip
     worker.wait_for(lambda x: x.get("event") == "ready", 30)
     sampler.track("stock_saq", worker.pid)
     due = time.time() + lead
-    sampler.mark("stock_start")
     loader = stack.helper(
-        "saq-preload",
+        f"saq-preload{attempt}",
         "bench.stock_saq",
-        ["preload", "--redis", stack.redis_url, "--queue", "stock", "--count", str(count), "--due", repr(due)],
+        ["preload", "--redis", stack.redis_url, "--queue", queue, "--count", str(count), "--due", repr(due)],
     )  # fmt: skip
     loader.wait(lead + 300)
+    time.sleep(max(0.0, due - time.time()))
+    sampler.mark(f"stock{attempt}_start")
     worker.wait(lead + drain_timeout(count) + 30)
-    sampler.mark("stock_end")
+    sampler.mark(f"stock{attempt}_end")
     result = worker.result()
     finished = [end for _, _, end in result["jobs"] if end]
     lateness = [(start - scheduled) * 1000 for scheduled, start, _ in result["jobs"]]
@@ -164,7 +176,12 @@ def run_stock(
         "finished": result["finished"],
         "throughput_finished": throughput(finished),
         "burst_lateness_ms": lateness_summary(lateness),
-        "servers_cpu": sampler.cpu_between("stock_start", "stock_end"),
+        # The worker exits inside the window: its own CPU figure (from the drain's start).
+        "servers_cpu": sampler.cpu_between(
+            f"stock{attempt}_start",
+            f"stock{attempt}_end",
+            exited={"stock_saq": result["cpu_work_s"]},
+        ),
         "cpu_ms_per_job": round(1000 * result["cpu_work_s"] / max(1, result["finished"]), 3),
         "memory": {**sampler.memory().get("stock_saq", {}), "hwm_mb": result["vm_hwm_mb"]},
         "_finished": finished,
@@ -212,10 +229,19 @@ def main() -> None:
             for name, pid in stack.server_pids().items():
                 sampler.track_cpu(name, pid)
             for processes in process_counts:
-                ours.append(run_ours(run, stack, sampler, count, lead, processes))
+
+                def phase(attempt: int, k: int = processes) -> dict[str, Any]:
+                    return run_ours(run, stack, sampler, count, lead, k, attempt)
+
+                ours.append(quietest(run, f"{processes} executor(s)", phase, lambda r: r["cpu"]))
                 log(f"{processes} executor(s): {ours[-1]['throughput_finished']}")
             if not args.no_baseline:
-                stock = run_stock(run, stack, sampler, count, lead)
+                stock = quietest(
+                    run,
+                    "stock SAQ run",
+                    lambda n: run_stock(run, stack, sampler, count, lead, n),
+                    lambda r: r["servers_cpu"],
+                )
                 log(f"stock SAQ: {stock['throughput_finished']}")
     finally:
         sampler.stop()
