@@ -22,4 +22,9 @@ def _rebind_get_running_loop() -> None:
 
 _rebind_get_running_loop()
 
+# trio-asyncio runs one asyncio callback per trio scheduler pass; run them in batches.
+from eventsched.core import aioloop  # noqa: E402  # isort: skip
+
+aioloop.install()
+
 __version__ = "0.1.0"

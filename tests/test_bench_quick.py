@@ -96,3 +96,15 @@ def test_memory_quick(tmp_path: Path) -> None:
     assert r["lateness_ms"]["early"] == 0
     assert all(r["memory"][role]["hwm_mb"] > 0 for role in ("consumer", "executor"))
     assert r["rss_series"]["executor"][0]
+
+
+def test_loop_quick() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.loop", "--quick"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["benchmark"] == "loop" and doc["quick"] is True
+    assert set(doc["us_per_wakeup"]) == {"asyncio", "trio-asyncio stock", "trio-asyncio batched"}
+    assert all(v > 0 for v in doc["us_per_wakeup"].values())
