@@ -6,11 +6,13 @@ Configured once by the composition root. Every line carries ``ts``, ``level``, `
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Literal
 
+import msgspec
 import structlog
 
 _LEVELS = {
@@ -30,6 +32,20 @@ def _add_logger_name(
     return event_dict
 
 
+_encoder = msgspec.json.Encoder(enc_hook=repr)
+
+
+def _dumps(event_dict: Any, **_: Any) -> str:
+    """JSON for one log line: msgspec (about half the CPU of ``json.dumps`` per line, which
+    matters for the ``log`` handler's line per event); datetimes and UUIDs as strings,
+    anything else unknown as its ``repr``. What msgspec refuses (non-string keys it cannot
+    encode, integers beyond 64 bits) goes through the standard library instead."""
+    try:
+        return _encoder.encode(event_dict).decode()
+    except (TypeError, ValueError, OverflowError):
+        return json.dumps(event_dict, default=repr)
+
+
 def configure_logging(
     level: str = "info",
     fmt: Literal["auto", "json", "console"] = "auto",
@@ -41,7 +57,7 @@ def configure_logging(
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=out.isatty())
         if use_console
-        else structlog.processors.JSONRenderer()
+        else structlog.processors.JSONRenderer(serializer=_dumps)
     )
     numeric = _LEVELS.get(level, logging.INFO)
     structlog.configure(

@@ -63,6 +63,7 @@ import secrets
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -702,6 +703,7 @@ class Executor:
         """After a batch of outcomes committed (on the loop): count, log, enqueue retries
         (one Redis call per batch, in a task), hand dead events to the DLQ publisher."""
         retries: list[ScheduledJob] = []
+        counts: Counter[tuple[str, str]] = Counter()  # one inc() per label and status
         for outcome, ok in zip(outcomes, recorded, strict=True):
             if not ok:
                 # Someone else moved the event on (the reconciler took the attempt over).
@@ -711,9 +713,7 @@ class Executor:
                 )  # fmt: skip
                 continue
             status = outcome.status
-            metrics.EXECUTIONS.labels(
-                outcome.label, "retried" if status == "retrying" else status
-            ).inc()
+            counts[outcome.label, "retried" if status == "retrying" else status] += 1
             if status == "succeeded":
                 continue
             if status == "retrying":
@@ -736,6 +736,8 @@ class Executor:
                     else round(outcome.next_attempt_at - outcome.finished, 3)
                 ),
             )
+        for (label, status), n in counts.items():
+            metrics.EXECUTIONS.labels(label, status).inc(n)
         if retries:
             task = asyncio.ensure_future(self._enqueue_retries(retries))
             self._retrying.add(task)
