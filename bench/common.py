@@ -75,8 +75,11 @@ FAST_GROUP_CONFIG: Mapping[str, int] = {
 LOG_HANDLER = "eventsched.plugins.handlers:log"
 #: Event type of the events the feeders create.
 EVENT_TYPE = "bench.event"
-#: Executor slots, as in the peers' table (one worker process, concurrency 10).
+#: Stock SAQ's slots, as in the peers' table (one worker process, concurrency 10).
 PEER_CONCURRENCY = 10
+#: Our executor's slots in the benchmarks: what config/settings.toml recommends for load
+#: (each job waits a few ms for its PostgreSQL claim: rate x latency, 256 at 1,000/s).
+RECOMMENDED_CONCURRENCY = 256
 
 _PR_SET_PDEATHSIG = 1
 
@@ -726,7 +729,7 @@ class Stack:
         base: dict[str, dict[str, Any]] = {
             "kafka": {"partitions": 3},
             "handlers": {"default": LOG_HANDLER},
-            "executor": {"concurrency": PEER_CONCURRENCY},
+            "executor": {"concurrency": RECOMMENDED_CONCURRENCY},
             "logging": {"format": "json", "level": level},
             "shutdown": {"grace": "10s"},
         }

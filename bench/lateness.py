@@ -1,6 +1,6 @@
 """Target 1 — on time: start lateness at a steady rate, eventsched's executor vs stock SAQ.
 
-One executor process (``executor.concurrency`` 10, handler ``log``) runs events fed at
+One executor process (``executor.concurrency`` 256, handler ``log``) runs events fed at
 ``--rate`` events/s for ``--duration`` s, each due ``U(--delay-min, --delay-max)`` s after it
 is fed; rows go to PostgreSQL and jobs to Redis the consumer's way (``bench.feeder``).
 Lateness is read back from ``event_attempts`` (``lateness_ms``; "never early" also checks
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    PEER_CONCURRENCY,
+    RECOMMENDED_CONCURRENCY,
     BenchRun,
     Profiler,
     Sampler,
@@ -57,8 +59,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=None, help="seconds (60; quick 2)")
     parser.add_argument("--delay-min", type=float, default=None, help="s (2; quick 0.5)")
     parser.add_argument("--delay-max", type=float, default=None, help="s (10; quick 1)")
-    parser.add_argument("--concurrency", type=int, default=10, help="executor slots")
-    parser.add_argument("--saq-concurrency", type=int, default=10, help="stock SAQ worker slots")
+    parser.add_argument(
+        "--concurrency", type=int, default=RECOMMENDED_CONCURRENCY, help="executor slots (256)"
+    )
+    parser.add_argument(
+        "--saq-concurrency", type=int, default=PEER_CONCURRENCY, help="stock SAQ worker slots (10)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip stock SAQ")
 
 

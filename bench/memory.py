@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    RECOMMENDED_CONCURRENCY,
     BenchRun,
     Profiler,
     Sampler,
@@ -49,7 +50,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=None, help="seconds (60; quick 2)")
     parser.add_argument("--delay-min", type=float, default=None)
     parser.add_argument("--delay-max", type=float, default=None)
-    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument(
+        "--concurrency", type=int, default=RECOMMENDED_CONCURRENCY, help="executor slots (256)"
+    )
     parser.add_argument("--profile-seconds", type=float, default=20.0)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.common import (
     FAST_GROUP_CONFIG,
+    RECOMMENDED_CONCURRENCY,
     Profiler,
     Role,
     Sampler,
@@ -55,7 +56,7 @@ class Pipeline:
     duration: float
     delay_min: float
     delay_max: float
-    concurrency: int = 10
+    concurrency: int = RECOMMENDED_CONCURRENCY
     profile: bool = False
     profile_seconds: float = 20.0
     samples: list[LagSample] = field(default_factory=list)

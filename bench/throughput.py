@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    PEER_CONCURRENCY,
+    RECOMMENDED_CONCURRENCY,
     BenchRun,
     Profiler,
     Sampler,
@@ -55,8 +57,12 @@ TARGET_SCALING = 1.7
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=None, help="events (100000; quick 800)")
     parser.add_argument("--executors", default="1,2", help="executor process counts to run")
-    parser.add_argument("--concurrency", type=int, default=10, help="slots per executor")
-    parser.add_argument("--saq-concurrency", type=int, default=10, help="stock SAQ worker slots")
+    parser.add_argument(
+        "--concurrency", type=int, default=RECOMMENDED_CONCURRENCY, help="slots per executor (256)"
+    )
+    parser.add_argument(
+        "--saq-concurrency", type=int, default=PEER_CONCURRENCY, help="stock SAQ worker slots (10)"
+    )
     parser.add_argument(
         "--lead", type=float, default=None, help="s from load start to due (25; quick 2)"
     )
