@@ -64,6 +64,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
 import trio
 import trio_asyncio
 from redis import asyncio as aioredis
@@ -191,6 +192,9 @@ return id_jobs
 # Seconds a claimed job may stay QUEUED in `active` before the sweep believes its worker died.
 _CLAIM_GRACE = 5.0
 
+_JSON_ENCODER = msgspec.json.Encoder()
+_JSON_DECODER = msgspec.json.Decoder()
+
 _JOB_FIELDS = [(field.name, field.default) for field in dataclasses.fields(Job)]
 _JOB_DEFAULTS = dict(_JOB_FIELDS)
 
@@ -255,6 +259,11 @@ class OnTimeQueue(RedisQueue):
         enqueue_chunk: int = 500,
         **kwargs: Any,
     ) -> None:
+        # msgspec instead of SAQ's json.dumps/json.loads: the same JSON (stock SAQ workers and
+        # tools read it), ~10x cheaper to write and ~3x to read; every job is written twice
+        # (enqueue, finish) and read once.
+        kwargs.setdefault("dump", _JSON_ENCODER.encode)
+        kwargs.setdefault("load", _JSON_DECODER.decode)
         super().__init__(redis, name=name, **kwargs)
         self.ttl = ttl  # seconds a finished job's record is kept (SAQ's default is 600)
         self.move_limit = move_limit  # bounds the time one script blocks Redis
@@ -765,7 +774,9 @@ class _Batcher:
 
     @staticmethod
     def encode(batch: _Batch) -> str:
-        return json.dumps([command for commands, _ in batch for command in commands])
+        return _JSON_ENCODER.encode(
+            [command for commands, _ in batch for command in commands]
+        ).decode()
 
     @staticmethod
     def settle(batch: _Batch, error: BaseException | None) -> None:
