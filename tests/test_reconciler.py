@@ -98,26 +98,104 @@ def add_attempt(dsn: str, event: NewEvent, attempt: int, ago: float, outcome: st
 # -- Redis lost everything ---------------------------------------------------------------------
 
 
-async def test_flushall_with_500_pending_events_reenqueues_them_and_each_runs_once(
-    make_settings: Any, database: str, own_redis: str
+def marker(url: str, queue: str) -> str | None:
+    client = redis.Redis.from_url(url)
+    try:
+        value = client.get(f"saq:{queue}:eventsched:epoch")
+    finally:
+        client.close()
+    return None if value is None else value.decode()
+
+
+async def test_flushall_restores_every_pending_event_before_it_is_due_and_each_runs_once(
+    make_settings: Any, database: str, own_redis: str, names: Names
 ) -> None:
     settings = reconciling_settings(make_settings, redis={"url": own_redis})
-    events = new_events(500, due=time.time() + 1.5)
-    await trio.to_thread.run_sync(insert_events, database, events)
-    requeued = sample("eventsched_reconciler_requeued_total", reason="overdue")
+    now = time.time()
+    # 500 due in 2.5-3.5 s and 20 retrying events (attempt 2 due in 3 s), none of them in
+    # Redis when it is flushed.
+    events = new_events(500, due=lambda i: now + 2.5 + i / 500)
+    retrying = new_events(20, due=now - 30)
+
+    def setup() -> None:
+        insert_events(database, events)
+        insert_events(database, retrying, status="retrying", attempts=1,
+                      next_attempt_at=_ts(now + 3))  # fmt: skip
+        for event in retrying:
+            add_attempt(database, event, 1, 20, "retried")
+
+    await trio.to_thread.run_sync(setup)
+    restored = sample("eventsched_reconciler_requeued_total", reason="redis_lost")
+    overdue = sample("eventsched_reconciler_requeued_total", reason="overdue")
     async with running_executor(settings) as harness:
         assert await harness.enqueue(events) == 500
-        assert (await harness.jobs.counts())["scheduled"] == 500
+        # The leader's first pass leaves its marker; a flush after that is noticed.
+        await wait_until(lambda: marker(own_redis, names.queue) == "ok", limit=5)
         await trio.to_thread.run_sync(flush_redis, own_redis)
         assert (await harness.jobs.counts())["scheduled"] == 0
-        await wait_until(all_finished(database, 500), limit=20)
+        await wait_until(all_finished(database, 520), limit=20)
+        assert await trio.to_thread.run_sync(marker, own_redis, names.queue) == "ok"
 
-    assert await trio.to_thread.run_sync(status_counts, database) == {"succeeded": 500}
+    assert await trio.to_thread.run_sync(status_counts, database) == {"succeeded": 520}
     rows = await trio.to_thread.run_sync(attempt_rows, database)
-    assert len(rows) == 500 and {r.attempt for r in rows} == {1}
-    assert sorted(exec_handlers.PER_EVENT.values()) == [1] * 500
-    assert sample("eventsched_reconciler_requeued_total", reason="overdue") == requeued + 500
-    # Due at 1.5 s, re-enqueued once overdue by the grace (0.3 s) at the next pass.
+    assert len(rows) == 540  # 500 first attempts, 20 x (retried attempt 1 + attempt 2)
+    assert sorted(exec_handlers.PER_EVENT.values()) == [1] * 520
+    assert sample("eventsched_reconciler_requeued_total", reason="redis_lost") == restored + 520
+    assert sample("eventsched_reconciler_requeued_total", reason="overdue") == overdue
+    # Restored before they were due (within a pass of the flush): on time, never early,
+    # not grace (0.3 s) late as the overdue path would have them.
+    lateness = [r.started_at - r.scheduled_for for r in rows if r.outcome == "succeeded"]
+    assert min(lateness) >= 0
+    assert max(lateness) < 0.3
+
+
+async def test_a_restore_spans_passes_and_starts_over_when_redis_is_lost_again(
+    make_settings: Any, database: str, own_redis: str, names: Names, monkeypatch: Any
+) -> None:
+    """Pages are bounded per pass: a big restore continues over several passes (the marker
+    says so meanwhile), and a second loss during it starts it over."""
+    monkeypatch.setattr("eventsched.plugins.reconciler.MAX_PAGES", 1)
+    settings = reconciling_settings(
+        make_settings, redis={"url": own_redis}, reconciler={"batch": 50, "interval": "1h"}
+    )
+    events = new_events(120, due=time.time() + 600)
+    await trio.to_thread.run_sync(insert_events, database, events)
+    async with running_executor(settings) as harness:
+        reconciler = harness.executor.reconciler
+        assert reconciler is not None
+        await wait_until(lambda: marker(own_redis, names.queue) == "ok", limit=5)
+        await trio.to_thread.run_sync(flush_redis, own_redis)
+        assert (await reconciler.reconcile_once())["redis_lost"] == 50
+        first = await trio.to_thread.run_sync(marker, own_redis, names.queue)
+        assert first is not None and first.startswith("restoring:")
+        await trio.to_thread.run_sync(flush_redis, own_redis)  # lost again, half done
+        assert (await reconciler.reconcile_once())["redis_lost"] == 50  # from the start
+        second = await trio.to_thread.run_sync(marker, own_redis, names.queue)
+        assert second is not None and second.startswith("restoring:") and second != first
+        assert (await reconciler.reconcile_once())["redis_lost"] == 50
+        assert (await reconciler.reconcile_once())["redis_lost"] == 20
+        # Scheduled events done; the retrying ones (none) take the next pass's page.
+        assert (await trio.to_thread.run_sync(marker, own_redis, names.queue)) == second
+        assert (await reconciler.reconcile_once())["redis_lost"] == 0
+        assert await trio.to_thread.run_sync(marker, own_redis, names.queue) == "ok"
+        assert (await reconciler.reconcile_once())["redis_lost"] == 0
+        assert (await harness.jobs.counts())["scheduled"] == 120
+
+
+async def test_jobs_missing_without_a_redis_loss_come_back_grace_after_their_due_time(
+    make_settings: Any, database: str, own_redis: str
+) -> None:
+    """Enqueues lost between PostgreSQL and Redis (a consumer crash) leave no trace in
+    Redis: the overdue path re-enqueues them once overdue by the grace."""
+    settings = reconciling_settings(make_settings, redis={"url": own_redis})
+    events = new_events(100, due=time.time() + 1.0)
+    await trio.to_thread.run_sync(insert_events, database, events)  # never enqueued
+    overdue = sample("eventsched_reconciler_requeued_total", reason="overdue")
+    async with running_executor(settings):
+        await wait_until(all_finished(database, 100), limit=20)
+    rows = await trio.to_thread.run_sync(attempt_rows, database)
+    assert len(rows) == 100 and sorted(exec_handlers.PER_EVENT.values()) == [1] * 100
+    assert sample("eventsched_reconciler_requeued_total", reason="overdue") == overdue + 100
     assert min(r.started_at - r.scheduled_for for r in rows) >= 0.3
 
 

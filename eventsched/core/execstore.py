@@ -362,6 +362,17 @@ _OVERDUE_SQL: Final = {
         WHERE status = 'retrying' AND next_attempt_at < now() - make_interval(secs => %(age)s)
           AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY next_attempt_at, id LIMIT %(limit)s""",
+    # Restoring after Redis lost its data: every pending event, whatever its due time.
+    "restore_scheduled": """
+        SELECT id::text, attempts, execute_at FROM events
+        WHERE status = 'scheduled'
+          AND (execute_at, id) > (%(at)s, %(id)s::uuid)
+        ORDER BY execute_at, id LIMIT %(limit)s""",
+    "restore_retrying": """
+        SELECT id::text, attempts, next_attempt_at FROM events
+        WHERE status = 'retrying'
+          AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
+        ORDER BY next_attempt_at, id LIMIT %(limit)s""",
     "stale_running": """
         SELECT id::text, attempts, updated_at FROM events
         WHERE status = 'running' AND updated_at < now() - make_interval(secs => %(age)s)
@@ -376,8 +387,9 @@ async def candidates(
     """One page of events needing the reconciler, oldest first.
 
     ``reason``: ``overdue`` (scheduled, due more than ``age`` s ago), ``retry_overdue``
-    (retrying, next attempt due more than ``age`` s ago) or ``stale_running`` (running, no
-    heartbeat for ``age`` s).
+    (retrying, next attempt due more than ``age`` s ago), ``stale_running`` (running, no
+    heartbeat for ``age`` s), or ``restore_scheduled`` / ``restore_retrying`` (every
+    scheduled / retrying event, soonest due first; ``age`` is not used).
     """
     rows = await db.fetchall(
         _OVERDUE_SQL[reason],
@@ -393,6 +405,8 @@ _STILL_SQL: Final = {
         JOIN unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS r(id, attempts) ON r.id = e.id
         WHERE e.status = 'retrying' AND e.attempts = r.attempts""",
 }
+_STILL_SQL["restore_scheduled"] = _STILL_SQL["overdue"]
+_STILL_SQL["restore_retrying"] = _STILL_SQL["retry_overdue"]
 
 
 async def still_waiting(db: Database, reason: str, found: Sequence[Candidate]) -> set[str]:

@@ -192,6 +192,15 @@ return id_jobs
 # Seconds a claimed job may stay QUEUED in `active` before the sweep believes its worker died.
 _CLAIM_GRACE = 5.0
 
+# Compare-and-set of the reconciler's epoch marker.
+_MARKER_CAS_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2])
+    return 1
+end
+return 0
+"""
+
 _JSON_ENCODER = msgspec.json.Encoder()
 _JSON_DECODER = msgspec.json.Decoder()
 
@@ -1359,3 +1368,32 @@ class JobQueue:
         """The subset of ``keys`` whose jobs are pending (one round trip, for reconciling)."""
         flags = await self._call(self._queue.pending, list(keys))
         return {key for key, flag in zip(keys, flags, strict=True) if flag}
+
+    # -- the epoch marker: did Redis lose its data? -------------------------------------------
+
+    @property
+    def marker_key(self) -> str:
+        return self._queue.namespace("eventsched:epoch")
+
+    async def get_marker(self) -> str | None:
+        """The reconciler's marker (see :mod:`eventsched.plugins.reconciler`); None if absent:
+        never set, or Redis lost its data since (FLUSHALL, a restart without persistence)."""
+        value = await self._call(self._queue.redis.get, self.marker_key)
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    async def set_marker(self, value: str, *, expect: str | None = None) -> bool:
+        """Set the marker; with ``expect``, only if it still holds exactly that (else False:
+        Redis lost it meanwhile, or someone else changed it)."""
+        if expect is None:
+            return bool(await self._call(self._queue.redis.set, self.marker_key, value))
+        swapped = await self._call(
+            self._queue.redis.eval,
+            _MARKER_CAS_LUA,
+            1,
+            self.marker_key,
+            expect,
+            value,
+        )
+        return bool(swapped)

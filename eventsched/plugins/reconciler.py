@@ -16,6 +16,17 @@ Runs inside the executor role, one leader at a time across all executor processe
 * republishes dead events whose DLQ message was not acknowledged (a crash between the dead
   transition and the publish) after ``grace``.
 
+Redis losing its data (FLUSHALL, a restart without persistence) is also noticed at once:
+the leader keeps a marker key in the queue's namespace (``saq:<queue>:eventsched:epoch``).
+When a marker it has seen is gone, Redis lost everything since the last pass, so the leader
+enqueues every ``scheduled`` and ``retrying`` event again (``restore``, metric reason
+``redis_lost``), soonest due first, up to ``MAX_PAGES`` pages a pass, before anything
+else; jobs due later than that pass run on time instead of ``grace`` late. The marker reads
+``restoring:<token>`` until the restore completes (compare-and-set), so a loss during the
+restore, or a new leader finding one half done, starts it over. A loss while no reconciler
+runs (or before a new leader's first pass) cannot be told from a first start: the paths
+below then repair it, ``grace`` after each job's due time.
+
 This covers Redis losing data (FLUSHALL, a restart without persistence), enqueues lost
 between PostgreSQL and Redis (consumer or executor crash), and workers killed mid-job. Every
 re-enqueue uses the executor's key scheme, so a job that does exist is never doubled, and
@@ -41,7 +52,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeVar
 
 import psycopg
@@ -63,6 +76,11 @@ T = TypeVar("T")
 
 #: Pages of ``reconciler.batch`` rows one pass looks at per reason, at most.
 MAX_PAGES: Final = 50
+#: Marker values (see the module docstring).
+MARKER_OK: Final = "ok"
+MARKER_RESTORING: Final = "restoring:"
+#: What a restore walks through, in order, and the job attempt each one enqueues.
+RESTORE_REASONS: Final = ("restore_scheduled", "restore_retrying")
 JobFor = Callable[[str, int, float], ScheduledJob]
 
 
@@ -157,6 +175,16 @@ class LeaderLock:
                 await trio_asyncio.aio_as_trio(conn.close)()
 
 
+@dataclass
+class _Restore:
+    """A restore in progress: what is left to walk through, and where."""
+
+    marker: str  # the marker value while it runs
+    reasons: list[str] = field(default_factory=lambda: list(RESTORE_REASONS))
+    cursor: Cursor = field(default_factory=Cursor)
+    restored: int = 0
+
+
 class Reconciler:
     """See the module docstring; ``run`` until cancelled."""
 
@@ -186,6 +214,8 @@ class Reconciler:
             connect_timeout=float(settings.postgres.connect_timeout),
         )
         self.passes = 0
+        self._seen_marker = False  # this process has seen the epoch marker in Redis
+        self._restore: _Restore | None = None  # a restore in progress
 
     # -- leadership loop -----------------------------------------------------------------------
 
@@ -237,6 +267,7 @@ class Reconciler:
         """One pass over every reason; returns how many events each one re-enqueued
         (``dlq_republished``: dead events published again)."""
         done = {
+            "redis_lost": await self._restore_if_lost(),
             "overdue": await self._requeue("overdue", self._grace, lambda c: 1),
             "retry_overdue": await self._requeue(
                 "retry_overdue", self._grace, lambda c: c.attempts + 1
@@ -270,20 +301,84 @@ class Reconciler:
         self, reason: str, age: float, attempt_of: Callable[[Candidate], int]
     ) -> int:
         async def handle(page: list[Candidate]) -> int:
-            jobs = [self._job_for(c.event_id, attempt_of(c), c.at.timestamp()) for c in page]
-            pending = await self._jobs.pending_keys([job.key for job in jobs])
-            missing = [
-                (c, job) for c, job in zip(page, jobs, strict=True) if job.key not in pending
-            ]
-            if missing:
-                still = await execstore.still_waiting(self._db, reason, [c for c, _ in missing])
-                missing = [(c, job) for c, job in missing if c.event_id in still]
-            added = await self._jobs.enqueue_many([job for _, job in missing]) if missing else 0
-            if added:
-                metrics.RECONCILER_REQUEUED.labels(reason).inc(added)
-            return added
+            return await self._requeue_page(reason, reason, page, attempt_of)
 
         return await self._each_page(reason, age, handle)
+
+    async def _requeue_page(
+        self,
+        reason: str,
+        label: str,
+        page: list[Candidate],
+        attempt_of: Callable[[Candidate], int],
+    ) -> int:
+        """Enqueue the jobs of ``page`` that are not pending and whose event is still in
+        the state ``reason`` found it in; returns how many were added."""
+        jobs = [self._job_for(c.event_id, attempt_of(c), c.at.timestamp()) for c in page]
+        pending = await self._jobs.pending_keys([job.key for job in jobs])
+        missing = [(c, job) for c, job in zip(page, jobs, strict=True) if job.key not in pending]
+        if missing:
+            still = await execstore.still_waiting(self._db, reason, [c for c, _ in missing])
+            missing = [(c, job) for c, job in missing if c.event_id in still]
+        added = await self._jobs.enqueue_many([job for _, job in missing]) if missing else 0
+        if added:
+            metrics.RECONCILER_REQUEUED.labels(label).inc(added)
+        return added
+
+    # -- Redis lost its data: restore every pending job ------------------------------------------
+
+    async def _restore_if_lost(self) -> int:
+        """Check the epoch marker; restore (part of) the queue if Redis lost its data."""
+        marker = await self._jobs.get_marker()
+        restore = self._restore
+        if restore is not None and marker != restore.marker:
+            restore = None  # lost again during the restore: start over
+            self._seen_marker = True
+        if restore is None:
+            if marker is None and not self._seen_marker:
+                # Never seen: a first start (or a loss before this leader's first pass).
+                await self._jobs.set_marker(MARKER_OK)
+                self._seen_marker = True
+                return 0
+            if marker is not None and not marker.startswith(MARKER_RESTORING):
+                self._seen_marker = True
+                return 0
+            # Gone since we saw it, or a restore that another leader left half done.
+            restore = _Restore(f"{MARKER_RESTORING}{secrets.token_hex(8)}")
+            await self._jobs.set_marker(restore.marker)
+            log.warning(
+                "redis_data_lost",
+                queue=self._jobs.name,
+                note="enqueuing every scheduled and retrying event again, soonest first",
+            )
+        self._restore = restore
+        added = 0
+        pages = 0
+        attempt_of: dict[str, Callable[[Candidate], int]] = {
+            "restore_scheduled": lambda c: 1,
+            "restore_retrying": lambda c: c.attempts + 1,
+        }
+        while restore.reasons and pages < MAX_PAGES:
+            reason = restore.reasons[0]
+            page = await execstore.candidates(
+                self._db, reason, age=0.0, limit=self._batch, after=restore.cursor
+            )
+            pages += 1
+            if page:
+                n = await self._requeue_page(reason, "redis_lost", page, attempt_of[reason])
+                added += n
+                restore.restored += n
+                restore.cursor = Cursor(page[-1].at, page[-1].event_id)
+            if len(page) < self._batch:
+                restore.reasons.pop(0)
+                restore.cursor = Cursor()
+        if not restore.reasons:
+            self._restore = None
+            if await self._jobs.set_marker(MARKER_OK, expect=restore.marker):
+                log.info("redis_restore_done", queue=self._jobs.name, enqueued=restore.restored)
+            else:
+                log.warning("redis_data_lost_during_restore", queue=self._jobs.name)
+        return added
 
     async def _take_over_stale(self) -> int:
         return await self._each_page("stale_running", self._stale_after, self._take_over_page)
