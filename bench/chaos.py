@@ -250,7 +250,9 @@ class Chaos:
         self.faults: list[Fault] = []
         self.role_deaths: list[str] = []
 
-    def schedule(self, duration: float, warmup: float) -> None:
+    def schedule(
+        self, duration: float, warmup: float, gap: tuple[float, float] = (1.0, 3.0)
+    ) -> None:
         """Every kind once (shuffled), then random kinds while time remains; main thread only
         (servers and roles are forked here: their PDEATHSIG is tied to the forking thread)."""
         kinds = list(FAULT_KINDS)
@@ -262,7 +264,7 @@ class Chaos:
         while kinds or time.monotonic() < t_end - 8:
             kind = kinds.pop(0) if kinds else self.rng.choice(FAULT_KINDS)
             self.fire(kind)
-            time.sleep(self.rng.uniform(1.0, 3.0))
+            time.sleep(self.rng.uniform(*gap))
         time.sleep(max(0.0, t_end - time.monotonic()))
 
     def fire(self, kind: str) -> None:
@@ -485,6 +487,7 @@ def table(r: Mapping[str, Any], seed: int, rate: float, duration: float) -> str:
     li, lo = r["lateness_ms_inside_faults"], r["lateness_ms_outside_faults"]
     rows = [
         ("seed / rate / duration", f"{seed} / {rate:g} events/s / {duration:g} s"),
+        ("gap between faults", "{:g}-{:g} s".format(*r.get("fault_gap", (1.0, 3.0)))),
         ("events produced (acked)", r["produced"]),
         ("succeeded", r["succeeded"]),
         ("dead (retries exhausted)", r["dead"]),
@@ -533,6 +536,17 @@ def role_settings(path: Path, args: argparse.Namespace) -> Path:
     )
 
 
+def _gap(text: str) -> tuple[float, float]:
+    low, _, high = text.partition("-")
+    try:
+        gap = (float(low), float(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX seconds, got {text!r}") from None
+    if not 0 <= gap[0] <= gap[1]:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
+    return gap
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=120.0, help="load seconds (120)")
@@ -543,6 +557,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--error-rate", type=float, default=0.2, help="simulate failures (0.2)")
     parser.add_argument(
         "--handler-ms", type=int, default=100, help="simulate duration: kills hit running jobs"
+    )
+    parser.add_argument(
+        "--fault-gap",
+        type=_gap,
+        default=(1.0, 3.0),
+        metavar="MIN-MAX",
+        help="seconds between two faults, uniform (1-3: faults back to back; a soak that "
+        "measures lateness between faults wants e.g. 20-40)",
     )
     parser.add_argument("--drain-timeout", type=float, default=120.0, help="s (120)")
     parser.add_argument("--json", type=Path, default=None, help="result file")
@@ -570,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load = Load(bootstrap, args.rate, (args.delay_min, args.delay_max), seed)
         load.thread.start()
         chaos = Chaos(stack, roles, load, random.Random(seed))
-        chaos.schedule(args.duration, warmup=min(8.0, args.duration / 10))
+        chaos.schedule(args.duration, warmup=min(8.0, args.duration / 10), gap=args.fault_gap)
         load.finish()
         log(f"load stopped: {len(load.ledger.produced)} acked; draining")
         drain_start = time.monotonic()
@@ -593,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         exits = roles.stop_all()
         stack.stop()
     result.update(
-        seed=seed, rate=args.rate, duration=args.duration, drain_s=drain_s, role_exits=exits,
+        seed=seed, rate=args.rate, duration=args.duration, fault_gap=args.fault_gap,
+        drain_s=drain_s, role_exits=exits,
         role_restarts=dict(roles.restarts), workdir=str(workdir),
         faults=[vars(f) for f in chaos.faults], unexpected_role_exits=chaos.role_deaths,
     )  # fmt: skip
