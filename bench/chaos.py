@@ -499,6 +499,7 @@ def table(r: Mapping[str, Any], seed: int, rate: float, duration: float) -> str:
         ("dead events with a lost attempt", r["dead_with_a_lost_attempt"]),
         ("DLQ by reason", ", ".join(f"{k} {v}" for k, v in r["dlq_by_reason"].items())),
         ("malformed sent / in DLQ", f"{r['malformed_sent']} / {r['malformed_in_dlq']}"),
+        ("dead letters published twice (at-least-once, after a crash)", r["dlq_redelivered"]),
         ("faults by kind", ", ".join(f"{k} {v}" for k, v in r["faults_by_kind"].items())),
         ("lateness in faults p50 / p99 ms", f"{p(li, 'p50')} / {p(li, 'p99')} (n={li['count']})"),
         ("lateness outside p50 / p99 ms", f"{p(lo, 'p50')} / {p(lo, 'p99')} (n={lo['count']})"),
