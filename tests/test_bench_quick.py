@@ -108,3 +108,15 @@ def test_loop_quick() -> None:
     assert doc["benchmark"] == "loop" and doc["quick"] is True
     assert set(doc["us_per_wakeup"]) == {"asyncio", "trio-asyncio stock", "trio-asyncio batched"}
     assert all(v > 0 for v in doc["us_per_wakeup"].values())
+
+
+def test_pg_statements_quick() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.pg_statements", "--quick"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["benchmark"] == "pg_statements" and doc["quick"] is True
+    assert [r["batch"] for r in doc["rows"]] == [1, 5]
+    assert all(r["events"] == 40 and r["backend_cpu_us_per_event"] >= 0 for r in doc["rows"])
