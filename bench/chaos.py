@@ -18,7 +18,8 @@ lost, duplicated or stuck (or a dead letter / malformed message is missing or mi
 
     python -m bench.chaos                          # 120 s at 150 events/s, random seed
     python -m bench.chaos --duration 60 --seed 7   # the CI run (tests/test_chaos.py)
-    python -m bench.chaos --duration 1800 --seed N # the soak; replay a failure with its seed
+    python -m bench.chaos --duration 1800 --fault-gap 20-40   # the 30-minute soak
+    python -m bench.chaos --seed N ...             # replay a failure with its seed
 """
 
 from __future__ import annotations
