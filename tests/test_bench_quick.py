@@ -98,25 +98,25 @@ def test_memory_quick(tmp_path: Path) -> None:
     assert r["rss_series"]["executor"][0]
 
 
-def test_loop_quick() -> None:
+def run_json(name: str) -> dict[str, Any]:
+    """Run ``bench.<name> --quick`` (a script without the harness: it prints one JSON line)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.loop", "--quick"],
+        [sys.executable, "-m", f"bench.{name}", "--quick"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    doc = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert doc["benchmark"] == "loop" and doc["quick"] is True
+    doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["benchmark"] == name and doc["quick"] is True
+    return doc
+
+
+def test_loop_quick() -> None:
+    doc = run_json("loop")
     assert set(doc["us_per_wakeup"]) == {"asyncio", "trio-asyncio stock", "trio-asyncio batched"}
     assert all(v > 0 for v in doc["us_per_wakeup"].values())
 
 
 def test_pg_statements_quick() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.pg_statements", "--quick"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    doc = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert doc["benchmark"] == "pg_statements" and doc["quick"] is True
+    doc = run_json("pg_statements")
     assert [r["batch"] for r in doc["rows"]] == [1, 5]
     assert all(r["events"] == 40 and r["backend_cpu_us_per_event"] >= 0 for r in doc["rows"])
