@@ -62,32 +62,39 @@ class Pipeline:
     samples: list[LagSample] = field(default_factory=list)
 
 
+def _lag_sample(
+    r: Any, producer: Role | None, consumer: Role, produced: float, consumed: float
+) -> LagSample:
+    """One sample; ``produced``/``consumed`` stand when a role's metrics are unreachable
+    (the producer after the load) or when ``producer`` is None (the count is known)."""
+    now = time.time()
+    pipe = r.pipeline(transaction=False)
+    pipe.zcount(f"saq:{QUEUE}:incomplete", 1, now - 0.005)
+    pipe.llen(f"saq:{QUEUE}:queued")
+    pipe.llen(f"saq:{QUEUE}:active")
+    overdue, queued, active = pipe.execute()
+    if producer is not None and (producer_metrics := producer.metrics()):
+        produced = metric_sum(producer_metrics, "eventsched_events_produced_total")
+    if consumer_metrics := consumer.metrics():
+        consumed = metric_sum(consumer_metrics, "eventsched_events_consumed_total")
+    return LagSample(
+        t=now,
+        produced=produced,
+        consumed=consumed,
+        due_not_started=int(overdue) + int(queued),
+        active=int(active),
+    )
+
+
 def _lag_loop(
     stack: Stack, producer: Role, consumer: Role, stop: threading.Event, out: list[LagSample]
 ) -> None:
     produced = consumed = 0.0
     with stack.redis() as r:
         while not stop.wait(1.0):
-            now = time.time()
-            pipe = r.pipeline(transaction=False)
-            pipe.zcount(f"saq:{QUEUE}:incomplete", 1, now - 0.005)
-            pipe.llen(f"saq:{QUEUE}:queued")
-            pipe.llen(f"saq:{QUEUE}:active")
-            overdue, queued, active = pipe.execute()
-            # A role that stopped (the producer after the load) keeps its last count.
-            if producer_metrics := producer.metrics():
-                produced = metric_sum(producer_metrics, "eventsched_events_produced_total")
-            if consumer_metrics := consumer.metrics():
-                consumed = metric_sum(consumer_metrics, "eventsched_events_consumed_total")
-            out.append(
-                LagSample(
-                    t=now,
-                    produced=produced,
-                    consumed=consumed,
-                    due_not_started=int(overdue) + int(queued),
-                    active=int(active),
-                )
-            )
+            sample = _lag_sample(r, producer, consumer, produced, consumed)
+            produced, consumed = sample.produced, sample.consumed
+            out.append(sample)
 
 
 def _slope(points: list[tuple[float, float]]) -> float:
@@ -161,6 +168,13 @@ def run_pipeline(stack: Stack, sampler: Sampler, p: Pipeline, profiler: Profiler
     finally:
         stop.set()
         lag_thread.join(5)
+    # One more sample after the drain (a short run may end between two samples), with the
+    # producer's own final count: its metrics are gone once it stopped.
+    with stack.redis() as r:
+        last = p.samples[-1] if p.samples else None
+        p.samples.append(
+            _lag_sample(r, None, consumer, float(generated), last.consumed if last else 0.0)
+        )
     sampler.mark("run_end")
     memory = sampler.memory()
     time.sleep(1.2)  # PostgreSQL flushes its statistics about once a second
