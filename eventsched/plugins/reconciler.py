@@ -79,8 +79,25 @@ MAX_PAGES: Final = 50
 #: Marker values (see the module docstring).
 MARKER_OK: Final = "ok"
 MARKER_RESTORING: Final = "restoring:"
-#: What a restore walks through, in order, and the job attempt each one enqueues.
+#: What a restore walks through, in order.
 RESTORE_REASONS: Final = ("restore_scheduled", "restore_retrying")
+
+
+def _first_attempt(c: Candidate) -> int:
+    return 1
+
+
+def _next_attempt(c: Candidate) -> int:
+    return c.attempts + 1
+
+
+#: The attempt whose job each re-enqueuing reason puts back.
+ATTEMPT_OF: Final[dict[str, Callable[[Candidate], int]]] = {
+    "overdue": _first_attempt,
+    "restore_scheduled": _first_attempt,
+    "retry_overdue": _next_attempt,
+    "restore_retrying": _next_attempt,
+}
 JobFor = Callable[[str, int, float], ScheduledJob]
 
 
@@ -268,10 +285,8 @@ class Reconciler:
         (``dlq_republished``: dead events published again)."""
         done = {
             "redis_lost": await self._restore_if_lost(),
-            "overdue": await self._requeue("overdue", self._grace, lambda c: 1),
-            "retry_overdue": await self._requeue(
-                "retry_overdue", self._grace, lambda c: c.attempts + 1
-            ),
+            "overdue": await self._requeue("overdue", self._grace),
+            "retry_overdue": await self._requeue("retry_overdue", self._grace),
             "stale_running": await self._take_over_stale(),
             "dlq_republished": await self._republish_dead(),
         }
@@ -297,23 +312,16 @@ class Reconciler:
             cursor = Cursor(page[-1].at, page[-1].event_id)
         return total
 
-    async def _requeue(
-        self, reason: str, age: float, attempt_of: Callable[[Candidate], int]
-    ) -> int:
+    async def _requeue(self, reason: str, age: float) -> int:
         async def handle(page: list[Candidate]) -> int:
-            return await self._requeue_page(reason, reason, page, attempt_of)
+            return await self._requeue_page(reason, reason, page)
 
         return await self._each_page(reason, age, handle)
 
-    async def _requeue_page(
-        self,
-        reason: str,
-        label: str,
-        page: list[Candidate],
-        attempt_of: Callable[[Candidate], int],
-    ) -> int:
+    async def _requeue_page(self, reason: str, label: str, page: list[Candidate]) -> int:
         """Enqueue the jobs of ``page`` that are not pending and whose event is still in
         the state ``reason`` found it in; returns how many were added."""
+        attempt_of = ATTEMPT_OF[reason]
         jobs = [self._job_for(c.event_id, attempt_of(c), c.at.timestamp()) for c in page]
         pending = await self._jobs.pending_keys([job.key for job in jobs])
         missing = [(c, job) for c, job in zip(page, jobs, strict=True) if job.key not in pending]
@@ -354,10 +362,6 @@ class Reconciler:
         self._restore = restore
         added = 0
         pages = 0
-        attempt_of: dict[str, Callable[[Candidate], int]] = {
-            "restore_scheduled": lambda c: 1,
-            "restore_retrying": lambda c: c.attempts + 1,
-        }
         while restore.reasons and pages < MAX_PAGES:
             reason = restore.reasons[0]
             page = await execstore.candidates(
@@ -365,7 +369,7 @@ class Reconciler:
             )
             pages += 1
             if page:
-                n = await self._requeue_page(reason, "redis_lost", page, attempt_of[reason])
+                n = await self._requeue_page(reason, "redis_lost", page)
                 added += n
                 restore.restored += n
                 restore.cursor = Cursor(page[-1].at, page[-1].event_id)
