@@ -20,15 +20,21 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_quick(name: str, out_dir: Path, timeout: float = 150.0) -> dict[str, Any]:
+def run_bench(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m bench.<name> --quick ARGS`` from the repository root; it must exit 0."""
     proc = subprocess.run(
-        [sys.executable, "-m", f"bench.{name}", "--quick", "--out-dir", str(out_dir)],
+        [sys.executable, "-m", f"bench.{name}", "--quick", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def run_quick(name: str, out_dir: Path, timeout: float = 150.0) -> dict[str, Any]:
+    proc = run_bench(name, "--out-dir", str(out_dir), timeout=timeout)
     (path,) = out_dir.glob(f"{name}-*.json")
     doc: dict[str, Any] = json.loads(path.read_text())
     assert doc["benchmark"] == name and doc["quick"] is True
@@ -100,11 +106,7 @@ def test_memory_quick(tmp_path: Path) -> None:
 
 def run_json(name: str) -> dict[str, Any]:
     """Run ``bench.<name> --quick`` (a script without the harness: it prints one JSON line)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", f"bench.{name}", "--quick"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_bench(name, timeout=120)
     doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert doc["benchmark"] == name and doc["quick"] is True
     return doc
