@@ -154,3 +154,33 @@ def make_settings(database: str, redis_url: str, kafka_bootstrap: str, names: Na
         return build_settings(raw, "test")
 
     return make
+
+
+# -- executor-side tests (test_executor, test_reconciler) ------------------------------------
+
+
+@pytest.fixture
+def dlq_topic(kafka_bootstrap: str, names: Names) -> Names:
+    """This test's DLQ topic exists (one partition)."""
+    from eventsched.core.kafka import ensure_topics
+
+    ensure_topics(kafka_bootstrap, {names.dlq_topic: 1})
+    return names
+
+
+@pytest.fixture
+def executor_state(redis_url: str, names: Names) -> Iterator[None]:
+    """The test handlers' records start empty; this test's SAQ queue keys go afterwards."""
+    from tests.support import exec_handlers
+    from tests.support.execution import delete_queue_keys
+
+    exec_handlers.reset()
+    yield
+    delete_queue_keys(redis_url, names.queue)
+
+
+def metric_value(name: str, **labels: str) -> float:
+    """A sample of the process's Prometheus registry (0 if it has none yet)."""
+    from eventsched.core import metrics
+
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import signal
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,11 +18,10 @@ import pytest
 import trio
 import trio_asyncio
 
-from eventsched.core import execstore, metrics
+from eventsched.core import execstore
 from eventsched.core.config import RetryBackoffSettings, Settings
 from eventsched.core.events import DecodeLimits, Event, decode_event, uuid7
 from eventsched.core.execstore import Claimed, ClaimRequest, NotClaimed, Outcome
-from eventsched.core.kafka import ensure_topics
 from eventsched.plugins.executor import (
     EXECUTE_FUNCTION,
     Failure,
@@ -34,11 +32,11 @@ from eventsched.plugins.executor import (
     saq_timeout,
 )
 from tests.conftest import Names
+from tests.conftest import metric_value as counter
 from tests.support import exec_handlers
 from tests.support.execution import (
     all_finished,
     attempt_rows,
-    delete_queue_keys,
     executor_env,
     insert_events,
     new_events,
@@ -57,21 +55,7 @@ HANDLERS = "tests.support.exec_handlers"
 FAST_RETRY = {"base": "200ms", "factor": 2.0, "max": "5s", "jitter": 0.0}
 
 
-def counter(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-@pytest.fixture
-def topics(kafka_bootstrap: str, names: Names) -> Names:
-    ensure_topics(kafka_bootstrap, {names.dlq_topic: 1})
-    return names
-
-
-@pytest.fixture(autouse=True)
-def clean(redis_url: str, names: Names) -> Iterator[None]:
-    exec_handlers.reset()
-    yield
-    delete_queue_keys(redis_url, names.queue)
+pytestmark = pytest.mark.usefixtures("executor_state")
 
 
 def executor_settings(make_settings: Any, handler: str = "ok", **sections: Any) -> Settings:
@@ -273,7 +257,7 @@ async def test_a_flaky_handler_is_retried_with_backoff_until_it_succeeds(
 
 
 async def test_a_handler_that_always_fails_goes_dead_with_one_dlq_message(
-    make_settings: Any, database: str, topics: Names, kafka_bootstrap: str
+    make_settings: Any, database: str, dlq_topic: Names, kafka_bootstrap: str
 ) -> None:
     settings = executor_settings(make_settings, "always_fails")
     (event,) = new_events(1, due=time.time(), type="order.placed", order=7)
@@ -292,7 +276,7 @@ async def test_a_handler_that_always_fails_goes_dead_with_one_dlq_message(
     )
     assert (status, reason, error) == ("dead", "retries_exhausted", "RuntimeError: always fails")
 
-    (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, topics.dlq_topic)
+    (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
     headers = dict(message.headers())
     assert headers["dlq-reason"] == b"retries_exhausted"
     assert headers["dlq-error"] == b"RuntimeError: always fails"
@@ -326,7 +310,7 @@ async def test_a_handler_that_always_fails_goes_dead_with_one_dlq_message(
 async def test_permanent_errors_go_dead_at_once(
     make_settings: Any,
     database: str,
-    topics: Names,
+    dlq_topic: Names,
     kafka_bootstrap: str,
     handlers: dict[str, str],
     reason: str,
@@ -345,7 +329,7 @@ async def test_permanent_errors_go_dead_at_once(
         )
     rows = await trio.to_thread.run_sync(attempt_rows, database)
     assert [(r.attempt, r.outcome, r.error) for r in rows] == [(1, "dead", error)]
-    (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, topics.dlq_topic)
+    (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
     assert dict(message.headers())["dlq-reason"] == reason.encode()
 
 
@@ -391,7 +375,7 @@ async def test_jobs_cut_off_by_the_shutdown_deadline_record_their_attempt_and_re
 
 
 async def test_two_executor_processes_run_5000_events_once_each(
-    database: str, redis_url: str, kafka_bootstrap: str, names: Names, topics: Names
+    database: str, redis_url: str, kafka_bootstrap: str, names: Names, dlq_topic: Names
 ) -> None:
     env = executor_env(
         names,
@@ -439,7 +423,7 @@ async def test_two_executor_processes_run_5000_events_once_each(
 
 
 async def test_sigterm_lets_running_jobs_finish_and_records_them(
-    database: str, redis_url: str, kafka_bootstrap: str, names: Names, topics: Names
+    database: str, redis_url: str, kafka_bootstrap: str, names: Names, dlq_topic: Names
 ) -> None:
     env = executor_env(
         names,

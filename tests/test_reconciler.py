@@ -18,19 +18,17 @@ import pytest
 import redis
 import trio
 
-from eventsched.core import metrics
 from eventsched.core.config import Settings
 from eventsched.core.devstack import RedisServer
-from eventsched.core.kafka import ensure_topics
 from eventsched.plugins.executor import make_job
 from eventsched.plugins.reconciler import LeaderLock, lock_key
 from tests.conftest import Names
+from tests.conftest import metric_value as sample
 from tests.support import exec_handlers
 from tests.support.execution import (
     NewEvent,
     all_finished,
     attempt_rows,
-    delete_queue_keys,
     executor_env,
     flush_redis,
     insert_events,
@@ -47,21 +45,7 @@ HANDLERS = "tests.support.exec_handlers"
 RECONCILE_FAST = {"interval": "300ms", "grace": "300ms", "stale_after": "1s"}
 
 
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-@pytest.fixture
-def topics(kafka_bootstrap: str, names: Names) -> Names:
-    ensure_topics(kafka_bootstrap, {names.dlq_topic: 1})
-    return names
-
-
-@pytest.fixture(autouse=True)
-def clean(redis_url: str, names: Names) -> Iterator[None]:
-    exec_handlers.reset()
-    yield
-    delete_queue_keys(redis_url, names.queue)
+pytestmark = pytest.mark.usefixtures("executor_state")
 
 
 @pytest.fixture
@@ -203,7 +187,7 @@ async def test_jobs_missing_without_a_redis_loss_come_back_grace_after_their_due
 
 
 async def test_lost_retries_and_stale_attempts_are_recovered_with_the_key_scheme(
-    make_settings: Any, database: str, topics: Names, kafka_bootstrap: str, redis_url: str
+    make_settings: Any, database: str, dlq_topic: Names, kafka_bootstrap: str, redis_url: str
 ) -> None:
     settings = reconciling_settings(make_settings)
     now = time.time()
@@ -252,7 +236,7 @@ async def test_lost_retries_and_stale_attempts_are_recovered_with_the_key_scheme
     )
     assert status == {retrying.id: "succeeded", stale.id: "succeeded", last.id: "dead",
                       busy.id: "running"}  # fmt: skip
-    (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, topics.dlq_topic)
+    (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
     headers = dict(message.headers())
     assert (headers["event-id"], headers["dlq-reason"], headers["attempts"]) == (
         last.id.encode(),
@@ -291,7 +275,7 @@ def _fake_active_job(url: str, queue: str, event_id: str) -> None:
 
 
 def test_kill_9_mid_job_then_restart_completes_the_event_once(
-    database: str, redis_url: str, kafka_bootstrap: str, names: Names, topics: Names
+    database: str, redis_url: str, kafka_bootstrap: str, names: Names, dlq_topic: Names
 ) -> None:
     env = executor_env(
         names,
@@ -351,7 +335,7 @@ def _wait_sync(check: Any, limit: float = 15.0) -> None:
 
 
 async def test_a_dead_event_whose_dlq_message_was_lost_is_published_again(
-    make_settings: Any, database: str, topics: Names, kafka_bootstrap: str
+    make_settings: Any, database: str, dlq_topic: Names, kafka_bootstrap: str
 ) -> None:
     settings = reconciling_settings(make_settings)
     (event,) = new_events(1, due=time.time() - 60, type="payment.processed")
@@ -368,7 +352,7 @@ async def test_a_dead_event_whose_dlq_message_was_lost_is_published_again(
         await wait_until(
             lambda: bool(query(database, "SELECT 1 FROM events WHERE dlq_published_at IS NOT NULL"))
         )
-    (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, topics.dlq_topic)
+    (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
     headers = dict(message.headers())
     assert headers["dlq-reason"] == b"permanent_error"
     assert headers["dlq-error"] == b"boom"
