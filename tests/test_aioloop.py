@@ -99,3 +99,31 @@ async def test_stop_runs_what_was_scheduled_before_it() -> None:
             loop.call_soon(seen.append, i)
     # open_loop's exit stops the loop and drains every callback queued before the stop.
     assert seen == list(range(3 * aioloop.BATCH))
+
+
+async def test_cancelled_timers_leave_the_heap() -> None:
+    """Each finished asyncio.timeout/wait_for cancels a timer; trio-asyncio kept them all
+    until their deadlines (a job timeout: tens of thousands of handles for the garbage
+    collector to walk). Live timers still fire, in order."""
+    fired: list[str] = []
+
+    async def scenario() -> int:
+        loop = asyncio.get_running_loop()
+        for _ in range(20):
+            for _ in range(50):
+                async with asyncio.timeout(3600):  # what the executor does around a handler
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        doomed = [loop.call_later(3600, fired.append, "never") for _ in range(500)]
+        loop.call_later(0.02, fired.append, "second")
+        loop.call_later(0.01, fired.append, "first")
+        for handle in doomed:
+            handle.cancel()
+        await asyncio.sleep(0.05)
+        return len(loop._timers)  # type: ignore[attr-defined]  # trio-asyncio's heap
+
+    async with trio_asyncio.open_loop():
+        left = await trio_asyncio.aio_as_trio(scenario)()
+    assert fired == ["first", "second"]
+    # 1,500 timers were cancelled; without compaction all 1,500 would still be here.
+    assert left <= 2 * aioloop.MIN_CANCELLED
