@@ -209,6 +209,43 @@ async def test_redelivery_and_conflicting_keys_keep_the_first_event_and_one_job(
     )
 
 
+async def test_the_first_of_two_conflicting_messages_wins_across_parallel_batches(
+    make_settings: Any, topics: Names, database: str, kafka_bootstrap: str, clean_queue: str
+) -> None:
+    """Batches are recorded two at a time; their INSERTs must still run in fetch order, or
+    a later, quick-to-decode batch would take a key before an earlier, slow one. One
+    partition, max_batch 10: batches alternate between ten big first messages and ten small
+    conflicting second ones for the same keys."""
+    due = datetime.now(UTC) + timedelta(hours=1)
+    firsts: list[Event] = []
+    messages = []
+    for block in range(6):
+        keys = [f"race-{block}-{i}" for i in range(10)]
+        big = [
+            new_event("race.test", {"blob": "x" * 50_000, "i": i}, due, idempotency_key=k)
+            for i, k in enumerate(keys)
+        ]
+        small = [
+            new_event("race.test", {"i": i}, due, idempotency_key=k) for i, k in enumerate(keys)
+        ]
+        firsts += big
+        messages += [event_message(e, partition=0) for e in [*big, *small]]
+    await trio.to_thread.run_sync(produce, kafka_bootstrap, topics.topic, messages)
+
+    with capture_logs() as logs:
+        async with running(make_settings(consumer={"max_batch": 10}), ["consumer"]):
+            await rows_reach(database, len(firsts))
+
+            async def all_seen() -> bool:
+                return sum(line["event"] == "conflicting_duplicate" for line in logs) >= 60
+
+            await wait_until(all_seen)
+
+    assert_recorded_once(database, firsts)
+    kept = {line["kept_id"] for line in logs if line["event"] == "conflicting_duplicate"}
+    assert kept == {str(e.id) for e in firsts}
+
+
 async def _insert_directly(dsn: str, topic: str, events: list[Event]) -> None:
     import trio_asyncio
 

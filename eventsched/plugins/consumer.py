@@ -1,7 +1,8 @@
 """The consumer role: Kafka ``events`` -> PostgreSQL (source of truth) -> SAQ jobs in Redis.
 
-Per Kafka batch, in three pipelined stages (batch N+1 is recorded while batch N is being
-scheduled and an earlier one committed; batches keep their order):
+Per Kafka batch, in three steps; up to ``PARALLEL_BATCHES`` batches are in the first two at
+once (batch N+1 is decoded and scheduled while batch N is inserted), the inserts run one
+batch at a time in fetch order, and commits follow fetch order:
 
 1. *record*: decode every message (:func:`decode_event`); invalid ones go to the DLQ topic
    with their original bytes, key and headers plus the reason headers; valid ones are
@@ -78,6 +79,11 @@ DB_REJECTED: Final = "db_rejected"
 _LATEST: Final = kafka_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no-untyped-call]
 #: Durable batches that may wait for the committer before scheduling waits too.
 COMMIT_BACKLOG: Final = 4
+#: Batches being recorded and scheduled at once. The consumer is latency-bound (it waits
+#: for PostgreSQL, then for Redis), so a second batch overlaps the waits; the INSERTs still
+#: run one at a time in fetch order (the first of two conflicting duplicates wins, and two
+#: INSERTs never wait on each other's keys).
+PARALLEL_BATCHES: Final = 2
 #: A value bigger than the producer may send is dead-lettered cut to this size.
 DLQ_TRUNCATE_BYTES: Final = 64 * 1024
 
@@ -94,6 +100,16 @@ class _Recorded:
     duplicates: int
     invalid: int
     dlq_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A batch between fetch and commit: set when it is recorded and scheduled, and
+    ``inserted`` once its INSERT ran (the next batch's INSERT waits for it)."""
+
+    inserted: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    result: _Recorded | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,33 +198,57 @@ class IngestConsumer:
         consumer.stop()
 
     async def _pipeline(self, consumer: KafkaConsumer) -> None:
-        """Three stages in their own tasks, so that batch N+1 is recorded in PostgreSQL while
-        batch N is scheduled in Redis and an earlier one is committed. Batches stay in order.
-        """
-        to_schedule, scheduling = trio.open_memory_channel[_Recorded](0)
+        """Record and schedule up to PARALLEL_BATCHES batches at once (their INSERTs one at a
+        time, in fetch order), commit in fetch order. A batch is taken from the adapter only
+        when a slot is free, so no more batches are held than before."""
         to_commit, committing = trio.open_memory_channel[_Recorded](COMMIT_BACKLOG)
+        to_order, ordering = trio.open_memory_channel[_InFlight](PARALLEL_BATCHES)
+        slots = trio.Semaphore(PARALLEL_BATCHES)
+        previous = _InFlight()
+        previous.inserted.set()
+        batches = consumer.batches()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._schedule_all, scheduling, to_commit)
             nursery.start_soon(self._commit_all, committing, consumer)
-            async with to_schedule:
-                async for batch in consumer.batches():
+            nursery.start_soon(self._in_fetch_order, ordering, to_commit)
+            async with to_order:
+                while True:
+                    await slots.acquire()
+                    try:
+                        batch = await batches.__anext__()
+                    except StopAsyncIteration:
+                        break
                     self._in_flight += 1
                     if self._idle.is_set():
                         self._idle = trio.Event()
                     metrics.CONSUMER_BATCH_SIZE.observe(len(batch))
-                    await to_schedule.send(await self._record(batch))
+                    current = _InFlight()
+                    await to_order.send(current)
+                    nursery.start_soon(self._process, batch, previous, current, slots)
+                    previous = current
 
-    async def _schedule_all(
+    async def _process(
+        self, batch: Batch, previous: _InFlight, current: _InFlight, slots: trio.Semaphore
+    ) -> None:
+        try:
+            recorded = await self._record(batch, after=previous.inserted, inserted=current.inserted)
+            if recorded.jobs:
+                added = await self._retrying(self._queue.enqueue_many, recorded.jobs)
+                metrics.JOBS_SCHEDULED.inc(added)
+            current.result = recorded
+            current.done.set()
+        finally:
+            slots.release()
+
+    async def _in_fetch_order(
         self,
-        receive: trio.MemoryReceiveChannel[_Recorded],
+        receive: trio.MemoryReceiveChannel[_InFlight],
         send: trio.MemorySendChannel[_Recorded],
     ) -> None:
         async with receive, send:
-            async for recorded in receive:
-                if recorded.jobs:
-                    added = await self._retrying(self._queue.enqueue_many, recorded.jobs)
-                    metrics.JOBS_SCHEDULED.inc(added)
-                await send.send(recorded)
+            async for in_flight in receive:
+                await in_flight.done.wait()
+                assert in_flight.result is not None  # set before done
+                await send.send(in_flight.result)
 
     async def _commit_all(
         self, receive: trio.MemoryReceiveChannel[_Recorded], consumer: KafkaConsumer
@@ -232,7 +272,9 @@ class IngestConsumer:
 
     # -- stage 1: decode, record, dead-letter ------------------------------------------
 
-    async def _record(self, batch: Batch) -> _Recorded:
+    async def _record(self, batch: Batch, *, after: trio.Event, inserted: trio.Event) -> _Recorded:
+        """Decode, then (once ``after`` is set) insert, look up duplicates and dead-letter;
+        sets ``inserted`` as soon as its INSERT is done."""
         now = datetime.now(UTC)
         limits = self._limits
         rows: list[IngestRow] = []
@@ -257,7 +299,11 @@ class IngestConsumer:
                 first_by_key[event.idempotency_key] = row
                 rows.append(row)
 
-        new_keys, rejected = await self._insert(rows)
+        await after.wait()
+        try:
+            new_keys, rejected = await self._insert(rows)
+        finally:
+            inserted.set()  # on failure the pipeline is being torn down anyway
         for row, problem in rejected:
             invalid.append(_Invalid(_record_of(batch, row), DB_REJECTED, problem))
         rejected_keys = {row.event.idempotency_key for row, _ in rejected}
