@@ -107,8 +107,9 @@ ClaimResult = Claimed | NotClaimed
 # `e.id = ANY(ARRAY(SELECT id FROM req))` repeats the join condition as an index condition
 # (an init plan): the planner guesses 100 rows for json_to_recordset whatever the batch
 # holds, and on a table of a few thousand rows (a fresh install, any test or benchmark)
-# that guess made it hash-join against a scan of every scheduled event; 2.1 -> 0.55 ms of
-# PostgreSQL CPU per claim + finish pair at batch 1 (bench.pg_statements). Finish does the same.
+# that guess made it hash-join against a scan of every scheduled event: 1.77 -> 0.76 ms of
+# PostgreSQL CPU per claim + finish pair at batch 1 (bench.pg_statements). Finish does the
+# same; tests/test_executor.py checks both plans.
 _CLAIM_SQL: Final = """
 WITH req AS (
     SELECT * FROM json_to_recordset(%(req)s::json) AS r(id uuid, attempt int, started float8)
@@ -150,7 +151,8 @@ SELECT r.id::text, a.id IS NOT NULL, e.attempts, e.type,
 FROM req r
 LEFT JOIN events e ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req))
 LEFT JOIN event_attempts a
-    ON a.event_id = r.id AND a.event_id = ANY(ARRAY(SELECT id FROM req)) AND a.attempt = e.attempts AND e.status = 'running'
+    ON a.event_id = r.id AND a.event_id = ANY(ARRAY(SELECT id FROM req))
+   AND a.attempt = e.attempts AND e.status = 'running'
    AND a.worker_id = %(worker)s AND a.started_at = to_timestamp(r.started)
 WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = r.id)
 """
@@ -237,7 +239,8 @@ WITH req AS (
 locked AS (
     SELECT e.id, r.status, r.error, r.finished, r.next_at, r.reason
     FROM events e JOIN req r ON r.id = e.id
-    WHERE e.id = ANY(ARRAY(SELECT id FROM req)) AND e.status = 'running' AND e.attempts = r.attempt
+    WHERE e.id = ANY(ARRAY(SELECT id FROM req))
+      AND e.status = 'running' AND e.attempts = r.attempt
     ORDER BY e.id
     FOR UPDATE OF e
 ),
@@ -266,7 +269,9 @@ logged AS (
 SELECT d.id::text FROM done d
 UNION ALL
 SELECT r.id::text
-FROM req r JOIN events e ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req)) AND e.status = r.status AND e.attempts = r.attempt
+FROM req r JOIN events e
+    ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req))
+   AND e.status = r.status AND e.attempts = r.attempt
 WHERE NOT EXISTS (SELECT 1 FROM done d WHERE d.id = r.id)
 """
 
