@@ -32,7 +32,7 @@ Failures:
   the first event wins; the later message counts as ``duplicate`` and is logged as
   ``conflicting_duplicate`` with both ids.
 
-Rebalances: the revoke hook waits (``consumer.revoke_wait``) for the batch in flight and
+Rebalances: the revoke hook waits (``consumer.revoke_wait``) for the batches in flight and
 commits what is durable; the adapter refuses commits for partitions that moved meanwhile.
 """
 
