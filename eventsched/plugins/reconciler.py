@@ -193,6 +193,15 @@ class LeaderLock:
 
 
 @dataclass
+class _Paged:
+    """What one walk through pages of candidates did."""
+
+    total: int = 0  # what ``handle`` returned, summed
+    pages: int = 0
+    resume: Cursor | None = None  # where the next page starts; None: the last page was read
+
+
+@dataclass
 class _Restore:
     """A restore in progress: what is left to walk through, and where."""
 
@@ -296,27 +305,34 @@ class Reconciler:
         return done
 
     async def _each_page(
-        self, reason: str, age: float, handle: Callable[[list[Candidate]], Awaitable[int]]
-    ) -> int:
-        """Run ``handle`` on every page of candidates (keyset paging, oldest first)."""
-        total = 0
-        cursor = Cursor()
-        for _ in range(MAX_PAGES):
+        self,
+        reason: str,
+        age: float,
+        handle: Callable[[list[Candidate]], Awaitable[int]],
+        *,
+        after: Cursor | None = None,
+        max_pages: int = MAX_PAGES,
+    ) -> _Paged:
+        """Run ``handle`` on every page of candidates after ``after`` (keyset paging, oldest
+        first), at most ``max_pages`` pages."""
+        paged = _Paged()
+        cursor = after or Cursor()
+        while paged.pages < max_pages:
             page = await execstore.candidates(
                 self._db, reason, age=age, limit=self._batch, after=cursor
             )
+            paged.pages += 1
             if page:
-                total += await handle(page)
+                paged.total += await handle(page)
             if len(page) < self._batch:
-                break
+                return paged  # the last page: nothing to resume
             cursor = Cursor(page[-1].at, page[-1].event_id)
-        return total
+        paged.resume = cursor
+        return paged
 
     async def _requeue(self, reason: str, age: float) -> int:
-        async def handle(page: list[Candidate]) -> int:
-            return await self._requeue_page(reason, reason, page)
-
-        return await self._each_page(reason, age, handle)
+        handle = functools.partial(self._requeue_page, reason, reason)
+        return (await self._each_page(reason, age, handle)).total
 
     async def _requeue_page(self, reason: str, label: str, page: list[Candidate]) -> int:
         """Enqueue the jobs of ``page`` that are not pending and whose event is still in
@@ -364,18 +380,21 @@ class Reconciler:
         pages = 0
         while restore.reasons and pages < MAX_PAGES:
             reason = restore.reasons[0]
-            page = await execstore.candidates(
-                self._db, reason, age=0.0, limit=self._batch, after=restore.cursor
+            paged = await self._each_page(
+                reason,
+                0.0,
+                functools.partial(self._requeue_page, reason, "redis_lost"),
+                after=restore.cursor,
+                max_pages=MAX_PAGES - pages,
             )
-            pages += 1
-            if page:
-                n = await self._requeue_page(reason, "redis_lost", page)
-                added += n
-                restore.restored += n
-                restore.cursor = Cursor(page[-1].at, page[-1].event_id)
-            if len(page) < self._batch:
+            pages += paged.pages
+            added += paged.total
+            restore.restored += paged.total
+            if paged.resume is None:
                 restore.reasons.pop(0)
                 restore.cursor = Cursor()
+            else:
+                restore.cursor = paged.resume
         if not restore.reasons:
             self._restore = None
             if await self._jobs.set_marker(MARKER_OK, expect=restore.marker):
@@ -385,7 +404,8 @@ class Reconciler:
         return added
 
     async def _take_over_stale(self) -> int:
-        return await self._each_page("stale_running", self._stale_after, self._take_over_page)
+        paged = await self._each_page("stale_running", self._stale_after, self._take_over_page)
+        return paged.total
 
     async def _take_over_page(self, page: list[Candidate]) -> int:
         keys = [self._job_for(c.event_id, c.attempts, 0.0).key for c in page]
