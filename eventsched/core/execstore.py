@@ -51,8 +51,6 @@ Res = TypeVar("Res")
 STATUSES: Final = ("scheduled", "running", "retrying", "succeeded", "dead")
 #: Why an event went dead; the ``dlq-reason`` header and a metrics label.
 DEAD_REASONS: Final = ("retries_exhausted", "permanent_error", "no_handler")
-#: Below this many rows (estimated) `succeeded` is counted exactly; above, estimated.
-EXACT_COUNT_LIMIT: Final = 100_000
 
 _EPOCH: Final = datetime(1, 1, 1, tzinfo=UTC)
 # Batches travel as one JSON parameter (json_to_recordset): psycopg adapts a Python list
@@ -551,31 +549,52 @@ async def mark_published(db: Database, event_ids: Sequence[str]) -> int:
 
 # -- gauges ----------------------------------------------------------------------------------
 
-# One round trip: the four partial-index statuses are index-only scans of indexes that hold
-# only those rows; the table total is the statistics' live-tuple estimate.
+#: The gauges count at most this many events of a status; above it they report PostgreSQL's
+#: estimate, never less than this. An exact count visits every entry of the status's partial
+#: index (and the heap, for rows not vacuumed yet): ~170 ms of backend CPU per million
+#: scheduled events, paid every ``reconciler.gauge_interval``; on a shared host each count
+#: showed as a lateness spike (bench.memory, 1,000,000 pending).
+GAUGE_EXACT_LIMIT: Final = 10_000
+
+# One round trip: the partial-index statuses are index-only scans that stop after `limit`
+# entries; `succeeded` has no index (nearly every row), so it is counted only on a small table
+# and is otherwise the live-tuple count (kept by the statistics system) minus the others.
 _COUNTS_SQL: Final = """
-SELECT (SELECT count(*) FROM events WHERE status = 'scheduled'),
-       (SELECT count(*) FROM events WHERE status = 'running'),
-       (SELECT count(*) FROM events WHERE status = 'retrying'),
-       (SELECT count(*) FROM events WHERE status = 'dead'),
+SELECT (SELECT count(*) FROM (SELECT FROM events WHERE status = 'scheduled' LIMIT %(limit)s) s),
+       (SELECT count(*) FROM (SELECT FROM events WHERE status = 'running' LIMIT %(limit)s) s),
+       (SELECT count(*) FROM (SELECT FROM events WHERE status = 'retrying' LIMIT %(limit)s) s),
+       (SELECT count(*) FROM (SELECT FROM events WHERE status = 'dead' LIMIT %(limit)s) s),
        (SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'events'::regclass)
 """
+_INDEXED_STATUSES: Final = ("scheduled", "running", "retrying", "dead")
 
 
-async def status_counts(db: Database) -> dict[str, int]:
-    """Events by status. Exact for every status but ``succeeded`` on big tables: there is
-    no index for it (nearly every row), so above :data:`EXACT_COUNT_LIMIT` estimated rows it
-    is the live-tuple estimate minus the other statuses."""
-    row = await db.fetchone(_COUNTS_SQL)
+async def status_counts(db: Database, *, limit: int = GAUGE_EXACT_LIMIT) -> dict[str, int]:
+    """Events by status for the gauges: exact up to ``limit`` per status, above it the
+    planner's row estimate (as fresh as the last ANALYZE; at least ``limit``). ``succeeded``
+    is exact on a table of fewer than ``limit`` live rows, else the live-tuple count minus
+    the other statuses. ``eventsched status`` counts exactly instead (eventstore)."""
+    row = await db.fetchone(_COUNTS_SQL, {"limit": limit})
     assert row is not None  # a SELECT without FROM returns one row
-    scheduled, running, retrying, dead, live = (int(v or 0) for v in row)
-    counts = {"scheduled": scheduled, "running": running, "retrying": retrying, "dead": dead}
-    if live < EXACT_COUNT_LIMIT:
+    counts = dict(zip(_INDEXED_STATUSES, (int(v or 0) for v in row[:4]), strict=True))
+    for status, count in counts.items():
+        if count >= limit:
+            counts[status] = max(limit, await _estimated_rows(db, status))
+    live = int(row[4] or 0)
+    if live < limit:
         exact = await db.fetchone("SELECT count(*) FROM events WHERE status = 'succeeded'")
         counts["succeeded"] = int(exact[0]) if exact else 0
     else:
-        counts["succeeded"] = max(0, live - scheduled - running - retrying - dead)
+        counts["succeeded"] = max(0, live - sum(counts.values()))
     return counts
+
+
+async def _estimated_rows(db: Database, status: str) -> int:
+    assert status in STATUSES  # a literal below: EXPLAIN takes no parameters
+    row = await db.fetchone(f"EXPLAIN (FORMAT JSON) SELECT FROM events WHERE status = '{status}'")
+    assert row is not None  # EXPLAIN returns its plan
+    plan = row[0][0]["Plan"]
+    return int(plan["Plan Rows"])
 
 
 async def check_schema(db: Database) -> None:

@@ -100,7 +100,10 @@ QUEUE_JOBS = Gauge(
     "eventsched_queue_jobs", "SAQ jobs by state", ["state"], registry=REGISTRY
 )  # queued | scheduled | active
 EVENTS_BY_STATUS = Gauge(
-    "eventsched_events", "Events in PostgreSQL by status", ["status"], registry=REGISTRY
+    "eventsched_events",
+    "Events in PostgreSQL by status (exact up to 10,000 per status, estimated above)",
+    ["status"],
+    registry=REGISTRY,
 )
 RECONCILER_REQUEUED = Counter(
     "eventsched_reconciler_requeued",
