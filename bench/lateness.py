@@ -79,10 +79,16 @@ def sizes(args: argparse.Namespace) -> dict[str, float]:
 
 
 def run_ours(
-    run: BenchRun, stack: Stack, sampler: Sampler, size: dict[str, float], attempt: int = 0
+    run: BenchRun,
+    stack: Stack,
+    sampler: Sampler,
+    size: dict[str, float],
+    attempt: int = 0,
+    queue: str | None = None,
 ) -> dict[str, Any]:
+    """Target 1's run; ``queue`` (default ``bench<attempt>``) may already hold a backlog."""
     args = run.args
-    queue = f"bench{attempt}"
+    queue = queue or f"bench{attempt}"
     if attempt:
         stack.sql("TRUNCATE events CASCADE")
     settings = stack.settings(
