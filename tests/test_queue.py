@@ -290,6 +290,26 @@ async def test_jobs_start_on_time_and_never_early(jobs: JobQueue) -> None:
     assert await jobs.counts() == {"queued": 0, "scheduled": 0, "active": 0}
 
 
+async def test_a_job_is_claimed_ahead_of_its_due_time_and_started_at_it(jobs: JobQueue) -> None:
+    # The claim's round trip happens before the due time; the job waits in its slot.
+    recorder = Recorder()
+    scheduled = due_in(0.6)
+    await jobs.enqueue_many([job(jobs, "a", scheduled)])
+    claimed_at: float | None = None
+    worker = make_worker(jobs, [("record", recorder.record)], concurrency=2, claim_ahead=0.3)
+    async with running(worker):
+        with trio.fail_after(5):
+            while claimed_at is None:
+                if (await jobs.counts())["active"] == 1:
+                    claimed_at = time.time()
+                await trio.sleep(0.005)
+        await recorder.wait_started(1)
+
+    [(_, begun, _)] = recorder.started
+    assert claimed_at < scheduled - 0.2  # claimed ~0.3 s ahead (the poll may lag a little)
+    assert begun >= scheduled
+
+
 async def test_two_workers_run_each_job_exactly_once(jobs: JobQueue, other_jobs: JobQueue) -> None:
     recorder = Recorder()
     start = due_in(0.2)
