@@ -442,11 +442,9 @@ async def test_gauge_counts_stop_at_the_limit_and_read_the_estimate_above_it(
                         " (SELECT id FROM events WHERE status = 'succeeded' LIMIT 20)"
                         " RETURNING id")  # fmt: skip
 
-    async def counts(limit: int | None = None) -> dict[str, int]:
+    async def counts(limit: int = execstore.GAUGE_EXACT_LIMIT) -> dict[str, int]:
         db = await Database.open(database)
         try:
-            if limit is None:
-                return await execstore.status_counts(db)
             return await execstore.status_counts(db, limit=limit)
         finally:
             await db.close()
