@@ -8,6 +8,7 @@ no framework.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -43,6 +44,8 @@ class Health:
     checks: dict[str, Check] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     checked: trio.Event = field(default_factory=trio.Event)
+    #: (role, reason) -> (what is wrong, monotonic time since when); see :meth:`stall`.
+    stalls: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
 
     def expect_role(self, role: str) -> None:
         self.roles[role] = False
@@ -71,6 +74,38 @@ class Health:
             if previous != problem:
                 log.warning("dependency_down", dependency=dependency, error=problem)
 
+    def stall(self, role: str, reason: str, what: str, since: float | None = None) -> None:
+        """Mark ``role`` alive but not making progress, for ``reason`` (a short fixed label
+        such as ``unassigned`` or ``dlq_failing``; it is the metric's label).
+
+        ``what`` says what is wrong in words (``no partitions assigned``); ``since`` is the
+        :func:`time.monotonic` instant it started (default: now, or the instant already
+        recorded for this role and reason). ``/readyz`` answers 503 while any stall is set and
+        names it as ``"<role>: <what> for <N>s"``; ``eventsched_role_stalled{role,reason}``
+        is 1 meanwhile. Idempotent: call it on every check that still sees the problem."""
+        key = (role, reason)
+        known = self.stalls.get(key)
+        if since is None:
+            since = known[1] if known is not None else time.monotonic()
+        self.stalls[key] = (what, since)
+        metrics.ROLE_STALLED.labels(role, reason).set(1)
+        if known is None or known[0] != what:
+            log.warning("role_stalled", stalled_role=role, reason=reason, problem=what)
+
+    def unstall(self, role: str, reason: str) -> None:
+        """Clear a stall set by :meth:`stall` (a no-op when none is set)."""
+        if self.stalls.pop((role, reason), None) is not None:
+            metrics.ROLE_STALLED.labels(role, reason).set(0)
+            log.info("role_progressing", stalled_role=role, reason=reason)
+
+    def stalled(self) -> list[str]:
+        """The stalls in words, e.g. ``consumer: no partitions assigned for 42s``."""
+        now = time.monotonic()
+        return sorted(
+            f"{role}: {what} for {max(0.0, now - since):.0f}s"
+            for (role, _reason), (what, since) in self.stalls.items()
+        )
+
     async def run_checks(self) -> None:
         async def one(name: str, check: Check) -> None:
             try:
@@ -95,8 +130,9 @@ class Health:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         not_ready = sorted(role for role, ok in self.roles.items() if not ok)
+        stalled = self.stalled()
         body: dict[str, Any] = {
-            "ready": not not_ready and not self.failures,
+            "ready": not not_ready and not self.failures and not stalled,
             "roles": dict(self.roles),
             "dependencies": {name: self.failures.get(name, "ok") for name in self.checks},
         }
@@ -104,6 +140,8 @@ class Health:
             body["not_ready_roles"] = not_ready
         if self.failures:
             body["failing"] = sorted(self.failures)
+        if stalled:
+            body["stalled"] = stalled
         return bool(body["ready"]), body
 
 

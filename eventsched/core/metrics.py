@@ -112,6 +112,12 @@ RECONCILER_REQUEUED = Counter(
     registry=REGISTRY,
 )
 ROLE_READY = Gauge("eventsched_role_ready", "1 once a role is ready", ["role"], registry=REGISTRY)
+ROLE_STALLED = Gauge(
+    "eventsched_role_stalled",
+    "1 while a role is alive but not making progress, by reason (/readyz names it)",
+    ["role", "reason"],  # e.g. consumer/unassigned, consumer/dlq_failing, executor/dlq_failing
+    registry=REGISTRY,
+)
 
 
 def render() -> bytes:
