@@ -52,7 +52,8 @@ BUILTIN = "eventsched.plugins.handlers"
 
 
 class Receiver(ThreadingHTTPServer):
-    """Answers POST /<status> with that status (/slow sleeps 2 s); records every request."""
+    """Answers POST /<status>[/...] with that status (a 3xx with ``Location: /200``; /slow
+    sleeps 2 s); records every request."""
 
     daemon_threads = True
 
@@ -73,8 +74,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.requests.append((self.path, dict(self.headers), json.loads(body)))
         if self.path == "/slow":
             time.sleep(2)
-        status = int(self.path.strip("/")) if self.path.strip("/").isdigit() else 200
+        first = self.path.split("?")[0].strip("/").split("/")[0]
+        status = int(first) if first.isdigit() else 200
         self.send_response(status)
+        if 300 <= status < 400:
+            self.send_header("Location", "/200")
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -243,12 +247,15 @@ async def test_log_logs_the_event() -> None:
         ({"default": "http://d/"}, True, {}, "http://d/"),
         ({"default": "http://d/"}, True, {"webhook_url": "https://p/y"}, "https://p/y"),
         ({"default": "http://d/"}, False, {"webhook_url": "https://p/y"}, "http://d/"),
+        ({"default": "http://d/"}, None, {"webhook_url": "https://p/y"}, "http://d/"),
     ],
 )
 def test_webhook_url_comes_from_the_payload_or_the_settings(
-    webhooks: dict[str, str], allow: bool, payload: dict[str, Any], expected: str
+    webhooks: dict[str, str], allow: bool | None, payload: dict[str, Any], expected: str
 ) -> None:
-    settings = settings_with(webhooks=webhooks, executor={"webhook": {"allow_payload_url": allow}})
+    # None: the default, which is "no" (a payload must not choose targets unless allowed).
+    hook = {} if allow is None else {"allow_payload_url": allow, "allowed_hosts": ["p"]}
+    settings = settings_with(webhooks=webhooks, executor={"webhook": hook})
     assert Webhook(context(settings)).url_for(event(**payload)) == expected
 
 
@@ -264,8 +271,10 @@ def test_webhook_url_comes_from_the_payload_or_the_settings(
 def test_webhook_without_a_usable_url_is_permanent(
     webhooks: dict[str, str], payload: dict[str, Any], problem: str
 ) -> None:
+    hook = {"allow_payload_url": True, "allowed_hosts": ["*"]}
+    settings = settings_with(webhooks=webhooks, executor={"webhook": hook})
     with pytest.raises(PermanentError) as info:
-        Webhook(context(settings_with(webhooks=webhooks))).url_for(event(**payload))
+        Webhook(context(settings)).url_for(event(**payload))
     assert str(info.value) == problem
 
 
@@ -333,6 +342,7 @@ async def test_webhook_through_the_executor_succeeds_retries_and_dies(
             "concurrency": 8,
             "max_retries": 2,
             "retry_backoff": {"base": "100ms", "jitter": 0.0},
+            "webhook": {"allow_payload_url": True, "allowed_hosts": ["127.0.0.1"]},
         },
         handlers={"default": f"{BUILTIN}:webhook"},
         reconciler={"enabled": False},
