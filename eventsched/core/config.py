@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -443,6 +443,14 @@ def _validate_dsn(dsn: str) -> str:
         raise ConfigError("postgres.dsn", "required (set EVENTSCHED_POSTGRES__DSN)")
     if not dsn.startswith(("postgresql://", "postgres://")) and "=" not in dsn:
         raise ConfigError("postgres.dsn", "not a PostgreSQL URL or key=value conninfo")
+    if "://" in dsn and _ambiguous_userinfo(dsn):
+        # libpq ends the user info at the first "@" (or "/"): the rest of the password would
+        # become the host name, and then appear in connection errors.
+        raise ConfigError(
+            "postgres.dsn",
+            "the user name or password contains an unencoded '@' or '/':"
+            " percent-encode them (%40, %2F)",
+        )
     try:
         conninfo_to_dict(dsn)
         if "://" in dsn:
@@ -450,6 +458,15 @@ def _validate_dsn(dsn: str) -> str:
     except Exception as err:  # psycopg raises ProgrammingError for bad conninfo
         raise ConfigError("postgres.dsn", f"cannot be parsed: {redact(str(err))}") from None
     return dsn
+
+
+def _ambiguous_userinfo(url: str) -> bool:
+    """More than one "@" before the query, or a "/" before the last one."""
+    rest = url.split("://", 1)[1].split("?", 1)[0]
+    if "@" not in rest:
+        return False
+    userinfo = rest[: rest.rindex("@")]
+    return "@" in userinfo or "/" in userinfo
 
 
 def require_redis(s: Settings) -> str:
@@ -483,9 +500,70 @@ def validate_for_roles(s: Settings, roles: set[str]) -> None:
         require_redis(s)
 
 
-_SECRET = re.compile(r"(://[^:/@\s]*:)[^@\s]*@|(password\s*=\s*)\S+", re.I)
+# A URL: scheme, then everything up to whitespace or a quote/bracket that ends it in text.
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]*")
+_PASSWORD = re.compile(r"(password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S+)", re.I)
+#: Path segments this long made of token characters are taken for secrets (API tokens,
+#: signed webhook paths such as Slack's) whatever the settings say.
+DEFAULT_SECRET_PATH: Final = re.compile(r"[A-Za-z0-9._~+=-]{20,}")
 
 
-def redact(text: str) -> str:
-    """Remove passwords from DSNs/URLs and conninfo strings before they reach a log or a body."""
-    return _SECRET.sub(lambda m: f"{m.group(1)}***@" if m.group(1) else f"{m.group(2)}***", text)
+def compile_secret_paths(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:
+    """The default secret-path pattern plus ``executor.webhook.secret_path_patterns``."""
+    return (DEFAULT_SECRET_PATH, *(re.compile(p) for p in patterns))
+
+
+_DEFAULT_PATHS: Final = (DEFAULT_SECRET_PATH,)
+
+
+def redact_url(url: str, secret_paths: Sequence[re.Pattern[str]] = _DEFAULT_PATHS) -> str:
+    """``url`` without its secrets: the password (and in http(s) URLs a user info without
+    a colon, which is a token), every query value, the fragment, and path segments matching ``secret_paths`` in
+    full. Parsed defensively: the user info runs to the *last* "@" before the query, so an
+    unencoded "@" or "/" in a password does not leave a piece of it behind."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest, hash_, _fragment = rest.partition("#")
+    rest, question, query = rest.partition("?")
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        # A user name alone is an account name in a database URL, but a token in an
+        # http(s) URL (https://<token>@host/); a user name with "/" is a broken parse.
+        keep = "/" not in user and (colon or not scheme.lower().startswith("http"))
+        shown = f"{user}{':***' if colon else ''}@" if keep else "***@"
+    else:
+        shown = ""
+    authority, slash, path = rest.partition("/")
+    if path:
+        path = "/".join(
+            "***" if any(p.fullmatch(segment) for p in secret_paths) else segment
+            for segment in path.split("/")
+        )
+    out = f"{scheme}://{shown}{authority}{slash}{path}"
+    if question:
+        pairs = (
+            f"{k}=***" if eq else "***" for k, eq, _ in (p.partition("=") for p in query.split("&"))
+        )
+        out += "?" + "&".join(pairs) if query else "?"
+    if hash_:
+        out += "#***"
+    return out
+
+
+def _redact_match(found: str, secret_paths: Sequence[re.Pattern[str]]) -> str:
+    # Punctuation after a URL in prose ("POST <url>: HTTP 503") is not part of it.
+    url = found.rstrip(":,.;)")
+    return redact_url(url, secret_paths) + found[len(url) :]
+
+
+def redact(text: str, secret_paths: Sequence[re.Pattern[str]] = _DEFAULT_PATHS) -> str:
+    """Remove secrets from ``text`` before it reaches a log, a row, a header or a body:
+    every URL in it goes through :func:`redact_url`, ``password=...`` (conninfo) values
+    become ``***``."""
+    if "://" in text:
+        text = _URL.sub(lambda m: _redact_match(m.group(0), secret_paths), text)
+    if "assword" in text or "ASSWORD" in text:
+        text = _PASSWORD.sub(lambda m: f"{m.group(1)}***", text)
+    return text

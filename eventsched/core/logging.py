@@ -1,7 +1,8 @@
 """structlog configuration: JSON lines for containers (Loki/Promtail), console on a TTY.
 
 Configured once by the composition root. Every line carries ``ts``, ``level``, ``event``,
-``logger`` and the bound context (``role``, ``event_id``, ``partition``, ...).
+``logger`` and the bound context (``role``, ``event_id``, ``partition``, ...). Secrets in
+URLs and conninfo strings are redacted from every line (:func:`_redact_secrets`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any, Literal
 
 import msgspec
 import structlog
+
+from eventsched.core.config import redact
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -29,6 +32,20 @@ def _add_logger_name(
     """Name the emitting module: structlog's stdlib processor needs stdlib loggers, we don't."""
     name = event_dict.pop("logger_name", None)
     event_dict.setdefault("logger", name or "eventsched")
+    return event_dict
+
+
+def _redact_secrets(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Last line of defence: every top-level string of the line (the message, ``error``,
+    a formatted traceback, a library's forwarded message) goes through
+    :func:`~eventsched.core.config.redact`, so a URL's credentials, query values or token
+    path segments and conninfo passwords never reach the output. Nested values (an event's
+    payload logged by the ``log`` handler) are data, left as they are."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and ("://" in value or "assword" in value):
+            event_dict[key] = redact(value)
     return event_dict
 
 
@@ -68,6 +85,7 @@ def configure_logging(
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            _redact_secrets,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -198,7 +198,11 @@ def decide(
 
 
 def _describe(err: BaseException) -> str:
-    text = str(err)
+    """The text of a handler's failure, as stored in ``events.last_error`` and
+    ``event_attempts.error``, logged and published in the DLQ ``dlq-error`` header:
+    ``Type: message`` with URL credentials, query values, token-like path segments and
+    conninfo passwords redacted (whatever handler raised it)."""
+    text = redact(str(err))
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
