@@ -13,6 +13,7 @@ from typing import Any
 
 import httpcore
 import pytest
+import trio_asyncio
 
 from eventsched.core.netguard import (
     AddressRefused,
@@ -123,9 +124,16 @@ ANY = parse_allowed_hosts(["*"])
     "host", ["2130706433", "0x7f.1", "127.1", "017700000001", "::ffff:127.0.0.1", "localhost"]
 )
 async def test_odd_loopback_forms_resolve_to_loopback_and_are_refused(host: str) -> None:
-    # The system resolver normalises them (inet_aton forms, IPv4-mapped IPv6, /etc/hosts).
-    with pytest.raises(AddressRefused):
-        await checked_addresses(ANY, host, 80, system_resolver)
+    # The system resolver normalises them (inet_aton forms, IPv4-mapped IPv6, /etc/hosts);
+    # it runs on the asyncio side, like the handlers.
+    async with trio_asyncio.open_loop():
+        assert {str(a) for a in await trio_asyncio.aio_as_trio(system_resolver)(host, 80)} <= {
+            "127.0.0.1",
+            "::ffff:127.0.0.1",
+            "::1",
+        }
+        with pytest.raises(AddressRefused):
+            await trio_asyncio.aio_as_trio(checked_addresses)(ANY, host, 80, system_resolver)
 
 
 @pytest.mark.parametrize(

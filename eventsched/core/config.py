@@ -173,8 +173,15 @@ class WebhookSettings(_Section, frozen=True):
     # Whole request (connect, send, response) time limit of the webhook handler.
     timeout: Duration = Duration(10.0)
     # Whether an event's payload field `webhook_url` may choose the URL (else only
-    # [webhooks] is used). Turn off when producers are not trusted to pick targets.
-    allow_payload_url: bool = True
+    # [webhooks] is used). Needs allowed_hosts: whoever produces events picks the targets.
+    allow_payload_url: bool = False
+    # Hosts a payload URL may name: "hooks.example.com", "*.example.com", "*" (any host),
+    # or addresses/networks ("10.1.0.0/16"). Names reach public addresses only; a loopback,
+    # private, link-local, multicast or unspecified address must be inside a listed network.
+    allowed_hosts: tuple[str, ...] = ()
+    # Regular expressions: a URL path segment matching one in full is shown as *** in error
+    # texts and logs (segments of 20+ token characters always are).
+    secret_path_patterns: tuple[str, ...] = ()
 
 
 class ExecutorSettings(_Section, frozen=True):
@@ -409,6 +416,7 @@ def _check(s: Settings) -> None:
         raise ConfigError("executor.job_timeout", "must be positive")
     if s.executor.webhook.timeout <= 0:
         raise ConfigError("executor.webhook.timeout", "must be positive")
+    _check_webhook(s.executor.webhook)
     if s.reconciler.interval <= 0:
         raise ConfigError("reconciler.interval", "must be positive")
     if s.reconciler.gauge_interval <= 0:
@@ -426,6 +434,24 @@ def _check(s: Settings) -> None:
             raise ConfigError(
                 f"webhooks.{type_}", f"expected an http:// or https:// URL, got {url!r}"
             )
+
+
+def _check_webhook(w: WebhookSettings) -> None:
+    from eventsched.core.netguard import parse_allowed_hosts
+
+    try:
+        parse_allowed_hosts(w.allowed_hosts)
+    except ValueError as err:
+        raise ConfigError("executor.webhook.allowed_hosts", str(err)) from None
+    if w.allow_payload_url and not w.allowed_hosts:
+        raise ConfigError(
+            "executor.webhook.allowed_hosts",
+            "required when allow_payload_url is true (host names, *.domain, * or networks)",
+        )
+    try:
+        compile_secret_paths(w.secret_path_patterns)
+    except re.error as err:
+        raise ConfigError("executor.webhook.secret_path_patterns", f"bad pattern: {err}") from None
 
 
 def _positive(key: str, value: int) -> None:

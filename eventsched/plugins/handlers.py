@@ -14,14 +14,25 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import ssl
+from base64 import b64encode
 from typing import Any, Final
 
+import httpcore
 import httpx
 
 from eventsched import __version__
+from eventsched.core.config import compile_secret_paths, redact, redact_url
 from eventsched.core.errors import EventschedError
 from eventsched.core.events import format_time
 from eventsched.core.logging import get_logger
+from eventsched.core.netguard import (
+    HOST_NOT_ALLOWED,
+    AddressRefused,
+    GuardedBackend,
+    UnresolvableHost,
+    parse_allowed_hosts,
+)
 from eventsched.core.plugins import (
     Handler,
     HandlerContext,
@@ -93,35 +104,74 @@ def webhook(context: HandlerContext) -> Handler:
 class Webhook:
     """HTTP POST of the event as JSON, with ``Idempotency-Key: <event id>``.
 
-    URL: the payload's ``webhook_url`` (if ``executor.webhook.allow_payload_url``), else
-    ``[webhooks]`` for the event type, else ``[webhooks] default``; none is a
+    URL: the payload's ``webhook_url`` if ``executor.webhook.allow_payload_url`` (off by
+    default), else ``[webhooks]`` for the event type, else ``[webhooks] default``; none is a
     :class:`PermanentError`. Outcome by response: 2xx succeeds; 408, 425, 429 and 5xx,
     timeouts and connection errors are retried (:class:`WebhookError`); any other status
-    (other 4xx, a redirect, which a POST should not get) is a :class:`PermanentError`.
+    (other 4xx, a redirect, which is never followed) is a :class:`PermanentError`.
 
-    Body: ``{"id", "type", "payload", "execute_at", "attempt"}``. Uses the executor's shared
-    ``httpx.AsyncClient`` (connection pooling across jobs), on the asyncio side where
-    handlers run; the time limit is ``executor.webhook.timeout`` for the whole request.
+    A payload URL is chosen by whoever produces events, so it goes through
+    :mod:`eventsched.core.netguard`: http/https only, host in
+    ``executor.webhook.allowed_hosts``, every resolved address public or in a listed
+    network, the connection made to the checked address (TLS still verified against the
+    URL's host name); a refusal is a :class:`PermanentError` raised before any connection.
+    Its failures read the same whether the port was closed, timed out or spoke something
+    other than HTTP, so error texts cannot be used to scan ports. Each such request gets its
+    own connection (an httpcore pool opened and closed around it: nothing outlives the
+    job; the TLS context is shared).
+
+    Configured URLs are the operator's: they use the executor's shared ``httpx.AsyncClient``
+    (connection pooling across jobs) and their errors keep the transport detail.
+
+    Every error text shows the URL through :func:`~eventsched.core.config.redact_url`
+    (no password, query values, fragment, or path segments matching
+    ``executor.webhook.secret_path_patterns`` or looking like tokens).
+
+    Body: ``{"id", "type", "payload", "execute_at", "attempt"}``. Runs on the asyncio side
+    where handlers run; the time limit is ``executor.webhook.timeout`` for the whole request.
     """
 
     def __init__(self, context: HandlerContext) -> None:
         settings = context.settings
+        hook = settings.executor.webhook
         self._urls = dict(settings.webhooks)
-        self._allow_payload_url = settings.executor.webhook.allow_payload_url
-        self._timeout = float(settings.executor.webhook.timeout)
+        self._allow_payload_url = hook.allow_payload_url
+        self._allowed = parse_allowed_hosts(hook.allowed_hosts)
+        self._backend = GuardedBackend(self._allowed)
+        self._secret_paths = compile_secret_paths(hook.secret_path_patterns)
+        self._timeout = float(hook.timeout)
         self._client = context.http_client
+        self._ssl: ssl.SSLContext | None = None
         self._user_agent = f"eventsched/{__version__}"
 
     def url_for(self, event: HandlerEvent) -> str:
+        return self.target_for(event)[0]
+
+    def target_for(self, event: HandlerEvent) -> tuple[str, bool]:
+        """The URL for ``event`` and whether it came from the payload (and is guarded)."""
         if self._allow_payload_url and PAYLOAD_URL_FIELD in event.payload:
             url = event.payload[PAYLOAD_URL_FIELD]
+            shown = repr(self.redact(url)) if isinstance(url, str) else repr(url)[:64]
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise PermanentError(f"payload {PAYLOAD_URL_FIELD} is not an http(s) URL: {url!r}")
-            return url
+                raise PermanentError(f"payload {PAYLOAD_URL_FIELD} is not an http(s) URL: {shown}")
+            try:
+                host = httpx.URL(url).raw_host.decode("ascii")
+            except (httpx.InvalidURL, UnicodeError):
+                raise PermanentError(
+                    f"payload {PAYLOAD_URL_FIELD} is not a valid URL: {shown}"
+                ) from None
+            if not host:
+                raise PermanentError(f"payload {PAYLOAD_URL_FIELD} has no host: {shown}")
+            if not self._allowed.permits_host(host):
+                raise PermanentError(f"POST {self.redact(url)}: {HOST_NOT_ALLOWED}")
+            return url, True
         url = self._urls.get(event.type) or self._urls.get("default")
         if url is None:
             raise PermanentError(f"no webhook URL for event type {event.type!r}")
-        return url
+        return url, False
+
+    def redact(self, url: str) -> str:
+        return redact_url(url, self._secret_paths)
 
     @staticmethod
     def body(event: HandlerEvent) -> bytes:
@@ -135,28 +185,106 @@ class Webhook:
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
     async def __call__(self, event: HandlerEvent) -> None:
-        url = self.url_for(event)
+        url, guarded = self.target_for(event)
+        shown = self.redact(url)
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": event.id,
             "User-Agent": self._user_agent,
         }
+        if guarded:
+            status = await self._post_guarded(url, shown, self.body(event), headers)
+            detail = f"POST {shown}: HTTP {status} {httpx.codes.get_reason_phrase(status)}"
+        else:
+            status, reason = await self._post_configured(url, shown, self.body(event), headers)
+            detail = f"POST {shown}: HTTP {status} {reason}"
+        if 200 <= status < 300:
+            return
+        detail = detail.rstrip()
+        if status >= 500 or status in RETRY_STATUSES:
+            raise WebhookError(detail)
+        raise PermanentError(detail)
+
+    async def _post_configured(
+        self, url: str, shown: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, str]:
         try:
             # httpx's timeout is per phase (connect, each read...); wrap the whole request.
             async with asyncio.timeout(self._timeout):
                 response = await self._client().post(
-                    url, content=self.body(event), headers=headers, timeout=self._timeout
+                    url,
+                    content=body,
+                    headers=headers,
+                    timeout=self._timeout,
+                    follow_redirects=False,
                 )
         except TimeoutError:
-            raise WebhookError(f"POST {url}: no response within {self._timeout:g}s") from None
+            raise WebhookError(f"POST {shown}: no response within {self._timeout:g}s") from None
         except httpx.TimeoutException as err:
-            raise WebhookError(f"POST {url}: timed out ({type(err).__name__})") from None
+            raise WebhookError(f"POST {shown}: timed out ({type(err).__name__})") from None
         except httpx.TransportError as err:
-            raise WebhookError(f"POST {url}: {type(err).__name__}: {err}") from None
-        status = response.status_code
-        if 200 <= status < 300:
-            return
-        detail = f"POST {url}: HTTP {status} {response.reason_phrase}".rstrip()
-        if status >= 500 or status in RETRY_STATUSES:
-            raise WebhookError(detail)
-        raise PermanentError(detail)
+            detail = redact(str(err), self._secret_paths)
+            raise WebhookError(f"POST {shown}: {type(err).__name__}: {detail}") from None
+        return response.status_code, response.reason_phrase
+
+    async def _post_guarded(
+        self, url: str, shown: str, body: bytes, headers: dict[str, str]
+    ) -> int:
+        """POST to a payload URL through the guarded backend; returns the status (the
+        response body is not read)."""
+        parsed = httpx.URL(url)
+        request_headers = [
+            (b"Host", parsed.netloc),
+            *((k.encode(), v.encode()) for k, v in headers.items()),
+        ]
+        if parsed.userinfo:
+            credentials = f"{parsed.username}:{parsed.password}".encode()
+            request_headers.append((b"Authorization", b"Basic " + b64encode(credentials)))
+        target = httpcore.URL(
+            scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port, target=parsed.raw_path
+        )
+        limit = self._timeout
+        try:
+            async with (
+                asyncio.timeout(limit),
+                httpcore.AsyncConnectionPool(
+                    ssl_context=self._ssl_context(),
+                    max_connections=1,
+                    network_backend=self._backend,
+                ) as pool,
+                pool.stream(
+                    "POST",
+                    target,
+                    headers=request_headers,
+                    content=body,
+                    extensions={
+                        "timeout": {"connect": limit, "read": limit, "write": limit, "pool": limit}
+                    },
+                ) as response,
+            ):
+                return response.status
+        except AddressRefused as err:
+            raise PermanentError(f"POST {shown}: {err}") from None
+        except UnresolvableHost as err:
+            raise WebhookError(f"POST {shown}: {err}") from None
+        except _NO_RESPONSE_ERRORS as err:
+            _log.debug("webhook_no_response", url=shown, error=type(err).__name__)
+            raise WebhookError(f"POST {shown}: {NO_RESPONSE}") from None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        # Loading the CA bundle takes milliseconds: once per handler, not per request.
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
+        return self._ssl
+
+
+#: What a guarded request reports for every failure short of an HTTP response.
+NO_RESPONSE: Final = "no HTTP response (connection failed, timed out or not HTTP)"
+_NO_RESPONSE_ERRORS: Final = (
+    TimeoutError,
+    OSError,
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
+)
