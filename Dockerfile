@@ -24,13 +24,17 @@ RUN python -m venv "$VIRTUAL_ENV"
 # Dependencies first, from pyproject.toml alone: this layer stays cached while
 # only the application code changes.
 COPY pyproject.toml constraints.txt ./
+# The profiling extra too: compose enables Pyroscope.
 RUN python -c "import subprocess, sys, tomllib; \
-deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+deps = project['dependencies'] + project['optional-dependencies']['profiling']; \
 subprocess.check_call([sys.executable, '-m', 'pip', 'install', '--constraint', 'constraints.txt', *deps])"
 
 # Then the package itself (non-editable, no dependency resolution left to do).
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY eventsched ./eventsched
+COPY sql ./sql
+COPY config ./config
 RUN pip install --no-deps --constraint constraints.txt . \
     && python -c "import eventsched"
 

@@ -27,4 +27,9 @@ from eventsched.core import aioloop  # noqa: E402  # isort: skip
 
 aioloop.install()
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402  # isort: skip
+
+try:
+    __version__ = version("eventsched")  # written once, in pyproject.toml
+except PackageNotFoundError:  # a checkout on sys.path that was never installed
+    __version__ = "0+unknown"

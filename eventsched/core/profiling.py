@@ -9,12 +9,14 @@ server is up).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 
 import httpx
 
 from eventsched.core.config import Settings
+from eventsched.core.errors import ConfigError
 from eventsched.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -29,7 +31,12 @@ def start_profiling(settings: Settings, roles: list[str]) -> bool:
     cfg = settings.pyroscope
     if not cfg.enabled:
         return False
-    import pyroscope  # optional at import time: only loaded when enabled
+    if importlib.util.find_spec("pyroscope") is None:
+        raise ConfigError(
+            "pyroscope.enabled",
+            "needs the profiling extra: pip install 'eventsched[profiling]'",
+        )
+    import pyroscope  # an optional dependency: only loaded when enabled
 
     server = cfg.server.rstrip("/")
     try:
