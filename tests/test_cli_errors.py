@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from eventsched.core.plugins import Handler, HandlerContext, handler_factory
 from tests.support.proc import REPO
 
 
@@ -133,14 +134,43 @@ def busy_port() -> Iterator[int]:
 
 
 def test_an_http_port_in_use_exits_2_naming_the_option(busy_port: int) -> None:
-    result = eventsched("run", "--role", "consumer", "--port", str(busy_port))
+    result = eventsched(
+        "run", "--role", "consumer", "--port", str(busy_port), EVENTSCHED_HTTP__HOST="127.0.0.1"
+    )
     assert_one_line_exit_2(
-        result, f"invalid setting --port: cannot listen on 0.0.0.0:{busy_port}: address in use"
+        result, f"invalid setting --port: cannot listen on 127.0.0.1:{busy_port}: address in use"
     )
 
 
 def test_an_http_port_in_use_exits_2_naming_the_setting(busy_port: int) -> None:
-    result = eventsched("run", "--role", "consumer", EVENTSCHED_HTTP__PORT=str(busy_port))
+    result = eventsched(
+        "run", "--role", "consumer",
+        EVENTSCHED_HTTP__PORT=str(busy_port), EVENTSCHED_HTTP__HOST="127.0.0.1",
+    )  # fmt: skip
     assert_one_line_exit_2(
-        result, f"invalid setting http.port: cannot listen on 0.0.0.0:{busy_port}: address in use"
+        result, f"invalid setting http.port: cannot listen on 127.0.0.1:{busy_port}: address in use"
+    )
+
+
+@handler_factory
+def broken_factory(context: HandlerContext) -> Handler:
+    """A handler factory that fails when the executor builds it (a test target)."""
+    raise RuntimeError("no API token configured")
+
+
+def test_a_failing_handler_factory_exits_2_with_one_line(
+    database: str, redis_url: str, kafka_bootstrap: str
+) -> None:
+    # The factory runs when the executor role is built, once the dependencies answer.
+    result = eventsched(
+        "run", "--role", "executor", "--port", "0",
+        EVENTSCHED_POSTGRES__DSN=database, EVENTSCHED_REDIS__URL=redis_url,
+        EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
+        EVENTSCHED_REDIS__QUEUE=f"cli-errors-{os.getpid()}",
+        EVENTSCHED_HANDLERS__DEFAULT="tests.test_cli_errors:broken_factory",
+    )  # fmt: skip
+    assert_one_line_exit_2(
+        result,
+        "invalid plugin handlers.default = 'tests.test_cli_errors:broken_factory': "
+        "handler factory failed: RuntimeError('no API token configured')",
     )

@@ -42,7 +42,9 @@ from eventsched.core.config import (
 from eventsched.core.errors import DecodeError, DependencyError, EventschedError
 from eventsched.core.events import (
     DLQ_HEADER_NAMES,
+    DecodeLimits,
     Event,
+    decode_event,
     encode_event,
     format_time,
     kafka_headers,
@@ -105,12 +107,7 @@ def build_event(
             raise InputError("--in", str(err)) from None
     data: Any = {}
     if payload is not None:
-        try:
-            data = json.loads(payload)
-        except json.JSONDecodeError as err:
-            raise InputError("--payload", f"not valid JSON ({err.msg} at {err.pos})") from None
-        if not isinstance(data, dict):
-            raise InputError("--payload", "must be a JSON object ({...})")
+        data = _parse_payload(payload)
     limits = settings.consumer
     if due > now + timedelta(seconds=limits.horizon):
         raise InputError(
@@ -119,10 +116,63 @@ def build_event(
     if due < now - timedelta(seconds=limits.max_past):
         raise InputError("--at", f"more than consumer.max_past ({_human(limits.max_past)}) ago")
     try:
-        return new_event(type_, data, due, idempotency_key=key)
+        event = new_event(type_, data, due, idempotency_key=key)
     except ValueError as err:
-        option = "--key" if key is not None and "idempotency" in str(err) else "--type/--payload"
-        raise InputError(option, str(err)) from None
+        text = str(err)
+        option = (
+            "--key"
+            if "idempotency" in text
+            else "--payload"
+            if text.startswith("payload")
+            else "--type"
+        )
+        raise InputError(option, text) from None
+    _check_as_consumer(event, DecodeLimits.from_settings(limits), now)
+    return event
+
+
+def _parse_payload(payload: str) -> Any:
+    """The ``--payload`` JSON object; every parser failure is an InputError."""
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as err:
+        raise InputError("--payload", f"not valid JSON ({err.msg} at {err.pos})") from None
+    except RecursionError:
+        raise InputError("--payload", "not valid JSON (nested too deeply to parse)") from None
+    except ValueError as err:  # an integer beyond the int-string conversion limit
+        detail = str(err).split(";")[0]
+        raise InputError("--payload", f"not valid JSON ({detail})") from None
+    if not isinstance(data, dict):
+        raise InputError("--payload", "must be a JSON object ({...})")
+    return data
+
+
+#: The option to blame for each reason the consumer's decoder can give.
+_OPTION_OF_REASON: Final = {
+    "invalid_type": "--type",
+    "invalid_key": "--key",
+    "too_old": "--at/--in",
+    "beyond_horizon": "--at/--in",
+    "invalid_timestamp": "--at/--in",
+}
+
+
+def _check_as_consumer(event: Event, limits: DecodeLimits, now: datetime) -> None:
+    """Decode the bytes ``send`` would publish with the consumer's own decoder and limits
+    (depth, size, number range, ...), so that nothing ``send`` accepts is dead-lettered;
+    InputError names the option to blame."""
+    value = encode_event(event)
+    try:
+        decode_event(value, now=now, limits=limits, headers=dict(kafka_headers()))
+    except DecodeError as err:
+        if err.reason == "too_large":
+            raise InputError(
+                "--payload",
+                f"the event is {len(value)} bytes encoded, more than "
+                f"consumer.max_message_bytes ({limits.max_message_bytes})",
+            ) from None
+        option = _OPTION_OF_REASON.get(err.reason, "--payload")
+        raise InputError(option, err.detail) from None
 
 
 def _human(seconds: float) -> str:

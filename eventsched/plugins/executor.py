@@ -96,6 +96,7 @@ from eventsched.core.plugins import (
     HandlerEvent,
     PermanentError,
     RoleContext,
+    check_handler,
     load_handler,
 )
 from eventsched.core.postgres import Database
@@ -395,6 +396,13 @@ class Executor:
         self.reconciler: Reconciler | None = None
 
     # -- handlers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_settings(settings: Settings) -> None:
+        """Before anything connects (the runtime calls it): every ``[handlers]`` target
+        imports and has a handler's shape, else PluginError naming its key."""
+        for type_, target in settings.handlers.items():
+            check_handler(f"handlers.{type_}", target)
 
     def _load_handlers(self) -> tuple[dict[str, Handler], Handler | None]:
         """Load every configured handler now: a bad one stops start-up (PluginError)."""
