@@ -7,16 +7,21 @@ same PostgreSQL, Redis and broker. Handler calls are counted, not only rows.
 
 from __future__ import annotations
 
+import functools
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import trio
+import trio_asyncio
 
-from eventsched.core import operator
+from eventsched.core import execstore, operator
 from eventsched.core.config import Settings
 from eventsched.core.events import dlq_headers, kafka_headers
 from eventsched.core.kafka import ensure_topics
+from eventsched.core.postgres import Database
+from eventsched.plugins.executor import Failure, decide
 from tests.conftest import Names
 from tests.support import replay_handlers
 from tests.support.execution import (
@@ -192,7 +197,50 @@ async def test_each_letter_re_runs_its_own_death_once_and_decode_errors_are_re_s
     assert [(m.value(), m.key()) for m in resent] == [(b"{oops", b"k-1")]
 
 
-def _now() -> Any:
-    from datetime import UTC, datetime
-
+def _now() -> datetime:
     return datetime.now(UTC)
+
+
+# -- the budget in the executor's decisions ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "base", "status", "delay_of"),
+    [(3, 0, "dead", None), (4, 3, "retrying", 1), (5, 3, "retrying", 2), (6, 3, "dead", None)],
+)
+def test_decide_counts_the_budget_from_its_base(
+    attempt: int, base: int, status: str, delay_of: int | None
+) -> None:
+    outcome = decide(
+        "e", attempt, Failure("boom"), max_attempts=3, now=100.0, delay=lambda n: n * 10.0,
+        base=base,
+    )  # fmt: skip
+    assert outcome.status == status
+    assert outcome.next_attempt_at == (None if delay_of is None else 100.0 + delay_of * 10.0)
+
+
+async def test_a_lost_re_run_attempt_is_retried_within_its_fresh_budget(database: str) -> None:
+    lost, last = new_events(2, due=time.time() - 600)
+    await trio.to_thread.run_sync(
+        functools.partial(
+            insert_events, database, [lost], status="running", attempts=4, attempt_base=3,
+            updated_at=datetime.now(UTC) - timedelta(minutes=5),
+        )
+    )  # fmt: skip
+    await trio.to_thread.run_sync(
+        functools.partial(
+            insert_events, database, [last], status="running", attempts=6, attempt_base=3,
+            updated_at=datetime.now(UTC) - timedelta(minutes=5),
+        )
+    )  # fmt: skip
+    async with trio_asyncio.open_loop():
+        db = await Database.open(database, max_size=1)
+        try:
+            taken = await execstore.take_over(
+                db, [(lost.id, 4), (last.id, 6)], stale_after=60, max_attempts=3, error="lost"
+            )
+        finally:
+            await db.close()
+    assert sorted((t.event_id, t.status) for t in taken) == sorted(
+        [(lost.id, "retrying"), (last.id, "dead")]
+    )
