@@ -94,7 +94,7 @@ def dead_and_published(database: str, event_id: str, attempts: int) -> Any:
 
 
 async def test_replaying_a_dead_letter_runs_the_event_again_once_with_a_fresh_budget(
-    make_settings: Any, database: str, redis_url: str, topics: Names
+    make_settings: Any, database: str, redis_url: str, kafka_bootstrap: str, topics: Names
 ) -> None:
     settings = settings_for(make_settings, "fails_before_5", max_retries=3)
     (event,) = new_events(1, due=time.time() - 60)
@@ -104,8 +104,18 @@ async def test_replaying_a_dead_letter_runs_the_event_again_once_with_a_fresh_bu
         await wait_until(dead_and_published(database, event.id, 3))
         assert calls() == [(event.id, 1), (event.id, 2), (event.id, 3)]
 
+        # The same letter twice in the DLQ (the reconciler may publish a death again).
+        (letter,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, topics.dlq_topic)
+        copy = RawMessage(letter.value(), letter.key(), letter.headers(), 0)
+        await trio.to_thread.run_sync(produce, kafka_bootstrap, topics.dlq_topic, [copy])
+        assert await replay(settings, dry_run=True) == (
+            "would re-run 1, would re-send 0, would skip 1 |1 event is scheduled, not dead"
+        )
+
         replayed_at = time.time()
-        assert await replay(settings) == "re-run 1, re-sent 0, skipped 0"
+        summary = await replay(settings)
+        # The copy found the event scheduled or already running again.
+        assert summary.startswith("re-run 1, re-sent 0, skipped 1 |1 event is "), summary
         # Attempt 4 fails too and is retried (a fresh budget of 3), attempt 5 succeeds.
         await wait_until(lambda: event_state(database, event.id) == ("succeeded", 5))
         assert calls() == [(event.id, n) for n in range(1, 6)]
@@ -115,7 +125,7 @@ async def test_replaying_a_dead_letter_runs_the_event_again_once_with_a_fresh_bu
         assert await replay(settings) == "re-run 0, re-sent 0, skipped 0"
         assert (
             await replay(settings, reason="retries_exhausted")
-            == "re-run 0, re-sent 0, skipped 1 |1 event is succeeded, not dead"
+            == "re-run 0, re-sent 0, skipped 2 |2 event is succeeded, not dead"
         )
         await trio.sleep(1.0)
     assert calls() == [(event.id, n) for n in range(1, 6)]

@@ -686,6 +686,7 @@ class _Reruns:
         self._dry_run = dry_run
         self._db: Database | None = None
         self._queue: JobQueue | None = None
+        self._would_rerun: set[str] = set()  # dry run: events an earlier letter re-runs
 
     async def rerun(self, event_id: str, attempts: int | None) -> str | None:
         """Re-run the event if it is dead from the death this letter reported; None if it
@@ -701,7 +702,10 @@ class _Reruns:
         params = {"id": event_id, "attempts": attempts}
         if self._dry_run:
             row = await self._db.fetchone(_STATE_SQL, params)
+            if event_id in self._would_rerun:
+                return SKIP_NOT_DEAD.format(status="scheduled")  # as it would be by now
             if row is not None and row[0] == "dead" and attempts in (None, row[1]):
+                self._would_rerun.add(event_id)
                 return None
             return _why_not(row)
         row = await self._db.fetchone(_RERUN_SQL, params)
