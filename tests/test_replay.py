@@ -154,7 +154,8 @@ async def test_each_letter_re_runs_its_own_death_once_and_decode_errors_are_re_s
     settings = settings_for(make_settings, "always_fails", max_retries=2)
     (event,) = new_events(1, due=time.time() - 1)
     await trio.to_thread.run_sync(insert_events, database, [event])
-    # A consumer-side letter (a message that failed to decode) next to the executor's.
+    # A consumer-side letter (a message that failed to decode) next to the executor's; its
+    # producer's own event-id header does not make it an executor letter.
     consumer_letter = RawMessage(
         b"{oops",
         b"k-1",
@@ -167,7 +168,7 @@ async def test_each_letter_re_runs_its_own_death_once_and_decode_errors_are_re_s
             source_timestamp_ms=None,
             consumer_id="c",
             failed_at=_now(),
-            original=kafka_headers(),
+            original=[*kafka_headers(), ("event-id", b"a header of the producer")],
         ),
         0,
     )

@@ -58,6 +58,7 @@ from eventsched.core.events import (
     new_event,
     parse_time,
 )
+from eventsched.core.execstore import DEAD_REASONS
 from eventsched.core.kafka import PRODUCER_DEFAULTS
 
 if TYPE_CHECKING:
@@ -630,9 +631,11 @@ SKIP_DEAD_AGAIN: Final = "event went dead again after this letter (its newer let
 SKIP_UNKNOWN: Final = "event not in PostgreSQL"
 SKIP_BAD_ID: Final = "event-id header is not a UUID"
 
-#: Headers of a letter the executor published (``DeadLetters.message``).
+#: Headers of a letter the executor published (``DeadLetters.message``); such a letter is
+#: told from the consumer's by ``event-id`` and a ``dlq-reason`` only the executor gives.
 EVENT_ID_HEADER: Final = "event-id"
 ATTEMPTS_HEADER: Final = "attempts"
+_EXECUTOR_REASONS: Final = frozenset(reason.encode() for reason in DEAD_REASONS)
 
 
 @dataclass
@@ -763,7 +766,8 @@ def dlq_replay(
 ) -> ReplayResult:
     """Replay DLQ letters; each one is re-run, re-sent or skipped (see :class:`ReplayResult`).
 
-    * A letter of the executor (it carries the ``event-id`` header): the event is set back
+    * A letter of the executor (an ``event-id`` header and a ``dlq-reason`` of
+      ``execstore.DEAD_REASONS``): the event is set back
       from ``dead`` to ``scheduled``, due now, with a fresh attempt budget (compare-and-set
       on the death the letter reported: its ``attempts``), and its job is enqueued as the
       executor's first attempt. An event that is not dead any more, or died again since
@@ -854,10 +858,11 @@ def _replay_letters(
     def visit(message: Any) -> bool:
         headers = list(message.headers() or [])
         by_name = dict(headers)
+        dlq_reason = by_name.get("dlq-reason")
         event_id = by_name.get(EVENT_ID_HEADER)
-        if reason is not None and by_name.get("dlq-reason") != reason.encode():
+        if reason is not None and dlq_reason != reason.encode():
             result.skipped[SKIP_FILTERED.format(reason=reason)] += 1
-        elif event_id is not None:
+        elif event_id is not None and dlq_reason in _EXECUTOR_REASONS:
             why_not = _rerun(event_id, by_name.get(ATTEMPTS_HEADER), reruns)
             if why_not is None:
                 result.rerun += 1
