@@ -330,17 +330,23 @@ def dlq_list(state: State, limit: int, as_json: bool) -> None:
 
 @dlq.command("replay")
 @click.option("--reason", default=None, help="Replay only messages with this dlq-reason.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Replay at most N.")
-@click.option("--dry-run", is_flag=True, help="Count what would be replayed; send nothing.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Re-run or re-send at most N."
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be done; change nothing.")
 @pass_state
 @handle_errors
 def dlq_replay(state: State, reason: str | None, limit: int | None, dry_run: bool) -> None:
-    """Re-publish DLQ messages to the events topic (after a fix); progress is remembered."""
+    """Replay DLQ letters (after a fix); progress is remembered.
+
+    A dead event (a letter of the executor) runs again, due now, with a fresh attempt
+    budget; a message the consumer rejected is re-sent to the events topic; anything else
+    (the event is not dead any more, died again since, is unknown) is skipped, with why.
+    """
     from eventsched.core import operator
 
     result = operator.dlq_replay(state.settings, reason=reason, limit=limit, dry_run=dry_run)
-    verb = "would replay" if dry_run else "replayed"
-    click.echo(f"{verb} {result.replayed}, skipped {result.skipped} (group {result.group})")
+    click.echo(operator.render_replay(result))
 
 
 def main() -> None:

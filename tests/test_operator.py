@@ -256,14 +256,22 @@ def test_dlq_list_and_replay_with_remembered_progress(
     def replay(*args: str) -> str:
         result = run(stack, "dlq", "replay", *args)
         assert result.exit_code == 0, result.output
-        return str(result.stdout.split(" (group")[0])
+        head, *reasons = result.stdout.splitlines()
+        return str(head.split(" (group")[0]) + "".join(f" |{r.strip()}" for r in reasons)
 
-    assert replay("--reason", "invalid_json", "--dry-run") == "would replay 2, skipped 1"
+    assert (
+        replay("--reason", "invalid_json", "--dry-run")
+        == "would re-run 0, would re-send 2, would skip 1 |1 dlq-reason is not invalid_json"
+    )
     assert read_topic(kafka_bootstrap, names.topic) == []
-    assert replay("--reason", "invalid_json", "--limit", "1") == "replayed 1, skipped 0"
-    assert replay("--reason", "invalid_json") == "replayed 1, skipped 1"
-    assert replay("--reason", "invalid_json") == "replayed 0, skipped 0"
-    assert replay() == "replayed 3, skipped 0"  # its own progress, without a filter
+    assert replay("--reason", "invalid_json", "--limit", "1") == "re-run 0, re-sent 1, skipped 0"
+    assert (
+        replay("--reason", "invalid_json")
+        == "re-run 0, re-sent 1, skipped 1 |1 dlq-reason is not invalid_json"
+    )
+    assert replay("--reason", "invalid_json") == "re-run 0, re-sent 0, skipped 0"
+    # Its own progress, without a filter.
+    assert replay() == "re-run 0, re-sent 3, skipped 0"
 
     replayed = read_topic(kafka_bootstrap, names.topic)
     assert sorted((r.value, r.key) for r in replayed) == sorted(

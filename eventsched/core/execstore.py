@@ -84,6 +84,9 @@ class Claimed:
     payload: dict[str, Any]
     execute_at: float  # epoch seconds
     scheduled_for: float  # when this attempt was due (execute_at, or next_attempt_at)
+    # Attempts made before the current budget began (0; after a dlq replay, the attempts
+    # of the run that went dead): max_retries counts from here.
+    base: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +125,8 @@ WITH req AS (
 ),
 locked AS (
     SELECT e.id, r.started,
-           CASE WHEN e.status = 'scheduled' THEN e.execute_at ELSE e.next_attempt_at END
-               AS scheduled_for
+           CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
+                ELSE e.next_attempt_at END AS scheduled_for
     FROM events e JOIN req r ON r.id = e.id
     WHERE e.id = ANY(ARRAY(SELECT id FROM req))
       AND e.status = CASE WHEN r.attempt = 0 THEN 'scheduled' ELSE 'retrying' END
@@ -136,7 +139,8 @@ claimed AS (
     SET status = 'running', attempts = e.attempts + 1, updated_at = now()
     FROM locked l
     WHERE e.id = l.id
-    RETURNING e.id, e.attempts, e.type, e.payload, e.execute_at, l.scheduled_for, l.started
+    RETURNING e.id, e.attempts, e.type, e.payload, e.execute_at, l.scheduled_for, l.started,
+              e.attempt_base
 ),
 logged AS (
     INSERT INTO event_attempts
@@ -147,13 +151,13 @@ logged AS (
 )
 SELECT c.id::text, true, c.attempts, c.type, c.payload,
        extract(epoch FROM c.execute_at)::float8, extract(epoch FROM c.scheduled_for)::float8,
-       'running'
+       'running', c.attempt_base
 FROM claimed c
 UNION ALL
 SELECT r.id::text, a.id IS NOT NULL, e.attempts, e.type,
        CASE WHEN a.id IS NOT NULL THEN e.payload END,
        extract(epoch FROM e.execute_at)::float8, extract(epoch FROM a.scheduled_for)::float8,
-       e.status
+       e.status, e.attempt_base
 FROM req r
 LEFT JOIN events e ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req))
 LEFT JOIN event_attempts a
@@ -183,9 +187,12 @@ def claim_batch(
         execute_at,
         scheduled_for,
         status,
+        base,
     ) in cur.fetchall():
         if won:
-            by_id[event_id] = Claimed(event_id, attempts, type_, payload, execute_at, scheduled_for)
+            by_id[event_id] = Claimed(
+                event_id, attempts, type_, payload, execute_at, scheduled_for, base
+            )
         else:
             by_id[event_id] = NotClaimed(event_id, type_, status, attempts)
     return [by_id[r.event_id] for r in requests]
@@ -457,10 +464,12 @@ locked AS (
 ),
 done AS (
     UPDATE events e
-    SET status = CASE WHEN e.attempts >= %(max)s THEN 'dead' ELSE 'retrying' END,
-        next_attempt_at = CASE WHEN e.attempts >= %(max)s THEN e.next_attempt_at ELSE now() END,
-        finished_at = CASE WHEN e.attempts >= %(max)s THEN now() END,
-        dead_reason = CASE WHEN e.attempts >= %(max)s THEN 'retries_exhausted' END,
+    SET status = CASE WHEN e.attempts - e.attempt_base >= %(max)s THEN 'dead' ELSE 'retrying' END,
+        next_attempt_at = CASE WHEN e.attempts - e.attempt_base >= %(max)s THEN e.next_attempt_at
+                               ELSE now() END,
+        finished_at = CASE WHEN e.attempts - e.attempt_base >= %(max)s THEN now() END,
+        dead_reason = CASE WHEN e.attempts - e.attempt_base >= %(max)s
+                           THEN 'retries_exhausted' END,
         last_error = %(error)s,
         updated_at = now()
     FROM locked l
@@ -608,7 +617,9 @@ async def _estimated_rows(db: Database, status: str) -> int:
 async def check_schema(db: Database) -> None:
     """Raise :class:`DependencyError` unless the executor's columns exist (migrations ran)."""
     try:
-        await db.fetchone("SELECT id, dead_reason, dlq_published_at FROM events LIMIT 0")
+        await db.fetchone(
+            "SELECT id, dead_reason, dlq_published_at, attempt_base FROM events LIMIT 0"
+        )
         await db.fetchone("SELECT event_id, attempt, worker_id FROM event_attempts LIMIT 0")
     except psycopg.errors.UndefinedTable as err:
         raise DependencyError(

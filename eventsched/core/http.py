@@ -7,6 +7,7 @@ no framework.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -20,6 +21,7 @@ from hypercorn.typing import Framework
 
 from eventsched.core import metrics
 from eventsched.core.config import redact
+from eventsched.core.errors import ConfigError
 from eventsched.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -205,8 +207,13 @@ async def serve_http(
     *,
     shutdown: trio.Event,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    setting: str = "http.port",
 ) -> None:
-    """Serve until ``shutdown`` is set; ``task_status.started`` gets the bound port."""
+    """Serve until ``shutdown`` is set; ``task_status.started`` gets the bound port.
+
+    A port that cannot be bound (in use, privileged) is a :class:`ConfigError` naming
+    ``setting`` (the option or setting the port came from): retrying cannot help.
+    """
 
     async def started_wrapper(*, task_status: trio.TaskStatus[list[str]]) -> None:
         # Our app takes plain mappings; hypercorn types its scope/event unions precisely.
@@ -219,7 +226,25 @@ async def serve_http(
         )
 
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(started_wrapper)
+        try:
+            binds = await nursery.start(started_wrapper)
+        except* OSError as group:
+            raise _bind_error(group, host, port, setting) from None
         bound = int(str(binds[0]).rsplit(":", 1)[1]) if binds else port
         log.info("http_listening", host=host, port=bound)
         task_status.started(bound)
+
+
+def _bind_error(
+    group: BaseExceptionGroup[OSError], host: str, port: int, setting: str
+) -> ConfigError:
+    """One line for a failed bind (hypercorn raises it from inside its nurseries)."""
+    err = group.exceptions[0]
+    while isinstance(err, BaseExceptionGroup):
+        err = err.exceptions[0]
+    reason = {
+        errno.EADDRINUSE: "address in use",
+        errno.EACCES: "permission denied",
+        errno.EADDRNOTAVAIL: "address not available on this host",
+    }.get(err.errno or 0, err.strerror or str(err))
+    return ConfigError(setting, f"cannot listen on {host}:{port}: {reason}")

@@ -13,17 +13,23 @@ and trusts the larger of the two. On Kafka this costs one small fetch per partit
 DLQ replay progress lives in a consumer group of its own, per reason filter
 (``kafka.replay_group``, or ``<replay_group>.<reason>`` with ``--reason``), so replaying
 one class of failures never passes over messages of another. The group is used with
-``assign()`` and explicit commits, never joined: nothing to wait for, no rebalance.
+``assign()`` and explicit commits, never joined: nothing to wait for, no rebalance. A letter
+of the executor re-runs its dead event (PostgreSQL compare-and-set, then the job in Redis,
+both from the trio side of one ``trio.run`` while the Kafka loop runs in a worker thread); a
+letter of the consumer is re-sent to the events topic (see :func:`dlq_replay`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer
@@ -42,7 +48,9 @@ from eventsched.core.config import (
 from eventsched.core.errors import DecodeError, DependencyError, EventschedError
 from eventsched.core.events import (
     DLQ_HEADER_NAMES,
+    DecodeLimits,
     Event,
+    decode_event,
     encode_event,
     format_time,
     kafka_headers,
@@ -50,7 +58,12 @@ from eventsched.core.events import (
     new_event,
     parse_time,
 )
+from eventsched.core.execstore import DEAD_REASONS
 from eventsched.core.kafka import PRODUCER_DEFAULTS
+
+if TYPE_CHECKING:
+    from eventsched.core.postgres import Database
+    from eventsched.core.queue import JobQueue
 
 T = TypeVar("T")
 
@@ -105,12 +118,7 @@ def build_event(
             raise InputError("--in", str(err)) from None
     data: Any = {}
     if payload is not None:
-        try:
-            data = json.loads(payload)
-        except json.JSONDecodeError as err:
-            raise InputError("--payload", f"not valid JSON ({err.msg} at {err.pos})") from None
-        if not isinstance(data, dict):
-            raise InputError("--payload", "must be a JSON object ({...})")
+        data = _parse_payload(payload)
     limits = settings.consumer
     if due > now + timedelta(seconds=limits.horizon):
         raise InputError(
@@ -119,10 +127,63 @@ def build_event(
     if due < now - timedelta(seconds=limits.max_past):
         raise InputError("--at", f"more than consumer.max_past ({_human(limits.max_past)}) ago")
     try:
-        return new_event(type_, data, due, idempotency_key=key)
+        event = new_event(type_, data, due, idempotency_key=key)
     except ValueError as err:
-        option = "--key" if key is not None and "idempotency" in str(err) else "--type/--payload"
-        raise InputError(option, str(err)) from None
+        text = str(err)
+        option = (
+            "--key"
+            if "idempotency" in text
+            else "--payload"
+            if text.startswith("payload")
+            else "--type"
+        )
+        raise InputError(option, text) from None
+    _check_as_consumer(event, DecodeLimits.from_settings(limits), now)
+    return event
+
+
+def _parse_payload(payload: str) -> Any:
+    """The ``--payload`` JSON object; every parser failure is an InputError."""
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as err:
+        raise InputError("--payload", f"not valid JSON ({err.msg} at {err.pos})") from None
+    except RecursionError:
+        raise InputError("--payload", "not valid JSON (nested too deeply to parse)") from None
+    except ValueError as err:  # an integer beyond the int-string conversion limit
+        detail = str(err).split(";")[0]
+        raise InputError("--payload", f"not valid JSON ({detail})") from None
+    if not isinstance(data, dict):
+        raise InputError("--payload", "must be a JSON object ({...})")
+    return data
+
+
+#: The option to blame for each reason the consumer's decoder can give.
+_OPTION_OF_REASON: Final = {
+    "invalid_type": "--type",
+    "invalid_key": "--key",
+    "too_old": "--at/--in",
+    "beyond_horizon": "--at/--in",
+    "invalid_timestamp": "--at/--in",
+}
+
+
+def _check_as_consumer(event: Event, limits: DecodeLimits, now: datetime) -> None:
+    """Decode the bytes ``send`` would publish with the consumer's own decoder and limits
+    (depth, size, number range, ...), so that nothing ``send`` accepts is dead-lettered;
+    InputError names the option to blame."""
+    value = encode_event(event)
+    try:
+        decode_event(value, now=now, limits=limits, headers=dict(kafka_headers()))
+    except DecodeError as err:
+        if err.reason == "too_large":
+            raise InputError(
+                "--payload",
+                f"the event is {len(value)} bytes encoded, more than "
+                f"consumer.max_message_bytes ({limits.max_message_bytes})",
+            ) from None
+        option = _OPTION_OF_REASON.get(err.reason, "--payload")
+        raise InputError(option, err.detail) from None
 
 
 def _human(seconds: float) -> str:
@@ -562,12 +623,137 @@ def render_dlq(messages: list[DlqMessage]) -> str:
     return "\n".join(lines)
 
 
+#: Why a letter was skipped (the keys of ReplayResult.skipped).
+SKIP_FILTERED: Final = "dlq-reason is not {reason}"
+SKIP_TRUNCATED: Final = "value was cut by the consumer (cannot be re-sent)"
+SKIP_NOT_DEAD: Final = "event is {status}, not dead"
+SKIP_DEAD_AGAIN: Final = "event went dead again after this letter (its newer letter re-runs it)"
+SKIP_UNKNOWN: Final = "event not in PostgreSQL"
+SKIP_BAD_ID: Final = "event-id header is not a UUID"
+
+#: Headers of a letter the executor published (``DeadLetters.message``); such a letter is
+#: told from the consumer's by ``event-id`` and a ``dlq-reason`` only the executor gives.
+EVENT_ID_HEADER: Final = "event-id"
+ATTEMPTS_HEADER: Final = "attempts"
+_EXECUTOR_REASONS: Final = frozenset(reason.encode() for reason in DEAD_REASONS)
+
+
 @dataclass
 class ReplayResult:
-    replayed: int = 0
-    skipped: int = 0
+    """What ``dlq replay`` did with each letter it read: re-ran the dead event, re-sent the
+    message to the events topic, or skipped it (counted by reason)."""
+
+    rerun: int = 0
+    resent: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
     group: str = ""
     dry_run: bool = False
+
+    @property
+    def replayed(self) -> int:
+        return self.rerun + self.resent
+
+
+def render_replay(result: ReplayResult) -> str:
+    """The summary line of ``eventsched dlq replay``, then one line per skip reason."""
+    skipped = sum(result.skipped.values())
+    if result.dry_run:
+        head = f"would re-run {result.rerun}, would re-send {result.resent}, would skip {skipped}"
+    else:
+        head = f"re-run {result.rerun}, re-sent {result.resent}, skipped {skipped}"
+    lines = [f"{head} (group {result.group})"]
+    lines += [f"  {n} {why}" for why, n in result.skipped.most_common()]
+    return "\n".join(lines)
+
+
+# A dead event runs again: compare-and-set `dead` -> `scheduled` for the death this letter
+# reported (same attempt count), due now (next_attempt_at: the claim takes a re-run's due
+# time from there; execute_at stays the event's own), with a fresh budget from attempt_base.
+# last_error is kept: it is the error of the most recent failed attempt until the next one.
+# The DLQ bookkeeping is cleared so that another death is published again.
+_RERUN_SQL: Final = """
+UPDATE events
+SET status = 'scheduled', attempt_base = attempts, next_attempt_at = now(),
+    finished_at = NULL, dead_reason = NULL, dlq_published_at = NULL, updated_at = now()
+WHERE id = %(id)s AND status = 'dead' AND (%(attempts)s::int IS NULL OR attempts = %(attempts)s)
+RETURNING extract(epoch FROM next_attempt_at)::float8
+"""
+_STATE_SQL: Final = "SELECT status, attempts FROM events WHERE id = %(id)s"
+
+
+class _Reruns:
+    """The PostgreSQL and Redis side of a replay (trio side, opened on first use)."""
+
+    def __init__(self, settings: Settings, dry_run: bool) -> None:
+        self._settings = settings
+        self._dry_run = dry_run
+        self._db: Database | None = None
+        self._queue: JobQueue | None = None
+        self._would_rerun: set[str] = set()  # dry run: events an earlier letter re-runs
+
+    async def rerun(self, event_id: str, attempts: int | None) -> str | None:
+        """Re-run the event if it is dead from the death this letter reported; None if it
+        was re-run (or would be, in a dry run), else why not."""
+        from eventsched.core.postgres import Database
+        from eventsched.plugins.executor import make_job, saq_timeout
+
+        if self._db is None:
+            self._db = await Database.open(
+                require_postgres(self._settings), min_size=1, max_size=1,
+                connect_timeout=SECTION_TIMEOUT,
+            )  # fmt: skip
+        params = {"id": event_id, "attempts": attempts}
+        if self._dry_run:
+            row = await self._db.fetchone(_STATE_SQL, params)
+            if event_id in self._would_rerun:
+                return SKIP_NOT_DEAD.format(status="scheduled")  # as it would be by now
+            if row is not None and row[0] == "dead" and attempts in (None, row[1]):
+                self._would_rerun.add(event_id)
+                return None
+            return _why_not(row)
+        row = await self._db.fetchone(_RERUN_SQL, params)
+        if row is None:
+            return _why_not(await self._db.fetchone(_STATE_SQL, params))
+        try:
+            queue = await self._connected_queue()
+            await queue.enqueue_many([make_job(event_id, 1, row[0], saq_timeout(self._settings))])
+        except DependencyError as err:
+            raise DependencyError(
+                "redis",
+                f"{err.problem}; event {event_id} is scheduled again in PostgreSQL, and the "
+                "executor's reconciler enqueues it after reconciler.grace",
+            ) from err
+        return None
+
+    async def _connected_queue(self) -> JobQueue:
+        from eventsched.core.queue import JobQueue
+
+        if self._queue is None:
+            queue = JobQueue(
+                require_redis(self._settings), self._settings.redis.queue,
+                connect_timeout=SECTION_TIMEOUT,
+            )  # fmt: skip
+            try:
+                await queue.connect()
+            except DependencyError:
+                await queue.close()
+                raise
+            self._queue = queue
+        return self._queue
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            if self._queue is not None:
+                await self._queue.close()
+            if self._db is not None:
+                await self._db.close()
+
+
+def _why_not(row: tuple[Any, ...] | None) -> str:
+    if row is None:
+        return SKIP_UNKNOWN
+    status, _ = row
+    return SKIP_DEAD_AGAIN if status == "dead" else SKIP_NOT_DEAD.format(status=status)
 
 
 def dlq_replay(
@@ -578,17 +764,64 @@ def dlq_replay(
     dry_run: bool = False,
     timeout: float = SECTION_TIMEOUT,
 ) -> ReplayResult:
-    """Re-publish DLQ messages to ``kafka.topic`` (original value, key and non-DLQ headers).
+    """Replay DLQ letters; each one is re-run, re-sent or skipped (see :class:`ReplayResult`).
 
-    Starts at the replay group's committed offsets (the beginning the first time); messages
-    whose ``dlq-reason`` does not match ``reason``, and values the consumer had to cut, are
-    skipped. Progress is committed after each chunk's deliveries are acknowledged, so an
-    interrupted replay resumes where it stopped (at worst re-sending one chunk, which the
-    consumer absorbs as duplicates). ``dry_run`` sends and commits nothing.
+    * A letter of the executor (an ``event-id`` header and a ``dlq-reason`` of
+      ``execstore.DEAD_REASONS``): the event is set back
+      from ``dead`` to ``scheduled``, due now, with a fresh attempt budget (compare-and-set
+      on the death the letter reported: its ``attempts``), and its job is enqueued as the
+      executor's first attempt. An event that is not dead any more, or died again since
+      (a newer letter), or is unknown is skipped: replaying a letter twice re-runs once.
+    * A letter of the consumer (a message that could not be decoded or stored): re-sent to
+      ``kafka.topic`` (original value, key and non-DLQ headers), unless the consumer had to
+      cut its value.
+
+    Starts at the replay group's committed offsets (the beginning the first time); letters
+    whose ``dlq-reason`` does not match ``reason`` are skipped. Progress is committed after
+    each chunk's re-sends are acknowledged, so an interrupted replay resumes where it stopped
+    (at worst re-sending one chunk, which the consumer absorbs as duplicates; a re-run is not
+    repeated, see above). ``limit`` bounds the letters re-run or re-sent. ``dry_run`` changes,
+    sends and commits nothing (it reads PostgreSQL to tell re-runs from skips).
+
+    The Kafka part runs blocking in a worker thread; PostgreSQL and Redis are used from the
+    trio side (``trio.from_thread``), opened only when an executor letter shows up.
     """
     k = settings.kafka
     group = k.replay_group if reason is None else f"{k.replay_group}.{reason}"
     result = ReplayResult(group=group, dry_run=dry_run)
+
+    async def main() -> None:
+        import trio_asyncio
+
+        async with trio_asyncio.open_loop():
+            reruns = _Reruns(settings, dry_run)
+            try:
+                await trio.to_thread.run_sync(
+                    functools.partial(
+                        _replay_letters, settings, group, reason, limit, dry_run, timeout,
+                        result, reruns,
+                    ),
+                    limiter=trio.CapacityLimiter(1),
+                )  # fmt: skip
+            finally:
+                await reruns.close()
+
+    trio.run(main)
+    return result
+
+
+def _replay_letters(
+    settings: Settings,
+    group: str,
+    reason: str | None,
+    limit: int | None,
+    dry_run: bool,
+    timeout: float,
+    result: ReplayResult,
+    reruns: _Reruns,
+) -> None:
+    """The Kafka side of :func:`dlq_replay` (a worker thread)."""
+    k = settings.kafka
     consumer = _reader(settings, group)
     producer = None
     if not dry_run:
@@ -624,11 +857,19 @@ def dlq_replay(
 
     def visit(message: Any) -> bool:
         headers = list(message.headers() or [])
-        names = {name for name, _ in headers}
-        if (reason is not None and dict(headers).get("dlq-reason") != reason.encode()) or (
-            TRUNCATED_HEADER in names
-        ):
-            result.skipped += 1
+        by_name = dict(headers)
+        dlq_reason = by_name.get("dlq-reason")
+        event_id = by_name.get(EVENT_ID_HEADER)
+        if reason is not None and dlq_reason != reason.encode():
+            result.skipped[SKIP_FILTERED.format(reason=reason)] += 1
+        elif event_id is not None and dlq_reason in _EXECUTOR_REASONS:
+            why_not = _rerun(event_id, by_name.get(ATTEMPTS_HEADER), reruns)
+            if why_not is None:
+                result.rerun += 1
+            else:
+                result.skipped[why_not] += 1
+        elif TRUNCATED_HEADER in by_name:
+            result.skipped[SKIP_TRUNCATED] += 1
         else:
             if producer is not None:
                 original = [(n, v) for n, v in headers if n not in DLQ_HEADER_NAMES]
@@ -640,7 +881,7 @@ def dlq_replay(
                     on_delivery=on_delivery,
                 )
                 producer.poll(0)
-            result.replayed += 1
+            result.resent += 1
         pending.append((message.partition(), message.offset() + 1))
         if len(pending) >= REPLAY_CHUNK:
             flush()
@@ -662,4 +903,18 @@ def dlq_replay(
         flush()
     finally:
         consumer.close()
-    return result
+
+
+def _rerun(raw_id: bytes | None, raw_attempts: bytes | None, reruns: _Reruns) -> str | None:
+    """Worker-thread side of a re-run: check the headers, then ask the trio side."""
+    try:
+        event_id = str(uuid.UUID((raw_id or b"").decode("ascii")))
+    except (ValueError, UnicodeDecodeError):
+        return SKIP_BAD_ID
+    attempts: int | None
+    try:
+        attempts = int(raw_attempts) if raw_attempts is not None else None
+    except ValueError:
+        attempts = None
+    why_not: str | None = trio.from_thread.run(reruns.rerun, event_id, attempts)
+    return why_not

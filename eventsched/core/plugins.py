@@ -4,7 +4,10 @@ settings.toml names each implementation as ``"module:attr"``. A role plugin is a
 (usually a class) called with a :class:`RoleContext`; the object it returns has
 ``async def run(self, *, task_status)`` which calls ``task_status.started()`` only once the
 role can do its work, returns when intake has stopped (``ctx.stopping``) and in-flight work
-is drained, and declares which shared adapters it needs in ``needs``.
+is drained, and declares which shared adapters it needs in ``needs``. A factory may also
+have ``check_settings(settings)``, which the runtime calls before connecting anything: it
+raises :class:`PluginError`/:class:`ConfigError` for settings the role would fail on
+(the executor checks its ``[handlers]`` there).
 
 An event handler is an async callable ``handler(event: HandlerEvent) -> None`` that returns
 on success and raises on failure (:class:`PermanentError` means "do not retry"). Handlers are
@@ -146,6 +149,10 @@ def import_target(key: str, target: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise PluginError(key, target, f"cannot import module {module_name!r}: {err}") from None
+    except Exception as err:  # the module itself fails while importing
+        raise PluginError(
+            key, target, f"importing module {module_name!r} failed: {err!r}"
+        ) from None
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -172,6 +179,24 @@ def load_role_factory(role: str, target: str) -> RoleFactory:
     return factory  # type: ignore[no-any-return]  # checked structurally above
 
 
+def check_handler(key: str, target: str) -> None:
+    """Import a handler target and check its shape without calling anything: a handler
+    (see :func:`load_handler`), or a handler factory taking one argument. Runs before any
+    connection is made; a factory's own failure shows when the executor calls it."""
+    handler = import_target(key, target)
+    if not is_handler_factory(handler):
+        _check_handler(key, target, handler)
+        return
+    if not callable(handler):
+        raise PluginError(key, target, "is not callable")
+    try:
+        inspect.signature(handler).bind(None)
+    except TypeError:
+        raise PluginError(key, target, "handler factory must accept one HandlerContext") from None
+    except ValueError:  # no signature to inspect (a builtin): the call will tell
+        pass
+
+
 def load_handler(key: str, target: str, context: HandlerContext | None = None) -> Handler:
     """Load an event handler: an ``async def handler(event)``, an object with such a
     ``__call__``, or the result of a :func:`handler_factory` called with ``context``."""
@@ -185,6 +210,11 @@ def load_handler(key: str, target: str, context: HandlerContext | None = None) -
             raise
         except Exception as err:
             raise PluginError(key, target, f"handler factory failed: {err!r}") from err
+    _check_handler(key, target, handler)
+    return handler  # type: ignore[no-any-return]  # checked structurally by _check_handler
+
+
+def _check_handler(key: str, target: str, handler: object) -> None:
     if not callable(handler):
         raise PluginError(key, target, "is not callable")
     if not (
@@ -195,4 +225,3 @@ def load_handler(key: str, target: str, context: HandlerContext | None = None) -
         inspect.signature(handler).bind(None)
     except TypeError:
         raise PluginError(key, target, "must accept exactly one argument (the event)") from None
-    return handler  # type: ignore[no-any-return]  # checked structurally above

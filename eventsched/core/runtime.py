@@ -1,8 +1,11 @@
 """The composition root: settings → adapters → plugins, one nursery, trio owns the signals.
 
-Start-up order: the HTTP server first (so ``/healthz`` answers and ``/readyz`` says 503 while
-roles start), dependency monitoring, then every role with ``await nursery.start(plugin.run)``
-in its own task (a role waiting for PostgreSQL does not hold up another role).
+Start-up order: role plugins are imported and checked, with the settings they load
+(``check_settings``, e.g. the executor's handlers), before anything is connected; then the
+HTTP server (so ``/healthz`` answers and ``/readyz`` says 503 while roles start), dependency
+monitoring, then every role with ``await nursery.start(plugin.run)`` in its own task (a role
+waiting for PostgreSQL does not hold up another role). A bad plugin or setting, including an
+HTTP port that cannot be bound, leaves :meth:`Runtime.run` as its ConfigError/PluginError.
 
 Shutdown is two-phase: the first SIGTERM/SIGINT sets ``stopping`` (roles stop intake and
 drain) and puts a deadline of ``shutdown.grace`` on the roles; a second signal cancels
@@ -28,7 +31,7 @@ from eventsched.core.config import (
     require_postgres,
     require_redis,
 )
-from eventsched.core.errors import DependencyError
+from eventsched.core.errors import ConfigError, DependencyError, PluginError
 from eventsched.core.http import Health, serve_http
 from eventsched.core.logging import get_logger
 from eventsched.core.plugins import Resources, RoleContext, RoleFactory, load_role_factory
@@ -75,9 +78,16 @@ class Runtime:
         self.settings = settings
         self.roles = roles
         self.port = http_port(settings, roles) if port is None else port
+        self.port_setting = "http.port" if port is None else "--port"
+        # Plugins are imported and checked here, before anything is connected: a bad one
+        # is a PluginError (one line, exit 2), not a failure after start-up.
         self.factories: dict[str, RoleFactory] = {
             role: load_role_factory(role, getattr(settings.plugins, role)) for role in roles
         }
+        for factory in self.factories.values():
+            check_settings = getattr(factory, "check_settings", None)
+            if check_settings is not None:
+                check_settings(settings)
         self.needs: set[str] = set()
         for factory in self.factories.values():
             self.needs |= set(getattr(factory, "needs", frozenset()))
@@ -96,6 +106,9 @@ class Runtime:
             async with trio_asyncio.open_loop():
                 return await self._run_in_loop()
         except Exception as err:  # nurseries raise ExceptionGroups; report, exit non-zero
+            bad = _bad_setting(err)
+            if bad is not None:
+                raise bad from None  # the CLI prints one line naming it and exits 2
             log.error("runtime_failed", error=_describe(err), exc_info=err)
             return RunResult(EXIT_FAILED, False)
         finally:
@@ -144,7 +157,12 @@ class Runtime:
 
     async def _serve_http(self, stop: trio.Event, *, task_status: trio.TaskStatus[int]) -> None:
         await serve_http(
-            self.health, self.settings.http.host, self.port, shutdown=stop, task_status=task_status
+            self.health,
+            self.settings.http.host,
+            self.port,
+            shutdown=stop,
+            task_status=task_status,
+            setting=self.port_setting,
         )
 
     async def _start_role(self, nursery: trio.Nursery, role: str, ctx: RoleContext) -> None:
@@ -270,6 +288,14 @@ def _describe(err: BaseException) -> str:
     while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
         err = err.exceptions[0]
     return f"{type(err).__name__}: {err}"
+
+
+def _bad_setting(err: BaseException) -> ConfigError | PluginError | None:
+    """The ConfigError/PluginError that stopped the runtime (a port that cannot be bound, a
+    handler factory that fails), when it is the only error; None for anything else."""
+    while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+        err = err.exceptions[0]
+    return err if isinstance(err, ConfigError | PluginError) else None
 
 
 async def _quietly(dependency: str, closing: Awaitable[None]) -> None:

@@ -25,9 +25,12 @@ Job contract (what the consumer and the reconciler enqueue)::
 Key scheme: the first attempt's key is the event id; retry ``n`` is ``"<event id>#<n>"``.
 SAQ still holds a job's key while that job runs, so a retry enqueued from inside the
 running job needs a key of its own; and a reconciler re-enqueue of the same attempt uses the
-same key, which SAQ skips while that job is pending.
+same key, which SAQ skips while that job is pending. A dead event re-run by ``dlq replay``
+(``scheduled`` again) gets the first attempt's job: SAQ takes a finished key again.
 
-Statuses and attempts: ``max_retries`` attempts in all. A failure with attempts left ->
+Statuses and attempts: ``max_retries`` attempts in all (per budget: ``eventsched dlq replay``
+sets a dead event back to ``scheduled`` with a fresh budget, its attempts counting on from
+where they were; see :func:`decide`). A failure with attempts left ->
 ``retrying`` with ``next_attempt_at = now + backoff(n)`` (``base * factor**(n-1)``, capped
 at ``max``, times ``1 ± jitter``); a failure of the last attempt -> ``dead``
 (``retries_exhausted``); :class:`PermanentError` -> ``dead`` (``permanent_error``); no
@@ -96,6 +99,7 @@ from eventsched.core.plugins import (
     HandlerEvent,
     PermanentError,
     RoleContext,
+    check_handler,
     load_handler,
 )
 from eventsched.core.postgres import Database
@@ -178,21 +182,29 @@ def decide(
     now: float,
     delay: Callable[[int], float],
     label: str = "",
+    base: int = 0,
 ) -> Outcome:
-    """The outcome of an attempt: succeeded, retrying after ``delay(attempt)``, or dead."""
+    """The outcome of an attempt: succeeded, retrying after ``delay(n)``, or dead.
+
+    ``n = attempt - base`` is the attempt's place in the current budget: ``base`` is the
+    number of attempts made before it began (0; after a dlq replay re-ran a dead event, the
+    attempts of the run that went dead), so a re-run gets ``max_attempts`` attempts of its
+    own while attempt numbers keep counting.
+    """
+    n = attempt - base
     if failure is None:
         return Outcome(event_id, attempt, "succeeded", None, now, label=label)
     if failure.permanent:
         return Outcome(
             event_id, attempt, "dead", failure.error, now, dead_reason=failure.reason, label=label
         )
-    if attempt >= max_attempts:
+    if n >= max_attempts:
         return Outcome(
             event_id, attempt, "dead", failure.error, now, dead_reason="retries_exhausted",
             label=label,
         )  # fmt: skip
     return Outcome(
-        event_id, attempt, "retrying", failure.error, now, next_attempt_at=now + delay(attempt),
+        event_id, attempt, "retrying", failure.error, now, next_attempt_at=now + delay(n),
         label=label,
     )  # fmt: skip
 
@@ -399,6 +411,13 @@ class Executor:
         self.reconciler: Reconciler | None = None
 
     # -- handlers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_settings(settings: Settings) -> None:
+        """Before anything connects (the runtime calls it): every ``[handlers]`` target
+        imports and has a handler's shape, else PluginError naming its key."""
+        for type_, target in settings.handlers.items():
+            check_handler(f"handlers.{type_}", target)
 
     def _load_handlers(self) -> tuple[dict[str, Handler], Handler | None]:
         """Load every configured handler now: a bad one stops start-up (PluginError)."""
@@ -616,6 +635,7 @@ class Executor:
             now=time.time(),
             delay=self._delay,
             label=label,
+            base=claim.base,
         )
         await self._record(outcome)
 
@@ -768,6 +788,7 @@ class Executor:
             now=time.time(),
             delay=lambda _: 0.0,
             label=label,
+            base=claim.base,
         )
         self._finishes.submit_nowait(outcome)
 
