@@ -96,8 +96,26 @@ class NotClaimed:
     attempts: int | None
 
 
-ClaimResult = Claimed | NotClaimed
+@dataclass(frozen=True, slots=True)
+class NotDue:
+    """The claim was refused: the event is in the state the job expected, but not due yet
+    (its job came early: a changed Redis score or ``scheduled``). Nothing changed; the job
+    belongs back in the queue at ``due_at``."""
 
+    event_id: str
+    type: str
+    due_at: float  # epoch seconds: execute_at, or next_attempt_at for a retry
+
+
+ClaimResult = Claimed | NotClaimed | NotDue
+
+# A claim is refused while the attempt's due time is later than `greatest(now(), started) +
+# ahead`: early by PostgreSQL's clock AND by the worker's, beyond the claim-ahead window.
+# Either clock saying "due" is enough, so clock skew between hosts cannot make a due job
+# bounce between queue and claim. The last column carries the due time of a refused claim
+# (the event is in the requested state, just early); a claim lost to a concurrent one reads
+# the pre-lock snapshot there, hence the repeated due test.
+#
 # The third branch recognises our own earlier claim of the same request (same worker, same
 # start time): it committed but the answer was lost with the connection. Re-sending a claim
 # after a connection error is therefore safe. `lateness_ms` uses the exact float start time.
@@ -128,6 +146,8 @@ locked AS (
     WHERE e.id = ANY(ARRAY(SELECT id FROM req))
       AND e.status = CASE WHEN r.attempt = 0 THEN 'scheduled' ELSE 'retrying' END
       AND (r.attempt = 0 OR (r.attempt > 0 AND e.attempts = r.attempt - 1))
+      AND CASE WHEN r.attempt = 0 THEN e.execute_at ELSE e.next_attempt_at END
+          <= greatest(now(), to_timestamp(r.started)) + make_interval(secs => %(ahead)s)
     ORDER BY e.id
     FOR UPDATE OF e
 ),
@@ -147,13 +167,21 @@ logged AS (
 )
 SELECT c.id::text, true, c.attempts, c.type, c.payload,
        extract(epoch FROM c.execute_at)::float8, extract(epoch FROM c.scheduled_for)::float8,
-       'running'
+       'running', NULL::float8
 FROM claimed c
 UNION ALL
 SELECT r.id::text, a.id IS NOT NULL, e.attempts, e.type,
        CASE WHEN a.id IS NOT NULL THEN e.payload END,
        extract(epoch FROM e.execute_at)::float8, extract(epoch FROM a.scheduled_for)::float8,
-       e.status
+       e.status,
+       CASE WHEN a.id IS NULL
+             AND e.status = CASE WHEN r.attempt = 0 THEN 'scheduled' ELSE 'retrying' END
+             AND (r.attempt = 0 OR e.attempts = r.attempt - 1)
+             AND CASE WHEN r.attempt = 0 THEN e.execute_at ELSE e.next_attempt_at END
+                 > greatest(now(), to_timestamp(r.started)) + make_interval(secs => %(ahead)s)
+            THEN extract(epoch FROM CASE WHEN r.attempt = 0 THEN e.execute_at
+                                         ELSE e.next_attempt_at END)::float8
+       END
 FROM req r
 LEFT JOIN events e ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req))
 LEFT JOIN event_attempts a
@@ -165,14 +193,20 @@ WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = r.id)
 
 
 def claim_batch(
-    conn: psycopg.Connection[Any], requests: Sequence[ClaimRequest], *, worker_id: str
+    conn: psycopg.Connection[Any],
+    requests: Sequence[ClaimRequest],
+    *,
+    worker_id: str,
+    ahead: float = 0.0,
 ) -> list[ClaimResult]:
     """Claim events for running (one statement); results in request order.
 
-    Requests must name distinct events (:class:`GroupCommit` callers dedupe).
+    An event not due yet by both PostgreSQL's clock and the request's ``started``, beyond
+    ``ahead`` seconds, is refused (:class:`NotDue`). Requests must name distinct events
+    (:class:`GroupCommit` callers dedupe).
     """
     req = _dumps([{"id": r.event_id, "attempt": r.attempt, "started": r.started} for r in requests])
-    cur = conn.execute(_CLAIM_SQL, {"req": req, "worker": worker_id})
+    cur = conn.execute(_CLAIM_SQL, {"req": req, "worker": worker_id, "ahead": ahead})
     by_id: dict[str, ClaimResult] = {}
     for (
         event_id,
@@ -183,9 +217,12 @@ def claim_batch(
         execute_at,
         scheduled_for,
         status,
+        due_at,
     ) in cur.fetchall():
         if won:
             by_id[event_id] = Claimed(event_id, attempts, type_, payload, execute_at, scheduled_for)
+        elif due_at is not None:
+            by_id[event_id] = NotDue(event_id, type_, due_at)
         else:
             by_id[event_id] = NotClaimed(event_id, type_, status, attempts)
     return [by_id[r.event_id] for r in requests]

@@ -111,6 +111,11 @@ RECONCILER_REQUEUED = Counter(
     ["reason"],  # overdue | retry_overdue | stale_running
     registry=REGISTRY,
 )
+CLAIMS_NOT_DUE = Counter(
+    "eventsched_claims_not_due",
+    "Jobs whose claim was refused because the event is not due yet (put back at its due time)",
+    registry=REGISTRY,
+)
 ROLE_READY = Gauge("eventsched_role_ready", "1 once a role is ready", ["role"], registry=REGISTRY)
 ROLE_STALLED = Gauge(
     "eventsched_role_stalled",

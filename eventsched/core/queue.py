@@ -241,6 +241,15 @@ class ScheduledJob:
     timeout: int = 60  # seconds before SAQ cancels the job and its sweep calls it stuck
 
 
+class PutBack(Exception):
+    """Raised by a job function that must not run yet: :class:`OnTimeWorker` puts the job
+    back into the queue to run at ``at`` (epoch seconds), as if it had not been taken."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__(at)
+        self.at = at
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClaimResult:
     """What one run of the claim script did."""
@@ -450,6 +459,27 @@ class OnTimeQueue(RedisQueue):
     def release_nowait(self, jobs: Iterable[Job]) -> None:
         """:meth:`release` with the next batch, without waiting (for the dispatcher)."""
         self._batcher.submit_nowait(self._release_commands(jobs))
+
+    async def put_back(self, job: Job, at: float) -> None:
+        """Give a taken job back, untouched, to run at ``at`` (epoch seconds): out of
+        `active`, back into `incomplete` with that score (its key stays pending), its record
+        QUEUED with ``scheduled = at`` and the attempt it used returned."""
+        job.status = Status.QUEUED
+        job.attempts = max(0, job.attempts - 1)
+        job.started = 0
+        job.touched = now()
+        job.worker_id = None
+        job.scheduled = at  # type: ignore[assignment]  # a float, see make_job
+        score = repr(float(at))
+        await self._batcher.run(
+            [
+                ("LREM", self._active, 1, job.id),
+                ("LREM", self._queued, 1, job.id),
+                ("ZADD", self._incomplete, score, job.id),
+                ("SET", job.id, self._text(job)),
+                ("PUBLISH", self.wakeup_channel, score),
+            ]
+        )
 
     def _release_commands(self, jobs: Iterable[Job]) -> list[Command]:
         commands: list[Command] = []
@@ -1155,6 +1185,8 @@ class OnTimeWorker(Worker[Context]):
                 result = await function(context, **(job.kwargs or {}))
             if task_ctx["aborted"] is None:
                 self.queue.complete_nowait(job, result)
+        except PutBack as back:
+            await self.queue.put_back(job, back.at)
         except asyncio.CancelledError:
             aborted = task_ctx["aborted"]
             if aborted is None:

@@ -6,7 +6,9 @@ The consumer enqueues one SAQ job per event; an :class:`~eventsched.core.queue.O
 
 1. **claims** the event: CAS ``scheduled|retrying -> running`` plus its ``event_attempts``
    row, committed before the handler runs (a job whose claim loses — a duplicate delivery,
-   a reconciler race, an event already done — runs nothing: ``skipped_duplicate``);
+   a reconciler race, an event already done — runs nothing: ``skipped_duplicate``; a job
+   that came before the event is due — beyond ``CLAIM_AHEAD`` — runs nothing either and is
+   put back into the queue at the event's due time: ``eventsched_claims_not_due_total``);
 2. runs the **handler** for the event type (``[handlers]``, else ``default``) under
    ``executor.job_timeout``;
 3. **records** the outcome (CAS ``running -> succeeded|retrying|dead`` with ``AND attempts =
@@ -86,6 +88,7 @@ from eventsched.core.execstore import (
     DeadEvent,
     GroupCommit,
     NotClaimed,
+    NotDue,
     Outcome,
 )
 from eventsched.core.kafka import KafkaProducer, OutboundMessage
@@ -99,7 +102,14 @@ from eventsched.core.plugins import (
     load_handler,
 )
 from eventsched.core.postgres import Database
-from eventsched.core.queue import OnTimeWorker, ScheduledJob, drain_worker, make_worker, run_worker
+from eventsched.core.queue import (
+    OnTimeWorker,
+    PutBack,
+    ScheduledJob,
+    drain_worker,
+    make_worker,
+    run_worker,
+)
 from eventsched.plugins.reconciler import Reconciler
 
 log = get_logger(__name__)
@@ -122,6 +132,9 @@ OTHER_TYPE: Final = "other"
 OUTCOME_INTERVAL: Final = 0.01
 #: Statement sizes of the group commits.
 MAX_BATCH: Final = 500
+#: Seconds before its due time a job may be taken (the worker's claim-ahead window); the
+#: claim refuses an event due later than this (its job came early) and puts the job back.
+CLAIM_AHEAD: Final = 0.01
 
 
 # -- pure parts: keys, jobs, backoff, decisions ---------------------------------------------------
@@ -372,7 +385,7 @@ class Executor:
         self._durations = {t: metrics.EXECUTION_DURATION.labels(t) for t in {*known, OTHER_TYPE}}
         self._claims: GroupCommit[ClaimRequest, ClaimResult] = GroupCommit(
             "claim",
-            functools.partial(execstore.claim_batch, worker_id=self.worker_id),
+            functools.partial(execstore.claim_batch, worker_id=self.worker_id, ahead=CLAIM_AHEAD),
             key=lambda r: r.event_id,
             max_batch=MAX_BATCH,
         )
@@ -482,6 +495,7 @@ class Executor:
             self._jobs,
             [(EXECUTE_FUNCTION, self.execute_event)],
             concurrency=s.executor_concurrency,
+            claim_ahead=CLAIM_AHEAD,
             id=self.worker_id,
             timers={"worker_info": info_every},
         )
@@ -592,6 +606,14 @@ class Executor:
         if isinstance(claim, NotClaimed):
             self._skipped(claim, attempt)
             return
+        if isinstance(claim, NotDue):
+            metrics.CLAIMS_NOT_DUE.inc()
+            self._log.warning(
+                "job_came_early", event_id=event_id, job_attempt=attempt or 1,
+                due_at=claim.due_at, early_s=round(claim.due_at - started, 3),
+                note="put back at the due time",
+            )  # fmt: skip
+            raise PutBack(claim.due_at)
         label = self._label(claim.type)
         metrics.EXECUTION_LATENESS.observe(started - claim.scheduled_for)
         task = asyncio.current_task()
