@@ -108,7 +108,7 @@ EVENTS_BY_STATUS = Gauge(
 RECONCILER_REQUEUED = Counter(
     "eventsched_reconciler_requeued",
     "Events the reconciler enqueued again",
-    ["reason"],  # overdue | retry_overdue | stale_running
+    ["reason"],  # overdue | retry_overdue | stale_running | redis_lost | taken_by_lost_worker
     registry=REGISTRY,
 )
 CLAIMS_NOT_DUE = Counter(

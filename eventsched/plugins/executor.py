@@ -488,9 +488,12 @@ class Executor:
 
     async def _run_worker(self, task_status: trio.TaskStatus[None]) -> None:
         s = self.settings
-        # Liveness of this worker for the reconciler: SAQ's worker-info key, refreshed well
-        # within stale_after (whole seconds: redis-py wants an int expiry).
-        info_every = int(max(1, min(10, s.reconciler.stale_after // 4)))
+        # Liveness of this worker for the reconciler: SAQ's worker-info key (it expires one
+        # second after its interval), refreshed well within stale_after, and so that a dead
+        # worker's jobs are known lost within reconciler.grace (whole seconds: redis-py
+        # wants an int expiry).
+        r = s.reconciler
+        info_every = int(max(1, min(10, r.stale_after // 4, (r.grace - 1) // 2)))
         self.worker = worker = make_worker(
             self._jobs,
             [(EXECUTE_FUNCTION, self.execute_event)],

@@ -7,6 +7,9 @@ Runs inside the executor role, one leader at a time across all executor processe
   (key = event id) is not pending -> enqueue it again;
 * ``retry_overdue``: events ``retrying`` whose next attempt was due more than ``grace`` ago and
   whose job (key ``<id>#<n>``) is not pending -> enqueue it again;
+* ``taken_by_lost_worker``: the job of such an event is pending, but taken (claimed ahead of
+  its due time, or started) by a worker whose SAQ worker-info key has expired, the test of
+  the stale-running path -> the job goes back to ``queued`` for another worker;
 * ``stale_running``: events ``running`` without a heartbeat for ``reconciler.stale_after``
   (the executor refreshes ``updated_at`` of long attempts every ``stale_after / 4``) whose
   SAQ job is not active on a live worker (SAQ's worker-info key of the job's worker has
@@ -340,6 +343,12 @@ class Reconciler:
         attempt_of = ATTEMPT_OF[reason]
         jobs = [self._job_for(c.event_id, attempt_of(c), c.at.timestamp()) for c in page]
         pending = await self._jobs.pending_keys([job.key for job in jobs])
+        if pending and reason in ("overdue", "retry_overdue"):
+            # Pending, but maybe taken (ahead of its due time) by a worker that died before
+            # its claim reached PostgreSQL: give such jobs back.
+            freed = await self._jobs.requeue_orphans(sorted(pending))
+            if freed:
+                metrics.RECONCILER_REQUEUED.labels("taken_by_lost_worker").inc(len(freed))
         missing = [(c, job) for c, job in zip(page, jobs, strict=True) if job.key not in pending]
         if missing:
             still = await execstore.still_waiting(self._db, reason, [c for c, _ in missing])
