@@ -371,18 +371,22 @@ FROM (
     FOR UPDATE OF e2
 ) l
 WHERE e.id = l.id
+RETURNING e.id::text
 """
 
 
-async def heartbeat(db: Database, running: Sequence[tuple[str, int]]) -> int:
-    """Touch ``updated_at`` of events still running these attempts (so the reconciler
-    does not take them over); returns how many were touched."""
+async def heartbeat(db: Database, running: Sequence[tuple[str, int]]) -> set[str]:
+    """Renew the lease of these attempts: touch ``updated_at`` of events still running them
+    (the reconciler takes an attempt over only once ``updated_at`` is older than
+    ``stale_after``). Returns the ids of the events renewed; an attempt not among them is
+    no longer running (finished, or taken over)."""
     if not running:
-        return 0
-    return await db.execute(
+        return set()
+    rows = await db.fetchall(
         _HEARTBEAT_SQL,
         {"ids": [event_id for event_id, _ in running], "attempts": [a for _, a in running]},
     )
+    return {event_id for (event_id,) in rows}
 
 
 # -- reconciler --------------------------------------------------------------------------------
@@ -483,11 +487,12 @@ async def still_waiting(db: Database, reason: str, found: Sequence[Candidate]) -
 
 _TAKE_OVER_SQL: Final = """
 WITH req AS (
-    SELECT * FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS r(id, attempt)
+    SELECT * FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(seen)s::timestamptz[])
+        AS r(id, attempt, seen)
 ),
 locked AS (
     SELECT e.id FROM events e JOIN req r ON r.id = e.id
-    WHERE e.status = 'running' AND e.attempts = r.attempt
+    WHERE e.status = 'running' AND e.attempts = r.attempt AND e.updated_at = r.seen
       AND e.updated_at < now() - make_interval(secs => %(stale)s)
     ORDER BY e.id
     FOR UPDATE OF e
@@ -529,22 +534,25 @@ class TakenOver:
 
 async def take_over(
     db: Database,
-    stale: Sequence[tuple[str, int]],
+    stale: Sequence[Candidate],
     *,
     stale_after: float,
     max_attempts: int,
     error: str,
 ) -> list[TakenOver]:
     """CAS ``running -> retrying`` (or ``dead`` when no attempt is left) for attempts that
-    are still running with no heartbeat for ``stale_after`` s; their attempt rows get
-    outcome ``retried``/``dead`` with ``error``. Events that moved on are left alone."""
+    are still running with no heartbeat for ``stale_after`` s and whose ``updated_at`` is
+    still the one the caller saw (``Candidate.at``: no lease renewal since); their attempt
+    rows get outcome ``retried``/``dead`` with ``error``. Events that moved on, or whose
+    lease was renewed meanwhile, are left alone."""
     if not stale:
         return []
     rows = await db.fetchall(
         _TAKE_OVER_SQL,
         {
-            "ids": [event_id for event_id, _ in stale],
-            "attempts": [attempts for _, attempts in stale],
+            "ids": [c.event_id for c in stale],
+            "attempts": [c.attempts for c in stale],
+            "seen": [c.at for c in stale],
             "stale": stale_after,
             "max": max_attempts,
             "error": error,

@@ -10,12 +10,15 @@ Runs inside the executor role, one leader at a time across all executor processe
 * ``taken_by_lost_worker``: the job of such an event is pending, but taken (claimed ahead of
   its due time, or started) by a worker whose SAQ worker-info key has expired, the test of
   the stale-running path -> the job goes back to ``queued`` for another worker;
-* ``stale_running``: events ``running`` without a heartbeat for ``reconciler.stale_after``
-  (the executor refreshes ``updated_at`` of long attempts every ``stale_after / 4``) whose
-  SAQ job is not active on a live worker (SAQ's worker-info key of the job's worker has
-  expired, or the job is not active at all) -> CAS ``running -> retrying`` (the lost attempt's
-  row gets outcome ``retried``, error "worker lost") and enqueue the next attempt, or
-  ``dead`` if that was the last attempt;
+* ``stale_running``: events ``running`` whose lease expired: no heartbeat for
+  ``reconciler.stale_after`` (the executor renews ``updated_at`` of the attempts it holds
+  every ``stale_after / 8``), seen so by this leader, unrenewed, for ``TAKEOVER_MARGIN`` x
+  ``stale_after`` more, and whose SAQ job is not active on a live worker (SAQ's worker-info
+  key of the job's worker has expired, or the job is not active at all) -> CAS ``running ->
+  retrying`` on the ``updated_at`` it saw (the lost attempt's row gets outcome ``retried``,
+  error "worker lost") and enqueue the next attempt, or ``dead`` if that was the last
+  attempt. The executor stops a handler whose lease it could not renew for ``stale_after /
+  2``, so the handler has stopped before this can happen (see the executor's docstring);
 * republishes dead events whose DLQ message was not acknowledged (a crash between the dead
   transition and the publish) after ``grace``.
 
@@ -79,6 +82,9 @@ T = TypeVar("T")
 
 #: Pages of ``reconciler.batch`` rows one pass looks at per reason, at most.
 MAX_PAGES: Final = 50
+#: A stale attempt is taken over only after this leader has seen its lease expired, and not
+#: renewed, for this fraction of ``stale_after`` (on top of ``stale_after`` itself).
+TAKEOVER_MARGIN: Final = 0.5
 #: Marker values (see the module docstring).
 MARKER_OK: Final = "ok"
 MARKER_RESTORING: Final = "restoring:"
@@ -235,6 +241,10 @@ class Reconciler:
         self._gauge_interval = float(r.gauge_interval)
         self._grace = float(r.grace)
         self._stale_after = float(r.stale_after)
+        self._margin = TAKEOVER_MARGIN * self._stale_after
+        # (event id, attempt) -> (updated_at, when this leader first saw it stale with it).
+        self._stale_since: dict[tuple[str, int], tuple[Any, float]] = {}
+        self._seen_stale: dict[tuple[str, int], tuple[Any, float]] = {}
         self._batch = r.batch
         self._max_attempts = settings.executor.max_retries
         self.lock = LeaderLock(
@@ -413,20 +423,42 @@ class Reconciler:
         return added
 
     async def _take_over_stale(self) -> int:
-        paged = await self._each_page("stale_running", self._stale_after, self._take_over_page)
+        self._seen_stale = {}
+        try:
+            paged = await self._each_page("stale_running", self._stale_after, self._take_over_page)
+        finally:
+            # Forget attempts not seen stale in this pass (renewed, finished, taken over).
+            self._stale_since, self._seen_stale = self._seen_stale, {}
         return paged.total
 
+    def _expired_long_enough(self, c: Candidate) -> bool:
+        """Has this leader seen the attempt's lease expired, unrenewed (same ``updated_at``),
+        for ``TAKEOVER_MARGIN`` x ``stale_after``? Measured on this process's clock, while it
+        could read PostgreSQL: after an outage every lease looks expired, and the executors
+        get this long to renew theirs (or write their outcomes) first."""
+        now = trio.current_time()
+        key = (c.event_id, c.attempts)
+        seen = self._stale_since.get(key)
+        if seen is None or seen[0] != c.at:
+            seen = (c.at, now)
+        self._seen_stale[key] = seen
+        return now - seen[1] >= self._margin
+
     async def _take_over_page(self, page: list[Candidate]) -> int:
+        page = [c for c in page if self._expired_long_enough(c)]
+        if not page:
+            return 0
         keys = [self._job_for(c.event_id, c.attempts, 0.0).key for c in page]
         live = await self.live_jobs(keys)
-        stale: list[tuple[str, int]] = []
+        stale: list[Candidate] = []
         for c, key in zip(page, keys, strict=True):
             if key in live:
                 # No heartbeat, yet its worker is alive and still on it (PostgreSQL trouble
-                # on that worker?): taking over would run the handler twice.
+                # on that worker?): its lease keeps the handler from running on, but wait for
+                # the job to end there rather than run the next attempt beside it.
                 log.info("stale_running_still_active", event_id=c.event_id, attempt=c.attempts)
             else:
-                stale.append((c.event_id, c.attempts))
+                stale.append(c)
         taken = await execstore.take_over(
             self._db,
             stale,

@@ -74,11 +74,15 @@ def _journal(what: str, event: HandlerEvent) -> None:
 
 async def journal(event: HandlerEvent) -> None:
     """Appends ``start`` to the file $TEST_HANDLER_JOURNAL, sleeps ``payload["sleep"]``
-    seconds (default 0), then appends ``done`` (its side effect) and succeeds. A run that
-    is cancelled or killed leaves a ``start`` without ``done``."""
+    seconds (default 0; a list: one value per attempt, the last for the rest), then appends
+    ``done`` (its side effect) and succeeds. A run that is cancelled or killed leaves a
+    ``start`` without ``done``."""
     _record(event)
     _journal("start", event)
-    await asyncio.sleep(float(event.payload.get("sleep", 0)))
+    sleep = event.payload.get("sleep", 0)
+    if isinstance(sleep, list):
+        sleep = sleep[min(event.attempt, len(sleep)) - 1]
+    await asyncio.sleep(float(sleep))
     _journal("done", event)
 
 
