@@ -93,7 +93,7 @@ FAULT_KINDS = (
 
 
 #: Environment variable naming the handler journal of the executors.
-JOURNAL_ENV = "EVENTSCHED_CHAOS_JOURNAL"
+JOURNAL_ENV = "CHAOS_HANDLER_JOURNAL"  # not EVENTSCHED_*: that prefix is settings
 
 
 # --------------------------------------------------------------------------- the handler
@@ -115,7 +115,7 @@ def _journal(path: str, what: str, event: HandlerEvent, ok: bool | None = None) 
 @handler_factory
 def journaled(context: HandlerContext) -> Handler:
     """The executors' handler in the chaos run: ``simulate``, with every invocation written
-    to the journal file named by ``$EVENTSCHED_CHAOS_JOURNAL`` (asyncio side)."""
+    to the journal file named by ``$CHAOS_HANDLER_JOURNAL`` (asyncio side)."""
     from eventsched.plugins.handlers import simulate
 
     inner = simulate(context)
@@ -499,13 +499,17 @@ def check(
         dsn,
         "SELECT e.id::text, e.status, e.attempts, e.dead_reason,"
         " count(a.id) FILTER (WHERE a.outcome = 'succeeded'),"
-        " count(a.id) FILTER (WHERE a.outcome IS NULL OR a.error LIKE 'worker lost%%'),"
+        " count(a.id) FILTER (WHERE a.outcome IS NULL OR a.error LIKE 'worker lost%%'"
+        "   OR a.error LIKE 'lease lost%%'),"
         " count(a.id),"
         # A failed attempt is either the handler's simulated failure or one the reconciler
-        # closed after its worker died ("worker lost"; it counts as an attempt by design).
+        # closed after its worker died ("worker lost"), or one its executor stopped when it
+        # could not renew the lease ("lease lost", e.g. PostgreSQL down for stale_after / 2);
+        # both count as an attempt by design.
         " count(a.id) FILTER (WHERE a.outcome IN ('retried', 'dead')"
         "   AND coalesce(a.error, '') NOT ILIKE '%%simulated failure%%'"
-        "   AND coalesce(a.error, '') NOT LIKE 'worker lost%%')"
+        "   AND coalesce(a.error, '') NOT LIKE 'worker lost%%'"
+        "   AND coalesce(a.error, '') NOT LIKE 'lease lost%%')"
         " FROM events e LEFT JOIN event_attempts a ON a.event_id = e.id GROUP BY e.id",
     )
     events = {r[0]: r[1:] for r in rows}
@@ -624,7 +628,7 @@ def table(r: Mapping[str, Any], seed: int, rate: float, duration: float) -> str:
         ("lost", pc["lost"]),
         ("stuck", pc["stuck"]),
         ("other problems", sum(pc.values()) - pc["duplicates"] - pc["lost"] - pc["stuck"]),
-        ("attempts lost to a crash (worker lost)", r["attempts_lost_to_crashes"]),
+        ("attempts lost to a crash or a lost lease", r["attempts_lost_to_crashes"]),
         ("handler invocations (journal)", r["handler_invocations"]),
         ("handler runs that overlapped (must be 0)", pc["handler_runs_overlapping"]),
         ("handler runs stopped (lease lost) or killed", r["handler_runs_stopped_or_killed"]),

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis
 import trio
 
-from eventsched.plugins.executor import make_job
+from eventsched.plugins.executor import make_job, saq_timeout
 from tests.conftest import Names
 from tests.support.exec_handlers import read_journal
 from tests.support.execution import (
@@ -105,3 +107,72 @@ def test_a_job_taken_ahead_by_a_killed_executor_runs_grace_after_its_due_time(
     assert runs[0]["pid"] != first.proc.pid
     late = float(runs[0]["t"]) - event.execute_at  # type: ignore[arg-type]
     assert 0 <= late <= GRACE + INTERVAL + SLACK, (late, owner)
+
+
+@pytest.mark.usefixtures("executor_state")
+async def test_the_owner_of_a_job_is_forgotten_once_it_leaves_active(
+    make_settings: Any, database: str, redis_url: str
+) -> None:
+    """Every way out of `active` (finish, retry, put back) clears the job's owner entry."""
+    from tests.support.execution import all_finished, running_executor, wait_until
+
+    settings = make_settings(
+        executor={"concurrency": 8, "max_retries": 3,
+                  "retry_backoff": {"base": "10ms", "max": "50ms", "jitter": 0}},
+        handlers={"default": "tests.support.exec_handlers:flaky"},
+        reconciler={"enabled": False},
+    )  # fmt: skip
+    events = new_events(20, due=time.time() + 0.2)
+    early = new_events(1, due=time.time() + 3600)
+    await trio.to_thread.run_sync(insert_events, database, events + early)
+    owners = f"saq:{settings.redis.queue}:owners"
+    async with running_executor(settings) as harness:
+        await harness.enqueue(events)
+        timeout = saq_timeout(settings)
+        await harness.jobs.enqueue_many([make_job(early[0].id, 1, time.time(), timeout)])
+        await wait_until(all_finished(database, len(events)))
+        client = redis.Redis.from_url(redis_url)
+        try:
+            await wait_until(lambda: client.hlen(owners) == 0, limit=5)
+        finally:
+            client.close()
+
+
+@pytest.mark.usefixtures("executor_state")
+async def test_a_job_whose_claim_answer_was_lost_is_given_back(
+    make_settings: Any, database: str, redis_url: str
+) -> None:
+    """The claim script ran but its answer was lost (the connection was cut during the
+    call): the job sits in `active`, QUEUED, taken by a worker that is alive but never got
+    it. It goes back to `queued` on the reconciler's second look and runs once."""
+    from tests.support import exec_handlers
+    from tests.support.execution import all_finished, running_executor, wait_until
+
+    settings = make_settings(
+        executor={"concurrency": 4},
+        handlers={"default": "tests.support.exec_handlers:ok"},
+        reconciler={"interval": "300ms", "grace": "300ms", "stale_after": "4s"},
+    )
+    (event,) = new_events(1, due=time.time() - 2)
+    await trio.to_thread.run_sync(insert_events, database, [event])
+    queue = settings.redis.queue
+    async with running_executor(settings) as harness:
+        owner = harness.executor.worker_id
+        client = redis.Redis.from_url(redis_url)
+        try:
+            await wait_until(lambda: client.exists(f"saq:{queue}:worker_info:{owner}") == 1)
+            job_id = f"saq:job:{queue}:{event.id}"
+            record = {"function": "execute_event", "kwargs": {"event_id": event.id},
+                      "queue": queue, "key": event.id, "status": "queued", "timeout": 60,
+                      "scheduled": event.execute_at}  # fmt: skip
+            with client.pipeline(transaction=True) as pipe:
+                pipe.set(job_id, json.dumps(record))
+                pipe.zadd(f"saq:{queue}:incomplete", {job_id: 0})
+                pipe.rpush(f"saq:{queue}:active", job_id)
+                pipe.hset(f"saq:{queue}:owners", job_id, owner)
+                pipe.execute()
+            await wait_until(all_finished(database, 1), limit=10)
+        finally:
+            client.close()
+    calls = exec_handlers.CALLS
+    assert calls == [(event.id, 1)]

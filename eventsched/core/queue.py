@@ -64,7 +64,7 @@ import signal
 import time
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -283,6 +283,16 @@ class ClaimResult:
     backlog: int  # jobs left in `queued` after claiming
     moved: int  # jobs moved from `incomplete` to `queued` by this call
     moved_ids: list[str]  # their ids, if asked for
+
+
+@dataclasses.dataclass(slots=True)
+class Orphans:
+    """What :meth:`OnTimeQueue.requeue_orphans` did."""
+
+    requeued: list[str] = dataclasses.field(default_factory=list)  # keys put back
+    # (job id, owner) of jobs taken by a live worker and not started yet: pass them to the
+    # next call, which puts back those still so.
+    stalled: set[tuple[str, str]] = dataclasses.field(default_factory=set)
 
 
 class OnTimeQueue(RedisQueue):
@@ -760,18 +770,28 @@ class OnTimeQueue(RedisQueue):
 
     # -- jobs of workers that are gone -----------------------------------------------------------
 
-    async def requeue_orphans(self, keys: Sequence[str]) -> list[str]:
-        """Of these (pending) job keys, put back into `queued` every job taken by a worker
-        that is gone (its SAQ worker-info key expired) before it finished the job: claimed
-        ahead of its due time and waiting in a slot, or started. Returns their keys.
+    async def requeue_orphans(
+        self, keys: Sequence[str], stalled: Collection[tuple[str, str]] = ()
+    ) -> Orphans:
+        """Of these (pending) job keys, put back into `queued` every job taken but given up:
+
+        * taken by a worker that is gone (its SAQ worker-info key expired) before it
+          finished the job: claimed ahead of its due time and waiting in a slot, or started;
+        * taken and never started, by a worker that is alive: its record was still QUEUED
+          on the previous call too (``stalled``: what that call returned as
+          :attr:`Orphans.stalled`) under the same owner — the claim's answer was lost on
+          its way (a connection cut during the call), so no slot ever got the job. A live
+          worker hands a job to a slot and records its start within milliseconds.
 
         Only for jobs whose event PostgreSQL says was never claimed (the reconciler's
-        ``overdue`` / ``retry_overdue`` candidates): the job is handed out again as if it
-        had not been taken (its record QUEUED, its attempt returned). If the owner was only
-        paused and still runs it, the PostgreSQL claim lets one of the two run it.
+        ``overdue`` / ``retry_overdue`` candidates, due more than ``grace`` ago): the job is
+        handed out again as if it had not been taken (its record QUEUED, its attempt
+        returned). If the owner still runs it after all (paused, or its start record was
+        lost), the PostgreSQL claim lets one of the two run it.
         """
+        out = Orphans()
         if not keys:
-            return []
+            return out
         ids = [self.job_id(key) for key in keys]
         owners = await self.redis.hmget(self._owners, ids)
         owned = [
@@ -780,21 +800,27 @@ class OnTimeQueue(RedisQueue):
             if o
         ]
         if not owned:
-            return []
+            return out
         workers = sorted({owner for _, _, owner in owned})
         async with self.redis.pipeline(transaction=False) as pipe:
             for worker in workers:
                 pipe.exists(self.namespace(f"worker_info:{worker}"))
             alive = dict(zip(workers, await pipe.execute(), strict=True))
-        orphans = [(key, job_id, owner) for key, job_id, owner in owned if not alive[owner]]
-        if not orphans:
-            return []
-        records = await self.redis.mget([job_id for _, job_id, _ in orphans])
-        requeued: list[str] = []
-        for (key, job_id, owner), payload in zip(orphans, records, strict=True):
+        records = await self.redis.mget([job_id for _, job_id, _ in owned])
+        previous = set(stalled)
+        for (key, job_id, owner), payload in zip(owned, records, strict=True):
             job = self.deserialize(payload)
             if job is None:
                 continue
+            if alive[owner]:
+                if job.status != Status.QUEUED:
+                    continue
+                if (job_id, owner) not in previous:
+                    out.stalled.add((job_id, owner))
+                    continue
+                why = "taken_never_started"
+            else:
+                why = "worker_lost"
             if job.status == Status.ACTIVE:
                 job.attempts = max(0, job.attempts - 1)  # the start that never got anywhere
             job.status = Status.QUEUED
@@ -814,9 +840,9 @@ class OnTimeQueue(RedisQueue):
                 self.wakeup_channel,
             )
             if moved:
-                requeued.append(key)
-                log.warning("job_of_lost_worker_requeued", job_key=key, worker_id=owner)
-        return requeued
+                out.requeued.append(key)
+                log.warning("taken_job_requeued", job_key=key, worker_id=owner, why=why)
+        return out
 
     # -- cheap inspection ----------------------------------------------------------------------
 
@@ -1520,10 +1546,12 @@ class JobQueue:
         """Is the job with this key pending (scheduled, queued or active)?"""
         return (await self._call(self._queue.pending, [key]))[0]
 
-    async def requeue_orphans(self, keys: Sequence[str]) -> list[str]:
-        """Put back the jobs of these keys that a dead worker had taken (see
-        :meth:`OnTimeQueue.requeue_orphans`); returns their keys."""
-        return await self._call(self._queue.requeue_orphans, list(keys))
+    async def requeue_orphans(
+        self, keys: Sequence[str], stalled: Collection[tuple[str, str]] = ()
+    ) -> Orphans:
+        """Put back the jobs of these keys that were taken and given up (see
+        :meth:`OnTimeQueue.requeue_orphans`)."""
+        return await self._call(self._queue.requeue_orphans, list(keys), stalled)
 
     async def pending_keys(self, keys: Sequence[str]) -> set[str]:
         """The subset of ``keys`` whose jobs are pending (one round trip, for reconciling)."""

@@ -9,7 +9,8 @@ Runs inside the executor role, one leader at a time across all executor processe
   whose job (key ``<id>#<n>``) is not pending -> enqueue it again;
 * ``taken_by_lost_worker``: the job of such an event is pending, but taken (claimed ahead of
   its due time, or started) by a worker whose SAQ worker-info key has expired, the test of
-  the stale-running path -> the job goes back to ``queued`` for another worker;
+  the stale-running path, or taken and still not started on two passes in a row (the claim's
+  answer was lost with its connection) -> the job goes back to ``queued``;
 * ``stale_running``: events ``running`` whose lease expired: no heartbeat for
   ``reconciler.stale_after`` (the executor renews ``updated_at`` of the attempts it holds
   every ``stale_after / 8``), seen so by this leader, unrenewed, for ``TAKEOVER_MARGIN`` x
@@ -244,6 +245,9 @@ class Reconciler:
         self._margin = TAKEOVER_MARGIN * self._stale_after
         # (event id, attempt) -> (updated_at, when this leader first saw it stale with it).
         self._stale_since: dict[tuple[str, int], tuple[Any, float]] = {}
+        # (job id, owner) of taken, unstarted jobs of overdue events seen by the last pass.
+        self._stalled: set[tuple[str, str]] = set()
+        self._stalled_next: set[tuple[str, str]] = set()
         self._seen_stale: dict[tuple[str, int], tuple[Any, float]] = {}
         self._batch = r.batch
         self._max_attempts = settings.executor.max_retries
@@ -305,10 +309,17 @@ class Reconciler:
     async def reconcile_once(self) -> dict[str, int]:
         """One pass over every reason; returns how many events each one re-enqueued
         (``dlq_republished``: dead events published again)."""
+        redis_lost = await self._restore_if_lost()
+        self._stalled_next = set()
+        try:
+            overdue = await self._requeue("overdue", self._grace)
+            retry_overdue = await self._requeue("retry_overdue", self._grace)
+        finally:
+            self._stalled, self._stalled_next = self._stalled_next, set()
         done = {
-            "redis_lost": await self._restore_if_lost(),
-            "overdue": await self._requeue("overdue", self._grace),
-            "retry_overdue": await self._requeue("retry_overdue", self._grace),
+            "redis_lost": redis_lost,
+            "overdue": overdue,
+            "retry_overdue": retry_overdue,
             "stale_running": await self._take_over_stale(),
             "dlq_republished": await self._republish_dead(),
         }
@@ -355,10 +366,14 @@ class Reconciler:
         pending = await self._jobs.pending_keys([job.key for job in jobs])
         if pending and reason in ("overdue", "retry_overdue"):
             # Pending, but maybe taken (ahead of its due time) by a worker that died before
-            # its claim reached PostgreSQL: give such jobs back.
-            freed = await self._jobs.requeue_orphans(sorted(pending))
-            if freed:
-                metrics.RECONCILER_REQUEUED.labels("taken_by_lost_worker").inc(len(freed))
+            # its claim reached PostgreSQL, or taken by a claim whose answer was lost: give
+            # such jobs back.
+            orphans = await self._jobs.requeue_orphans(sorted(pending), self._stalled)
+            self._stalled_next |= orphans.stalled
+            if orphans.requeued:
+                metrics.RECONCILER_REQUEUED.labels("taken_by_lost_worker").inc(
+                    len(orphans.requeued)
+                )
         missing = [(c, job) for c, job in zip(page, jobs, strict=True) if job.key not in pending]
         if missing:
             still = await execstore.still_waiting(self._db, reason, [c for c, _ in missing])
