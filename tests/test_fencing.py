@@ -23,8 +23,9 @@ import psycopg
 import pytest
 import trio
 
-from eventsched.core import migrate
+from eventsched.core import execstore, migrate
 from eventsched.core.devstack import PostgresServer
+from eventsched.core.execstore import Claimed, ClaimRequest
 from eventsched.plugins.executor import make_job
 from tests.conftest import Names
 from tests.support.exec_handlers import read_journal
@@ -186,3 +187,21 @@ def test_postgres_down_longer_than_stale_after_runs_no_completed_handler_again(
     assert overlaps(journal) == [], journal
     # Nobody died: a handler that completed is never run again.
     assert dones(journal) == dict.fromkeys((e.id for e in events), 1), journal
+
+
+def test_a_claims_lease_starts_when_its_statement_was_sent_even_if_resent(database: str) -> None:
+    """The executor counts an attempt's lease from ``Claimed.sent``: never later than the
+    claim's ``updated_at``, also when the claim is sent again after a lost answer (it is
+    then recognised as done, and the lease started with the first statement)."""
+    (event,) = new_events(1, due=time.time() - 1)
+    insert_events(database, [event])
+    request = [ClaimRequest(event.id, 0, time.time())]
+    with psycopg.connect(database, autocommit=True) as conn:
+        before = time.monotonic()
+        (first,) = execstore.claim_batch(conn, request, worker_id="w1")
+        after = time.monotonic()
+        time.sleep(0.5)
+        (again,) = execstore.claim_batch(conn, request, worker_id="w1")  # the answer was lost
+    assert isinstance(first, Claimed) and isinstance(again, Claimed)
+    assert before <= first.sent <= after
+    assert again.sent == pytest.approx(first.sent, abs=0.05)

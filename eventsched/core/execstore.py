@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Generic, TypeVar
 
@@ -84,6 +84,10 @@ class Claimed:
     payload: dict[str, Any]
     execute_at: float  # epoch seconds
     scheduled_for: float  # when this attempt was due (execute_at, or next_attempt_at)
+    # time.monotonic() no later than the claim's updated_at (the start of the attempt's
+    # lease): when the claiming statement was sent (for a re-sent claim recognised as done,
+    # when this one was sent minus the age of the first one's updated_at).
+    sent: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +171,7 @@ logged AS (
 )
 SELECT c.id::text, true, c.attempts, c.type, c.payload,
        extract(epoch FROM c.execute_at)::float8, extract(epoch FROM c.scheduled_for)::float8,
-       'running', NULL::float8
+       'running', NULL::float8, 0::float8
 FROM claimed c
 UNION ALL
 SELECT r.id::text, a.id IS NOT NULL, e.attempts, e.type,
@@ -181,7 +185,8 @@ SELECT r.id::text, a.id IS NOT NULL, e.attempts, e.type,
                  > greatest(now(), to_timestamp(r.started)) + make_interval(secs => %(ahead)s)
             THEN extract(epoch FROM CASE WHEN r.attempt = 0 THEN e.execute_at
                                          ELSE e.next_attempt_at END)::float8
-       END
+       END,
+       greatest(0, extract(epoch FROM now() - e.updated_at))::float8
 FROM req r
 LEFT JOIN events e ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req))
 LEFT JOIN event_attempts a
@@ -206,6 +211,7 @@ def claim_batch(
     (:class:`GroupCommit` callers dedupe).
     """
     req = _dumps([{"id": r.event_id, "attempt": r.attempt, "started": r.started} for r in requests])
+    sent = time.monotonic()
     cur = conn.execute(_CLAIM_SQL, {"req": req, "worker": worker_id, "ahead": ahead})
     by_id: dict[str, ClaimResult] = {}
     for (
@@ -218,9 +224,12 @@ def claim_batch(
         scheduled_for,
         status,
         due_at,
+        lease_age,
     ) in cur.fetchall():
         if won:
-            by_id[event_id] = Claimed(event_id, attempts, type_, payload, execute_at, scheduled_for)
+            by_id[event_id] = Claimed(
+                event_id, attempts, type_, payload, execute_at, scheduled_for, sent - lease_age
+            )
         elif due_at is not None:
             by_id[event_id] = NotDue(event_id, type_, due_at)
         else:

@@ -724,10 +724,9 @@ class Executor:
             self._log.error("job_with_bad_event_id", event_id=repr(event_id))
             return
         request = ClaimRequest(event_id, attempt or 0, started)
-        claimed = await self._patiently(self._claims, request, CLAIM_PATIENCE)
-        if claimed is None:
+        claim = await self._patiently(self._claims, request, CLAIM_PATIENCE)
+        if claim is None:
             return  # PostgreSQL unreachable: the reconciler re-enqueues the event
-        claim, sent = claimed
         if isinstance(claim, NotClaimed):
             self._skipped(claim, attempt)
             return
@@ -743,8 +742,10 @@ class Executor:
         metrics.EXECUTION_LATENESS.observe(started - claim.scheduled_for)
         task = asyncio.current_task()
         assert task is not None  # SAQ runs job functions in a task
-        # The claim set updated_at = now() no earlier than `sent`: the lease starts there.
-        running = _Running(event_id, claim.attempt, sent, sent + self._lease, task)
+        # The claim set updated_at = now() no earlier than claim.sent: the lease starts
+        # there (not at our submission, which may have waited for a connection).
+        lease_start = claim.sent
+        running = _Running(event_id, claim.attempt, lease_start, lease_start + self._lease, task)
         self._running[event_id, claim.attempt] = running
         try:
             failure = await self._run_handler(claim, label, ctx, running)
@@ -932,17 +933,15 @@ class Executor:
 
     async def _patiently(
         self, store: GroupCommit[Any, T], request: Any, patience: float
-    ) -> tuple[T, float] | None:
-        """Submit ``request`` until it gets an answer: (the answer, ``time.monotonic()`` when
-        the answered submission was made); None if PostgreSQL stays unreachable for
-        ``patience`` s. Requests are idempotent (see execstore), so re-sending is safe."""
+    ) -> T | None:
+        """Submit ``request`` until it gets an answer; None if PostgreSQL stays unreachable
+        for ``patience`` s. Requests are idempotent (see execstore), so re-sending is safe."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
         delay = 0.05
         while True:
             try:
-                sent = time.monotonic()
-                return await store.submit(request), sent
+                return await store.submit(request)
             except DependencyError as err:
                 if loop.time() + delay > deadline:
                     self._log.error(
