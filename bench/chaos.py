@@ -13,8 +13,17 @@ recorded, so "what was produced" is exact) and fires a seeded random fault sched
 * ``bad_burst``: every malformed message of the bad-input corpus (tests/data/bad_messages).
 
 After the load stops and the system drains, a ledger compares what was produced with
-PostgreSQL and the DLQ topic, prints a table, writes it as JSON and exits 1 if any event is
-lost, duplicated or stuck (or a dead letter / malformed message is missing or misfiled).
+PostgreSQL, the DLQ topic and the handler's own journal, prints a table, writes it as JSON
+and exits 1 if any event is lost, duplicated or stuck (or a dead letter / malformed message
+is missing or misfiled), or if the handler ran in a way the README rules out.
+
+The handler (:func:`journaled`, ``simulate`` underneath) appends a line to a journal file
+shared by every executor when it is called (``start``) and when it returns (``end``, ok or
+failed); a run stopped by its lease or killed has no ``end``. The ledger counts handler
+invocations from it, not only attempt rows, and fails on: a run that ended after a later
+run of the same event had started (two runs overlapped: the second started while the first
+was alive), the same attempt of an event started twice, and a succeeded event with no run
+that ended ok.
 
     python -m bench.chaos                          # 120 s at 150 events/s, random seed
     python -m bench.chaos --duration 60 --seed 7   # the CI run (tests/test_chaos.py)
@@ -58,6 +67,7 @@ from eventsched.core import migrate
 from eventsched.core.devstack import DevStack
 from eventsched.core.events import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.kafka import ensure_topics
+from eventsched.core.plugins import Handler, HandlerContext, HandlerEvent, handler_factory
 
 TOPIC = "events"
 DLQ_TOPIC = "events-dlq"
@@ -80,6 +90,47 @@ FAULT_KINDS = (
     "broker_pause",
     "bad_burst",
 )
+
+
+#: Environment variable naming the handler journal of the executors.
+JOURNAL_ENV = "CHAOS_HANDLER_JOURNAL"  # not EVENTSCHED_*: that prefix is settings
+
+
+# --------------------------------------------------------------------------- the handler
+
+
+def _journal(path: str, what: str, event: HandlerEvent, ok: bool | None = None) -> None:
+    line = json.dumps(
+        {"what": what, "event": event.id, "attempt": event.attempt, "ok": ok,
+         "pid": os.getpid(), "t": time.time()}
+    )  # fmt: skip
+    # One O_APPEND write per line: lines of concurrent processes never interleave.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@handler_factory
+def journaled(context: HandlerContext) -> Handler:
+    """The executors' handler in the chaos run: ``simulate``, with every invocation written
+    to the journal file named by ``$CHAOS_HANDLER_JOURNAL`` (asyncio side)."""
+    from eventsched.plugins.handlers import simulate
+
+    inner = simulate(context)
+    path = os.environ[JOURNAL_ENV]
+
+    async def handle(event: HandlerEvent) -> None:
+        _journal(path, "start", event)
+        try:
+            await inner(event)
+        except Exception:
+            _journal(path, "end", event, ok=False)
+            raise
+        _journal(path, "end", event, ok=True)
+
+    return handle
 
 
 @dataclass
@@ -379,18 +430,86 @@ def split(
     return inside, outside
 
 
-def check(dsn: str, bootstrap: str, ledger: Ledger, faults: Sequence[Fault]) -> dict[str, Any]:
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The journal's lines (a line cut short by a kill -9 is skipped)."""
+    out: list[dict[str, Any]] = []
+    with contextlib.suppress(FileNotFoundError), path.open() as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+@dataclass
+class Runs:
+    """What the handler journal says about handler invocations."""
+
+    invocations: int = 0
+    stopped: int = 0  # started, never ended (stopped by a lost lease, or killed)
+    overlapping: list[str] = field(default_factory=list)
+    attempt_started_twice: list[str] = field(default_factory=list)
+    ended_ok: set[str] = field(default_factory=set)
+    rerun_after_ok: list[str] = field(default_factory=list)
+
+
+def runs(journal: Sequence[Mapping[str, Any]]) -> Runs:
+    """Handler invocations per event, from the journal (see the module docstring)."""
+    by_event: dict[str, list[dict[str, Any]]] = {}
+    out = Runs()
+    for line in journal:
+        event_runs = by_event.setdefault(line["event"], [])
+        key = (line["attempt"], line["pid"])
+        if line["what"] == "start":
+            out.invocations += 1
+            if any(r["attempt"] == line["attempt"] for r in event_runs):
+                out.attempt_started_twice.append(f"{line['event']} attempt {line['attempt']}")
+            event_runs.append({"key": key, "attempt": line["attempt"], "start": line["t"],
+                               "end": None, "ok": None})  # fmt: skip
+        elif line["what"] == "end":
+            for run in reversed(event_runs):
+                if run["key"] == key and run["end"] is None:
+                    run["end"], run["ok"] = line["t"], line["ok"]
+                    break
+    for event_id, event_runs in by_event.items():
+        for i, first in enumerate(event_runs):
+            if first["end"] is None:
+                out.stopped += 1
+                continue
+            if first["ok"]:
+                out.ended_ok.add(event_id)
+            for later in event_runs[i + 1 :]:
+                if first["end"] > later["start"]:
+                    out.overlapping.append(
+                        f"{event_id}: attempt {first['attempt']} ended after attempt "
+                        f"{later['attempt']} had started"
+                    )
+                elif first["ok"]:
+                    out.rerun_after_ok.append(f"{event_id} attempt {later['attempt']}")
+    return out
+
+
+def check(
+    dsn: str,
+    bootstrap: str,
+    ledger: Ledger,
+    faults: Sequence[Fault],
+    journal: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
     rows = sql(
         dsn,
         "SELECT e.id::text, e.status, e.attempts, e.dead_reason,"
         " count(a.id) FILTER (WHERE a.outcome = 'succeeded'),"
-        " count(a.id) FILTER (WHERE a.outcome IS NULL OR a.error LIKE 'worker lost%%'),"
+        " count(a.id) FILTER (WHERE a.outcome IS NULL OR a.error LIKE 'worker lost%%'"
+        "   OR a.error LIKE 'lease lost%%'),"
         " count(a.id),"
         # A failed attempt is either the handler's simulated failure or one the reconciler
-        # closed after its worker died ("worker lost"; it counts as an attempt by design).
+        # closed after its worker died ("worker lost"), or one its executor stopped when it
+        # could not renew the lease ("lease lost", e.g. PostgreSQL down for stale_after / 2);
+        # both count as an attempt by design.
         " count(a.id) FILTER (WHERE a.outcome IN ('retried', 'dead')"
         "   AND coalesce(a.error, '') NOT ILIKE '%%simulated failure%%'"
-        "   AND coalesce(a.error, '') NOT LIKE 'worker lost%%')"
+        "   AND coalesce(a.error, '') NOT LIKE 'worker lost%%'"
+        "   AND coalesce(a.error, '') NOT LIKE 'lease lost%%')"
         " FROM events e LEFT JOIN event_attempts a ON a.event_id = e.id GROUP BY e.id",
     )
     events = {r[0]: r[1:] for r in rows}
@@ -437,6 +556,10 @@ def check(dsn: str, bootstrap: str, ledger: Ledger, faults: Sequence[Fault]) -> 
         "SELECT extract(epoch FROM scheduled_for)::float8, lateness_ms FROM event_attempts",
     )
     inside, outside = split(lateness, faults)
+    handled = runs(journal)
+    succeeded_unrun = sorted(
+        i for i, r in events.items() if r[0] == "succeeded" and i not in handled.ended_ok
+    )
     problems = {
         "lost": lost,
         "stuck": stuck,
@@ -447,6 +570,12 @@ def check(dsn: str, bootstrap: str, ledger: Ledger, faults: Sequence[Fault]) -> 
         "malformed_missing_from_dlq": bad_missing,
         "malformed_wrong_reason": bad_wrong,
         "unknown_events": unknown,
+        # Handler invocations (the journal), not rows: two runs of an event overlapped
+        # (the second started while the first was alive), an attempt started twice, or an
+        # event recorded as succeeded whose handler never returned ok.
+        "handler_runs_overlapping": handled.overlapping,
+        "handler_attempt_started_twice": handled.attempt_started_twice,
+        "succeeded_without_a_handler_run": succeeded_unrun,
     }
     return {
         "produced": len(produced),
@@ -455,6 +584,9 @@ def check(dsn: str, bootstrap: str, ledger: Ledger, faults: Sequence[Fault]) -> 
         "succeeded": sum(1 for r in events.values() if r[0] == "succeeded"),
         "dead": len(dead),
         "attempts_lost_to_crashes": lost_attempts,
+        "handler_invocations": handled.invocations,
+        "handler_runs_stopped_or_killed": handled.stopped,
+        "handler_reruns_after_a_run_that_ended_ok": len(handled.rerun_after_ok),
         "dead_with_a_lost_attempt": dead_after_lost,
         "malformed_sent": len(ledger.bad) + len(ledger.bad_failed),
         "malformed_in_dlq": len(bad_seen),
@@ -496,7 +628,14 @@ def table(r: Mapping[str, Any], seed: int, rate: float, duration: float) -> str:
         ("lost", pc["lost"]),
         ("stuck", pc["stuck"]),
         ("other problems", sum(pc.values()) - pc["duplicates"] - pc["lost"] - pc["stuck"]),
-        ("attempts lost to a crash (worker lost)", r["attempts_lost_to_crashes"]),
+        ("attempts lost to a crash or a lost lease", r["attempts_lost_to_crashes"]),
+        ("handler invocations (journal)", r["handler_invocations"]),
+        ("handler runs that overlapped (must be 0)", pc["handler_runs_overlapping"]),
+        ("handler runs stopped (lease lost) or killed", r["handler_runs_stopped_or_killed"]),
+        (
+            "reruns after a run that ended ok (a crash in between)",
+            r["handler_reruns_after_a_run_that_ended_ok"],
+        ),
         ("dead events with a lost attempt", r["dead_with_a_lost_attempt"]),
         ("DLQ by reason", ", ".join(f"{k} {v}" for k, v in r["dlq_by_reason"].items())),
         ("malformed sent / in DLQ", f"{r['malformed_sent']} / {r['malformed_in_dlq']}"),
@@ -522,7 +661,7 @@ def role_settings(path: Path, args: argparse.Namespace) -> Path:
         {
             "kafka": {"partitions": PARTITIONS},
             "kafka.consumer_client": dict(FAST_GROUP_CONFIG),
-            "handlers": {"default": "eventsched.plugins.handlers:simulate"},
+            "handlers": {"default": "bench.chaos:journaled"},
             "executor": {"concurrency": 20, "max_retries": MAX_ATTEMPTS},
             "executor.retry_backoff": {"base": "500ms", "factor": 2.0, "max": "3s", "jitter": 0.2},
             "executor.simulate": {
@@ -584,7 +723,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = stack.start()  # main thread: see the PDEATHSIG note in eventsched/core/devstack.py
     assert info.postgres_dsn and info.kafka_bootstrap
     dsn, bootstrap = info.postgres_dsn, info.kafka_bootstrap
-    roles = Roles(role_settings(workdir / "roles.toml", args), clean_env(info.as_env()), logdir)
+    journal = workdir / "journal.jsonl"
+    role_env = clean_env({**info.as_env(), JOURNAL_ENV: str(journal)})
+    roles = Roles(role_settings(workdir / "roles.toml", args), role_env, logdir)
     load: Load | None = None
     try:
         migrate.up(dsn, migrate.default_sql_dir())
@@ -604,11 +745,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         drain_s = round(time.monotonic() - drain_start, 1)
         log(f"drained in {drain_s} s" if drain_s < args.drain_timeout else "drain timed out")
         time.sleep(2.0)  # the last DLQ deliveries of the consumers
-        result = check(dsn, bootstrap, load.ledger, chaos.faults)
+        result = check(dsn, bootstrap, load.ledger, chaos.faults, read_journal(journal))
         result["producer_queue_full"] = load.buffer_full
         result["histories"] = {
             i: history(dsn, i)
-            for kind in ("stuck", "duplicates", "dead_unexpected", "succeeded_without_one_success")
+            for kind in (
+                "stuck",
+                "duplicates",
+                "dead_unexpected",
+                "succeeded_without_one_success",
+                "succeeded_without_a_handler_run",
+            )
             for i in result["problems"][kind][:5]
         }
     finally:

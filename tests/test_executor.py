@@ -210,6 +210,7 @@ def test_claims_and_outcomes_read_only_the_events_of_their_batch(database: str, 
         now = time.time()
         if which == "claim":
             text = execstore._CLAIM_SQL.replace("%(req)s", "$1").replace("%(worker)s", "$2")
+            text = text.replace("%(ahead)s", "0.01")
             args = [[{"id": scheduled[0].id, "attempt": 0, "started": now}], "w1"]
         else:
             text = execstore._FINISH_SQL.replace("%(req)s", "$1")

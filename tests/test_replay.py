@@ -232,23 +232,25 @@ def test_decide_counts_the_budget_from_its_base(
 
 async def test_a_lost_re_run_attempt_is_retried_within_its_fresh_budget(database: str) -> None:
     lost, last = new_events(2, due=time.time() - 600)
+    seen = datetime.now(UTC) - timedelta(minutes=5)
     await trio.to_thread.run_sync(
         functools.partial(
             insert_events, database, [lost], status="running", attempts=4, attempt_base=3,
-            updated_at=datetime.now(UTC) - timedelta(minutes=5),
+            updated_at=seen,
         )
     )  # fmt: skip
     await trio.to_thread.run_sync(
         functools.partial(
             insert_events, database, [last], status="running", attempts=6, attempt_base=3,
-            updated_at=datetime.now(UTC) - timedelta(minutes=5),
+            updated_at=seen,
         )
     )  # fmt: skip
+    stale = [execstore.Candidate(lost.id, 4, seen), execstore.Candidate(last.id, 6, seen)]
     async with trio_asyncio.open_loop():
         db = await Database.open(database, max_size=1)
         try:
             taken = await execstore.take_over(
-                db, [(lost.id, 4), (last.id, 6)], stale_after=60, max_attempts=3, error="lost"
+                db, stale, stale_after=60, max_attempts=3, error="lost"
             )
         finally:
             await db.close()

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Generic, TypeVar
 
@@ -87,6 +87,10 @@ class Claimed:
     # Attempts made before the current budget began (0; after a dlq replay, the attempts
     # of the run that went dead): max_retries counts from here.
     base: int = 0
+    # time.monotonic() no later than the claim's updated_at (the start of the attempt's
+    # lease): when the claiming statement was sent (for a re-sent claim recognised as done,
+    # when this one was sent minus the age of the first one's updated_at).
+    sent: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +103,26 @@ class NotClaimed:
     attempts: int | None
 
 
-ClaimResult = Claimed | NotClaimed
+@dataclass(frozen=True, slots=True)
+class NotDue:
+    """The claim was refused: the event is in the state the job expected, but not due yet
+    (its job came early: a changed Redis score or ``scheduled``). Nothing changed; the job
+    belongs back in the queue at ``due_at``."""
 
+    event_id: str
+    type: str
+    due_at: float  # epoch seconds: execute_at, or next_attempt_at for a retry
+
+
+ClaimResult = Claimed | NotClaimed | NotDue
+
+# A claim is refused while the attempt's due time is later than `greatest(now(), started) +
+# ahead`: early by PostgreSQL's clock AND by the worker's, beyond the claim-ahead window.
+# Either clock saying "due" is enough, so clock skew between hosts cannot make a due job
+# bounce between queue and claim. The last column carries the due time of a refused claim
+# (the event is in the requested state, just early); a claim lost to a concurrent one reads
+# the pre-lock snapshot there, hence the repeated due test.
+#
 # The third branch recognises our own earlier claim of the same request (same worker, same
 # start time): it committed but the answer was lost with the connection. Re-sending a claim
 # after a connection error is therefore safe. `lateness_ms` uses the exact float start time.
@@ -131,6 +153,9 @@ locked AS (
     WHERE e.id = ANY(ARRAY(SELECT id FROM req))
       AND e.status = CASE WHEN r.attempt = 0 THEN 'scheduled' ELSE 'retrying' END
       AND (r.attempt = 0 OR (r.attempt > 0 AND e.attempts = r.attempt - 1))
+      AND CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
+               ELSE e.next_attempt_at END
+          <= greatest(now(), to_timestamp(r.started)) + make_interval(secs => %(ahead)s)
     ORDER BY e.id
     FOR UPDATE OF e
 ),
@@ -151,13 +176,24 @@ logged AS (
 )
 SELECT c.id::text, true, c.attempts, c.type, c.payload,
        extract(epoch FROM c.execute_at)::float8, extract(epoch FROM c.scheduled_for)::float8,
-       'running', c.attempt_base
+       'running', c.attempt_base, NULL::float8, 0::float8
 FROM claimed c
 UNION ALL
 SELECT r.id::text, a.id IS NOT NULL, e.attempts, e.type,
        CASE WHEN a.id IS NOT NULL THEN e.payload END,
        extract(epoch FROM e.execute_at)::float8, extract(epoch FROM a.scheduled_for)::float8,
-       e.status, e.attempt_base
+       e.status, e.attempt_base,
+       CASE WHEN a.id IS NULL
+             AND e.status = CASE WHEN r.attempt = 0 THEN 'scheduled' ELSE 'retrying' END
+             AND (r.attempt = 0 OR e.attempts = r.attempt - 1)
+             AND CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
+                      ELSE e.next_attempt_at END
+                 > greatest(now(), to_timestamp(r.started)) + make_interval(secs => %(ahead)s)
+            THEN extract(epoch FROM CASE WHEN e.status = 'scheduled' AND e.attempts = 0
+                                         THEN e.execute_at
+                                         ELSE e.next_attempt_at END)::float8
+       END,
+       greatest(0, extract(epoch FROM now() - e.updated_at))::float8
 FROM req r
 LEFT JOIN events e ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req))
 LEFT JOIN event_attempts a
@@ -169,14 +205,21 @@ WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = r.id)
 
 
 def claim_batch(
-    conn: psycopg.Connection[Any], requests: Sequence[ClaimRequest], *, worker_id: str
+    conn: psycopg.Connection[Any],
+    requests: Sequence[ClaimRequest],
+    *,
+    worker_id: str,
+    ahead: float = 0.0,
 ) -> list[ClaimResult]:
     """Claim events for running (one statement); results in request order.
 
-    Requests must name distinct events (:class:`GroupCommit` callers dedupe).
+    An event not due yet by both PostgreSQL's clock and the request's ``started``, beyond
+    ``ahead`` seconds, is refused (:class:`NotDue`). Requests must name distinct events
+    (:class:`GroupCommit` callers dedupe).
     """
     req = _dumps([{"id": r.event_id, "attempt": r.attempt, "started": r.started} for r in requests])
-    cur = conn.execute(_CLAIM_SQL, {"req": req, "worker": worker_id})
+    sent = time.monotonic()
+    cur = conn.execute(_CLAIM_SQL, {"req": req, "worker": worker_id, "ahead": ahead})
     by_id: dict[str, ClaimResult] = {}
     for (
         event_id,
@@ -188,11 +231,22 @@ def claim_batch(
         scheduled_for,
         status,
         base,
+        due_at,
+        lease_age,
     ) in cur.fetchall():
         if won:
             by_id[event_id] = Claimed(
-                event_id, attempts, type_, payload, execute_at, scheduled_for, base
+                event_id,
+                attempts,
+                type_,
+                payload,
+                execute_at,
+                scheduled_for,
+                base,
+                sent - lease_age,
             )
+        elif due_at is not None:
+            by_id[event_id] = NotDue(event_id, type_, due_at)
         else:
             by_id[event_id] = NotClaimed(event_id, type_, status, attempts)
     return [by_id[r.event_id] for r in requests]
@@ -341,18 +395,22 @@ FROM (
     FOR UPDATE OF e2
 ) l
 WHERE e.id = l.id
+RETURNING e.id::text
 """
 
 
-async def heartbeat(db: Database, running: Sequence[tuple[str, int]]) -> int:
-    """Touch ``updated_at`` of events still running these attempts (so the reconciler
-    does not take them over); returns how many were touched."""
+async def heartbeat(db: Database, running: Sequence[tuple[str, int]]) -> set[str]:
+    """Renew the lease of these attempts: touch ``updated_at`` of events still running them
+    (the reconciler takes an attempt over only once ``updated_at`` is older than
+    ``stale_after``). Returns the ids of the events renewed; an attempt not among them is
+    no longer running (finished, or taken over)."""
     if not running:
-        return 0
-    return await db.execute(
+        return set()
+    rows = await db.fetchall(
         _HEARTBEAT_SQL,
         {"ids": [event_id for event_id, _ in running], "attempts": [a for _, a in running]},
     )
+    return {event_id for (event_id,) in rows}
 
 
 # -- reconciler --------------------------------------------------------------------------------
@@ -453,11 +511,12 @@ async def still_waiting(db: Database, reason: str, found: Sequence[Candidate]) -
 
 _TAKE_OVER_SQL: Final = """
 WITH req AS (
-    SELECT * FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS r(id, attempt)
+    SELECT * FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(seen)s::timestamptz[])
+        AS r(id, attempt, seen)
 ),
 locked AS (
     SELECT e.id FROM events e JOIN req r ON r.id = e.id
-    WHERE e.status = 'running' AND e.attempts = r.attempt
+    WHERE e.status = 'running' AND e.attempts = r.attempt AND e.updated_at = r.seen
       AND e.updated_at < now() - make_interval(secs => %(stale)s)
     ORDER BY e.id
     FOR UPDATE OF e
@@ -501,22 +560,25 @@ class TakenOver:
 
 async def take_over(
     db: Database,
-    stale: Sequence[tuple[str, int]],
+    stale: Sequence[Candidate],
     *,
     stale_after: float,
     max_attempts: int,
     error: str,
 ) -> list[TakenOver]:
     """CAS ``running -> retrying`` (or ``dead`` when no attempt is left) for attempts that
-    are still running with no heartbeat for ``stale_after`` s; their attempt rows get
-    outcome ``retried``/``dead`` with ``error``. Events that moved on are left alone."""
+    are still running with no heartbeat for ``stale_after`` s and whose ``updated_at`` is
+    still the one the caller saw (``Candidate.at``: no lease renewal since); their attempt
+    rows get outcome ``retried``/``dead`` with ``error``. Events that moved on, or whose
+    lease was renewed meanwhile, are left alone."""
     if not stale:
         return []
     rows = await db.fetchall(
         _TAKE_OVER_SQL,
         {
-            "ids": [event_id for event_id, _ in stale],
-            "attempts": [attempts for _, attempts in stale],
+            "ids": [c.event_id for c in stale],
+            "attempts": [c.attempts for c in stale],
+            "seen": [c.at for c in stale],
             "stale": stale_after,
             "max": max_attempts,
             "error": error,

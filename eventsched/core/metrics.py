@@ -108,7 +108,12 @@ EVENTS_BY_STATUS = Gauge(
 RECONCILER_REQUEUED = Counter(
     "eventsched_reconciler_requeued",
     "Events the reconciler enqueued again",
-    ["reason"],  # overdue | retry_overdue | stale_running
+    ["reason"],  # overdue | retry_overdue | stale_running | redis_lost | taken_by_lost_worker
+    registry=REGISTRY,
+)
+CLAIMS_NOT_DUE = Counter(
+    "eventsched_claims_not_due",
+    "Jobs whose claim was refused because the event is not due yet (put back at its due time)",
     registry=REGISTRY,
 )
 ROLE_READY = Gauge("eventsched_role_ready", "1 once a role is ready", ["role"], registry=REGISTRY)

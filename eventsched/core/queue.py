@@ -64,7 +64,7 @@ import signal
 import time
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -138,7 +138,10 @@ return added
 # move impossible. Claimed ids go queued -> active like SAQ's BLMOVE (LEFT -> RIGHT) and
 # their payloads are returned, so a claim costs one round trip however many jobs it
 # carries. If moved jobs are left in `queued` (this process had no idle slot), the other
-# processes are woken to take them. Returns {claimed ids, payloads, next score or false,
+# processes are woken to take them. KEYS[4] (the owners hash) and ARGV[7] (the worker id,
+# '' for none) record who took each claimed job, so a job taken by a worker that died before
+# it could start it can be told from one that is being run (OnTimeQueue.requeue_orphans).
+# Returns {claimed ids, payloads, next score or false,
 # queued length, moved count, moved ids}.
 _CLAIM_LUA = """
 if ARGV[6] ~= '' then
@@ -165,6 +168,9 @@ for i = 1, tonumber(ARGV[3]) do
     end
     claimed[i] = id
     payloads[i] = redis.call('GET', id)
+    if ARGV[7] ~= '' then
+        redis.call('HSET', KEYS[4], id, ARGV[7])
+    end
 end
 local backlog = redis.call('LLEN', KEYS[2])
 if #due > 0 and backlog > 0 then
@@ -194,6 +200,24 @@ return id_jobs
 
 # Seconds a claimed job may stay QUEUED in `active` before the sweep believes its worker died.
 _CLAIM_GRACE = 5.0
+
+# Give a job taken by a dead worker back. KEYS = active, owners, queued, incomplete, job id;
+# ARGV = the dead owner, the job's new record, wake-up channel. Only if the job is still in
+# `active` under that owner (it did not finish, nobody requeued it meanwhile).
+_REQUEUE_ORPHAN_LUA = """
+if redis.call('HGET', KEYS[2], KEYS[5]) ~= ARGV[1] then
+    return 0
+end
+redis.call('HDEL', KEYS[2], KEYS[5])
+if redis.call('LREM', KEYS[1], 0, KEYS[5]) == 0 then
+    return 0
+end
+redis.call('SET', KEYS[5], ARGV[2])
+redis.call('ZADD', KEYS[4], 0, KEYS[5])
+redis.call('RPUSH', KEYS[3], KEYS[5])
+redis.call('PUBLISH', ARGV[3], '0')
+return 1
+"""
 
 # Compare-and-set of the reconciler's epoch marker.
 _MARKER_CAS_LUA = """
@@ -241,6 +265,15 @@ class ScheduledJob:
     timeout: int = 60  # seconds before SAQ cancels the job and its sweep calls it stuck
 
 
+class PutBack(Exception):
+    """Raised by a job function that must not run yet: :class:`OnTimeWorker` puts the job
+    back into the queue to run at ``at`` (epoch seconds), as if it had not been taken."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__(at)
+        self.at = at
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClaimResult:
     """What one run of the claim script did."""
@@ -250,6 +283,16 @@ class ClaimResult:
     backlog: int  # jobs left in `queued` after claiming
     moved: int  # jobs moved from `incomplete` to `queued` by this call
     moved_ids: list[str]  # their ids, if asked for
+
+
+@dataclasses.dataclass(slots=True)
+class Orphans:
+    """What :meth:`OnTimeQueue.requeue_orphans` did."""
+
+    requeued: list[str] = dataclasses.field(default_factory=list)  # keys put back
+    # (job id, owner) of jobs taken by a live worker and not started yet: pass them to the
+    # next call, which puts back those still so.
+    stalled: set[tuple[str, str]] = dataclasses.field(default_factory=set)
 
 
 class OnTimeQueue(RedisQueue):
@@ -281,6 +324,10 @@ class OnTimeQueue(RedisQueue):
         self.move_limit = move_limit  # bounds the time one script blocks Redis
         self._enqueue_chunk = enqueue_chunk
         self.wakeup_channel = self.namespace("wakeup")
+        # Job id -> id of the worker that took it (set by the claim, cleared when the job
+        # leaves `active`); `owner` is the id this queue's worker claims under.
+        self._owners = self.namespace("owners")
+        self.owner = ""
         self._enqueue_many_script: AsyncScript | None = None
         self._claim_script: AsyncScript | None = None
         self._batcher = _Batcher(redis)
@@ -415,8 +462,16 @@ class OnTimeQueue(RedisQueue):
             self._claim_script = self.redis.register_script(_CLAIM_LUA)
         at = time.time() if now is None else now
         ids, payloads, next_due, backlog, moved, moved_list = await self._claim_script(
-            keys=[self._incomplete, self._queued, self._active],
-            args=[repr(at), self.move_limit, limit, self.wakeup_channel, int(moved_ids), commands],
+            keys=[self._incomplete, self._queued, self._active, self._owners],
+            args=[
+                repr(at),
+                self.move_limit,
+                limit,
+                self.wakeup_channel,
+                int(moved_ids),
+                commands,
+                self.owner,
+            ],
         )
         jobs: list[Job] = []
         for job_id, payload in zip(ids, payloads, strict=True):
@@ -451,10 +506,36 @@ class OnTimeQueue(RedisQueue):
         """:meth:`release` with the next batch, without waiting (for the dispatcher)."""
         self._batcher.submit_nowait(self._release_commands(jobs))
 
+    async def put_back(self, job: Job, at: float) -> None:
+        """Give a taken job back, untouched, to run at ``at`` (epoch seconds): out of
+        `active`, back into `incomplete` with that score (its key stays pending), its record
+        QUEUED with ``scheduled = at`` and the attempt it used returned."""
+        job.status = Status.QUEUED
+        job.attempts = max(0, job.attempts - 1)
+        job.started = 0
+        job.touched = now()
+        job.worker_id = None
+        job.scheduled = at  # type: ignore[assignment]  # a float, see make_job
+        score = repr(float(at))
+        await self._batcher.run(
+            [
+                ("LREM", self._active, 1, job.id),
+                ("HDEL", self._owners, job.id),
+                ("LREM", self._queued, 1, job.id),
+                ("ZADD", self._incomplete, score, job.id),
+                ("SET", job.id, self._text(job)),
+                ("PUBLISH", self.wakeup_channel, score),
+            ]
+        )
+
     def _release_commands(self, jobs: Iterable[Job]) -> list[Command]:
         commands: list[Command] = []
         for job in jobs:
-            commands += [("LREM", self._active, 1, job.id), ("LPUSH", self._queued, job.id)]
+            commands += [
+                ("LREM", self._active, 1, job.id),
+                ("HDEL", self._owners, job.id),
+                ("LPUSH", self._queued, job.id),
+            ]
         commands.append(("PUBLISH", self.wakeup_channel, "0"))
         return commands
 
@@ -547,6 +628,7 @@ class OnTimeQueue(RedisQueue):
         payload = self._text(job)
         commands: list[Command] = [
             ("LREM", self._active, 1, job.id),
+            ("HDEL", self._owners, job.id),
             ("ZREM", self._incomplete, job.id),
         ]
         if job.ttl > 0:
@@ -565,6 +647,7 @@ class OnTimeQueue(RedisQueue):
         delay = job.next_retry_delay()
         commands: list[Command] = [
             ("LREM", self._active, 1, job.id),
+            ("HDEL", self._owners, job.id),
             ("LREM", self._queued, 1, job.id),
         ]
         if delay:
@@ -633,6 +716,7 @@ class OnTimeQueue(RedisQueue):
     async def _drop_missing(self, job_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.lrem(self._active, 0, job_id)
+            pipe.hdel(self._owners, job_id)
             pipe.zrem(self._incomplete, job_id)
             await pipe.execute()
         log.info("swept a job without record", job_id=job_id)
@@ -662,6 +746,7 @@ class OnTimeQueue(RedisQueue):
                 job.error = error
                 pipe.lrem(self._queued, 0, job.id)
                 pipe.zrem(self._incomplete, job.id)
+                pipe.hdel(self._owners, job.id)
                 pipe.set(job.id, self.serialize(job))
                 pipe.set(job.abort_id, error, px=max(1, int(ttl * 1000)))
                 pipe.publish(job.id, job.status.value)
@@ -682,6 +767,82 @@ class OnTimeQueue(RedisQueue):
             pipe.zadd(self._stats, {key: current + ttl * 1000})
             pipe.expire(self._stats, ttl)
             await pipe.execute()
+
+    # -- jobs of workers that are gone -----------------------------------------------------------
+
+    async def requeue_orphans(
+        self, keys: Sequence[str], stalled: Collection[tuple[str, str]] = ()
+    ) -> Orphans:
+        """Of these (pending) job keys, put back into `queued` every job taken but given up:
+
+        * taken by a worker that is gone (its SAQ worker-info key expired) before it
+          finished the job: claimed ahead of its due time and waiting in a slot, or started;
+        * taken and never started, by a worker that is alive: its record was still QUEUED
+          on the previous call too (``stalled``: what that call returned as
+          :attr:`Orphans.stalled`) under the same owner — the claim's answer was lost on
+          its way (a connection cut during the call), so no slot ever got the job. A live
+          worker hands a job to a slot and records its start within milliseconds.
+
+        Only for jobs whose event PostgreSQL says was never claimed (the reconciler's
+        ``overdue`` / ``retry_overdue`` candidates, due more than ``grace`` ago): the job is
+        handed out again as if it had not been taken (its record QUEUED, its attempt
+        returned). If the owner still runs it after all (paused, or its start record was
+        lost), the PostgreSQL claim lets one of the two run it.
+        """
+        out = Orphans()
+        if not keys:
+            return out
+        ids = [self.job_id(key) for key in keys]
+        owners = await self.redis.hmget(self._owners, ids)
+        owned = [
+            (key, job_id, o.decode() if isinstance(o, bytes) else str(o))
+            for key, job_id, o in zip(keys, ids, owners, strict=True)
+            if o
+        ]
+        if not owned:
+            return out
+        workers = sorted({owner for _, _, owner in owned})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker in workers:
+                pipe.exists(self.namespace(f"worker_info:{worker}"))
+            alive = dict(zip(workers, await pipe.execute(), strict=True))
+        records = await self.redis.mget([job_id for _, job_id, _ in owned])
+        previous = set(stalled)
+        for (key, job_id, owner), payload in zip(owned, records, strict=True):
+            job = self.deserialize(payload)
+            if job is None:
+                continue
+            if alive[owner]:
+                if job.status != Status.QUEUED:
+                    continue
+                if (job_id, owner) not in previous:
+                    out.stalled.add((job_id, owner))
+                    continue
+                why = "taken_never_started"
+            else:
+                why = "worker_lost"
+            if job.status == Status.ACTIVE:
+                job.attempts = max(0, job.attempts - 1)  # the start that never got anywhere
+            job.status = Status.QUEUED
+            job.started = 0
+            job.worker_id = None
+            job.touched = now()
+            moved = await self.redis.eval(
+                _REQUEUE_ORPHAN_LUA,
+                5,
+                self._active,
+                self._owners,
+                self._queued,
+                self._incomplete,
+                job_id,
+                owner,
+                self._text(job),
+                self.wakeup_channel,
+            )
+            if moved:
+                out.requeued.append(key)
+                log.warning("taken_job_requeued", job_key=key, worker_id=owner, why=why)
+        return out
 
     # -- cheap inspection ----------------------------------------------------------------------
 
@@ -1046,6 +1207,7 @@ class OnTimeWorker(Worker[Context]):
     ) -> None:
         super().__init__(queue, functions, **kwargs)
         self.queue: OnTimeQueue = queue
+        queue.owner = self.id
         self._dispatcher = _Dispatcher(
             queue, max_wait=max_wait, min_interval=min_interval, claim_ahead=claim_ahead
         )
@@ -1155,6 +1317,8 @@ class OnTimeWorker(Worker[Context]):
                 result = await function(context, **(job.kwargs or {}))
             if task_ctx["aborted"] is None:
                 self.queue.complete_nowait(job, result)
+        except PutBack as back:
+            await self.queue.put_back(job, back.at)
         except asyncio.CancelledError:
             aborted = task_ctx["aborted"]
             if aborted is None:
@@ -1381,6 +1545,13 @@ class JobQueue:
     async def job_exists(self, key: str) -> bool:
         """Is the job with this key pending (scheduled, queued or active)?"""
         return (await self._call(self._queue.pending, [key]))[0]
+
+    async def requeue_orphans(
+        self, keys: Sequence[str], stalled: Collection[tuple[str, str]] = ()
+    ) -> Orphans:
+        """Put back the jobs of these keys that were taken and given up (see
+        :meth:`OnTimeQueue.requeue_orphans`)."""
+        return await self._call(self._queue.requeue_orphans, list(keys), stalled)
 
     async def pending_keys(self, keys: Sequence[str]) -> set[str]:
         """The subset of ``keys`` whose jobs are pending (one round trip, for reconciling)."""

@@ -6,7 +6,9 @@ The consumer enqueues one SAQ job per event; an :class:`~eventsched.core.queue.O
 
 1. **claims** the event: CAS ``scheduled|retrying -> running`` plus its ``event_attempts``
    row, committed before the handler runs (a job whose claim loses — a duplicate delivery,
-   a reconciler race, an event already done — runs nothing: ``skipped_duplicate``);
+   a reconciler race, an event already done — runs nothing: ``skipped_duplicate``; a job
+   that came before the event is due — beyond ``CLAIM_AHEAD`` — runs nothing either and is
+   put back into the queue at the event's due time: ``eventsched_claims_not_due_total``);
 2. runs the **handler** for the event type (``[handlers]``, else ``default``) under
    ``executor.job_timeout``;
 3. **records** the outcome (CAS ``running -> succeeded|retrying|dead`` with ``AND attempts =
@@ -45,9 +47,39 @@ can use httpx/aiohttp/asyncpg directly; a trio handler is wrapped with
 ``trio_asyncio.trio_as_aio``.
 
 PostgreSQL writes are batched across concurrent jobs (:class:`GroupCommit`: one statement
-per round trip on a dedicated thread, no timers). A running attempt's ``updated_at`` is
-refreshed every ``reconciler.stale_after / 4`` (one statement for every long job of the
-process), so the reconciler takes over only attempts whose worker is gone.
+per round trip on a dedicated thread, no timers).
+
+Leases (fencing). With ``S = reconciler.stale_after``:
+
+* The claim starts the attempt's lease (``updated_at = now()``); this process renews it (one
+  statement for every attempt due, every ``S / 8``) for as long as it *holds* the attempt:
+  while the handler runs and until its outcome has committed.
+* This process counts the lease as ``LEASE_FRACTION`` x ``S`` (= ``S / 2``) from the moment
+  it *sent* the claim or its last successful renewal, on its monotonic clock. Once that has
+  passed (PostgreSQL unreachable, the process paused, the event loop starved), or a renewal
+  finds the attempt no longer running (taken over), the lease is lost: the handler runs no
+  further step — :class:`_Fenced` throws :class:`LeaseLost` (a ``CancelledError``) at the
+  await it is suspended in, and the reaper cancels it there too — and the attempt is
+  recorded as failed (``lease lost``), to be retried.
+* The reconciler takes an attempt over only when ``updated_at`` is older than ``S`` *and* it
+  has seen it so, unchanged, for ``TAKEOVER_MARGIN`` x ``S`` more; the takeover is a CAS on
+  that ``updated_at``. PostgreSQL sets ``updated_at`` no earlier than our send time, so
+  the next attempt can only be claimed at least ``S`` after our lease ran out (clock rates
+  alike; no clock synchronisation needed).
+* The attempt number is the fencing token: the outcome write, the renewal and the takeover
+  all compare it (``AND attempts = n``), so a stopped attempt's outcome cannot overwrite
+  the next one's.
+
+What a handler can rely on: no two runs of one event overlap — a run starts only after every
+earlier run of the event returned or was stopped by its lease (it got ``CancelledError`` and
+was resumed no more). Not covered: code the handler runs while handling that
+``CancelledError`` (it must not start side effects there), and a synchronous stretch of the
+handler already under way when the process was paused (blocking calls are not allowed
+anyway). A run may be repeated after a crash, a lost lease or a failure: side effects should
+be idempotent under ``event.id`` (stable across attempts, the webhook's ``Idempotency-Key``);
+``event.attempt`` grows with every run of the event, so a receiver that remembers the
+highest attempt it saw per ``event.id`` and refuses lower ones fences out even such
+leftovers.
 
 Shutdown: on ``ctx.stopping`` the worker takes no new jobs and running ones finish (bounded
 by the runtime's grace). Jobs still running when the grace ends are cancelled; each records
@@ -89,6 +121,7 @@ from eventsched.core.execstore import (
     DeadEvent,
     GroupCommit,
     NotClaimed,
+    NotDue,
     Outcome,
 )
 from eventsched.core.kafka import KafkaProducer, OutboundMessage
@@ -103,7 +136,14 @@ from eventsched.core.plugins import (
     load_handler,
 )
 from eventsched.core.postgres import Database
-from eventsched.core.queue import OnTimeWorker, ScheduledJob, drain_worker, make_worker, run_worker
+from eventsched.core.queue import (
+    OnTimeWorker,
+    PutBack,
+    ScheduledJob,
+    drain_worker,
+    make_worker,
+    run_worker,
+)
 from eventsched.plugins.reconciler import Reconciler
 
 log = get_logger(__name__)
@@ -126,6 +166,12 @@ OTHER_TYPE: Final = "other"
 OUTCOME_INTERVAL: Final = 0.01
 #: Statement sizes of the group commits.
 MAX_BATCH: Final = 500
+#: The executor's lease of an attempt, as a fraction of ``reconciler.stale_after``, counted
+#: from when the claim or the last successful renewal was sent (see "Leases").
+LEASE_FRACTION: Final = 0.5
+#: Seconds before its due time a job may be taken (the worker's claim-ahead window); the
+#: claim refuses an event due later than this (its job came early) and puts the job back.
+CLAIM_AHEAD: Final = 0.01
 
 
 # -- pure parts: keys, jobs, backoff, decisions ---------------------------------------------------
@@ -354,13 +400,65 @@ class DeadLetters:
 
 @dataclass(slots=True)
 class _Running:
-    """An attempt this process is running (asyncio side writes, trio side reads)."""
+    """An attempt this process holds: its handler runs, or its outcome is not committed yet
+    (asyncio side writes, trio side reads). See "Leases" in the module docstring."""
 
+    event_id: str
     attempt: int
-    since: float  # time.monotonic() of the claim or the last heartbeat
+    renewed: float  # time.monotonic() when the claim or the last successful renewal was sent
+    lease_until: float  # renewed + the lease: the handler runs no step after this
     task: asyncio.Task[Any]
     deadline: float = math.inf  # time.monotonic() when the handler times out
     timed_out: bool = False
+    lost: bool = False  # the lease ran out (or the attempt was taken over): handler stopped
+    cancelled: bool = False  # we cancelled the task for it (to uncancel once handled)
+    finished: float = math.inf  # time.monotonic() when the handler returned
+
+    def lease_ok(self) -> bool:
+        if self.lost:
+            return False
+        if time.monotonic() < self.lease_until:
+            return True
+        self.lost = True
+        return False
+
+
+class LeaseLost(asyncio.CancelledError):
+    """Thrown into a handler whose attempt's lease ran out, at the await it is suspended in."""
+
+
+class _Fenced:
+    """Awaits a handler's coroutine, checking its attempt's lease before every step.
+
+    A handler is resumed only while its lease holds: once it ran out (the process was
+    paused, PostgreSQL unreachable, the attempt taken over) the handler gets
+    :class:`LeaseLost` (a ``CancelledError``) at the await it is suspended in instead of
+    the result it waited for, however the process got there — the reaper's cancellation
+    may come later than the resumption after a pause. One ``time.monotonic()`` per step.
+    """
+
+    __slots__ = ("_coro", "_running")
+
+    def __init__(self, coro: Any, running: _Running) -> None:
+        self._coro = coro
+        self._running = running
+
+    def __await__(self) -> Any:
+        coro, running = self._coro, self._running
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            if error is None and not running.lease_ok():
+                error = LeaseLost("the attempt's lease ran out")
+            try:
+                step = coro.send(value) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            value, error = None, None
+            try:
+                value = yield step
+            except BaseException as err:  # delivered to the handler, as `await` would
+                error = err
 
 
 class Executor:
@@ -388,7 +486,7 @@ class Executor:
         self._durations = {t: metrics.EXECUTION_DURATION.labels(t) for t in {*known, OTHER_TYPE}}
         self._claims: GroupCommit[ClaimRequest, ClaimResult] = GroupCommit(
             "claim",
-            functools.partial(execstore.claim_batch, worker_id=self.worker_id),
+            functools.partial(execstore.claim_batch, worker_id=self.worker_id, ahead=CLAIM_AHEAD),
             key=lambda r: r.event_id,
             max_batch=MAX_BATCH,
         )
@@ -405,7 +503,9 @@ class Executor:
         # jobs wait for their own write, which slows intake instead of growing memory.
         self._write_behind_limit = max(MAX_BATCH, 2 * s.executor_concurrency)
         self.dead_letters = DeadLetters(self._db, self._producer, s.kafka.dlq_topic, self.worker_id)
-        self._running: dict[str, _Running] = {}
+        self._running: dict[tuple[str, int], _Running] = {}
+        # The lease of an attempt, as this process counts it (see "Leases").
+        self._lease = LEASE_FRACTION * float(s.reconciler.stale_after)
         self._retrying: set[asyncio.Task[None]] = set()  # retry enqueues in progress
         self.worker: OnTimeWorker | None = None
         self.reconciler: Reconciler | None = None
@@ -498,13 +598,17 @@ class Executor:
 
     async def _run_worker(self, task_status: trio.TaskStatus[None]) -> None:
         s = self.settings
-        # Liveness of this worker for the reconciler: SAQ's worker-info key, refreshed well
-        # within stale_after (whole seconds: redis-py wants an int expiry).
-        info_every = int(max(1, min(10, s.reconciler.stale_after // 4)))
+        # Liveness of this worker for the reconciler: SAQ's worker-info key (it expires one
+        # second after its interval), refreshed well within stale_after, and so that a dead
+        # worker's jobs are known lost within reconciler.grace (whole seconds: redis-py
+        # wants an int expiry).
+        r = s.reconciler
+        info_every = int(max(1, min(10, r.stale_after // 4, (r.grace - 1) // 2)))
         self.worker = worker = make_worker(
             self._jobs,
             [(EXECUTE_FUNCTION, self.execute_event)],
             concurrency=s.executor_concurrency,
+            claim_ahead=CLAIM_AHEAD,
             id=self.worker_id,
             timers={"worker_info": info_every},
         )
@@ -561,32 +665,70 @@ class Executor:
         return False
 
     async def _heartbeats(self) -> None:
-        """Refresh ``updated_at`` of attempts running longer than a heartbeat interval."""
-        every = max(0.2, float(self.settings.reconciler.stale_after) / 4)
+        """Renew the leases of the attempts this process holds (one statement every
+        ``stale_after / 8`` for those renewed that long ago); see "Leases"."""
+        every = max(0.05, float(self.settings.reconciler.stale_after) / 8)
         while True:
             await trio.sleep(every)
             now = time.monotonic()
-            due = [(event_id, r) for event_id, r in self._running.items() if now - r.since >= every]
+            held = list(self._running.items())
+            for key, r in held:
+                if now - r.finished > RECORD_PATIENCE:
+                    # Its outcome write was given up: the reconciler recovers the event.
+                    self._running.pop(key, None)
+            due = [
+                r
+                for _, r in held
+                if now - r.renewed >= every and now - r.finished <= RECORD_PATIENCE
+            ]
             if not due:
                 continue
+            sent = time.monotonic()
             try:
-                await execstore.heartbeat(self._db, [(event_id, r.attempt) for event_id, r in due])
+                renewed = await execstore.heartbeat(
+                    self._db, [(r.event_id, r.attempt) for r in due]
+                )
             except DependencyError as err:
                 self._log.warning("heartbeat_failed", error=err.problem, running=len(due))
                 continue
-            for _, running in due:
-                running.since = now
+            for r in due:
+                if r.event_id in renewed:
+                    r.renewed = sent
+                    if not r.lost:
+                        r.lease_until = sent + self._lease
+                elif self._running.get((r.event_id, r.attempt)) is r:
+                    # Not running this attempt any more: its outcome committed, or it was
+                    # taken over (then its handler, if still running, stops now).
+                    if r.finished == math.inf:
+                        self._lose(r)
+                    else:
+                        self._running.pop((r.event_id, r.attempt), None)
+
+    def _lose(self, running: _Running) -> None:
+        """The attempt's lease is gone: stop its handler (it runs no further step)."""
+        if running.lost and running.cancelled:
+            return
+        running.lost = True
+        if running.finished == math.inf and not running.timed_out and not running.cancelled:
+            running.cancelled = True
+            running.task.cancel()
 
     async def _reap(self) -> None:
         """Cancel handlers running past their timeout (checked every tenth of it, 10 ms to
-        1 s: the timeout fires that much late at most)."""
-        every = min(1.0, max(0.01, self._job_timeout / 10))
+        1 s: the timeout fires that much late at most) or past their lease (checked every
+        ``stale_after / 16``)."""
+        every = min(1.0, max(0.01, self._job_timeout / 10), self._lease / 8)
         while True:
             await trio.sleep(every)
             now = time.monotonic()
             for running in list(self._running.values()):
-                if running.deadline <= now and not running.timed_out:
+                if running.finished < math.inf or running.cancelled:
+                    continue
+                if running.lease_until <= now or running.lost:
+                    self._lose(running)
+                elif running.deadline <= now and not running.timed_out:
                     running.timed_out = True
+                    running.cancelled = True
                     running.task.cancel()
 
     def _job_for(self, event_id: str, attempt: int, scheduled: float) -> ScheduledJob:
@@ -605,28 +747,36 @@ class Executor:
             self._log.error("job_with_bad_event_id", event_id=repr(event_id))
             return
         request = ClaimRequest(event_id, attempt or 0, started)
-        claim: ClaimResult | None
-        try:
-            claim = await self._claims.submit(request)
-        except DependencyError:
-            claim = await self._patiently(self._claims, request, CLAIM_PATIENCE)
+        claim = await self._patiently(self._claims, request, CLAIM_PATIENCE)
         if claim is None:
             return  # PostgreSQL unreachable: the reconciler re-enqueues the event
         if isinstance(claim, NotClaimed):
             self._skipped(claim, attempt)
             return
+        if isinstance(claim, NotDue):
+            metrics.CLAIMS_NOT_DUE.inc()
+            self._log.warning(
+                "job_came_early", event_id=event_id, job_attempt=attempt or 1,
+                due_at=claim.due_at, early_s=round(claim.due_at - started, 3),
+                note="put back at the due time",
+            )  # fmt: skip
+            raise PutBack(claim.due_at)
         label = self._label(claim.type)
         metrics.EXECUTION_LATENESS.observe(started - claim.scheduled_for)
         task = asyncio.current_task()
         assert task is not None  # SAQ runs job functions in a task
-        running = self._running[event_id] = _Running(claim.attempt, time.monotonic(), task)
+        # The claim set updated_at = now() no earlier than claim.sent: the lease starts
+        # there (not at our submission, which may have waited for a connection).
+        lease_start = claim.sent
+        running = _Running(event_id, claim.attempt, lease_start, lease_start + self._lease, task)
+        self._running[event_id, claim.attempt] = running
         try:
             failure = await self._run_handler(claim, label, ctx, running)
         except asyncio.CancelledError:
-            self._running.pop(event_id, None)
+            running.finished = time.monotonic()
             self._record_interrupted(claim, label)
             raise
-        self._running.pop(event_id, None)
+        running.finished = time.monotonic()
         outcome = decide(
             event_id,
             claim.attempt,
@@ -645,6 +795,9 @@ class Executor:
     async def _run_handler(
         self, claim: Claimed, label: str, ctx: Context, running: _Running
     ) -> Failure | None:
+        if not running.lease_ok():
+            # The claim took longer than the lease (PostgreSQL slow or unreachable).
+            return Failure(f"lease lost before the handler started ({self._lease:g}s)")
         handler = self.handler_for(claim.type)
         if handler is None:
             return Failure(
@@ -666,11 +819,18 @@ class Executor:
         # would have fired; :meth:`_reap` cancels overdue handlers from one periodic scan.
         running.deadline = time.monotonic() + limit
         try:
-            await handler(event)
+            await _Fenced(handler(event), running)
         except asyncio.CancelledError:
-            if not running.timed_out:
+            if not (running.timed_out or running.lost):
                 raise
-            running.task.uncancel()  # our own timeout, handled here
+            if running.cancelled:
+                running.task.uncancel()  # our own cancellation, handled here
+            if running.lost:
+                self._log.warning(
+                    "lease_lost", event_id=claim.event_id, attempt=claim.attempt,
+                    note="handler stopped; the attempt is retried",
+                )  # fmt: skip
+                return Failure(f"lease lost: no heartbeat reached PostgreSQL for {self._lease:g}s")
             return Failure(f"handler timed out after {limit:g}s")
         except PermanentError as err:
             return Failure(_describe(err), permanent=True)
@@ -679,6 +839,8 @@ class Executor:
         finally:
             running.deadline = math.inf
             self._durations[label].observe(time.perf_counter() - began)
+        if running.cancelled and running.task.cancelling():
+            running.task.uncancel()  # the handler swallowed our cancellation
         return None
 
     def _handler_timeout(self, ctx: Context) -> float:
@@ -717,6 +879,7 @@ class Executor:
             return
         recorded = await self._patiently(self._finishes, outcome, RECORD_PATIENCE)
         if recorded is None:
+            self._running.pop((outcome.event_id, outcome.attempt), None)
             self._log.error(
                 "outcome_not_recorded", event_id=outcome.event_id, attempt=outcome.attempt,
                 outcome=outcome.status, note="reconciler recovers it as stale running",
@@ -729,6 +892,7 @@ class Executor:
         retries: list[ScheduledJob] = []
         counts: Counter[tuple[str, str]] = Counter()  # one inc() per label and status
         for outcome, ok in zip(outcomes, recorded, strict=True):
+            self._running.pop((outcome.event_id, outcome.attempt), None)
             if not ok:
                 # Someone else moved the event on (the reconciler took the attempt over).
                 self._log.warning(
@@ -818,7 +982,7 @@ class Executor:
     @property
     def running(self) -> Mapping[str, int]:
         """Event id -> attempt, for attempts this process is running now."""
-        return {event_id: r.attempt for event_id, r in self._running.items()}
+        return {r.event_id: r.attempt for r in self._running.values() if r.finished == math.inf}
 
     @property
     def store_stats(self) -> dict[str, tuple[int, int]]:

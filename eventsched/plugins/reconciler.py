@@ -7,12 +7,19 @@ Runs inside the executor role, one leader at a time across all executor processe
   (key = event id) is not pending -> enqueue it again;
 * ``retry_overdue``: events ``retrying`` whose next attempt was due more than ``grace`` ago and
   whose job (key ``<id>#<n>``) is not pending -> enqueue it again;
-* ``stale_running``: events ``running`` without a heartbeat for ``reconciler.stale_after``
-  (the executor refreshes ``updated_at`` of long attempts every ``stale_after / 4``) whose
-  SAQ job is not active on a live worker (SAQ's worker-info key of the job's worker has
-  expired, or the job is not active at all) -> CAS ``running -> retrying`` (the lost attempt's
-  row gets outcome ``retried``, error "worker lost") and enqueue the next attempt, or
-  ``dead`` if that was the last attempt;
+* ``taken_by_lost_worker``: the job of such an event is pending, but taken (claimed ahead of
+  its due time, or started) by a worker whose SAQ worker-info key has expired, the test of
+  the stale-running path, or taken and still not started on two passes in a row (the claim's
+  answer was lost with its connection) -> the job goes back to ``queued``;
+* ``stale_running``: events ``running`` whose lease expired: no heartbeat for
+  ``reconciler.stale_after`` (the executor renews ``updated_at`` of the attempts it holds
+  every ``stale_after / 8``), seen so by this leader, unrenewed, for ``TAKEOVER_MARGIN`` x
+  ``stale_after`` more, and whose SAQ job is not active on a live worker (SAQ's worker-info
+  key of the job's worker has expired, or the job is not active at all) -> CAS ``running ->
+  retrying`` on the ``updated_at`` it saw (the lost attempt's row gets outcome ``retried``,
+  error "worker lost") and enqueue the next attempt, or ``dead`` if that was the last
+  attempt. The executor stops a handler whose lease it could not renew for ``stale_after /
+  2``, so the handler has stopped before this can happen (see the executor's docstring);
 * republishes dead events whose DLQ message was not acknowledged (a crash between the dead
   transition and the publish) after ``grace``.
 
@@ -76,6 +83,9 @@ T = TypeVar("T")
 
 #: Pages of ``reconciler.batch`` rows one pass looks at per reason, at most.
 MAX_PAGES: Final = 50
+#: A stale attempt is taken over only after this leader has seen its lease expired, and not
+#: renewed, for this fraction of ``stale_after`` (on top of ``stale_after`` itself).
+TAKEOVER_MARGIN: Final = 0.5
 #: Marker values (see the module docstring).
 MARKER_OK: Final = "ok"
 MARKER_RESTORING: Final = "restoring:"
@@ -232,6 +242,13 @@ class Reconciler:
         self._gauge_interval = float(r.gauge_interval)
         self._grace = float(r.grace)
         self._stale_after = float(r.stale_after)
+        self._margin = TAKEOVER_MARGIN * self._stale_after
+        # (event id, attempt) -> (updated_at, when this leader first saw it stale with it).
+        self._stale_since: dict[tuple[str, int], tuple[Any, float]] = {}
+        # (job id, owner) of taken, unstarted jobs of overdue events seen by the last pass.
+        self._stalled: set[tuple[str, str]] = set()
+        self._stalled_next: set[tuple[str, str]] = set()
+        self._seen_stale: dict[tuple[str, int], tuple[Any, float]] = {}
         self._batch = r.batch
         self._max_attempts = settings.executor.max_retries
         self.lock = LeaderLock(
@@ -292,10 +309,17 @@ class Reconciler:
     async def reconcile_once(self) -> dict[str, int]:
         """One pass over every reason; returns how many events each one re-enqueued
         (``dlq_republished``: dead events published again)."""
+        redis_lost = await self._restore_if_lost()
+        self._stalled_next = set()
+        try:
+            overdue = await self._requeue("overdue", self._grace)
+            retry_overdue = await self._requeue("retry_overdue", self._grace)
+        finally:
+            self._stalled, self._stalled_next = self._stalled_next, set()
         done = {
-            "redis_lost": await self._restore_if_lost(),
-            "overdue": await self._requeue("overdue", self._grace),
-            "retry_overdue": await self._requeue("retry_overdue", self._grace),
+            "redis_lost": redis_lost,
+            "overdue": overdue,
+            "retry_overdue": retry_overdue,
             "stale_running": await self._take_over_stale(),
             "dlq_republished": await self._republish_dead(),
         }
@@ -340,6 +364,16 @@ class Reconciler:
         attempt_of = ATTEMPT_OF[reason]
         jobs = [self._job_for(c.event_id, attempt_of(c), c.at.timestamp()) for c in page]
         pending = await self._jobs.pending_keys([job.key for job in jobs])
+        if pending and reason in ("overdue", "retry_overdue"):
+            # Pending, but maybe taken (ahead of its due time) by a worker that died before
+            # its claim reached PostgreSQL, or taken by a claim whose answer was lost: give
+            # such jobs back.
+            orphans = await self._jobs.requeue_orphans(sorted(pending), self._stalled)
+            self._stalled_next |= orphans.stalled
+            if orphans.requeued:
+                metrics.RECONCILER_REQUEUED.labels("taken_by_lost_worker").inc(
+                    len(orphans.requeued)
+                )
         missing = [(c, job) for c, job in zip(page, jobs, strict=True) if job.key not in pending]
         if missing:
             still = await execstore.still_waiting(self._db, reason, [c for c, _ in missing])
@@ -404,20 +438,42 @@ class Reconciler:
         return added
 
     async def _take_over_stale(self) -> int:
-        paged = await self._each_page("stale_running", self._stale_after, self._take_over_page)
+        self._seen_stale = {}
+        try:
+            paged = await self._each_page("stale_running", self._stale_after, self._take_over_page)
+        finally:
+            # Forget attempts not seen stale in this pass (renewed, finished, taken over).
+            self._stale_since, self._seen_stale = self._seen_stale, {}
         return paged.total
 
+    def _expired_long_enough(self, c: Candidate) -> bool:
+        """Has this leader seen the attempt's lease expired, unrenewed (same ``updated_at``),
+        for ``TAKEOVER_MARGIN`` x ``stale_after``? Measured on this process's clock, while it
+        could read PostgreSQL: after an outage every lease looks expired, and the executors
+        get this long to renew theirs (or write their outcomes) first."""
+        now = trio.current_time()
+        key = (c.event_id, c.attempts)
+        seen = self._stale_since.get(key)
+        if seen is None or seen[0] != c.at:
+            seen = (c.at, now)
+        self._seen_stale[key] = seen
+        return now - seen[1] >= self._margin
+
     async def _take_over_page(self, page: list[Candidate]) -> int:
+        page = [c for c in page if self._expired_long_enough(c)]
+        if not page:
+            return 0
         keys = [self._job_for(c.event_id, c.attempts, 0.0).key for c in page]
         live = await self.live_jobs(keys)
-        stale: list[tuple[str, int]] = []
+        stale: list[Candidate] = []
         for c, key in zip(page, keys, strict=True):
             if key in live:
                 # No heartbeat, yet its worker is alive and still on it (PostgreSQL trouble
-                # on that worker?): taking over would run the handler twice.
+                # on that worker?): its lease keeps the handler from running on, but wait for
+                # the job to end there rather than run the next attempt beside it.
                 log.info("stale_running_still_active", event_id=c.event_id, attempt=c.attempts)
             else:
-                stale.append((c.event_id, c.attempts))
+                stale.append(c)
         taken = await execstore.take_over(
             self._db,
             stale,

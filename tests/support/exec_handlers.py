@@ -1,13 +1,16 @@
 """Event handlers for the execution tests: real plugins with scripted behaviour.
 
 In-process tests read :data:`CALLS` to see which attempts ran; child processes (loaded by
-settings) only use what they can do alone (``slow``: sleep, then succeed).
+settings) only use what they can do alone (``slow``: sleep, then succeed; ``journal``: the
+same, writing each invocation's start and end to a file the test reads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import time
 from collections import Counter
 
 from eventsched.core.plugins import HandlerEvent, PermanentError
@@ -53,3 +56,40 @@ async def slow(event: HandlerEvent) -> None:
     _record(event)
     seconds = event.payload.get("sleep", float(os.environ.get("TEST_HANDLER_SLEEP", "1")))
     await asyncio.sleep(float(seconds))
+
+
+# -- a journal of invocations, across processes ------------------------------------------------
+
+
+def _journal(what: str, event: HandlerEvent) -> None:
+    record = {"what": what, "event": event.id, "attempt": event.attempt}
+    line = json.dumps({**record, "pid": os.getpid(), "t": time.time()})
+    # One small O_APPEND write per line: lines of concurrent processes never interleave.
+    fd = os.open(os.environ["TEST_HANDLER_JOURNAL"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+async def journal(event: HandlerEvent) -> None:
+    """Appends ``start`` to the file $TEST_HANDLER_JOURNAL, sleeps ``payload["sleep"]``
+    seconds (default 0; a list: one value per attempt, the last for the rest), then appends
+    ``done`` (its side effect) and succeeds. A run that is cancelled or killed leaves a
+    ``start`` without ``done``."""
+    _record(event)
+    _journal("start", event)
+    sleep = event.payload.get("sleep", 0)
+    if isinstance(sleep, list):
+        sleep = sleep[min(event.attempt, len(sleep)) - 1]
+    await asyncio.sleep(float(sleep))
+    _journal("done", event)
+
+
+def read_journal(path: str) -> list[dict[str, object]]:
+    """The journal's lines, in the order they were written."""
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
