@@ -872,6 +872,9 @@ class _Dispatcher:
         self._budget = budget
         if budget is not None:
             budget.on_release(self._budget_freed)
+            # While the budget is what limits, bytes come free a job at a time; claiming
+            # each time would cost a Redis round trip per job. Wait for room for this many.
+            self._claim_batch = max(1, budget.limit // budget.unknown // 8)
 
     def _demand(self) -> int:
         while self._getters and self._getters[0].done():
@@ -885,11 +888,18 @@ class _Dispatcher:
             return demand
         return min(demand, self._budget.room())
 
+    def _worth_a_claim(self) -> bool:
+        """Room for ``_claim_batch`` jobs, or for every waiting slot (O(1): a stale getter
+        at worst costs one claim that takes less). What fits is still claimed every
+        ``max_wait`` and at every due time."""
+        if self._budget is None:
+            return True
+        room = self._budget.room()
+        return room >= self._claim_batch or 0 < len(self._getters) <= room
+
     def _budget_freed(self) -> None:
-        # Called as every job settles and ends: O(1) checks only (a stale getter at worst
-        # costs one claim that takes nothing).
-        assert self._budget is not None  # only registered with a budget
-        if self._backlog > 0 and self._getters and self._budget.room() > 0:
+        # Called as every job settles and ends.
+        if self._backlog > 0 and self._getters and self._worth_a_claim():
             self._wake.set()
 
     def done(self, job: Job) -> None:
@@ -902,7 +912,7 @@ class _Dispatcher:
             return None
         future: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         self._getters.append(future)
-        if self._backlog > 0 and (self._budget is None or self._budget.room() > 0):
+        if self._backlog > 0 and self._worth_a_claim():
             self._wake.set()
         delivered = False
         try:
@@ -1008,7 +1018,7 @@ class _Dispatcher:
             self._backlog = result.backlog
             if result.moved >= self._queue.move_limit:
                 continue  # more are due than one call moves
-            if result.backlog and self._limit():
+            if result.backlog and self._limit() and self._worth_a_claim():
                 continue  # jobs wait in `queued` and slots (and budget) are free
             now = time.time()
             delay = self._max_wait
