@@ -206,6 +206,20 @@ def test_the_budget_setting_defaults_to_64mb_and_a_bad_one_names_the_key() -> No
     )
 
 
+def test_a_budget_smaller_than_one_message_is_refused() -> None:
+    # It would run one job at a time whatever the payloads' sizes.
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"EVENTSCHED_EXECUTOR__INFLIGHT_BYTES": "512KB"})
+    assert str(info.value) == (
+        "invalid setting executor.inflight_bytes: must be 0 (no bound) or at least"
+        " consumer.max_message_bytes (1048576): a job counts that much until its claim"
+    )
+    assert (
+        load_settings(environ={"EVENTSCHED_EXECUTOR__INFLIGHT_BYTES": "0"}).executor.inflight_bytes
+        == 0
+    )
+
+
 # -- the budget's accounting (pure) -------------------------------------------------------------
 
 

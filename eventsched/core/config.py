@@ -438,6 +438,12 @@ def _check(s: Settings) -> None:
         raise ConfigError("executor.job_timeout", "must be positive")
     if s.executor.webhook.timeout <= 0:
         raise ConfigError("executor.webhook.timeout", "must be positive")
+    if 0 < s.executor.inflight_bytes < s.consumer.max_message_bytes:
+        raise ConfigError(
+            "executor.inflight_bytes",
+            f"must be 0 (no bound) or at least consumer.max_message_bytes"
+            f" ({s.consumer.max_message_bytes}): a job counts that much until its claim",
+        )
     if s.reconciler.interval <= 0:
         raise ConfigError("reconciler.interval", "must be positive")
     if s.reconciler.gauge_interval <= 0:
