@@ -15,9 +15,11 @@ side (dispatcher, slots and job functions share the loop): no locks.
 :func:`trim_heap` gives freed memory back to the operating system. CPython hands big objects
 (a payload's strings) to the C allocator, and glibc keeps freed blocks in its arenas (one per
 thread that allocated: the claim thread's result buffers live in its own), so without it the
-resident size stays at its peak after a burst. The budget calls it ``trim_delay`` after the
-payload bytes it holds fell to a quarter of their high-water mark (if that was at least
-``trim_after``), provided they are still that low then.
+resident size stays at its peak after a burst. The budget calls it once payloads of at least
+``trim_after`` bytes were released since the last call, ``trim_delay`` after the payload
+bytes it holds fell to a quarter of their high-water mark, if they are still that low then;
+payloads still held at a trim (the end of a burst) are trimmed again once released, if they
+were ``trim_tail`` bytes or more.
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ class PayloadBudget:
         limit: int,
         *,
         unknown: int,
-        trim_after: int = 16 * 1024 * 1024,
+        trim_after: int = 8 * 1024 * 1024,
         trim_delay: float = 1.0,
+        trim_tail: int = 1024 * 1024,
     ) -> None:
         self.limit = limit
         self.unknown = max(1, unknown)
@@ -87,6 +90,9 @@ class PayloadBudget:
         self._claimed: dict[str, int] = {}
         self._payloads = 0  # sum of self._claimed (what is really allocated)
         self._high = 0  # its high-water mark since the last trim
+        self._freed = 0  # payload bytes released since the last trim
+        self._trim_due = trim_after  # ... that make the next trim worth it
+        self._trim_tail = trim_tail
         self._trim_after = trim_after
         self._trim_delay = trim_delay
         self._trim_timer: asyncio.TimerHandle | None = None
@@ -127,7 +133,9 @@ class PayloadBudget:
         if job_id in self._unclaimed:
             self._unclaimed.discard(job_id)
         elif job_id in self._claimed:
-            self._payloads -= self._claimed.pop(job_id)
+            size = self._claimed.pop(job_id)
+            self._payloads -= size
+            self._freed += size
         else:
             return
         self._released()
@@ -135,7 +143,7 @@ class PayloadBudget:
     def _released(self) -> None:
         if (
             self._trim_timer is None
-            and self._high >= self._trim_after
+            and self._freed >= self._trim_due
             and self._payloads <= self._high // 4
         ):
             # Not at once: in a burst the next jobs refill the budget within milliseconds,
@@ -154,6 +162,12 @@ class PayloadBudget:
             log.info(
                 "heap_trimmed",
                 payload_high_water=self._high,
+                payloads_freed=self._freed,
                 took_ms=round((time.perf_counter() - started) * 1000, 1),
             )
         self._high = self._payloads
+        self._freed = 0
+        tail = self._payloads
+        self._trim_due = (
+            min(self._trim_after, tail) if tail >= self._trim_tail else self._trim_after
+        )
