@@ -67,9 +67,36 @@ def parse_duration(value: object) -> Duration:
     return Duration(seconds)
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.I)
+_UNIT_BYTES = {None: 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+
+
+class ByteSize(int):
+    """Bytes, written in settings as ``512KB``, ``64MB``, ``1GB`` (multiples of 1024; KiB,
+    MiB, GiB are the same) or a bare number of bytes."""
+
+
+def parse_size(value: object) -> ByteSize:
+    """Parse a size setting into bytes; raise ValueError with a readable reason."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 512KB, 64MB or 1GB, got {value!r}")
+    if isinstance(value, int | float):
+        size = float(value)
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        unit = match.group(2)
+        size = float(match.group(1)) * _UNIT_BYTES[unit.lower().replace("i", "") if unit else None]
+    else:
+        raise ValueError(f"expected a size like 512KB, 64MB or 1GB, got {value!r}")
+    if size < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    return ByteSize(int(size))
+
+
 def _dec_hook(tp: type, obj: Any) -> Any:
     if tp is Duration:
         return parse_duration(obj)
+    if tp is ByteSize:
+        return parse_size(obj)
     raise NotImplementedError(f"no converter for {tp!r}")
 
 
@@ -193,6 +220,8 @@ class ExecutorSettings(_Section, frozen=True):
     simulate: SimulateSettings = SimulateSettings()
     job_timeout: Duration = Duration(300.0)
     webhook: WebhookSettings = WebhookSettings()
+    # Payload bytes one process holds at once (0: no bound); see eventsched.core.memory.
+    inflight_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
 
 
 class ReconcilerSettings(_Section, frozen=True):
@@ -417,6 +446,12 @@ def _check(s: Settings) -> None:
     if s.executor.webhook.timeout <= 0:
         raise ConfigError("executor.webhook.timeout", "must be positive")
     _check_webhook(s.executor.webhook)
+    if 0 < s.executor.inflight_bytes < s.consumer.max_message_bytes:
+        raise ConfigError(
+            "executor.inflight_bytes",
+            f"must be 0 (no bound) or at least consumer.max_message_bytes"
+            f" ({s.consumer.max_message_bytes}): a job counts that much until its claim",
+        )
     if s.reconciler.interval <= 0:
         raise ConfigError("reconciler.interval", "must be positive")
     if s.reconciler.gauge_interval <= 0:

@@ -876,6 +876,8 @@ class GroupCommit(Generic[Req, Res]):
                 batch = self._take()
                 if batch:
                     self._run_batch(conn, batch)
+                # Not kept while waiting: its futures hold their results (a claim's payload).
+                del batch
         finally:
             if conn is not None:
                 conn.close()

@@ -85,6 +85,8 @@ from eventsched.core.logging import get_logger
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
+    from eventsched.core.memory import PayloadBudget
+
 log = get_logger(__name__)
 T = TypeVar("T")
 
@@ -998,14 +1000,22 @@ class _Dispatcher:
     """Claims due jobs for the worker's idle slots, waking at the next due score.
 
     Worker slots wait in :meth:`get`; :meth:`run` claims exactly as many jobs as there are
-    waiting slots, so no job sits claimed but unstarted. It sleeps until the earliest score
+    waiting slots, so no job sits claimed but unstarted, and with a ``budget`` no more than
+    it has room for (:class:`~eventsched.core.memory.PayloadBudget`: each job handed out
+    holds bytes of it until :meth:`done`). It sleeps until the earliest score
     in `incomplete`, at most ``max_wait`` (a safety net for missed notifications, clock
     steps and enqueues by clients that don't publish), and wakes early when an enqueue
-    announces an earlier job, or when a slot frees up while `queued` has a backlog.
+    announces an earlier job, or when a slot or budget frees up while `queued` has a backlog.
     """
 
     def __init__(
-        self, queue: OnTimeQueue, *, max_wait: float, min_interval: float, claim_ahead: float
+        self,
+        queue: OnTimeQueue,
+        *,
+        max_wait: float,
+        min_interval: float,
+        claim_ahead: float,
+        budget: PayloadBudget | None = None,
     ) -> None:
         self._queue = queue
         self._batcher = queue._batcher
@@ -1020,18 +1030,50 @@ class _Dispatcher:
         self._backlog = 0
         self._closed = False
         self._orphans: list[Job] = []
+        self._budget = budget
+        if budget is not None:
+            budget.on_release(self._budget_freed)
+            # While the budget is what limits, bytes come free a job at a time; claiming
+            # each time would cost a Redis round trip per job. Wait for room for this many.
+            self._claim_batch = max(1, budget.limit // budget.unknown // 8)
 
     def _demand(self) -> int:
         while self._getters and self._getters[0].done():
             self._getters.popleft()
         return sum(1 for g in self._getters if not g.done())
 
+    def _limit(self) -> int:
+        """Jobs to claim now: one per waiting slot, as many as the budget has room for."""
+        demand = self._demand()
+        if self._budget is None or not demand:
+            return demand
+        return min(demand, self._budget.room())
+
+    def _worth_a_claim(self) -> bool:
+        """Room for ``_claim_batch`` jobs, or for every waiting slot (O(1): a stale getter
+        at worst costs one claim that takes less). What fits is still claimed every
+        ``max_wait`` and at every due time."""
+        if self._budget is None:
+            return True
+        room = self._budget.room()
+        return room >= self._claim_batch or 0 < len(self._getters) <= room
+
+    def _budget_freed(self) -> None:
+        # Called as every job settles and ends.
+        if self._backlog > 0 and self._getters and self._worth_a_claim():
+            self._wake.set()
+
+    def done(self, job: Job) -> None:
+        """A job handed out has ended (any outcome): its budget bytes are free."""
+        if self._budget is not None:
+            self._budget.release(job.id)
+
     async def get(self, wait: float) -> Job | None:
         if self._closed:
             return None
         future: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         self._getters.append(future)
-        if self._backlog > 0:
+        if self._backlog > 0 and self._worth_a_claim():
             self._wake.set()
         delivered = False
         try:
@@ -1051,6 +1093,7 @@ class _Dispatcher:
                 # to it: give the job back rather than strand it in `active`.
                 job = future.result()
                 assert job is not None  # checked above
+                self.done(job)
                 if self._closed:
                     self._queue.release_nowait([job])
                 else:
@@ -1069,7 +1112,10 @@ class _Dispatcher:
         while left and self._getters:
             getter = self._getters.popleft()
             if not getter.done():
-                getter.set_result(left.popleft())
+                job = left.popleft()
+                if self._budget is not None:
+                    self._budget.reserve(job.id)
+                getter.set_result(job)
         return list(left)
 
     def request_flush(self) -> None:
@@ -1095,7 +1141,7 @@ class _Dispatcher:
             self._last_claim = time.time()
             try:
                 result = await self._queue.claim(
-                    self._demand(),
+                    self._limit(),
                     self._last_claim + self._ahead,
                     commands=self._batcher.encode(batch) if batch else "",
                 )
@@ -1133,8 +1179,8 @@ class _Dispatcher:
             self._backlog = result.backlog
             if result.moved >= self._queue.move_limit:
                 continue  # more are due than one call moves
-            if result.backlog and self._demand():
-                continue  # jobs wait in `queued` and slots are free
+            if result.backlog and self._limit() and self._worth_a_claim():
+                continue  # jobs wait in `queued` and slots (and budget) are free
             now = time.time()
             delay = self._max_wait
             if result.next_due is not None:
@@ -1191,6 +1237,8 @@ class OnTimeWorker(Worker[Context]):
     jobs due a moment apart share one claim. ``claim_ahead`` (s): jobs are claimed this long
     before they are due and wait in their slot (never started early); it hides the claim's
     round trip and ``min_interval`` from the start time while the claim takes less.
+    ``payload_budget``: jobs are handed to slots only while it has room (see
+    :mod:`eventsched.core.memory`); a job's bytes are released when it ends.
     """
 
     SIGNALS: list[signal.Signals] = []  # noqa: RUF012  # saq.Worker declares it this way
@@ -1203,13 +1251,18 @@ class OnTimeWorker(Worker[Context]):
         max_wait: float = 0.1,
         min_interval: float = 0.002,
         claim_ahead: float = 0.01,
+        payload_budget: PayloadBudget | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(queue, functions, **kwargs)
         self.queue: OnTimeQueue = queue
         queue.owner = self.id
         self._dispatcher = _Dispatcher(
-            queue, max_wait=max_wait, min_interval=min_interval, claim_ahead=claim_ahead
+            queue,
+            max_wait=max_wait,
+            min_interval=min_interval,
+            claim_ahead=claim_ahead,
+            budget=payload_budget,
         )
         self._upkeep_tasks: list[asyncio.Task[None]] = []
         self._dispatcher_task: asyncio.Task[None] | None = None
@@ -1337,6 +1390,7 @@ class OnTimeWorker(Worker[Context]):
             else:
                 await job.finish(Status.FAILED, error=error)
         finally:
+            self._dispatcher.done(job)
             if self.job_task_contexts.get(job) is task_ctx:
                 del self.job_task_contexts[job]
             try:

@@ -46,6 +46,11 @@ trio side for every handler would add two cross-loop hand-offs per job. asyncio 
 can use httpx/aiohttp/asyncpg directly; a trio handler is wrapped with
 ``trio_asyncio.trio_as_aio``.
 
+Memory: a job carries only the event id; the payload comes with the claim. The worker hands
+jobs to slots only while their payloads fit in ``executor.inflight_bytes``
+(:class:`~eventsched.core.memory.PayloadBudget`; a job counts as
+``consumer.max_message_bytes`` until its claim tells its payload's size).
+
 PostgreSQL writes are batched across concurrent jobs (:class:`GroupCommit`: one statement
 per round trip on a dedicated thread, no timers).
 
@@ -126,6 +131,7 @@ from eventsched.core.execstore import (
 )
 from eventsched.core.kafka import KafkaProducer, OutboundMessage
 from eventsched.core.logging import get_logger
+from eventsched.core.memory import PayloadBudget, payload_bytes
 from eventsched.core.plugins import (
     Handler,
     HandlerContext,
@@ -502,6 +508,12 @@ class Executor:
         # Outcomes are written behind (the job returns at once) until this many wait; then
         # jobs wait for their own write, which slows intake instead of growing memory.
         self._write_behind_limit = max(MAX_BATCH, 2 * s.executor_concurrency)
+        # Payload bytes in flight (0: unbounded); a payload is at most one consumer message.
+        self._budget = (
+            PayloadBudget(s.executor.inflight_bytes, unknown=s.consumer.max_message_bytes)
+            if s.executor.inflight_bytes
+            else None
+        )
         self.dead_letters = DeadLetters(self._db, self._producer, s.kafka.dlq_topic, self.worker_id)
         self._running: dict[tuple[str, int], _Running] = {}
         # The lease of an attempt, as this process counts it (see "Leases").
@@ -611,6 +623,7 @@ class Executor:
             claim_ahead=CLAIM_AHEAD,
             id=self.worker_id,
             timers={"worker_info": info_every},
+            payload_budget=self._budget,
         )
         self.reconciler = Reconciler(
             settings=s,
@@ -750,6 +763,9 @@ class Executor:
         claim = await self._patiently(self._claims, request, CLAIM_PATIENCE)
         if claim is None:
             return  # PostgreSQL unreachable: the reconciler re-enqueues the event
+        if self._budget is not None and "job" in ctx:
+            size = payload_bytes(claim.payload) if isinstance(claim, Claimed) else 0
+            self._budget.settle(ctx["job"].id, size)
         if isinstance(claim, NotClaimed):
             self._skipped(claim, attempt)
             return

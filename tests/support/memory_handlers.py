@@ -1,0 +1,25 @@
+"""Handler for the executor memory test, loaded by a child executor process through settings.
+
+Every call appends one line ``<event id> <attempt> <payload blob length>`` to the file named
+by $TEST_CALLS_FILE (one ``O_APPEND`` write per call, so lines of concurrent calls never
+mix), then holds the payload for $TEST_HANDLER_SLEEP seconds (default 0.05) like a handler
+doing some work with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from eventsched.core.plugins import HandlerEvent
+
+
+async def record(event: HandlerEvent) -> None:
+    blob = event.payload.get("blob", "")
+    line = f"{event.id} {event.attempt} {len(blob)}\n".encode()
+    fd = os.open(os.environ["TEST_CALLS_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    await asyncio.sleep(float(os.environ.get("TEST_HANDLER_SLEEP", "0.05")))
