@@ -300,13 +300,23 @@ async def test_a_spare_consumer_stays_ready_with_nothing_to_read(
 
 
 def test_waiting_work_sees_records_inside_the_last_batch(
-    kafka_bootstrap: str, names: Names
+    kafka_bootstrap: str, names: Names, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Tansu answers ListOffsets(latest) with the start of the last record batch, so the
     end minus the committed offset reads 0 for records inside that batch; they still wait."""
     from confluent_kafka.admin import AdminClient
 
-    from eventsched.plugins.consumer import _waiting_work
+    from eventsched.plugins import consumer as consumer_module
+    from eventsched.plugins.consumer import _EmptyPartitions, _waiting_work
+
+    fetched: list[dict[int, int]] = []
+    fetch = consumer_module._records_at
+
+    def counted(*args: Any) -> tuple[set[int], set[int]]:
+        fetched.append(dict(args[3]))
+        return fetch(*args)
+
+    monkeypatch.setattr(consumer_module, "_records_at", counted)
 
     ensure_topics(kafka_bootstrap, {names.topic: 2})
     # One produce call, one partition: ten records in one batch (linger 5 ms).
@@ -321,8 +331,10 @@ def test_waiting_work_sees_records_inside_the_last_batch(
         finally:
             consumer.close()
 
+    empty = _EmptyPartitions()
+
     def waiting() -> dict[int, tuple[int, bool]]:
-        return _waiting_work(admin, probe, names.group, names.topic, {}, 5.0)
+        return _waiting_work(admin, probe, names.group, names.topic, {}, empty, 5.0)
 
     # Nothing committed: everything waits on partition 0, nothing on the empty partition 1.
     assert waiting() == {0: (-1001, True), 1: (-1001, False)}
@@ -331,7 +343,16 @@ def test_waiting_work_sees_records_inside_the_last_batch(
     commit(9)
     assert waiting() == {0: (9, True), 1: (-1001, False)}
     commit(10)
+    fetched.clear()
     assert waiting() == {0: (10, False), 1: (-1001, False)}
+    assert fetched == [{0: 10}]  # partition 1 was found empty before and did not change
+    assert waiting() == {0: (10, False), 1: (-1001, False)}
+    assert fetched == [{0: 10}]  # nothing changed: no fetch
+    # New records after that are seen (a new batch moves the ListOffsets answer).
+    produce(kafka_bootstrap, names.topic, [event_message(e, 0) for e in make_events(3)])
+    assert waiting() == {0: (10, True), 1: (-1001, False)}
+    produce(kafka_bootstrap, names.topic, [event_message(e, 1) for e in make_events(1)])
+    assert waiting() == {0: (10, True), 1: (-1001, True)}
 
 
 def test_unassigned_grace_must_be_positive() -> None:
