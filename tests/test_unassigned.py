@@ -158,6 +158,21 @@ async def _wait_readyz(port: int, status: int, *, limit: float = 30.0) -> dict[s
     return seen[-1][1]
 
 
+async def _wait_stalled(port: int, *, limit: float = 30.0) -> dict[str, Any]:
+    """Wait for a 503 that names a stall (not one for a dependency check)."""
+    seen: list[tuple[int, dict[str, Any]]] = []
+
+    async def check() -> bool:
+        seen.append(await _readiness(port))
+        return seen[-1][0] == 503 and bool(seen[-1][1].get("stalled"))
+
+    try:
+        await wait_until(check, limit=limit, interval=0.2)
+    except trio.TooSlowError:
+        raise AssertionError(f"/readyz never named a stall; last: {seen[-1:]}") from None
+    return seen[-1][1]
+
+
 def _metric_line(port: int) -> str:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     return next(
@@ -189,7 +204,7 @@ async def test_a_consumer_without_partitions_while_records_wait_is_not_ready_unt
         async with running(settings, ["consumer"]) as runtime:
             port = runtime.bound_port
             assert port is not None
-            body = await _wait_readyz(port, 503)
+            body = await _wait_stalled(port)
             # The rebalance is over (the holder has the partition again) and the consumer
             # is still stalled.
             await _member_owns(holder, {0})
@@ -294,6 +309,81 @@ async def test_a_spare_consumer_stays_ready_with_nothing_to_read(
 
 
 # -- (c) Tansu's wedged group ------------------------------------------------------------
+
+#: Seconds between the last members leaving and the consumer starting (it joins about a
+#: second later). Tried with plain consumers and a 6 s session timeout: a join 5 s after
+#: two members left got no partitions for 20 s and more 3 times out of 3; 3 s after, 1 of
+#: 2; 8 s after, 1 of 3; 0.5 s after, 0 of 1. Hence up to three tries, each in a new group.
+WEDGE_GAP = 4.0
+
+
+async def test_readyz_catches_a_group_that_assigns_nothing_after_its_members_left(
+    make_settings: Any,
+    kafka_bootstrap: str,
+    names: Names,
+    database: str,
+    clean_queue: str,
+) -> None:
+    """Tansu: after every member of a group has left, a member that joins a few seconds
+    later may get no partitions at all, for good. The records wait; /readyz must say so."""
+    await trio.to_thread.run_sync(
+        lambda: ensure_topics(kafka_bootstrap, {names.topic: 3, names.dlq_topic: 1})
+    )
+    events = make_events(30)
+    await trio.to_thread.run_sync(
+        produce, kafka_bootstrap, names.topic, [event_message(e) for e in events]
+    )
+    for attempt in range(3):
+        if await _wedged_group_fails_readyz(
+            make_settings, kafka_bootstrap, names.topic, f"{names.group}-{attempt}", database
+        ):
+            return
+    pytest.skip("Tansu assigned the partitions in all three tries: no wedge to catch")
+
+
+async def _wedged_group_fails_readyz(
+    make_settings: Any, kafka_bootstrap: str, topic: str, group: str, database: str
+) -> bool:
+    """Two members join ``group`` and leave; WEDGE_GAP later the consumer joins. Returns
+    False when it got partitions (no wedge this time); asserts the stall when it got none."""
+    members = [_Member(kafka_bootstrap, group, topic, commits=False) for _ in range(2)]
+
+    async def all_hold() -> bool:
+        return all(member.owned() for member in members)
+
+    await wait_until(all_hold, limit=30)
+    for member in members:
+        await trio.to_thread.run_sync(member.leave)
+    await trio.sleep(WEDGE_GAP)
+    settings = make_settings(consumer=QUICK_WATCH, kafka={"consumer_group": group})
+    async with running(settings, ["consumer"]) as runtime:
+        port = runtime.bound_port
+        assert port is not None
+        seen: list[tuple[int, dict[str, Any]]] = []
+
+        async def verdict() -> bool:
+            seen.append(await _readiness(port))
+            rows = await trio.to_thread.run_sync(count_rows, database)
+            return bool(seen[-1][1].get("stalled")) or rows > 0
+
+        try:
+            await wait_until(verdict, limit=40, interval=0.3)
+        except trio.TooSlowError:
+            raise AssertionError(
+                f"no partitions, no row and no stall in 40 s; last /readyz: {seen[-1:]}"
+            ) from None
+        status, body = seen[-1]
+        if not body.get("stalled"):
+            return False
+        assert status == 503
+        assert len(body["stalled"]) == 1 and STALL_TEXT.fullmatch(body["stalled"][0]), body
+        assert metric_value("eventsched_role_stalled", **STALL_LABELS) == 1
+        assert await trio.to_thread.run_sync(count_rows, database) == 0
+        # It stays stalled: the wedge does not end by itself within the test.
+        await trio.sleep(2.0)
+        status, body = await _readiness(port)
+        assert status == 503 and STALL_TEXT.fullmatch(body["stalled"][0]), body
+        return True
 
 
 # -- "work is waiting" against the real broker ---------------------------------------------
