@@ -34,6 +34,8 @@ Failures:
 
 Rebalances: the revoke hook waits (``consumer.revoke_wait``) for the batches in flight and
 commits what is durable; the adapter refuses commits for partitions that moved meanwhile.
+A consumer left without partitions for ``consumer.unassigned_grace`` while records wait
+that no member commits reports itself stalled (``/readyz`` 503; see ``_watch_assignment``).
 """
 
 from __future__ import annotations
