@@ -664,8 +664,9 @@ class IngestConsumer:
             "bootstrap.servers": require_kafka(self.settings),
             "error_cb": lambda err: None,  # the runtime's own probe reports the broker
         }
-        # One admin client for every check (the worker thread holds it while it asks).
-        admin = AdminClient(client)
+        # One admin client for every check, made at the first (the worker thread holds it
+        # while it asks); a consumer that always has partitions never connects one.
+        admin: AdminClient | None = None
         spell: float | None = None
         # Per partition where records wait, during this spell without partitions: the
         # group's committed offset and the monotonic instant records were first seen
@@ -684,6 +685,8 @@ class IngestConsumer:
                     # A new spell: look after one interval (most rebalances end by then).
                     spell, unmoved = since, {}
                 else:
+                    if admin is None:  # (an AdminClient has a __len__: no `or`)
+                        admin = AdminClient(client)
                     try:
                         waiting = await trio.to_thread.run_sync(
                             _waiting_work,
