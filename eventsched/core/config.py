@@ -183,6 +183,9 @@ class ConsumerSettings(_Section, frozen=True):
     revoke_wait: Duration = Duration(5.0)
     # How often the consumer_lag gauge is refreshed from the broker.
     lag_interval: Duration = Duration(5.0)
+    # A consumer with no partitions for this long, while records of its topic wait that no
+    # member commits, is stalled: /readyz answers 503 (checked every lag_interval).
+    unassigned_grace: Duration = Duration(30.0)
 
 
 class RetryBackoffSettings(_Section, frozen=True):
@@ -432,6 +435,8 @@ def _check(s: Settings) -> None:
         raise ConfigError("consumer.backoff_max", "must be >= consumer.backoff_initial")
     if s.consumer.lag_interval <= 0:
         raise ConfigError("consumer.lag_interval", "must be positive")
+    if s.consumer.unassigned_grace <= 0:
+        raise ConfigError("consumer.unassigned_grace", "must be positive")
     if s.executor.concurrency < 0:
         raise ConfigError("executor.concurrency", "must not be negative (0 means CPU count)")
     _positive("executor.max_retries", s.executor.max_retries)

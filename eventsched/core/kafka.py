@@ -1303,6 +1303,10 @@ class KafkaConsumer:
         self._handoff_scope: trio.CancelScope | None = None
         self._intake_stopped = False
         self._assignment: frozenset[TopicPartitionKey] = frozenset()
+        # Monotonic instant since when the assignment is empty (None while it is not);
+        # a consumer starts with none.
+        self._unassigned_since: float | None = time.monotonic()
+        self._assignment_changed = trio.Event()
         self._delivered = 0
         self._worker = _ConsumerWorker(config, topics, max_batch, poll_timeout, self)
         # When the thread ends for any reason, batches() must end too.
@@ -1394,6 +1398,16 @@ class KafkaConsumer:
         """Partitions currently assigned (as last reported by the consumer thread)."""
         return self._assignment
 
+    def unassigned_since(self) -> float | None:
+        """The :func:`time.monotonic` instant since when no partition is assigned, or None
+        while some are. It starts at :meth:`open` and restarts whenever the assignment
+        becomes empty (each eager rebalance empties it between revoke and assign)."""
+        return self._unassigned_since
+
+    def assignment_changed(self) -> trio.Event:
+        """An event set at the next change of :meth:`assignment` (take it, then wait)."""
+        return self._assignment_changed
+
     async def lag(self, *, request_timeout: float = 5.0) -> dict[TopicPartitionKey, int]:
         """Per assigned partition: high watermark minus this consumer's fetch position.
 
@@ -1461,7 +1475,15 @@ class KafkaConsumer:
             self._worker.inbox.put(_Done(ticket, ok=True))
 
     def _set_assignment(self, assignment: frozenset[TopicPartitionKey]) -> None:
-        self._assignment = assignment
+        # Posted by the consumer thread; runs in trio and cannot raise.
+        if assignment:
+            self._unassigned_since = None
+        elif self._unassigned_since is None:
+            self._unassigned_since = time.monotonic()
+        if assignment != self._assignment:
+            self._assignment = assignment
+            self._assignment_changed.set()
+            self._assignment_changed = trio.Event()
 
     async def _shutdown(self) -> None:
         self.stop()

@@ -34,6 +34,8 @@ Failures:
 
 Rebalances: the revoke hook waits (``consumer.revoke_wait``) for the batches in flight and
 commits what is durable; the adapter refuses commits for partitions that moved meanwhile.
+A consumer left without partitions for ``consumer.unassigned_grace`` while records wait
+that no member commits reports itself stalled (``/readyz`` 503; see ``_watch_assignment``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ from typing import Any, ClassVar, Final, TypeVar
 
 import tenacity
 import trio
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka import admin as kafka_admin
 from confluent_kafka.admin import AdminClient
 
@@ -77,6 +85,7 @@ T = TypeVar("T")
 DB_REJECTED: Final = "db_rejected"
 # OffsetSpec is public API, but confluent-kafka's stubs neither export nor type it.
 _LATEST: Final = kafka_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no-untyped-call]
+_EARLIEST: Final = kafka_admin.OffsetSpec.earliest()  # type: ignore[attr-defined,no-untyped-call]
 #: Durable batches that may wait for the committer before scheduling waits too.
 COMMIT_BACKLOG: Final = 4
 #: Batches being recorded and scheduled at once. The consumer is latency-bound (it waits
@@ -194,6 +203,7 @@ class IngestConsumer:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._stop_intake_on_stopping, consumer)
                     nursery.start_soon(self._refresh_lag, consumer)
+                    nursery.start_soon(self._watch_assignment, consumer)
                     await self._pipeline(consumer)
                     nursery.cancel_scope.cancel()
             finally:
@@ -627,6 +637,233 @@ class IngestConsumer:
             for gone in shown - current.keys():
                 metrics.CONSUMER_LAG.remove(gone)
             shown = set(current)
+
+    # -- no partitions -----------------------------------------------------------------
+
+    async def _watch_assignment(self, consumer: KafkaConsumer) -> None:
+        """Report the role stalled (``unassigned``) while it has had no partitions for
+        ``consumer.unassigned_grace`` and records wait that no member of the group commits;
+        clear it as soon as partitions arrive.
+
+        Having no partitions is normal for a spare member (more members than partitions),
+        so it is not a stall by itself. Records wait on a partition when the group's
+        committed offset there is below the end (see :func:`_waiting_work`); nobody works
+        on them when they have waited behind the same committed offset for the grace too.
+        So a spare beside a member that keeps committing stays ready even while records
+        come in (some brokers, Tansu among them, list no member assignments in
+        DescribeGroups: the committed offsets are the sign of a working member that every
+        broker gives).
+
+        Runs in trio; the broker queries run on a worker thread of their own limiter.
+        """
+        s, k = self.settings.consumer, self.settings.kafka
+        role = self.ctx.role
+        limiter = trio.CapacityLimiter(1)
+        client: dict[str, Any] = {
+            **k.client,
+            "bootstrap.servers": require_kafka(self.settings),
+            "error_cb": lambda err: None,  # the runtime's own probe reports the broker
+        }
+        # One admin client for every check, made at the first (the worker thread holds it
+        # while it asks); a consumer that always has partitions never connects one.
+        admin: AdminClient | None = None
+        spell: float | None = None
+        # Per partition where records wait, during this spell without partitions: the
+        # group's committed offset and the monotonic instant records were first seen
+        # waiting behind that same offset.
+        unmoved: dict[int, tuple[int, float]] = {}
+        empty = _EmptyPartitions()
+        try:
+            while True:
+                # Taken before looking, so that a change while we look ends the wait.
+                changed = consumer.assignment_changed()
+                since = consumer.unassigned_since()
+                if since is None:
+                    self.ctx.health.unstall(role, "unassigned")
+                    spell = None
+                elif since != spell:
+                    # A new spell: look after one interval (most rebalances end by then).
+                    spell, unmoved = since, {}
+                else:
+                    if admin is None:  # (an AdminClient has a __len__: no `or`)
+                        admin = AdminClient(client)
+                    try:
+                        waiting = await trio.to_thread.run_sync(
+                            _waiting_work,
+                            admin,
+                            client,
+                            k.consumer_group,
+                            k.topic,
+                            {p: end for (t, p), end in self._fetched_end.items() if t == k.topic},
+                            empty,
+                            5.0,
+                            limiter=limiter,
+                            abandon_on_cancel=True,
+                        )
+                    except DependencyError as err:
+                        # Keep the last verdict; the runtime's broker check reports the broker.
+                        self._log.debug("unassigned_check_failed", error=str(err))
+                    else:
+                        self._judge_unassigned(consumer, since, waiting, unmoved)
+                with trio.move_on_after(s.lag_interval):
+                    await changed.wait()
+        finally:
+            self.ctx.health.unstall(role, "unassigned")
+
+    def _judge_unassigned(
+        self,
+        consumer: KafkaConsumer,
+        since: float,
+        waiting: dict[int, tuple[int, bool]],
+        unmoved: dict[int, tuple[int, float]],
+    ) -> None:
+        """Stall or clear the role from one look at the group (see _watch_assignment)."""
+        role, grace = self.ctx.role, self.settings.consumer.unassigned_grace
+        if consumer.unassigned_since() != since:
+            return  # partitions came (or came and went) while we looked
+        now = time.monotonic()
+        stuck: list[int] = []
+        for partition, (committed, has_work) in waiting.items():
+            seen = unmoved.get(partition)
+            if not has_work:
+                unmoved.pop(partition, None)
+            elif seen is None or seen[0] != committed:
+                unmoved[partition] = (committed, now)
+            elif now - seen[1] >= grace:
+                stuck.append(partition)
+        if stuck and now - since >= grace:
+            if (role, "unassigned") not in self.ctx.health.stalls:
+                self._log.warning(
+                    "no_partitions_while_records_wait",
+                    waiting_partitions=sorted(stuck),
+                    unassigned_s=round(now - since, 1),
+                )
+            self.ctx.health.stall(role, "unassigned", "no partitions assigned", since)
+        else:
+            self.ctx.health.unstall(role, "unassigned")
+
+
+class _EmptyPartitions:
+    """What the last fetches found: per partition, the (start offset, ListOffsets(latest)
+    answer) at which a fetch saw no record. While both stay the same no record has been
+    added (a new record batch moves the answer, on Tansu too), so no fetch is needed.
+    Touched only by :func:`_waiting_work`, one call at a time."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[int, int]] = {}
+
+
+def _waiting_work(
+    admin: AdminClient,
+    client: dict[str, Any],
+    group: str,
+    topic: str,
+    known_ends: dict[int, int],
+    empty: _EmptyPartitions,
+    timeout: float,
+) -> dict[int, tuple[int, bool]]:
+    """Blocking (worker thread): per partition of ``topic``, the committed offset of
+    ``group`` (negative when none) and whether records wait at or past it.
+
+    A record waits when the end of the partition is beyond the committed offset (or the
+    earliest offset when nothing is committed). The end is the larger of ListOffsets(latest)
+    and ``known_ends`` (what this consumer fetched); when that does not show a waiting
+    record, a fetch from the committed offset decides, because Tansu answers
+    ListOffsets(latest) with the start of the last record batch, not its end. The fetch
+    uses a consumer of its own that only ``assign``s (it joins no group, commits nothing)
+    with ``client``'s connection settings; its group id is never used for a commit. It is
+    skipped where ``empty`` shows that nothing changed since a fetch found no record.
+
+    Raises:
+        DependencyError: the broker did not answer.
+    """
+    try:
+        metadata = admin.list_topics(topic, timeout=timeout)
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None:
+            problem = found.error if found is not None else "missing"
+            raise DependencyError("kafka", f"cannot describe topic {topic}: {problem}")
+        keys = [TopicPartition(topic, p) for p in sorted(found.partitions)]
+        if not keys:
+            return {}
+        answer = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, keys)], request_timeout=timeout
+        )[group].result(timeout + 1)
+        committed = {tp.partition: tp.offset for tp in answer.topic_partitions}
+        ends = _offsets(admin, keys, _LATEST, timeout)
+        starts = _offsets(admin, keys, _EARLIEST, timeout)
+    except (KafkaException, TimeoutError) as err:
+        raise DependencyError("kafka", f"cannot read the group's offsets: {err}") from err
+    result: dict[int, tuple[int, bool]] = {}
+    unsure: dict[int, int] = {}
+    for tp in keys:
+        p = tp.partition
+        offset = committed.get(p, -1)
+        start = offset if offset >= 0 else starts.get(p, 0)
+        end = ends.get(p, 0)
+        result[p] = (offset, max(end, known_ends.get(p, 0)) > start)
+        if not result[p][1] and empty.seen.get(p) != (start, end):
+            unsure[p] = start
+    if unsure:
+        with_records, at_end = _records_at(client, group, topic, unsure, timeout)
+        for p, start in unsure.items():
+            if p in with_records:
+                result[p] = (result[p][0], True)
+                empty.seen.pop(p, None)
+            elif p in at_end:
+                empty.seen[p] = (start, ends.get(p, 0))
+    return result
+
+
+def _offsets(
+    admin: AdminClient, keys: Sequence[TopicPartition], spec: Any, timeout: float
+) -> dict[int, int]:
+    futures = admin.list_offsets(
+        {TopicPartition(tp.topic, tp.partition): spec for tp in keys}, request_timeout=timeout
+    )
+    return {tp.partition: f.result(timeout + 1).offset for tp, f in futures.items()}
+
+
+def _records_at(
+    client: dict[str, Any], group: str, topic: str, starts: dict[int, int], timeout: float
+) -> tuple[set[int], set[int]]:
+    """Blocking: fetch from each partition's start offset; returns (the partitions with a
+    record at or past it, those found at their end). A partition in neither gave no answer
+    within ``timeout``; callers count it as empty: this check must not call a consumer
+    stalled on a guess."""
+    probe = Consumer(
+        {
+            **client,
+            "group.id": f"{group}.unassigned-probe",
+            "client.id": "eventsched-unassigned-probe",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "latest",
+            "max.partition.fetch.bytes": 65536,
+            "queued.max.messages.kbytes": 64,
+        }
+    )
+    found: set[int] = set()
+    at_end: set[int] = set()
+    try:
+        probe.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
+        deadline = time.monotonic() + timeout
+        while len(found) + len(at_end) < len(starts) and time.monotonic() < deadline:
+            for message in probe.consume(len(starts), 0.2):
+                partition, error = message.partition(), message.error()
+                if partition is None or partition not in starts or partition in found:
+                    continue
+                if error is None:
+                    offset = message.offset()
+                    if offset is not None and offset >= starts[partition]:
+                        found.add(partition)
+                        at_end.discard(partition)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(partition)
+    finally:
+        probe.close()
+    return found, at_end
 
 
 def _latest_offsets(
