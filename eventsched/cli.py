@@ -14,6 +14,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from eventsched.core import bootstrap
 from eventsched.core.config import Settings, load_settings, validate_for_roles
 from eventsched.core.errors import (
     ConfigError,
@@ -350,4 +351,5 @@ def dlq_replay(state: State, reason: str | None, limit: int | None, dry_run: boo
 
 
 def main() -> None:
+    bootstrap.install()  # before any command opens a trio-asyncio loop
     cli(prog_name="eventsched")

@@ -23,8 +23,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from eventsched.core import migrate
+from eventsched.core import bootstrap, migrate
 from eventsched.core.config import Settings, build_settings
+
+# The suite runs roles in-process: patch asyncio for trio-asyncio as the CLI does.
+bootstrap.install()
 
 # Tansu needs these for quick group joins (its defaults make a join take 20+ s).
 FAST_GROUP_CONFIG = {

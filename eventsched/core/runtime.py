@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import trio
 import trio_asyncio
 
+from eventsched.core import bootstrap
 from eventsched.core.config import (
     DEFAULT_PORTS,
     ROLES,
@@ -101,6 +102,7 @@ class Runtime:
         self.resources: Resources | None = None
 
     async def run(self) -> RunResult:
+        bootstrap.install()  # a no-op after the CLI's; needed where the runtime is embedded
         profiling = start_profiling(self.settings, self.roles)
         try:
             async with trio_asyncio.open_loop():

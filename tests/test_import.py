@@ -1,0 +1,68 @@
+"""Importing eventsched has no side effects: asyncio stays as it was until an entry point
+runs the trio-asyncio bootstrap (eventsched.core.bootstrap)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def _python(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_import_eventsched_leaves_asyncio_untouched() -> None:
+    out = _python(
+        """
+        import asyncio, _asyncio, sys
+        loop_fn = asyncio.get_running_loop
+        policy = asyncio.get_event_loop_policy()
+        import eventsched
+        print(asyncio.get_running_loop is loop_fn is _asyncio.get_running_loop,
+              asyncio.get_event_loop_policy() is policy,
+              "trio_asyncio" in sys.modules,
+              "saq" in sys.modules, "psycopg" in sys.modules,
+              bool(eventsched.__version__))
+        """
+    )
+    assert out == "True True False False False True"
+
+
+def test_the_bootstrap_patches_asyncio_and_rebinds_earlier_imports() -> None:
+    out = _python(
+        """
+        import asyncio, _asyncio
+        from asyncio import get_running_loop as bound_early
+        import types, sys
+        early = types.ModuleType("early")
+        early.get_running_loop = bound_early
+        sys.modules["early"] = early
+        from eventsched.core import aioloop, bootstrap
+        bootstrap.install()
+        bootstrap.install()
+        print(asyncio.get_running_loop is not _asyncio.get_running_loop,
+              early.get_running_loop is asyncio.get_running_loop,
+              aioloop.installed())
+        """
+    )
+    assert out == "True True True"
+
+
+def test_plain_asyncio_still_runs_after_the_bootstrap() -> None:
+    out = _python(
+        """
+        import asyncio
+        from eventsched.core import bootstrap
+        bootstrap.install()
+        async def main():
+            await asyncio.sleep(0)
+            return asyncio.get_running_loop() is not None
+        print(asyncio.run(main()))
+        """
+    )
+    assert out == "True"
