@@ -460,3 +460,18 @@ async def test_lateness_at_1000_jobs_per_second(jobs: JobQueue) -> None:
     print(
         f"\n5,000 jobs at 1,000/s: lateness p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.2f} ms"
     )
+
+
+def test_the_installed_saq_is_the_release_the_queue_was_checked_against() -> None:
+    # Fails after a SAQ upgrade: review OnTimeQueue/OnTimeWorker against the new release's
+    # RedisQueue and Worker, then widen TESTED_SAQ (and pyproject.toml's pin).
+    import saq
+
+    from eventsched.core.errors import UntestedVersion
+    from eventsched.core.queue import TESTED_SAQ, check_saq_version
+
+    check_saq_version()
+    assert saq.__version__.startswith("0.26.")
+    with pytest.raises(UntestedVersion, match=r"saq 0\.27\.0 is not a version .*saq>=0\.26,<0\.27"):
+        check_saq_version("0.27.0")
+    assert TESTED_SAQ == ">=0.26,<0.27"

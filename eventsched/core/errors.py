@@ -39,6 +39,18 @@ class DependencyError(EventschedError):
         super().__init__(f"{dependency} unavailable: {problem}")
 
 
+class UntestedVersion(EventschedError):
+    """An installed library whose internals eventsched relies on is not a version it was
+    tested with; start-up stops (exit code 1) instead of running on unchecked code."""
+
+    def __init__(self, library: str, installed: str, tested: str) -> None:
+        self.library = library
+        super().__init__(
+            f"{library} {installed} is not a version eventsched was tested with"
+            f" ({tested}): install {library}{tested}"
+        )
+
+
 class MigrationError(EventschedError):
     """A schema migration failed or the schema is in a dirty state."""
 

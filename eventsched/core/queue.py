@@ -65,7 +65,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 import trio
@@ -79,8 +79,25 @@ from saq.utils import now
 from saq.worker import Worker, ensure_coroutine_function
 
 from eventsched.core.config import redact
-from eventsched.core.errors import DependencyError
+from eventsched.core.errors import DependencyError, UntestedVersion
 from eventsched.core.logging import get_logger
+
+#: The SAQ releases this module was checked against: OnTimeQueue and OnTimeWorker override
+#: internals of SAQ's RedisQueue and Worker (Lua scripts, key names, the job hand-out), which
+#: any release may change. pyproject.toml pins the same range; :func:`check_saq_version`
+#: stops start-up on another, and tests/test_queue.py fails so an upgrade is reviewed here.
+TESTED_SAQ_RELEASE: Final = "0.26"
+TESTED_SAQ: Final = ">=0.26,<0.27"
+
+
+def check_saq_version(installed: str | None = None) -> None:
+    """Raise :class:`UntestedVersion` unless the installed SAQ is a ``0.26.x`` release."""
+    import saq
+
+    version = installed if installed is not None else saq.__version__
+    if version.split(".")[:2] != TESTED_SAQ_RELEASE.split("."):
+        raise UntestedVersion("saq", version, TESTED_SAQ)
+
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript

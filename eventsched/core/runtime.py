@@ -92,6 +92,10 @@ class Runtime:
         self.needs: set[str] = set()
         for factory in self.factories.values():
             self.needs |= set(getattr(factory, "needs", frozenset()))
+        if "redis" in self.needs:
+            from eventsched.core.queue import check_saq_version  # SAQ only for queue roles
+
+            check_saq_version()  # the job queue relies on SAQ internals of one release
         self.health = Health()
         self.stopping = trio.Event()
         self.all_ready = trio.Event()
