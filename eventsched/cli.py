@@ -54,11 +54,17 @@ class State:
     def __init__(self, settings_path: str | None) -> None:
         self.settings_path = settings_path
         self._settings: Settings | None = None
+        #: False for `run` and `dev`, which configure logging for their processes themselves.
+        self.command_logging = True
 
     @property
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = load_settings(self.settings_path)
+            if self.command_logging:
+                # Operator commands print their results on stdout; their log lines (at
+                # logging.level) go to stderr, so the two never mix.
+                _configure_logging(self._settings, stream=sys.stderr)
         return self._settings
 
 
@@ -80,10 +86,10 @@ def cli(ctx: click.Context, settings_path: str | None) -> None:
     ctx.obj = State(settings_path)
 
 
-def _configure_logging(settings: Settings) -> None:
+def _configure_logging(settings: Settings, stream: Any = None) -> None:
     from eventsched.core.logging import configure_logging
 
-    configure_logging(settings.logging.level, settings.logging.format)
+    configure_logging(settings.logging.level, settings.logging.format, stream=stream)
 
 
 @cli.command()
@@ -107,6 +113,7 @@ def run(state: State, roles: tuple[str, ...], port: int | None) -> None:
 
     from eventsched.core.runtime import Runtime, expand_roles
 
+    state.command_logging = False  # the roles log to stdout, configured below
     settings = state.settings
     wanted = expand_roles(roles)
     validate_for_roles(settings, set(wanted))
@@ -221,6 +228,7 @@ def dev(
     from eventsched.core.config import parse_duration
     from eventsched.core.devrun import run_dev
 
+    state.command_logging = False  # run_dev configures logging for the stack itself
     seconds: float | None = None
     if duration is not None:
         try:

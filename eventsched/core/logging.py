@@ -103,7 +103,10 @@ class _StructlogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             log = structlog.get_logger(record.name)
-            log.log(record.levelno, record.getMessage(), logger=record.name)
+            # exc_info keeps a library's traceback (rendered by format_exc_info).
+            log.log(
+                record.levelno, record.getMessage(), logger=record.name, exc_info=record.exc_info
+            )
         except Exception:  # pragma: no cover - a logging failure must never crash the app
             self.handleError(record)
 
