@@ -119,6 +119,13 @@ ROLE_STALLED = Gauge(
     registry=REGISTRY,
 )
 
+KAFKA_PRODUCER_REBUILDS = Counter(
+    "eventsched_kafka_producer_rebuilds",
+    "Kafka producer clients replaced because they could no longer deliver",
+    ["reason"],  # fatal | stuck_pid (the broker keeps refusing our producer id)
+    registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     """The registry in Prometheus text format."""
