@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,15 @@ import trio_asyncio
 from confluent_kafka import KafkaError, Producer
 
 from eventsched.core.devstack import KafkaBroker
+from eventsched.core.events import (
+    DLQ_HEADER_NAMES,
+    DLQ_KEY_MAX_BYTES,
+    DLQ_MAX_BYTES,
+    DLQ_MIN_BYTES,
+    dlq_headers,
+    dlq_size,
+    fit_dead_letter,
+)
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.runtime import Runtime
 from eventsched.plugins.executor import make_job, saq_timeout
@@ -82,6 +92,56 @@ def _free_port() -> int:
 
 
 # -- item 1: the copy always fits ----------------------------------------------------------
+
+
+def _ours() -> list[tuple[str, bytes | None]]:
+    return dlq_headers(
+        reason="invalid_json",
+        error="x" * 5000,  # cut to 1 KiB by dlq_headers
+        source_topic="events",
+        source_partition=0,
+        source_offset=7,
+        source_timestamp_ms=1,
+        consumer_id="host:1",
+        failed_at=datetime.now(UTC),
+        original=[("a", b"1"), ("big", b"B" * 10_000), ("z", None)],
+    )
+
+
+def test_a_copy_within_the_budget_is_unchanged() -> None:
+    headers = _ours()
+    assert fit_dead_letter(b"k" * 2000, b"v" * 100_000, headers) == (
+        b"k" * 2000,
+        b"v" * 100_000,
+        headers,
+    )
+
+
+@pytest.mark.parametrize("budget", [DLQ_MAX_BYTES, DLQ_MIN_BYTES])
+def test_cuts_come_in_order_and_only_as_far_as_needed(budget: int) -> None:
+    headers = _ours()
+    # Only the value is too big (the key is within its 1 KiB): key and headers stay.
+    key, value, cut = fit_dead_letter(b"k" * 500, b"v" * 2_000_000, headers, budget=budget)
+    assert key == b"k" * 500 and cut[:-1] == headers
+    assert cut[-1] == ("dlq-truncated-value", b"2000000")
+    assert value == b"v" * len(value) and dlq_size(key, value, cut) == budget
+    # A huge key is cut first; that is enough here.
+    key, value, cut = fit_dead_letter(b"k" * 2_000_000, b"oops", headers, budget=budget)
+    assert (key, value) == (b"k" * DLQ_KEY_MAX_BYTES, b"oops")
+    assert cut == [*headers, ("dlq-truncated-key", b"2000000")]
+    # Huge original headers: whole headers are kept in order up to 16 KiB, ours all stay.
+    many = [(f"h{i}", b"x" * 10_000) for i in range(200)] + headers
+    key, value, cut = fit_dead_letter(b"k", b"oops", many, budget=budget)
+    names = [name for name, _ in cut]
+    assert names[:1] == ["h0"] and "h2" not in names
+    ours = [n for n, _ in headers if n in DLQ_HEADER_NAMES]
+    assert names[-len(ours) - 1 : -1] == ours
+    total = sum(len(n) + len(v or b"") for n, v in many if n not in DLQ_HEADER_NAMES)
+    assert cut[-1] == ("dlq-truncated-headers", str(total).encode())
+    assert dlq_size(key, value, cut) <= budget
+
+
+# -- item 1 through the consumer role --------------------------------------------------------
 
 
 @pytest.mark.parametrize("big", ["key", "headers"])

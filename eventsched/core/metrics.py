@@ -119,6 +119,12 @@ ROLE_STALLED = Gauge(
     registry=REGISTRY,
 )
 
+DLQ_UNDELIVERABLE = Counter(
+    "eventsched_dlq_undeliverable",
+    "Dead-letter copies the DLQ topic refused for what they are, kept in PostgreSQL instead",
+    ["reason"],  # the dlq-reason of the message
+    registry=REGISTRY,
+)
 KAFKA_PRODUCER_REBUILDS = Counter(
     "eventsched_kafka_producer_rebuilds",
     "Kafka producer clients replaced because they could no longer deliver",

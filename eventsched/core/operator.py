@@ -58,8 +58,10 @@ T = TypeVar("T")
 SECTION_TIMEOUT: Final = 5.0
 #: Characters of a DLQ value shown by ``dlq list``.
 PREVIEW_CHARS: Final = 120
-#: Headers the consumer adds besides DLQ_HEADER_NAMES (a cut-down oversized value).
-TRUNCATED_HEADER: Final = "dlq-truncated-from"
+#: A dead letter with a header starting with this was cut to fit (key, headers or value):
+#: replaying it would publish something else than the original. ``dlq-truncated-from``
+#: is what older versions wrote for a cut value.
+TRUNCATED_PREFIX: Final = "dlq-truncated-"
 #: Replayed messages per delivery check and commit.
 REPLAY_CHUNK: Final = 100
 
@@ -626,7 +628,7 @@ def dlq_replay(
         headers = list(message.headers() or [])
         names = {name for name, _ in headers}
         if (reason is not None and dict(headers).get("dlq-reason") != reason.encode()) or (
-            TRUNCATED_HEADER in names
+            any(name.startswith(TRUNCATED_PREFIX) for name in names)
         ):
             result.skipped += 1
         else:
