@@ -12,17 +12,29 @@ Each test owns its broker (restarting the shared one would disturb every other t
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio_asyncio
 
 from eventsched.core.devstack import KafkaBroker
 from eventsched.core.kafka import KafkaProducer, OutboundMessage, ensure_topics
-from tests.conftest import metric_value
-from tests.support.ingest import read_topic
+from eventsched.plugins.executor import make_job, saq_timeout
+from tests.conftest import Names, metric_value
+from tests.support.execution import (
+    delete_queue_keys,
+    insert_events,
+    new_events,
+    query,
+    queue_client,
+    wait_until,
+)
+from tests.support.ingest import read_topic, running
 
 
 @pytest.fixture
@@ -95,3 +107,34 @@ async def test_messages_in_flight_during_a_rebuild_are_failed_not_lost(
                 left = {v for v, r in zip(batch, reports, strict=True) if not r.ok}
     records = await trio.to_thread.run_sync(read_topic, own_broker.url, topic)
     assert {r.value for r in records} >= wanted
+
+
+async def test_the_executor_publishes_dead_events_again_after_the_broker_restart(
+    own_broker: KafkaBroker, make_settings: Any, database: str, names: Names, redis_url: str
+) -> None:
+    """Through the real executor role: its DLQ publisher shares the rebuilt producer."""
+    ensure_topics(own_broker.url, {names.dlq_topic: 1})
+    settings = make_settings(
+        kafka={"bootstrap_servers": own_broker.url, "client": {"message.timeout.ms": 5000}},
+        handlers={"other.type": "tests.support.exec_handlers:ok"},  # none for test.event
+        reconciler={"enabled": False},
+    )
+    first, second = new_events(2, due=lambda i: time.time() + (0 if i == 0 else 12))
+    await trio.to_thread.run_sync(insert_events, database, [first, second])
+    timeout = saq_timeout(settings)
+    async with trio_asyncio.open_loop(), queue_client(redis_url, names.queue) as jobs:
+        await jobs.enqueue_many([make_job(e.id, 1, e.execute_at, timeout) for e in (first, second)])
+
+    def published() -> set[str]:
+        rows = query(database, "SELECT id FROM events WHERE dlq_published_at IS NOT NULL")
+        return {str(row[0]) for row in rows}
+
+    try:
+        async with running(settings, ["executor"]):
+            await wait_until(lambda: first.id in published(), limit=15)
+            restart_empty(own_broker, {names.dlq_topic: 1})  # before the second is due
+            await wait_until(lambda: second.id in published(), limit=45)
+    finally:
+        delete_queue_keys(redis_url, names.queue)
+    records = await trio.to_thread.run_sync(read_topic, own_broker.url, names.dlq_topic)
+    assert [r.headers["event-id"] for r in records] == [second.id.encode()]
