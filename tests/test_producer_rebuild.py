@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import trio
 import trio_asyncio
+from confluent_kafka import KafkaError
 
 from eventsched.core.devstack import KafkaBroker
 from eventsched.core.kafka import KafkaProducer, OutboundMessage, ensure_topics
@@ -138,3 +139,20 @@ async def test_the_executor_publishes_dead_events_again_after_the_broker_restart
         delete_queue_keys(redis_url, names.queue)
     records = await trio.to_thread.run_sync(read_topic, own_broker.url, names.dlq_topic)
     assert [r.headers["event-id"] for r in records] == [second.id.encode()]
+
+
+async def test_a_fatal_error_replaces_the_client(kafka_bootstrap: str) -> None:
+    """A fatal error as librdkafka reports it (error_cb with fatal=True), injected on the
+    producer thread: confluent-kafka does not expose librdkafka's fatal-error test hook."""
+    topic = f"rebuild-{uuid.uuid4().hex[:8]}"
+    ensure_topics(kafka_bootstrap, {topic: 1})
+    before = metric_value("eventsched_kafka_producer_rebuilds_total", reason="fatal")
+    async with KafkaProducer.open({"bootstrap.servers": kafka_bootstrap}) as producer:
+        (await producer.send(topic, b"one")).raise_for_error()
+        fatal = KafkaError(KafkaError._FATAL, "injected fatal error", fatal=True)
+        await producer._link.call(lambda: producer._worker._on_error(fatal), "inject")
+        (await producer.send(topic, b"two")).raise_for_error()
+        assert producer.rebuilds == 1
+    assert metric_value("eventsched_kafka_producer_rebuilds_total", reason="fatal") == before + 1
+    records = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, topic)
+    assert [r.value for r in records] == [b"one", b"two"]
