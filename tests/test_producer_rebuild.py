@@ -35,7 +35,15 @@ from tests.support.execution import (
     queue_client,
     wait_until,
 )
-from tests.support.ingest import read_topic, running
+from tests.support.ingest import (
+    RawMessage,
+    event_message,
+    make_events,
+    produce,
+    read_topic,
+    rows_reach,
+    running,
+)
 
 
 @pytest.fixture
@@ -156,3 +164,33 @@ async def test_a_fatal_error_replaces_the_client(kafka_bootstrap: str) -> None:
     assert metric_value("eventsched_kafka_producer_rebuilds_total", reason="fatal") == before + 1
     records = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, topic)
     assert [r.value for r in records] == [b"one", b"two"]
+
+
+async def test_the_consumer_dead_letters_again_after_the_broker_restart(
+    own_broker: KafkaBroker, make_settings: Any, database: str, names: Names, redis_url: str
+) -> None:
+    """Through the real consumer role: a bad message after the restart reaches the DLQ and
+    the valid event behind it is recorded (the DLQ copy goes through the rebuilt producer)."""
+    topics = {names.topic: 1, names.dlq_topic: 1}
+    ensure_topics(own_broker.url, topics)
+    settings = make_settings(
+        kafka={"bootstrap_servers": own_broker.url, "client": {"message.timeout.ms": 5000}},
+        consumer={"backoff_max": 0.5},
+    )
+    first, second = make_events(2)
+
+    def dead_letters() -> list[bytes | None]:
+        return [r.value for r in read_topic(own_broker.url, names.dlq_topic)]
+
+    try:
+        async with running(settings, ["consumer"]):
+            produce(own_broker.url, names.topic, [RawMessage(b"bad-1"), event_message(first)])
+            await rows_reach(database, 1, limit=30)
+            await wait_until(lambda: dead_letters() == [b"bad-1"], limit=15)
+            restart_empty(own_broker, topics)
+            produce(own_broker.url, names.topic, [RawMessage(b"bad-2"), event_message(second)])
+            # The row is inserted before the dead letter is sent: wait for the copy itself.
+            await rows_reach(database, 2, limit=30)
+            await wait_until(lambda: dead_letters() == [b"bad-2"], limit=45)
+    finally:
+        delete_queue_keys(redis_url, names.queue)
