@@ -334,3 +334,25 @@ async def test_executor_dead_letter_delivery_failing_makes_readyz_503_until_it_d
             assert metric_value("eventsched_role_stalled", **labels) == 0
     finally:
         broker.stop()
+
+
+def test_dlq_replay_skips_every_copy_that_was_cut(
+    make_settings: Any, topics: Names, kafka_bootstrap: str
+) -> None:
+    """Replaying a cut copy would publish something else than the original message."""
+    from eventsched.core.operator import dlq_replay
+
+    def copy(value: bytes, *cut: tuple[str, bytes]) -> RawMessage:
+        key, value, headers = fit_dead_letter(b"k", value, _ours())
+        return RawMessage(value, key, [*headers, *cut])
+
+    messages = [
+        copy(b"whole"),
+        copy(b"cut-key", ("dlq-truncated-key", b"1000000")),
+        copy(b"cut-headers", ("dlq-truncated-headers", b"1200000")),
+        copy(b"cut-value", ("dlq-truncated-value", b"2000000")),
+        copy(b"cut-by-an-older-version", ("dlq-truncated-from", b"2000000")),
+    ]
+    produce_big(kafka_bootstrap, topics.dlq_topic, messages)
+    result = dlq_replay(make_settings(), dry_run=True)
+    assert (result.replayed, result.skipped) == (1, 4)
