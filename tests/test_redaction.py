@@ -139,3 +139,26 @@ def test_handler_errors_are_described_without_secrets() -> None:
     assert (
         _describe(err) == "RuntimeError: cannot reach https://u:***@h.example/services/***?sig=***"
     )
+
+
+def test_a_consumer_dead_letter_error_carries_no_secret() -> None:
+    from datetime import UTC, datetime
+
+    from eventsched.core.events import dlq_headers
+
+    headers = dict(
+        dlq_headers(
+            reason="invalid_json",
+            error="cannot use https://user:hunter2@hooks.example/x?token=s3cr3t",
+            source_topic="events",
+            source_partition=0,
+            source_offset=1,
+            source_timestamp_ms=None,
+            consumer_id="c",
+            failed_at=datetime.now(UTC),
+        )
+    )
+    error = headers["dlq-error"]
+    assert error is not None
+    assert b"hunter2" not in error and b"s3cr3t" not in error
+    assert b"hooks.example" in error

@@ -124,6 +124,19 @@ ROLE_STALLED = Gauge(
     registry=REGISTRY,
 )
 
+DLQ_UNDELIVERABLE = Counter(
+    "eventsched_dlq_undeliverable",
+    "Dead-letter copies the DLQ topic refused for what they are, kept in PostgreSQL instead",
+    ["reason"],  # the dlq-reason of the message
+    registry=REGISTRY,
+)
+KAFKA_PRODUCER_REBUILDS = Counter(
+    "eventsched_kafka_producer_rebuilds",
+    "Kafka producer clients replaced because they could no longer deliver",
+    ["reason"],  # fatal | stuck_pid (the broker keeps refusing our producer id)
+    registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     """The registry in Prometheus text format."""

@@ -71,8 +71,10 @@ T = TypeVar("T")
 SECTION_TIMEOUT: Final = 5.0
 #: Characters of a DLQ value shown by ``dlq list``.
 PREVIEW_CHARS: Final = 120
-#: Headers the consumer adds besides DLQ_HEADER_NAMES (a cut-down oversized value).
-TRUNCATED_HEADER: Final = "dlq-truncated-from"
+#: A dead letter with a header starting with this was cut to fit (key, headers or value):
+#: replaying it would publish something else than the original. ``dlq-truncated-from``
+#: is what older versions wrote for a cut value.
+TRUNCATED_PREFIX: Final = "dlq-truncated-"
 #: Replayed messages per delivery check and commit.
 REPLAY_CHUNK: Final = 100
 
@@ -625,7 +627,7 @@ def render_dlq(messages: list[DlqMessage]) -> str:
 
 #: Why a letter was skipped (the keys of ReplayResult.skipped).
 SKIP_FILTERED: Final = "dlq-reason is not {reason}"
-SKIP_TRUNCATED: Final = "value was cut by the consumer (cannot be re-sent)"
+SKIP_TRUNCATED: Final = "the copy was cut to fit the DLQ (cannot be re-sent)"
 SKIP_NOT_DEAD: Final = "event is {status}, not dead"
 SKIP_DEAD_AGAIN: Final = "event went dead again after this letter (its newer letter re-runs it)"
 SKIP_UNKNOWN: Final = "event not in PostgreSQL"
@@ -863,12 +865,13 @@ def _replay_letters(
         if reason is not None and dlq_reason != reason.encode():
             result.skipped[SKIP_FILTERED.format(reason=reason)] += 1
         elif event_id is not None and dlq_reason in _EXECUTOR_REASONS:
+            # A re-run reads the event from PostgreSQL: a cut copy re-runs as well.
             why_not = _rerun(event_id, by_name.get(ATTEMPTS_HEADER), reruns)
             if why_not is None:
                 result.rerun += 1
             else:
                 result.skipped[why_not] += 1
-        elif TRUNCATED_HEADER in by_name:
+        elif any(name.startswith(TRUNCATED_PREFIX) for name in by_name):
             result.skipped[SKIP_TRUNCATED] += 1
         else:
             if producer is not None:

@@ -16,7 +16,7 @@ batch at a time in fetch order, and commits follow fetch order:
    are merged into the next commit.
 
 So an offset is committed only once everything before it is durable in PostgreSQL and
-Redis (and DLQ deliveries are acknowledged); a crash anywhere means redelivery, which the
+Redis (and DLQ deliveries are acknowledged, or the refused copies kept in PostgreSQL); a crash anywhere means redelivery, which the
 idempotency key and the job key make harmless.
 
 Failures:
@@ -28,6 +28,12 @@ Failures:
 * PostgreSQL refusing the data of the batch (``RowsRejected``) is narrowed down by splitting
   the batch in halves; a single row still refused after ``consumer.max_retries`` attempts
   goes to the DLQ with reason ``db_rejected``.
+* Dead-letter copies are cut to the budget of :func:`~eventsched.core.events.fit_dead_letter`
+  (the key, the original headers, the value, each only as far as needed; ``dlq-truncated-*``
+  headers say what was cut). A copy the topic refuses for what it is (still too large,
+  invalid record) is kept in PostgreSQL (``dlq_undeliverable``) and the batch moves on; any
+  other delivery failure is a dependency failure (retried, never skipped) and marks the role
+  stalled (``dlq_failing``) until the copies are acknowledged.
 * The same idempotency key with other content (another id, type, payload or due time):
   the first event wins; the later message counts as ``duplicate`` and is logged as
   ``conflicting_duplicate`` with both ids.
@@ -60,14 +66,21 @@ from confluent_kafka import (
 from confluent_kafka import admin as kafka_admin
 from confluent_kafka.admin import AdminClient
 
-from eventsched.core import eventstore, metrics
+from eventsched.core import dlqstore, eventstore, metrics
 from eventsched.core.config import require_kafka
 from eventsched.core.errors import DecodeError, DependencyError
-from eventsched.core.events import DecodeLimits, Event, decode_event, dlq_headers
+from eventsched.core.events import (
+    DLQ_MIN_BYTES,
+    DLQ_TRUNCATED_PREFIX,
+    DecodeLimits,
+    Event,
+    decode_event,
+    dlq_headers,
+    fit_dead_letter,
+)
 from eventsched.core.eventstore import IngestRow, RowsRejected, StoredEvent
 from eventsched.core.kafka import (
     Batch,
-    DeliveryReport,
     KafkaConsumer,
     OutboundMessage,
     Record,
@@ -97,8 +110,8 @@ PARALLEL_BATCHES: Final = 2
 #: up to 64 MB per consumer by default, more than a batch pipeline needs: 16 MB still keeps
 #: a consumer at ~20,000 events/s fed (bench.ingest: RSS 171 -> 149 MB, same rate).
 CONSUMER_CLIENT_DEFAULTS: Final = {"queued.max.messages.kbytes": 16384}
-#: A value bigger than the producer may send is dead-lettered cut to this size.
-DLQ_TRUNCATE_BYTES: Final = 64 * 1024
+#: The stall reason (``eventsched_role_stalled`` label) while dead letters cannot be sent.
+DLQ_FAILING: Final = "dlq_failing"
 
 
 @dataclass(slots=True)
@@ -138,6 +151,31 @@ class _Invalid:
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Copy:
+    """The dead-letter copy of one bad message, as it is sent now."""
+
+    item: _Invalid
+    #: The headers before any cut (the original ones, then ours).
+    headers: list[tuple[str, bytes | None]]
+    message: OutboundMessage
+    #: Already cut to DLQ_MIN_BYTES: a copy refused for its size now goes to PostgreSQL.
+    smallest: bool = False
+
+    def cut_to_minimum(self) -> _Copy | None:
+        """The copy cut to DLQ_MIN_BYTES, or None when that changes nothing."""
+        if self.smallest:
+            return None
+        record = self.item.record
+        key, value, headers = fit_dead_letter(
+            record.key, record.value or b"", self.headers, budget=DLQ_MIN_BYTES
+        )
+        if (key, value, headers) == (self.message.key, self.message.value, self.message.headers):
+            return None
+        message = _outbound(self.message.topic, key, value, headers)
+        return _Copy(self.item, self.headers, message, smallest=True)
+
+
 class IngestConsumer:
     """The consumer role plugin (see the module docstring)."""
 
@@ -163,6 +201,9 @@ class IngestConsumer:
         # For the lag gauge: offsets committed by us, and the end of what we fetched.
         self._committed: dict[TopicPartitionKey, int] = {}
         self._fetched_end: dict[TopicPartitionKey, int] = {}
+        # One token per _dead_letter call whose delivery is failing (the stall is cleared
+        # when none is left).
+        self._dlq_failing: set[object] = set()
         self._log = log.bind(role=ctx.role)
 
     # -- life cycle -------------------------------------------------------------------
@@ -364,8 +405,7 @@ class IngestConsumer:
             if not _same_event(first.event, row.event):
                 self._conflict(row, first.event.id)
 
-        if invalid:
-            await self._dead_letter(invalid)
+        delivered = await self._dead_letter(invalid) if invalid else []
         offsets = batch.next_offsets()
         for key, offset in offsets.items():
             self._fetched_end[key] = max(self._fetched_end.get(key, 0), offset)
@@ -381,7 +421,7 @@ class IngestConsumer:
             new=len(new_keys),
             duplicates=len(existing_rows) + len(later),
             invalid=len(invalid),
-            dlq_reasons=[item.reason for item in invalid],
+            dlq_reasons=delivered,
         )
 
     async def _insert(
@@ -436,20 +476,19 @@ class IngestConsumer:
         # The executor's job contract: first attempt, key = event id, due time in epoch s.
         return make_job(str(event_id), 1, execute_at.timestamp(), self._job_timeout)
 
-    async def _dead_letter(self, invalid: Sequence[_Invalid]) -> None:
+    async def _dead_letter(self, invalid: Sequence[_Invalid]) -> list[str]:
+        """Send a copy of each bad message to the DLQ topic; return once every copy is
+        acknowledged, or kept in PostgreSQL when the topic refused it for a
+        message-specific reason. Returns the reasons of the copies the topic took.
+
+        Copies are cut to the dead-letter budget (``fit_dead_letter``); a dependency
+        failure is retried with backoff for as long as it takes, and meanwhile the role is
+        marked stalled (``dlq_failing``): ``/readyz`` answers 503 naming it."""
         failed_at = datetime.now(UTC)
         dlq_topic = self.settings.kafka.dlq_topic
-        messages: list[OutboundMessage] = []
+        copies: list[_Copy] = []
         for item in invalid:
             record = item.record
-            self._log.warning(
-                "message_dead_lettered",
-                reason=item.reason,
-                error=item.error,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-            )
             headers = dlq_headers(
                 reason=item.reason,
                 error=item.error,
@@ -461,36 +500,92 @@ class IngestConsumer:
                 failed_at=failed_at,
                 original=record.headers,
             )
-            messages.append(
-                OutboundMessage(
-                    dlq_topic,
-                    record.value or b"",
-                    record.key,
-                    # confluent-kafka accepts None header values (Kafka allows null ones).
-                    headers,  # type: ignore[arg-type]
-                )
+            full = headers
+            key, value, cut = fit_dead_letter(record.key, record.value or b"", full)
+            self._log.warning(
+                "message_dead_lettered",
+                reason=item.reason,
+                error=item.error,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                **_cuts(cut),
             )
-        await self._retrying(self._deliver_all, messages)
+            copies.append(_Copy(item, full, _outbound(dlq_topic, key, value, cut)))
+        token = object()
+        kept: list[_Copy] = []
+        try:
+            await self._retrying(self._deliver_all, copies, kept, token)
+        finally:
+            self._dlq_failing.discard(token)
+            if not self._dlq_failing:
+                self.ctx.health.unstall(self.ctx.role, DLQ_FAILING)
+        kept_ids = {id(copy.item) for copy in kept}
+        return [item.reason for item in invalid if id(item) not in kept_ids]
 
-    async def _deliver_all(self, messages: list[OutboundMessage]) -> None:
-        """Send until every message is acknowledged. ``messages`` is trimmed in place to
-        what is left, so a retry (after DependencyError) sends only those again."""
-        while messages:
-            reports = await self._producer.send_many(messages)
-            left: list[OutboundMessage] = []
+    async def _deliver_all(self, copies: list[_Copy], kept: list[_Copy], token: object) -> None:
+        """Send until every copy is acknowledged or kept in PostgreSQL. ``copies`` is
+        trimmed in place to what is left, so a retry (after DependencyError) sends only
+        those again; ``kept`` collects the copies kept in PostgreSQL."""
+        while copies:
+            reports = await self._producer.send_many([copy.message for copy in copies])
+            left: list[_Copy] = []
+            refused: list[tuple[_Copy, str]] = []
             problem: str | None = None
-            for message, report in zip(messages, reports, strict=True):
+            for copy, report in zip(copies, reports, strict=True):
                 if report.ok:
                     continue
-                if _too_large(report) and len(message.value) > DLQ_TRUNCATE_BYTES:
-                    # Bigger than the producer may send (message.max.bytes): keep the head.
-                    left.append(_truncated(message))
+                assert report.error is not None
+                smaller = copy.cut_to_minimum() if report.too_large else None
+                if smaller is not None:
+                    left.append(smaller)
+                elif report.message_specific:
+                    refused.append((copy, report.error))
                 else:
-                    left.append(message)
+                    left.append(copy)
                     problem = problem or report.error
-            messages[:] = left
+            if refused:
+                await self._keep_in_postgres(refused)
+                kept.extend(copy for copy, _ in refused)
+            copies[:] = left
             if problem is not None:
+                self._dlq_failing.add(token)
+                self.ctx.health.stall(self.ctx.role, DLQ_FAILING, "dead-letter delivery failing")
                 raise DependencyError("kafka", f"DLQ delivery failed: {problem}")
+
+    async def _keep_in_postgres(self, refused: Sequence[tuple[_Copy, str]]) -> None:
+        """Keep copies the DLQ topic refused for what they are (the partition moves on)."""
+        rows: list[dlqstore.Undeliverable] = []
+        for copy, error in refused:
+            record, message = copy.item.record, copy.message
+            if not copy.smallest:  # the table holds copies of bounded size
+                smaller = copy.cut_to_minimum()
+                message = smaller.message if smaller is not None else message
+            self._log.error(
+                "dead_letter_kept_in_postgres",
+                reason=copy.item.reason,
+                delivery_error=error,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+            )
+            rows.append(
+                dlqstore.Undeliverable(
+                    source_topic=record.topic,
+                    source_partition=record.partition,
+                    source_offset=record.offset,
+                    reason=copy.item.reason,
+                    error=_header_text(message, "dlq-error"),
+                    delivery_error=error,
+                    key=message.key,
+                    value=message.value,
+                    headers=list(message.headers or ()),
+                    consumer_id=self._consumer_id,
+                )
+            )
+        await self._retrying(dlqstore.record, self._db, rows)
+        for copy, _ in refused:
+            metrics.DLQ_UNDELIVERABLE.labels(copy.item.reason).inc()
 
     # -- stages 2 and 3: schedule and commit -------------------------------------------
 
@@ -902,16 +997,27 @@ def _same_event(a: Event, b: Event) -> bool:
     )
 
 
-def _too_large(report: DeliveryReport) -> bool:
-    return report.error is not None and report.error.startswith("MSG_SIZE_TOO_LARGE")
+def _outbound(
+    topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes | None]]
+) -> OutboundMessage:
+    # confluent-kafka accepts None header values (Kafka allows null ones).
+    return OutboundMessage(topic, value, key, headers)  # type: ignore[arg-type]
 
 
-def _truncated(message: OutboundMessage) -> OutboundMessage:
-    headers = [
-        *(message.headers or ()),
-        ("dlq-truncated-from", str(len(message.value)).encode()),
-    ]
-    return OutboundMessage(message.topic, message.value[:DLQ_TRUNCATE_BYTES], message.key, headers)
+def _cuts(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
+    """The dlq-truncated-* headers of a copy, as log fields (``truncated_key=...``)."""
+    return {
+        "truncated_" + name[len(DLQ_TRUNCATED_PREFIX) :]: (value or b"").decode()
+        for name, value in headers
+        if name.startswith(DLQ_TRUNCATED_PREFIX)
+    }
+
+
+def _header_text(message: OutboundMessage, name: str) -> str:
+    for header, value in message.headers or ():
+        if header == name:
+            return (value or b"").decode("ascii", "replace")
+    return ""
 
 
 def _stats(consumer: KafkaConsumer) -> dict[str, int]:

@@ -107,7 +107,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Final, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 import httpx
 import trio
@@ -118,7 +118,15 @@ from saq.types import Context
 from eventsched.core import execstore, metrics
 from eventsched.core.config import RetryBackoffSettings, Settings, redact, require_postgres
 from eventsched.core.errors import DependencyError
-from eventsched.core.events import Event, dlq_headers, encode_event, kafka_headers
+from eventsched.core.events import (
+    DLQ_MAX_BYTES,
+    DLQ_MIN_BYTES,
+    Event,
+    dlq_headers,
+    encode_event,
+    fit_dead_letter,
+    kafka_headers,
+)
 from eventsched.core.execstore import (
     Claimed,
     ClaimRequest,
@@ -151,6 +159,9 @@ from eventsched.core.queue import (
     run_worker,
 )
 from eventsched.plugins.reconciler import Reconciler
+
+if TYPE_CHECKING:
+    from eventsched.core.http import Health
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -280,16 +291,39 @@ class DeadLetters:
     trio task :meth:`run` reads the rows, publishes and sets ``dlq_published_at``. A crash
     in between loses nothing: the reconciler republishes dead events still unpublished
     after ``reconciler.grace`` (at-least-once; consumers of the DLQ dedupe by ``event-id``).
+
+    A publish that fails for a dependency reason (broker unreachable, timeouts) is tried
+    again with backoff (``RETRY_INITIAL`` .. ``RETRY_MAX`` s) until it succeeds or the
+    publisher is closed; meanwhile the role is marked stalled (``dlq_failing``, so
+    ``/readyz`` answers 503 naming it) and cleared at the next successful publish. Messages
+    are cut to the dead-letter budget (:func:`fit_dead_letter`); one the topic still
+    refuses for what it is stays unpublished in PostgreSQL (the outbox,
+    ``dlq_published_at IS NULL``), is logged as ``dlq_publish_refused`` and does not stall.
     """
 
-    def __init__(self, db: Database, producer: KafkaProducer, topic: str, worker_id: str) -> None:
+    RETRY_INITIAL: Final = 0.5
+    RETRY_MAX: Final = 5.0
+
+    def __init__(
+        self,
+        db: Database,
+        producer: KafkaProducer,
+        topic: str,
+        worker_id: str,
+        *,
+        health: Health | None = None,
+        role: str = "executor",
+    ) -> None:
         self._db = db
         self._producer = producer
         self._topic = topic
         self._worker_id = worker_id
+        self._health = health
+        self._role = role
         self._send, self._receive = trio.open_memory_channel[str](10_000)
         # Submitted here and not published yet: the reconciler leaves these alone.
         self._in_flight: set[str] = set()
+        self._closed = trio.Event()
         self.finished = trio.Event()  # run() returned (closed and drained)
 
     def submit_nowait(self, event_id: str) -> None:
@@ -302,6 +336,7 @@ class DeadLetters:
 
     def close(self) -> None:
         self._send.close()
+        self._closed.set()
 
     async def run(self) -> None:
         """Publish submitted dead events until :meth:`close`, then the rest."""
@@ -320,19 +355,37 @@ class DeadLetters:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 try:
-                    await self.publish(await execstore.dead_events(self._db, ids))
-                except DependencyError as err:
-                    log.warning("dlq_lookup_failed", error=err.problem, events=len(ids))
+                    await self._publish_until_done(ids)
                 finally:
                     self._in_flight.difference_update(ids)
+
+    async def _publish_until_done(self, ids: list[str]) -> None:
+        """Publish these dead events, retrying with backoff while the broker or PostgreSQL
+        fails, until they are published or the publisher is closed (the reconciler then
+        republishes what is left)."""
+        delay = self.RETRY_INITIAL
+        while True:
+            try:
+                dead = await execstore.dead_events(self._db, ids)
+            except DependencyError as err:
+                log.warning("dlq_lookup_failed", error=err.problem, events=len(ids))
+                failing = True
+            else:
+                failing = (await self._publish(dead))[1]
+            if not failing or self._closed.is_set():
+                return
+            with trio.move_on_after(delay):
+                await self._closed.wait()
+            delay = min(delay * 2, self.RETRY_MAX)
 
     async def republish(self, dead: list[DeadEvent]) -> int:
         """Publish dead events found unpublished by the reconciler, except those this
         process is publishing right now."""
         return await self.publish([d for d in dead if d.event_id not in self._in_flight])
 
-    def message(self, dead: DeadEvent) -> OutboundMessage:
-        """The DLQ message of a dead event: the event as v1 JSON, reason headers."""
+    def message(self, dead: DeadEvent, *, budget: int = DLQ_MAX_BYTES) -> OutboundMessage:
+        """The DLQ message of a dead event: the event as v1 JSON, reason headers; cut to
+        ``budget`` if bigger (see :func:`fit_dead_letter`)."""
         event = Event(
             id=uuid.UUID(dead.event_id),
             idempotency_key=dead.idempotency_key,
@@ -352,7 +405,7 @@ class DeadLetters:
             consumer_id=self._worker_id,
             failed_at=dead.finished_at,
         )
-        headers = [
+        headers: list[tuple[str, bytes | None]] = [
             *kafka_headers(),
             *(
                 (name, value)
@@ -362,23 +415,42 @@ class DeadLetters:
             ("attempts", str(dead.attempts).encode()),
             ("event-id", dead.event_id.encode()),
         ]
+        key, value, headers = fit_dead_letter(
+            dead.idempotency_key.encode(), encode_event(event), headers, budget=budget
+        )
         return OutboundMessage(
             topic=self._topic,
-            value=encode_event(event),
-            key=dead.idempotency_key.encode(),
-            headers=headers,
+            value=value,
+            key=key,
+            headers=headers,  # type: ignore[arg-type]  # values are never None here
         )
 
     async def publish(self, dead: list[DeadEvent]) -> int:
         """Publish and mark as published; returns how many the broker acknowledged."""
+        return (await self._publish(dead))[0]
+
+    async def _publish(self, dead: list[DeadEvent]) -> tuple[int, bool]:
+        """Publish and mark as published; returns (how many the broker acknowledged,
+        whether some failed for a reason other than the message itself)."""
         if not dead:
-            return 0
+            return 0, False
+        messages = [self.message(d) for d in dead]
         try:
-            reports = await self._producer.send_many([self.message(d) for d in dead])
+            reports = await self._producer.send_many(messages)
+            # A message refused for its size gets one more try, cut to the minimum budget.
+            again = [i for i, r in enumerate(reports) if r.too_large]
+            if again:
+                smaller = await self._producer.send_many(
+                    [self.message(dead[i], budget=DLQ_MIN_BYTES) for i in again]
+                )
+                for i, report in zip(again, smaller, strict=True):
+                    reports[i] = report
         except DependencyError as err:
             log.warning("dlq_publish_failed", error=err.problem, events=len(dead))
-            return 0
+            self._stalled(True)
+            return 0, True
         published: list[str] = []
+        failing = False
         for item, report in zip(dead, reports, strict=True):
             if report.ok:
                 published.append(item.event_id)
@@ -391,14 +463,27 @@ class DeadLetters:
                     attempts=item.attempts,
                     error=item.error,
                 )
+            elif report.message_specific:
+                # Sending it again cannot help; it stays unpublished in the outbox.
+                log.error("dlq_publish_refused", event_id=item.event_id, error=report.error)
             else:
+                failing = True
                 log.warning("dlq_publish_failed", event_id=item.event_id, error=report.error)
+        self._stalled(failing)
         try:
             await execstore.mark_published(self._db, published)
         except DependencyError as err:
             # They are in the DLQ; the reconciler will publish them once more (a duplicate).
             log.warning("dlq_mark_failed", error=err.problem, events=len(published))
-        return len(published)
+        return len(published), failing
+
+    def _stalled(self, failing: bool) -> None:
+        if self._health is None:
+            return
+        if failing:
+            self._health.stall(self._role, "dlq_failing", "dead-letter delivery failing")
+        else:
+            self._health.unstall(self._role, "dlq_failing")
 
 
 # -- the role ----------------------------------------------------------------------------------
@@ -514,7 +599,14 @@ class Executor:
             if s.executor.inflight_bytes
             else None
         )
-        self.dead_letters = DeadLetters(self._db, self._producer, s.kafka.dlq_topic, self.worker_id)
+        self.dead_letters = DeadLetters(
+            self._db,
+            self._producer,
+            s.kafka.dlq_topic,
+            self.worker_id,
+            health=ctx.health,
+            role=ctx.role,
+        )
         self._running: dict[tuple[str, int], _Running] = {}
         # The lease of an attempt, as this process counts it (see "Leases").
         self._lease = LEASE_FRACTION * float(s.reconciler.stale_after)

@@ -1,4 +1,4 @@
--- eventsched schema, version 5: a fresh attempt budget for a dead event run again.
+-- eventsched schema, version 4: a fresh attempt budget for a dead event run again.
 --
 -- `eventsched dlq replay` sets a dead event back to `scheduled`; its attempts keep
 -- counting (4, 5, ... after three), and `executor.max_retries` applies to the attempts
