@@ -130,7 +130,7 @@ def run_pipeline(stack: Stack, sampler: Sampler, p: Pipeline, profiler: Profiler
     consumer.wait_ready()
     executor.wait_ready()
     # Producing before the group join completes would make the first events late.
-    consumer.wait_for(lambda x: x.get("event") == "kafka partitions assigned", 60)
+    consumer.wait_for(lambda x: x.get("event") == "kafka_partitions_assigned", 60)
     for role in (consumer, executor):
         sampler.track(role.name, role.pid)
     producer = stack.role("producer", producer_settings)

@@ -582,8 +582,8 @@ def _assignment(app: Any) -> set[tuple[str, int]]:
     """A child's current partitions, from its assigned/revoked log lines."""
     owned: set[tuple[str, int]] = set()
     for line in list(app.lines):
-        if line.get("event") == "kafka partitions assigned":
+        if line.get("event") == "kafka_partitions_assigned":
             owned |= {tuple(p) for p in line["partitions"]}
-        elif line.get("event") in ("kafka partitions revoked", "kafka partitions lost"):
+        elif line.get("event") in ("kafka_partitions_revoked", "kafka_partitions_lost"):
             owned -= {tuple(p) for p in line["partitions"]}
     return owned

@@ -822,7 +822,7 @@ class GroupCommit(Generic[Req, Res]):
                 try:
                     self._after_batch(done_requests, done_results)
                 except Exception:
-                    log.exception("after_batch failed", store=self.name)
+                    log.exception("after_batch_failed", store=self.name)
         finally:
             with self._cond:
                 self._in_flight -= len(batch)
@@ -917,7 +917,7 @@ class GroupCommit(Generic[Req, Res]):
                               error=redact(str(err)))  # fmt: skip
                 results = [err]
             else:
-                log.warning("batch failed, retrying its requests one by one", batch=self.name,
+                log.warning("group_commit_batch_failed", batch=self.name,
                             size=len(batch), error=redact(str(err)))  # fmt: skip
                 for item in batch:  # each is delivered (and counted out) on its own
                     self._run_batch(conn, [item])

@@ -169,7 +169,7 @@ def ensure_topics(
     lines.extend(f"grew {name} from {existing[name]} to {grow[name]} partitions" for name in grown)
     problems.extend(grow_problems)
     for line in lines:
-        log.info("kafka topic ensured", detail=line)
+        log.info("kafka_topic_ensured", detail=line)
     if problems:
         raise DependencyError("kafka", "; ".join(problems))
     return lines
@@ -375,7 +375,7 @@ class _Link:
                 run()
             except BaseException as exc:
                 failure = exc
-                log.exception("kafka worker thread crashed", worker=self.name)
+                log.exception("kafka_worker_thread_crashed", worker=self.name)
             finally:
                 self.port.post(self._finished, failure)
 
@@ -444,7 +444,7 @@ def _error_logger(client: str) -> Callable[[KafkaError], None]:
 
     def on_error(err: KafkaError) -> None:
         log.warning(
-            "kafka client error",
+            "kafka_client_error",
             client=client,
             code=err.name(),
             reason=err.str(),
@@ -716,11 +716,11 @@ class _ProducerWorker:
         label, reason = self._rebuild
         old = self._producer
         assert old is not None
-        log.warning("kafka producer rebuilt", reason=reason, undelivered=len(old))
+        log.warning("kafka_producer_rebuilt", reason=reason, undelivered=len(old))
         try:
             old.purge(in_queue=True, in_flight=True, blocking=True)
         except KafkaException as err:  # a fatal client may refuse; it is dropped anyway
-            log.warning("kafka producer purge failed", error=_describe(err))
+            log.warning("kafka_producer_purge_failed", error=_describe(err))
         old.poll(0)  # serves the purge reports: _PURGE_QUEUE / _PURGE_INFLIGHT
         for delivery in list(self._live):
             delivery.fail_unsettled(f"_PRODUCER_REBUILT: producer rebuilt ({label})")
@@ -733,7 +733,7 @@ class _ProducerWorker:
         try:
             self._producer = self._new_producer()
         except ConfigError as err:  # the same configuration worked before: try again later
-            log.error("kafka producer rebuild failed", error=str(err))
+            log.error("kafka_producer_rebuild_failed", error=str(err))
             self._rebuild = (label, reason)
             return
         self.rebuilds += 1
@@ -918,15 +918,15 @@ class KafkaProducer:
                     try:
                         self.undelivered = await self._link.call(close, "close producer")
                     except EventschedError as err:
-                        log.error("kafka producer close failed", error=str(err))
+                        log.error("kafka_producer_close_failed", error=str(err))
                 await self._link.done.wait()
             if scope.cancelled_caught:
-                log.error("kafka producer thread did not stop in time; abandoning it")
+                log.error("kafka_producer_stop_timeout")
                 self._worker.abort.set()
                 self._link.abandon()
         self._fail_pending()
         if self.undelivered:
-            log.warning("kafka producer closed with undelivered messages", count=self.undelivered)
+            log.warning("kafka_producer_undelivered_on_close", count=self.undelivered)
 
 
 # --------------------------------------------------------------------------------------
@@ -1116,7 +1116,7 @@ class _ConsumerWorker:
             # some brokers (Tansu); that is harmless.
             consumer.close()
         except (KafkaException, RuntimeError) as err:
-            self._log.warning("kafka consumer close failed", error=_describe(err))
+            self._log.warning("kafka_consumer_close_failed", error=_describe(err))
         finally:
             self._consumer = None
             self._owned.clear()
@@ -1226,7 +1226,7 @@ class _ConsumerWorker:
             return
         if error.fatal():
             raise KafkaException(error)
-        self._log.warning("kafka consume error", code=error.name(), reason=error.str())
+        self._log.warning("kafka_consume_error", code=error.name(), reason=error.str())
 
     def _hand_off(self, batch: Batch) -> None:
         """Block until trio accepts the batch: this is the back-pressure."""
@@ -1241,7 +1241,7 @@ class _ConsumerWorker:
         if not self._holding:
             self._holding = True
             consumer.pause(consumer.assignment())
-            self._log.info("kafka fetch held: partitions paused, still polling")
+            self._log.info("kafka_fetch_held")
         # Paused partitions yield nothing (librdkafka drops what it had prefetched and
         # refetches from the consumed position on resume), but rebalance callbacks run.
         self._rewind(consumer, consumer.consume(self._max_batch, 0))
@@ -1267,7 +1267,7 @@ class _ConsumerWorker:
         consumer = self._consumer
         if consumer is not None and not self._paused:
             consumer.resume(consumer.assignment())
-        self._log.info("kafka fetch resumed")
+        self._log.info("kafka_fetch_resumed")
 
     # -- rebalance callbacks (inside consume()/close() on this thread) -----------------
 
@@ -1284,7 +1284,7 @@ class _ConsumerWorker:
                 consumer.assign(partitions)
             consumer.pause(partitions)
         self._log.info(
-            "kafka partitions assigned", partitions=sorted(keys), generation=self._generation
+            "kafka_partitions_assigned", partitions=sorted(keys), generation=self._generation
         )
         self._publish_assignment()
         if self._trio._on_assign is not None:
@@ -1292,7 +1292,7 @@ class _ConsumerWorker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = _keys(partitions)
-        self._log.info("kafka partitions revoked", partitions=sorted(keys))
+        self._log.info("kafka_partitions_revoked", partitions=sorted(keys))
         # The hook runs while we still own the partitions, so its commits are accepted.
         if self._trio._on_revoke is not None:
             self._wait_for_trio(self._trio._run_hook, self._trio._on_revoke, keys)
@@ -1302,7 +1302,7 @@ class _ConsumerWorker:
         # Lost (session timeout, max.poll.interval.ms exceeded): another member may already
         # own them, so commits are pointless and the hook is not run.
         keys = _keys(partitions)
-        self._log.warning("kafka partitions lost", partitions=sorted(keys))
+        self._log.warning("kafka_partitions_lost", partitions=sorted(keys))
         self._release(keys)
 
     def _release(self, keys: frozenset[TopicPartitionKey]) -> None:
@@ -1324,7 +1324,7 @@ class _ConsumerWorker:
         }
         stale = {key: offset for key, offset in offsets.items() if key not in fresh}
         if stale:
-            self._log.warning("kafka commit refused for stale partitions", partitions=sorted(stale))
+            self._log.warning("kafka_commit_stale_partitions", partitions=sorted(stale))
         if not fresh:
             return CommitResult({}, stale)
         consumer = self._require()
@@ -1335,7 +1335,7 @@ class _ConsumerWorker:
             )
         except KafkaException as err:
             if _code(err) in _LOST_OWNERSHIP:
-                self._log.warning("kafka commit refused by the group", reason=_describe(err))
+                self._log.warning("kafka_commit_refused", reason=_describe(err))
                 return CommitResult({}, {**stale, **fresh})
             raise
         failed = [tp for tp in answer if tp.error is not None]
@@ -1646,9 +1646,9 @@ class KafkaConsumer:
             with trio.CancelScope(shield=True), trio.move_on_after(self._hook_timeout) as scope:
                 await hook(partitions)
             if scope.cancelled_caught:
-                log.error("kafka rebalance hook timed out", timeout=self._hook_timeout)
+                log.error("kafka_rebalance_hook_timeout", timeout=self._hook_timeout)
         except Exception:
-            log.exception("kafka rebalance hook failed")
+            log.exception("kafka_rebalance_hook_failed")
         finally:
             self._worker.inbox.put(_Done(ticket, ok=True))
 
@@ -1670,5 +1670,5 @@ class KafkaConsumer:
             with trio.move_on_after(self._close_timeout) as scope:
                 await self._link.done.wait()
             if scope.cancelled_caught:
-                log.error("kafka consumer did not close in time; abandoning its thread")
+                log.error("kafka_consumer_close_timeout")
                 self._link.abandon()

@@ -497,7 +497,7 @@ class OnTimeQueue(RedisQueue):
             job = self.deserialize(payload)
             if job is None:
                 # Its record vanished; the sweep removes the orphan id from `active`.
-                log.warning("claimed job has no record", job_id=job_id.decode())
+                log.warning("claimed_job_without_record", job_id=job_id.decode())
                 continue
             jobs.append(job)
         return ClaimResult(
@@ -738,17 +738,17 @@ class OnTimeQueue(RedisQueue):
             pipe.hdel(self._owners, job_id)
             pipe.zrem(self._incomplete, job_id)
             await pipe.execute()
-        log.info("swept a job without record", job_id=job_id)
+        log.info("swept_job_without_record", job_id=job_id)
 
     async def _sweep_job(self, job: Job, abort: float) -> None:
         # SAQ's treatment of a swept job: abort it, give a live worker `abort` seconds to
         # notice, then retry it (if its attempts allow) or finish it as aborted.
-        log.info("sweeping job", job_key=job.key, status=job.status.value)
+        log.info("job_sweeping", job_key=job.key, status=job.status.value)
         await self.abort(job, error=self.swept_error_message)
         try:
             await job.refresh(abort)
         except TimeoutError:
-            log.info("swept job did not stop in time", job_key=job.key)
+            log.info("swept_job_stop_timeout", job_key=job.key)
         if job.retryable:
             await self.retry(job, error=self.swept_error_message)
         else:
@@ -974,7 +974,7 @@ class _Batcher:
     def settle(batch: _Batch, error: BaseException | None) -> None:
         """Resolve the batch's futures once Redis answered (or failed to)."""
         if error is not None and any(future is None for _, future in batch):
-            log.warning("recording job state failed", error=redact(str(error)))
+            log.warning("job_state_record_failed", error=redact(str(error)))
         for _, future in batch:
             if future is None or future.done():
                 continue
@@ -1177,13 +1177,13 @@ class _Dispatcher:
             try:
                 result = await self._claim()
             except _REDIS_ERRORS as err:
-                log.warning("claiming jobs failed", error=redact(str(err)), retry_in=backoff)
+                log.warning("job_claim_failed", error=redact(str(err)), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             except Exception:
                 # A bug must not silently stop the worker from taking jobs.
-                log.exception("claiming jobs failed", retry_in=backoff)
+                log.exception("job_claim_failed", retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -1314,7 +1314,7 @@ class OnTimeWorker(Worker[Context]):
             try:
                 await fn()
             except Exception:
-                log.exception("worker upkeep failed", queue=self.queue.name)
+                log.exception("worker_upkeep_failed", queue=self.queue.name)
             await asyncio.sleep(interval)
 
     async def _listen_wakeups(self) -> None:
@@ -1323,7 +1323,7 @@ class OnTimeWorker(Worker[Context]):
                 await self.queue.listen_wakeups(self._dispatcher.wake_for)
             except _REDIS_ERRORS as err:
                 # Only latency suffers meanwhile: the dispatcher still wakes every max_wait.
-                log.warning("enqueue notifications lost", error=redact(str(err)))
+                log.warning("enqueue_notifications_lost", error=redact(str(err)))
                 await asyncio.sleep(1.0)
 
     async def wait_ready(self) -> None:
@@ -1350,7 +1350,7 @@ class OnTimeWorker(Worker[Context]):
             # Not stopping, so something went wrong (Redis failed while recording a failure,
             # a stray cancellation): log it and keep the worker's capacity.
             err = None if slot.cancelled() else slot.exception()
-            log.error("worker slot ended unexpectedly", error=repr(err))
+            log.error("worker_slot_ended", error=repr(err))
             self._process()
         if not any(task.get_name() == "process" for task in self.tasks):
             self._idle.set()
@@ -1401,7 +1401,7 @@ class OnTimeWorker(Worker[Context]):
         except Exception as err:
             context["exception"] = err
             error = traceback.format_exc()
-            log.warning("job failed", job_key=job.key, function=job.function, error=repr(err))
+            log.warning("job_failed", job_key=job.key, function=job.function, error=repr(err))
             if job.retryable:
                 await job.retry(error)
             else:
@@ -1413,7 +1413,7 @@ class OnTimeWorker(Worker[Context]):
             try:
                 await self._after_process(context)
             except Exception:
-                log.exception("after_process hook failed", job_key=job.key)
+                log.exception("after_process_hook_failed", job_key=job.key)
         return True
 
     async def abort(self, abort_threshold: float) -> None:
@@ -1598,7 +1598,7 @@ class JobQueue:
             try:
                 await self._call(self._queue.disconnect)
             except DependencyError as err:
-                log.warning("closing the redis client failed", error=err.problem)
+                log.warning("redis_close_failed", error=err.problem)
 
     async def ping(self) -> None:
         """Raise :class:`DependencyError` unless Redis answers."""

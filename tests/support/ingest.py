@@ -273,4 +273,4 @@ def start_role(settings_file: Path, role: str = "consumer") -> AppProcess:
 
 
 def wait_assigned(app: AppProcess, timeout: float = 30.0) -> dict[str, Any]:
-    return app.wait_event("kafka partitions assigned", timeout)
+    return app.wait_event("kafka_partitions_assigned", timeout)
