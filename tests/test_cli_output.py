@@ -59,3 +59,24 @@ def test_a_library_traceback_survives_the_stdlib_bridge() -> None:
     assert line["event"] == "library step failed"
     assert line["logger"] == "some.library"
     assert "Traceback" in line["exception"] and "ZeroDivisionError" in line["exception"]
+
+
+def test_a_logger_used_before_a_reconfiguration_follows_it() -> None:
+    """Loggers are cached on first use; configuring again (the CLI does, a test suite does)
+    must still reach them, or their lines go to the old stream and escape capture."""
+    from structlog.testing import capture_logs
+
+    from eventsched.core.logging import configure_logging, get_logger
+
+    log = get_logger("tests.cached")
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        configure_logging("info", "json", stream=first)
+        log.warning("cached_here")
+        configure_logging("info", "json", stream=second)
+        with capture_logs() as captured:
+            log.warning("after_reconfiguration")
+    finally:
+        configure_logging("info", "json")
+    assert [entry["event"] for entry in captured] == ["after_reconfiguration"]
+    assert "cached_here" in first.getvalue()

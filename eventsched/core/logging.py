@@ -77,17 +77,22 @@ def configure_logging(
         else structlog.processors.JSONRenderer(serializer=_dumps)
     )
     numeric = _LEVELS.get(level, logging.INFO)
+    # The processor list is changed in place: a logger cached on first use keeps a
+    # reference to the list it was built with, so a new list would leave it on the old
+    # processors (structlog.testing.capture_logs edits this same list).
+    processors = structlog.get_config()["processors"]
+    processors[:] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        _add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        _redact_secrets,
+        renderer,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            _add_logger_name,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            _redact_secrets,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
