@@ -15,7 +15,7 @@ recorded, so "what was produced" is exact) and fires a seeded random fault sched
 After the load stops and the system drains, a ledger compares what was produced with
 PostgreSQL, the DLQ topic and the handler's own journal, prints a table, writes it as JSON
 and exits 1 if any event is lost, duplicated or stuck (or a dead letter / malformed message
-is missing or misfiled), or if the handler ran in a way the README rules out.
+is missing or misfiled), or if the handler ran in a way docs/execution.md ("Leases") rules out.
 
 The handler (:func:`journaled`, ``simulate`` underneath) appends a line to a journal file
 shared by every executor when it is called (``start``) and when it returns (``end``, ok or

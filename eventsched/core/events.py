@@ -445,7 +445,7 @@ DLQ_HEADER_NAMES: Final = (
     "dlq-truncated-value",
 )
 
-# The dead-letter budget (README, "Dead letters"). A copy whose key + value + headers
+# The dead-letter budget (docs/wire-format.md, "Dead letters"). A copy whose key + value + headers
 # (names, values and DLQ_HEADER_OVERHEAD each) fit in DLQ_MAX_BYTES is sent unchanged: that
 # stays below librdkafka's default message.max.bytes (1,000,000) and Kafka's default
 # max.message.bytes (1,048,588). A bigger one is cut, in this order and only as far as
