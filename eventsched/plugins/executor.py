@@ -80,8 +80,11 @@ earlier run of the event returned or was stopped by its lease (it got ``Cancelle
 was resumed no more). Not covered: code the handler runs while handling that
 ``CancelledError`` (it must not start side effects there), and a synchronous stretch of the
 handler already under way when the process was paused (blocking calls are not allowed
-anyway). A run may be repeated after a crash, a lost lease or a failure: side effects should
-be idempotent under ``event.id`` (stable across attempts, the webhook's ``Idempotency-Key``);
+anyway). A run may be repeated after a crash, a lost lease or a failure — also a run that
+completed with its outcome unwritten before an outage longer than ``S``, if neither a renewal
+nor the outcome reaches PostgreSQL within the reconciler's ``S / 2`` after it (taken over,
+the outcome is discarded): side effects should be idempotent under ``event.id`` (stable
+across attempts, the webhook's ``Idempotency-Key``);
 ``event.attempt`` grows with every run of the event, so a receiver that remembers the
 highest attempt it saw per ``event.id`` and refuses lower ones fences out even such
 leftovers.
