@@ -955,7 +955,7 @@ class Profiler:
 
 # Where a leaf frame belongs, by file path fragment (first match wins).
 _CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("eventsched/core/queue.py", "eventsched queue adapter"),
+    ("eventsched/core/jobqueue/", "eventsched queue adapter"),
     ("eventsched/core/execstore.py", "eventsched execstore"),
     ("eventsched/core/eventstore.py", "eventsched eventstore"),
     ("eventsched/core/events.py", "eventsched decode/encode"),

@@ -2,7 +2,7 @@
 
 For each event: a row in PostgreSQL ``events`` (status ``scheduled``, the consumer's
 columns) and then the executor's SAQ job (:func:`eventsched.plugins.executor.make_job`: key =
-event id, scheduled = due time) through :class:`eventsched.core.queue.OnTimeQueue`, the
+event id, scheduled = due time) through :class:`eventsched.core.jobqueue.OnTimeQueue`, the
 consumer's own enqueue path. Runs on plain asyncio in its own process, so its CPU is not
 mixed with the harness's or the executor's.
 
@@ -33,7 +33,7 @@ import psycopg
 from redis import asyncio as aioredis
 
 from eventsched.core.events import uuid7
-from eventsched.core.queue import OnTimeQueue, ScheduledJob
+from eventsched.core.jobqueue import OnTimeQueue, ScheduledJob
 from eventsched.plugins.executor import make_job
 
 EVENT_TYPE = "bench.event"

@@ -37,11 +37,17 @@ import trio_asyncio
 from redis import asyncio as aioredis
 from saq.types import Context
 
-from eventsched.core import memory
 from eventsched.core.config import load_settings, parse_size
 from eventsched.core.errors import ConfigError
-from eventsched.core.memory import PayloadBudget
-from eventsched.core.queue import JobQueue, ScheduledJob, drain_worker, make_worker, run_worker
+from eventsched.core.jobqueue import (
+    JobQueue,
+    PayloadBudget,
+    ScheduledJob,
+    drain_worker,
+    make_worker,
+    run_worker,
+)
+from eventsched.core.jobqueue import budget as memory
 from eventsched.plugins.executor import make_job
 from tests.conftest import Names
 from tests.support.execution import (

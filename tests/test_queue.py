@@ -1,4 +1,4 @@
-"""Specification of the job-queue adapter (``eventsched.core.queue``) against a real Redis.
+"""Specification of the job-queue adapter (``eventsched.core.jobqueue``) against a real Redis.
 
 Redis: ``EVENTSCHED_TEST_REDIS_URL`` or ``redis://127.0.0.1:6379``. Every test uses its own
 queue name (its own key namespace) and deletes its keys afterwards. Job functions run on
@@ -25,9 +25,8 @@ from redis import asyncio as aioredis
 from saq.job import Status
 from saq.types import Context
 
-from eventsched.core import queue as queue_module
 from eventsched.core.errors import DependencyError
-from eventsched.core.queue import (
+from eventsched.core.jobqueue import (
     JobQueue,
     OnTimeWorker,
     ScheduledJob,
@@ -35,6 +34,7 @@ from eventsched.core.queue import (
     make_worker,
     run_worker,
 )
+from eventsched.core.jobqueue import store as store_module
 
 REDIS_URL = os.environ.get("EVENTSCHED_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
@@ -239,7 +239,7 @@ async def test_a_job_is_never_moved_before_its_due_time_nor_twice(jobs: JobQueue
 async def test_sweep_spares_a_just_claimed_job_but_recovers_an_orphan(
     jobs: JobQueue, monkeypatch: pytest.MonkeyPatch, worker_alive: bool
 ) -> None:
-    monkeypatch.setattr(queue_module, "_CLAIM_GRACE", 0.3)
+    monkeypatch.setattr(store_module, "_CLAIM_GRACE", 0.3)
     queue = jobs.aio_queue
     await jobs.enqueue_many([job(jobs, "a", due_in(-1))])
     (claimed,) = (await aio(queue.claim, 1)).jobs  # in `active`, status still QUEUED
@@ -468,7 +468,7 @@ def test_the_installed_saq_is_the_release_the_queue_was_checked_against() -> Non
     import saq
 
     from eventsched.core.errors import UntestedVersion
-    from eventsched.core.queue import TESTED_SAQ, check_saq_version
+    from eventsched.core.jobqueue import TESTED_SAQ, check_saq_version
 
     check_saq_version()
     assert saq.__version__.startswith("0.26.")

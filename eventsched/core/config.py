@@ -223,7 +223,7 @@ class ExecutorSettings(_Section, frozen=True):
     simulate: SimulateSettings = SimulateSettings()
     job_timeout: Duration = Duration(300.0)
     webhook: WebhookSettings = WebhookSettings()
-    # Payload bytes one process holds at once (0: no bound); see eventsched.core.memory.
+    # Payload bytes one process holds at once (0: no bound); see eventsched.core.jobqueue.budget.
     inflight_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
 
 

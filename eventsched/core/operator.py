@@ -62,8 +62,8 @@ from eventsched.core.execstore import DEAD_REASONS
 from eventsched.core.kafka import PRODUCER_DEFAULTS
 
 if TYPE_CHECKING:
+    from eventsched.core.jobqueue import JobQueue
     from eventsched.core.postgres import Database
-    from eventsched.core.queue import JobQueue
 
 T = TypeVar("T")
 
@@ -399,7 +399,7 @@ async def _events_section(settings: Settings) -> dict[str, Any]:
 
 
 async def _queue_section(settings: Settings) -> dict[str, Any]:
-    from eventsched.core.queue import JobQueue
+    from eventsched.core.jobqueue import JobQueue
 
     queue = JobQueue(require_redis(settings), settings.redis.queue, connect_timeout=SECTION_TIMEOUT)
     try:
@@ -728,7 +728,7 @@ class _Reruns:
         return None
 
     async def _connected_queue(self) -> JobQueue:
-        from eventsched.core.queue import JobQueue
+        from eventsched.core.jobqueue import JobQueue
 
         if self._queue is None:
             queue = JobQueue(

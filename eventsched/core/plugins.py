@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 
     from eventsched.core.config import Settings
     from eventsched.core.http import Health
+    from eventsched.core.jobqueue import JobQueue
     from eventsched.core.kafka import KafkaProducer
     from eventsched.core.postgres import Database
-    from eventsched.core.queue import JobQueue
 
 
 @dataclass

@@ -93,7 +93,7 @@ class Runtime:
         for factory in self.factories.values():
             self.needs |= set(getattr(factory, "needs", frozenset()))
         if "redis" in self.needs:
-            from eventsched.core.queue import check_saq_version  # SAQ only for queue roles
+            from eventsched.core.jobqueue import check_saq_version  # SAQ only for queue roles
 
             check_saq_version()  # the job queue relies on SAQ internals of one release
         self.health = Health()
@@ -232,7 +232,7 @@ class Runtime:
                 )
                 self.health.add_check("postgres", resources.db.ping)
             if "redis" in self.needs:
-                from eventsched.core.queue import JobQueue
+                from eventsched.core.jobqueue import JobQueue
 
                 resources.queue = JobQueue(require_redis(s), name=s.redis.queue)
                 self.health.add_check("redis", resources.queue.ping)

@@ -79,6 +79,7 @@ from eventsched.core.events import (
     fit_dead_letter,
 )
 from eventsched.core.eventstore import IngestRow, RowsRejected, StoredEvent
+from eventsched.core.jobqueue import ScheduledJob
 from eventsched.core.kafka import (
     Batch,
     KafkaConsumer,
@@ -88,7 +89,6 @@ from eventsched.core.kafka import (
 )
 from eventsched.core.logging import get_logger
 from eventsched.core.plugins import RoleContext
-from eventsched.core.queue import ScheduledJob
 from eventsched.plugins.executor import make_job, saq_timeout
 
 log = get_logger(__name__)

@@ -1,6 +1,6 @@
 """The executor role: runs each scheduled event at its due time, once in effect.
 
-The consumer enqueues one SAQ job per event; an :class:`~eventsched.core.queue.OnTimeWorker`
+The consumer enqueues one SAQ job per event; an :class:`~eventsched.core.jobqueue.OnTimeWorker`
 (on the root trio-asyncio loop, ``executor.concurrency`` slots) starts it on time and calls
 :meth:`Executor.execute_event`, which:
 
@@ -48,7 +48,7 @@ can use httpx/aiohttp/asyncpg directly; a trio handler is wrapped with
 
 Memory: a job carries only the event id; the payload comes with the claim. The worker hands
 jobs to slots only while their payloads fit in ``executor.inflight_bytes``
-(:class:`~eventsched.core.memory.PayloadBudget`; a job counts as
+(:class:`~eventsched.core.jobqueue.PayloadBudget`; a job counts as
 ``consumer.max_message_bytes`` until its claim tells its payload's size).
 
 PostgreSQL writes are batched across concurrent jobs (:class:`GroupCommit`: one statement
@@ -140,9 +140,18 @@ from eventsched.core.execstore import (
     NotDue,
     Outcome,
 )
+from eventsched.core.jobqueue import (
+    OnTimeWorker,
+    PayloadBudget,
+    PutBack,
+    ScheduledJob,
+    drain_worker,
+    make_worker,
+    payload_bytes,
+    run_worker,
+)
 from eventsched.core.kafka import KafkaProducer, OutboundMessage
 from eventsched.core.logging import get_logger
-from eventsched.core.memory import PayloadBudget, payload_bytes
 from eventsched.core.plugins import (
     Handler,
     HandlerContext,
@@ -153,14 +162,6 @@ from eventsched.core.plugins import (
     load_handler,
 )
 from eventsched.core.postgres import Database
-from eventsched.core.queue import (
-    OnTimeWorker,
-    PutBack,
-    ScheduledJob,
-    drain_worker,
-    make_worker,
-    run_worker,
-)
 from eventsched.plugins.reconciler import Reconciler
 
 if TYPE_CHECKING:

@@ -74,9 +74,9 @@ from eventsched.core import execstore, metrics
 from eventsched.core.config import Settings, redact, require_postgres
 from eventsched.core.errors import DependencyError
 from eventsched.core.execstore import Candidate, Cursor, DeadEvent
+from eventsched.core.jobqueue import JobQueue, ScheduledJob
 from eventsched.core.logging import get_logger
 from eventsched.core.postgres import Database
-from eventsched.core.queue import JobQueue, ScheduledJob
 
 log = get_logger(__name__)
 T = TypeVar("T")
