@@ -115,8 +115,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 import httpx
 import trio
 import trio_asyncio
-from redis.exceptions import RedisError
-from saq.types import Context
 
 from eventsched.core import execstore, metrics
 from eventsched.core.config import RetryBackoffSettings, Settings, redact, require_postgres
@@ -141,6 +139,8 @@ from eventsched.core.execstore import (
     Outcome,
 )
 from eventsched.core.jobqueue import (
+    REDIS_ERRORS,
+    JobContext,
     OnTimeWorker,
     PayloadBudget,
     PutBack,
@@ -846,7 +846,7 @@ class Executor:
     # -- the job function (asyncio side) --------------------------------------------------------
 
     async def execute_event(
-        self, ctx: Context, *, event_id: str, attempt: int | None = None
+        self, ctx: JobContext, *, event_id: str, attempt: int | None = None
     ) -> None:
         """SAQ job function: run attempt ``attempt`` (default: the first) of an event."""
         started = time.time()
@@ -905,7 +905,7 @@ class Executor:
         return retry_delay(attempt, self.settings.executor.retry_backoff, self._rng)
 
     async def _run_handler(
-        self, claim: Claimed, label: str, ctx: Context, running: _Running
+        self, claim: Claimed, label: str, ctx: JobContext, running: _Running
     ) -> Failure | None:
         if not running.lease_ok():
             # The claim took longer than the lease (PostgreSQL slow or unreachable).
@@ -955,7 +955,7 @@ class Executor:
             running.task.uncancel()  # the handler swallowed our cancellation
         return None
 
-    def _handler_timeout(self, ctx: Context) -> float:
+    def _handler_timeout(self, ctx: JobContext) -> float:
         # SAQ cancels the job at its own timeout (set by whoever enqueued it); ours must
         # fire first so the failure is recorded and retried rather than cut off.
         saq_limit = ctx["job"].timeout if "job" in ctx else 0
@@ -1046,7 +1046,7 @@ class Executor:
     async def _enqueue_retries(self, jobs: list[ScheduledJob]) -> None:
         try:
             await self._jobs.aio_queue.enqueue_scheduled(jobs)
-        except (RedisError, OSError) as err:
+        except REDIS_ERRORS as err:
             # The events are `retrying` in PostgreSQL; the reconciler enqueues them after grace.
             self._log.warning(
                 "retry_enqueue_failed", jobs=[job.key for job in jobs], error=redact(str(err))

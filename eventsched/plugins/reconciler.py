@@ -67,8 +67,6 @@ from typing import Any, Final, Protocol, TypeVar
 import psycopg
 import trio
 import trio_asyncio
-from redis.exceptions import RedisError
-from saq.job import Status
 
 from eventsched.core import execstore, metrics
 from eventsched.core.config import Settings, redact, require_postgres
@@ -500,34 +498,8 @@ class Reconciler:
         return await self._dead_letters.republish(dead) if dead else 0
 
     async def live_jobs(self, keys: list[str]) -> set[str]:
-        """Of these job keys, those whose SAQ job is active on a worker still alive (its
-        worker-info key, refreshed by the worker's upkeep loop, has not expired)."""
-        if not keys:
-            return set()
-        queue = self._jobs.aio_queue
-
-        async def check() -> set[str]:
-            jobs = await queue.jobs(keys)
-            active = [
-                (key, job.worker_id)
-                for key, job in zip(keys, jobs, strict=True)
-                if job is not None
-                and job.status in (Status.ACTIVE, Status.ABORTING)
-                and job.worker_id
-            ]
-            if not active:
-                return set()
-            async with queue.redis.pipeline(transaction=False) as pipe:
-                for _, worker_id in active:
-                    pipe.exists(queue.namespace(f"worker_info:{worker_id}"))
-                alive = await pipe.execute()
-            return {key for (key, _), up in zip(active, alive, strict=True) if up}
-
-        try:
-            result: set[str] = await trio_asyncio.aio_as_trio(check)()
-        except (RedisError, OSError) as err:
-            raise DependencyError("redis", redact(str(err)) or type(err).__name__) from err
-        return result
+        """Of these job keys, those whose SAQ job is active on a worker still alive."""
+        return await self._jobs.live_active(keys)
 
     # -- gauges ----------------------------------------------------------------------------------
 

@@ -68,13 +68,21 @@ from eventsched.core.jobqueue.adapter import JobQueue
 from eventsched.core.jobqueue.budget import PayloadBudget, payload_bytes, trim_heap
 from eventsched.core.jobqueue.jobs import JobClaim, Orphans, PutBack, ScheduledJob
 from eventsched.core.jobqueue.scripts import TESTED_SAQ, TESTED_SAQ_RELEASE, check_saq_version
-from eventsched.core.jobqueue.store import OnTimeQueue
-from eventsched.core.jobqueue.worker import OnTimeWorker, drain_worker, make_worker, run_worker
+from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
+from eventsched.core.jobqueue.worker import (
+    JobContext,
+    OnTimeWorker,
+    drain_worker,
+    make_worker,
+    run_worker,
+)
 
 __all__ = [
+    "REDIS_ERRORS",
     "TESTED_SAQ",
     "TESTED_SAQ_RELEASE",
     "JobClaim",
+    "JobContext",
     "JobQueue",
     "OnTimeQueue",
     "OnTimeWorker",

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import trio
 import trio_asyncio
 from redis import asyncio as aioredis
+from saq.job import Status
 
 from eventsched.core.config import redact
 from eventsched.core.errors import DependencyError
@@ -111,6 +112,33 @@ class JobQueue:
         """Put back the jobs of these keys that were taken and given up (see
         :meth:`OnTimeQueue.requeue_orphans`)."""
         return await self._call(self._queue.requeue_orphans, list(keys), stalled)
+
+    async def live_active(self, keys: Sequence[str]) -> set[str]:
+        """Of these job keys, those whose SAQ job is active on a worker still alive (its
+        worker-info key, refreshed by the worker's upkeep loop, has not expired)."""
+        if not keys:
+            return set()
+        queue = self._queue
+        wanted = list(keys)
+
+        async def check() -> set[str]:  # asyncio side
+            jobs = await queue.jobs(wanted)
+            active = [
+                (key, job.worker_id)
+                for key, job in zip(wanted, jobs, strict=True)
+                if job is not None
+                and job.status in (Status.ACTIVE, Status.ABORTING)
+                and job.worker_id
+            ]
+            if not active:
+                return set()
+            async with queue.redis.pipeline(transaction=False) as pipe:
+                for _, worker_id in active:
+                    pipe.exists(queue.namespace(f"worker_info:{worker_id}"))
+                alive = await pipe.execute()
+            return {key for (key, _), up in zip(active, alive, strict=True) if up}
+
+        return await self._call(check)
 
     async def pending_keys(self, keys: Sequence[str]) -> set[str]:
         """The subset of ``keys`` whose jobs are pending (one round trip, for reconciling)."""

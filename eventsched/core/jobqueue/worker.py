@@ -31,6 +31,10 @@ from eventsched.core.jobqueue.jobs import PutBack
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
 from eventsched.core.logging import get_logger
 
+#: What a job function receives (SAQ's context: the job under ``"job"``); role plugins name
+#: it through this package instead of importing SAQ.
+JobContext = Context
+
 if TYPE_CHECKING:
     from eventsched.core.jobqueue.budget import PayloadBudget
 
