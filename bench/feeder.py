@@ -1,7 +1,7 @@
 """Feeds events to eventsched's executor the way the consumer does, without Kafka.
 
 For each event: a row in PostgreSQL ``events`` (status ``scheduled``, the consumer's
-columns) and then the executor's SAQ job (:func:`eventsched.plugins.executor.make_job`: key =
+columns) and then the executor's SAQ job (:func:`eventsched.core.domain.jobcontract.make_job`: key =
 event id, scheduled = due time) through :class:`eventsched.core.jobqueue.OnTimeQueue`, the
 consumer's own enqueue path. Runs on plain asyncio in its own process, so its CPU is not
 mixed with the harness's or the executor's.
@@ -32,9 +32,9 @@ from typing import Any
 import psycopg
 from redis import asyncio as aioredis
 
+from eventsched.core.domain.jobcontract import make_job
 from eventsched.core.events import uuid7
 from eventsched.core.jobqueue import OnTimeQueue, ScheduledJob
-from eventsched.plugins.executor import make_job
 
 EVENT_TYPE = "bench.event"
 #: SAQ timeout of the executor's jobs with default settings (job_timeout 5 min + 30 s).

@@ -16,7 +16,7 @@ import pytest
 import redis
 import trio
 
-from eventsched.plugins.executor import make_job, saq_timeout
+from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from tests.conftest import Names
 from tests.support.exec_handlers import read_journal
 from tests.support.execution import (

@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from eventsched.core import execstore
+from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.execstore import Claimed, ClaimRequest, NotDue
-from eventsched.plugins.executor import make_job, saq_timeout
 from tests.conftest import metric_value
 from tests.support import exec_handlers
 from tests.support.execution import (

@@ -26,6 +26,7 @@ import trio_asyncio
 from confluent_kafka import KafkaError, Producer
 
 from eventsched.core.devstack import KafkaBroker
+from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.events import (
     DLQ_HEADER_NAMES,
     DLQ_KEY_MAX_BYTES,
@@ -37,7 +38,6 @@ from eventsched.core.events import (
 )
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.runtime import Runtime
-from eventsched.plugins.executor import make_job, saq_timeout
 from tests.conftest import Names, metric_value
 from tests.support.execution import insert_events, new_events, queue_client
 from tests.support.ingest import (

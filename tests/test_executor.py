@@ -22,17 +22,10 @@ from psycopg import sql
 
 from eventsched.core import execstore
 from eventsched.core.config import RetryBackoffSettings, Settings
+from eventsched.core.domain.jobcontract import EXECUTE_FUNCTION, job_key, make_job, saq_timeout
 from eventsched.core.events import DecodeLimits, Event, decode_event, uuid7
 from eventsched.core.execstore import Claimed, ClaimRequest, NotClaimed, Outcome
-from eventsched.plugins.executor import (
-    EXECUTE_FUNCTION,
-    Failure,
-    decide,
-    job_key,
-    make_job,
-    retry_delay,
-    saq_timeout,
-)
+from eventsched.plugins.executor import Failure, decide, retry_delay
 from tests.conftest import Names
 from tests.conftest import metric_value as counter
 from tests.support import exec_handlers

@@ -38,6 +38,7 @@ from redis import asyncio as aioredis
 from saq.types import Context
 
 from eventsched.core.config import load_settings, parse_size
+from eventsched.core.domain.jobcontract import make_job
 from eventsched.core.errors import ConfigError
 from eventsched.core.jobqueue import (
     JobQueue,
@@ -48,7 +49,6 @@ from eventsched.core.jobqueue import (
     run_worker,
 )
 from eventsched.core.jobqueue import budget as memory
-from eventsched.plugins.executor import make_job
 from tests.conftest import Names
 from tests.support.execution import (
     all_finished,

@@ -27,8 +27,8 @@ import trio
 
 from eventsched.core import execstore, migrate
 from eventsched.core.devstack import PostgresServer
+from eventsched.core.domain.jobcontract import make_job
 from eventsched.core.execstore import Claimed, ClaimRequest
-from eventsched.plugins.executor import make_job
 from tests.conftest import Names
 from tests.support.exec_handlers import read_journal
 from tests.support.execution import (

@@ -24,8 +24,8 @@ import trio_asyncio
 from confluent_kafka import KafkaError
 
 from eventsched.core.devstack import KafkaBroker
+from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.kafka import KafkaProducer, OutboundMessage, ensure_topics
-from eventsched.plugins.executor import make_job, saq_timeout
 from tests.conftest import Names, metric_value
 from tests.support.execution import (
     delete_queue_keys,

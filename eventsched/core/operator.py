@@ -696,8 +696,8 @@ class _Reruns:
     async def rerun(self, event_id: str, attempts: int | None) -> str | None:
         """Re-run the event if it is dead from the death this letter reported; None if it
         was re-run (or would be, in a dry run), else why not."""
+        from eventsched.core.domain.jobcontract import make_job, saq_timeout
         from eventsched.core.postgres import Database
-        from eventsched.plugins.executor import make_job, saq_timeout
 
         if self._db is None:
             self._db = await Database.open(

@@ -68,6 +68,7 @@ from confluent_kafka.admin import AdminClient
 
 from eventsched.core import dlqstore, eventstore, metrics
 from eventsched.core.config import require_kafka
+from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.errors import DecodeError, DependencyError
 from eventsched.core.events import (
     DLQ_MIN_BYTES,
@@ -89,7 +90,6 @@ from eventsched.core.kafka import (
 )
 from eventsched.core.logging import get_logger
 from eventsched.core.plugins import RoleContext
-from eventsched.plugins.executor import make_job, saq_timeout
 
 log = get_logger(__name__)
 T = TypeVar("T")

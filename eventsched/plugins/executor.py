@@ -17,18 +17,9 @@ The consumer enqueues one SAQ job per event; an :class:`~eventsched.core.jobqueu
 4. once the outcome committed: on ``retrying`` enqueues the next attempt; on ``dead`` hands
    the event to the DLQ publisher.
 
-Job contract (what the consumer and the reconciler enqueue)::
-
-    ScheduledJob(key=job_key(event_id, n), function=EXECUTE_FUNCTION,
-                 scheduled=<due time, epoch s>, kwargs={"event_id": "<uuid>"} for the first
-                 attempt, {"event_id": "<uuid>", "attempt": n} for retry n >= 2,
-                 timeout=saq_timeout(settings))
-
-Key scheme: the first attempt's key is the event id; retry ``n`` is ``"<event id>#<n>"``.
-SAQ still holds a job's key while that job runs, so a retry enqueued from inside the
-running job needs a key of its own; and a reconciler re-enqueue of the same attempt uses the
-same key, which SAQ skips while that job is pending. A dead event re-run by ``dlq replay``
-(``scheduled`` again) gets the first attempt's job: SAQ takes a finished key again.
+The job contract (key scheme, kwargs, timeout) is :mod:`eventsched.core.domain.jobcontract`.
+A dead event re-run by ``dlq replay`` (``scheduled`` again) gets the first attempt's job:
+SAQ takes a finished key again.
 
 Statuses and attempts: ``max_retries`` attempts in all (per budget: ``eventsched dlq replay``
 sets a dead event back to ``scheduled`` with a fresh budget, its attempts counting on from
@@ -118,6 +109,11 @@ import trio_asyncio
 
 from eventsched.core import execstore, metrics
 from eventsched.core.config import RetryBackoffSettings, Settings, redact, require_postgres
+from eventsched.core.domain.jobcontract import (
+    EXECUTE_FUNCTION,
+    make_job,
+    saq_timeout,
+)
 from eventsched.core.errors import DependencyError
 from eventsched.core.events import (
     DLQ_MAX_BYTES,
@@ -171,16 +167,12 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 #: SAQ function name of the executor's job (the consumer enqueues jobs by this name).
-EXECUTE_FUNCTION: Final = "execute_event"
 #: Seconds a job keeps re-sending its claim while PostgreSQL is unreachable before it gives
 #: up (the reconciler re-enqueues the event later).
 CLAIM_PATIENCE: Final = 10.0
 #: Same for the outcome; giving up leaves the event `running` for the reconciler's
 #: stale-running path (the handler would then run again).
 RECORD_PATIENCE: Final = 60.0
-#: SAQ's own job timeout is the handler timeout plus this much room for the claim and the
-#: outcome write, so our timeout (a recorded, retried failure) always fires first.
-SAQ_TIMEOUT_MARGIN: Final = 30
 #: Event types used as metric labels: those named in settings; any other is "other".
 OTHER_TYPE: Final = "other"
 #: Seconds between two outcome statements at most (write-behind: nobody waits for them).
@@ -196,30 +188,6 @@ CLAIM_AHEAD: Final = 0.01
 
 
 # -- pure parts: keys, jobs, backoff, decisions ---------------------------------------------------
-
-
-def job_key(event_id: str, attempt: int) -> str:
-    """SAQ job key of an event's attempt: the event id for the first, ``<id>#<n>`` after."""
-    return event_id if attempt <= 1 else f"{event_id}#{attempt}"
-
-
-def saq_timeout(settings: Settings) -> int:
-    """SAQ job timeout (whole seconds) for executor jobs: ``job_timeout`` plus a margin."""
-    return math.ceil(settings.executor.job_timeout) + SAQ_TIMEOUT_MARGIN
-
-
-def make_job(event_id: str, attempt: int, scheduled: float, timeout: int) -> ScheduledJob:
-    """The SAQ job that runs ``attempt`` of an event at ``scheduled`` (epoch seconds)."""
-    kwargs: dict[str, Any] = {"event_id": event_id}
-    if attempt > 1:
-        kwargs["attempt"] = attempt
-    return ScheduledJob(
-        key=job_key(event_id, attempt),
-        function=EXECUTE_FUNCTION,
-        scheduled=scheduled,
-        kwargs=kwargs,
-        timeout=timeout,
-    )
 
 
 def retry_delay(attempt: int, backoff: RetryBackoffSettings, rng: random.Random) -> float:
