@@ -959,7 +959,7 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("eventsched/core/execstore.py", "eventsched execstore"),
     ("eventsched/core/eventstore.py", "eventsched eventstore"),
     ("eventsched/core/events.py", "eventsched decode/encode"),
-    ("eventsched/core/kafka.py", "eventsched kafka adapter"),
+    ("eventsched/core/kafka/", "eventsched kafka adapter"),
     ("eventsched/plugins/executor.py", "eventsched executor"),
     ("eventsched/plugins/consumer.py", "eventsched consumer"),
     ("eventsched/plugins/handlers.py", "eventsched handlers"),

@@ -408,17 +408,17 @@ def test_waiting_work_sees_records_inside_the_last_batch(
     end minus the committed offset reads 0 for records inside that batch; they still wait."""
     from confluent_kafka.admin import AdminClient
 
-    from eventsched.plugins import consumer as consumer_module
-    from eventsched.plugins.consumer import _EmptyPartitions, _waiting_work
+    from eventsched.core.kafka import admin as admin_module
+    from eventsched.core.kafka.admin import EmptyPartitions, waiting_work
 
     fetched: list[dict[int, int]] = []
-    fetch = consumer_module._records_at
+    fetch = admin_module._records_at
 
     def counted(*args: Any) -> tuple[set[int], set[int]]:
         fetched.append(dict(args[3]))
         return fetch(*args)
 
-    monkeypatch.setattr(consumer_module, "_records_at", counted)
+    monkeypatch.setattr(admin_module, "_records_at", counted)
 
     ensure_topics(kafka_bootstrap, {names.topic: 2})
     # One produce call, one partition: ten records in one batch (linger 5 ms).
@@ -433,10 +433,10 @@ def test_waiting_work_sees_records_inside_the_last_batch(
         finally:
             consumer.close()
 
-    empty = _EmptyPartitions()
+    empty = EmptyPartitions()
 
     def waiting() -> dict[int, tuple[int, bool]]:
-        return _waiting_work(admin, probe, names.group, names.topic, {}, empty, 5.0)
+        return waiting_work(admin, probe, names.group, names.topic, {}, empty, 5.0)
 
     # Nothing committed: everything waits on partition 0, nothing on the empty partition 1.
     assert waiting() == {0: (-1001, True), 1: (-1001, False)}

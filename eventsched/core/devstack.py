@@ -68,6 +68,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from eventsched.core.errors import DevStackError
+from eventsched.core.kafka.clientconfig import ClientKind, client_config
 
 __all__ = [
     "DevStack",
@@ -756,7 +757,9 @@ class KafkaBroker(ManagedServer):
     def _probe(self, timeout: float) -> bool:
         # Keep the client in a local until list_topics returns: a temporary would be freed
         # while librdkafka still works on the request.
-        admin = AdminClient({"bootstrap.servers": self.url, "socket.timeout.ms": 2000})
+        admin = AdminClient(
+            client_config(ClientKind.ADMIN, self.url, own={"socket.timeout.ms": 2000})
+        )
         try:
             admin.list_topics(timeout=timeout)
         except KafkaException:

@@ -41,7 +41,6 @@ from eventsched.core.config import (
     Settings,
     parse_duration,
     redact,
-    require_kafka,
     require_postgres,
     require_redis,
 )
@@ -59,7 +58,7 @@ from eventsched.core.events import (
     parse_time,
 )
 from eventsched.core.execstore import DEAD_REASONS
-from eventsched.core.kafka import PRODUCER_DEFAULTS
+from eventsched.core.kafka import ClientKind, config_from_settings
 
 if TYPE_CHECKING:
     from eventsched.core.jobqueue import JobQueue
@@ -197,12 +196,9 @@ def _human(seconds: float) -> str:
 
 def send_event(settings: Settings, event: Event, *, timeout: float = 15.0) -> tuple[int, int]:
     """Publish ``event`` (idempotent producer, acks=all); returns (partition, offset)."""
-    config = {
-        **PRODUCER_DEFAULTS,
-        **settings.kafka.client,
-        "bootstrap.servers": require_kafka(settings),
-        "message.timeout.ms": int(timeout * 1000),
-    }
+    config = config_from_settings(
+        settings, ClientKind.PRODUCER, own={"message.timeout.ms": int(timeout * 1000)}
+    )
     producer = _client(Producer, config)
     outcome: dict[str, Any] = {}
     headers: list[tuple[str, str | bytes | None]] = [*kafka_headers()]
@@ -247,18 +243,19 @@ def _client(cls: Callable[[dict[str, Any]], T], config: dict[str, Any]) -> T:
 def _reader(settings: Settings, group: str, **extra: Any) -> Consumer:
     return _client(
         Consumer,
-        {
-            **settings.kafka.client,
-            **settings.kafka.consumer_client,
-            "bootstrap.servers": require_kafka(settings),
-            "group.id": group,
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-            # Short long-polls: an empty partition answers (EOF) quickly.
-            "fetch.wait.max.ms": 100,
-            **extra,
-        },
+        config_from_settings(
+            settings,
+            ClientKind.READER,
+            own={
+                "group.id": group,
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                # Short long-polls: an empty partition answers (EOF) quickly.
+                "fetch.wait.max.ms": 100,
+                **extra,
+            },
+        ),
     )
 
 
@@ -279,9 +276,7 @@ _LATEST: Final = kafka_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no
 
 
 def _admin(settings: Settings) -> AdminClient:
-    return _client(
-        AdminClient, {**settings.kafka.client, "bootstrap.servers": require_kafka(settings)}
-    )
+    return _client(AdminClient, config_from_settings(settings, ClientKind.ADMIN))
 
 
 def _list_offsets(
@@ -827,10 +822,7 @@ def _replay_letters(
     consumer = _reader(settings, group)
     producer = None
     if not dry_run:
-        producer = _client(
-            Producer,
-            {**PRODUCER_DEFAULTS, **k.client, "bootstrap.servers": require_kafka(settings)},
-        )
+        producer = _client(Producer, config_from_settings(settings, ClientKind.PRODUCER))
     pending: list[tuple[int, int]] = []  # (partition, next offset) examined, not committed
     failures: list[str] = []
 

@@ -274,9 +274,9 @@ class Runtime:
         if "kafka_producer" not in self.needs:
             yield
             return
-        from eventsched.core.kafka import KafkaProducer
+        from eventsched.core.kafka import ClientKind, KafkaProducer, config_from_settings
 
-        config = {"bootstrap.servers": require_kafka(self.settings), **self.settings.kafka.client}
+        config = config_from_settings(self.settings, ClientKind.PRODUCER)
         async with KafkaProducer.open(
             config, flush_timeout=self.settings.shutdown.grace
         ) as producer:

@@ -9,7 +9,7 @@ batch at a time in fetch order, and commits follow fetch order:
    inserted into PostgreSQL with ONE statement (``ON CONFLICT (idempotency_key) DO
    NOTHING``), then the keys that already existed are looked up.
 2. *schedule*: one pipelined enqueue of a SAQ job (the executor's contract,
-   :func:`eventsched.plugins.executor.make_job`: key = event id, scheduled = due time) for
+   :func:`eventsched.core.domain.jobcontract.make_job`: key = event id, scheduled = due time) for
    every event of the batch whose row is still ``scheduled`` - new rows and rows a crashed
    run inserted but never enqueued (enqueueing a pending key again is a no-op).
 3. *commit*: the batch's offsets; batches that became durable while a commit was in flight
@@ -56,18 +56,8 @@ from typing import Any, ClassVar, Final, TypeVar
 
 import tenacity
 import trio
-from confluent_kafka import (
-    Consumer,
-    ConsumerGroupTopicPartitions,
-    KafkaError,
-    KafkaException,
-    TopicPartition,
-)
-from confluent_kafka import admin as kafka_admin
-from confluent_kafka.admin import AdminClient
 
 from eventsched.core import dlqstore, eventstore, metrics
-from eventsched.core.config import require_kafka
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.errors import DecodeError, DependencyError
 from eventsched.core.events import (
@@ -82,11 +72,15 @@ from eventsched.core.events import (
 from eventsched.core.eventstore import IngestRow, RowsRejected, StoredEvent
 from eventsched.core.jobqueue import ScheduledJob
 from eventsched.core.kafka import (
+    Admin,
     Batch,
+    ClientKind,
+    EmptyPartitions,
     KafkaConsumer,
     OutboundMessage,
     Record,
     TopicPartitionKey,
+    config_from_settings,
 )
 from eventsched.core.logging import get_logger
 from eventsched.core.plugins import RoleContext
@@ -96,9 +90,6 @@ T = TypeVar("T")
 
 #: DLQ reason for a row PostgreSQL refused even alone (decode reasons come from events.py).
 DB_REJECTED: Final = "db_rejected"
-# OffsetSpec is public API, but confluent-kafka's stubs neither export nor type it.
-_LATEST: Final = kafka_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no-untyped-call]
-_EARLIEST: Final = kafka_admin.OffsetSpec.earliest()  # type: ignore[attr-defined,no-untyped-call]
 #: Durable batches that may wait for the committer before scheduling waits too.
 COMMIT_BACKLOG: Final = 4
 #: Batches being recorded and scheduled at once. The consumer is latency-bound (it waits
@@ -106,10 +97,6 @@ COMMIT_BACKLOG: Final = 4
 #: run one at a time in fetch order (the first of two conflicting duplicates wins, and two
 #: INSERTs never wait on each other's keys).
 PARALLEL_BATCHES: Final = 2
-#: librdkafka properties of the consumer that settings may override. librdkafka prefetches
-#: up to 64 MB per consumer by default, more than a batch pipeline needs: 16 MB still keeps
-#: a consumer at ~20,000 events/s fed (bench.ingest: RSS 171 -> 149 MB, same rate).
-CONSUMER_CLIENT_DEFAULTS: Final = {"queued.max.messages.kbytes": 16384}
 #: The stall reason (``eventsched_role_stalled`` label) while dead letters cannot be sent.
 DLQ_FAILING: Final = "dlq_failing"
 
@@ -221,14 +208,14 @@ class IngestConsumer:
             task_status.started()
             return
         s, k = self.settings.consumer, self.settings.kafka
-        config = {
-            **CONSUMER_CLIENT_DEFAULTS,
-            **k.client,
-            **k.consumer_client,
-            "bootstrap.servers": require_kafka(self.settings),
-            "group.id": k.consumer_group,
-            "client.id": f"eventsched-consumer-{self._consumer_id}",
-        }
+        config = config_from_settings(
+            self.settings,
+            ClientKind.GROUP_CONSUMER,
+            own={
+                "group.id": k.consumer_group,
+                "client.id": f"eventsched-consumer-{self._consumer_id}",
+            },
+        )
         async with KafkaConsumer.open(
             config,
             [k.topic],
@@ -704,19 +691,21 @@ class IngestConsumer:
         ListOffsets(latest) with the start of the last record batch).
         """
         limiter = trio.CapacityLimiter(1)
-        config: dict[str, Any] = {
-            **self.settings.kafka.client,
-            "bootstrap.servers": require_kafka(self.settings),
-            "error_cb": lambda err: None,  # the runtime's own probe reports the broker
-        }
-        admin = AdminClient(config)
+        admin = Admin(
+            config_from_settings(
+                self.settings,
+                ClientKind.ADMIN,
+                # The runtime's own probe reports the broker.
+                own={"error_cb": lambda err: None},
+            )
+        )
         shown: set[str] = set()
         while True:
             await trio.sleep(self.settings.consumer.lag_interval)
             assigned = sorted(consumer.assignment())
             try:
                 ends = await trio.to_thread.run_sync(
-                    _latest_offsets, admin, assigned, limiter=limiter, abandon_on_cancel=True
+                    admin.latest_offsets, assigned, limiter=limiter, abandon_on_cancel=True
                 )
             except DependencyError as err:
                 self._log.debug("lag_unavailable", error=str(err))
@@ -742,8 +731,9 @@ class IngestConsumer:
 
         Having no partitions is normal for a spare member (more members than partitions),
         so it is not a stall by itself. Records wait on a partition when the group's
-        committed offset there is below the end (see :func:`_waiting_work`); nobody works
-        on them when they have waited behind the same committed offset for the grace too.
+        committed offset there is below the end (see
+        :func:`~eventsched.core.kafka.admin.waiting_work`); nobody works on them when they
+        have waited behind the same committed offset for the grace too.
         So a spare beside a member that keeps committing stays ready even while records
         come in (some brokers, Tansu among them, list no member assignments in
         DescribeGroups: the committed offsets are the sign of a working member that every
@@ -754,20 +744,21 @@ class IngestConsumer:
         s, k = self.settings.consumer, self.settings.kafka
         role = self.ctx.role
         limiter = trio.CapacityLimiter(1)
-        client: dict[str, Any] = {
-            **k.client,
-            "bootstrap.servers": require_kafka(self.settings),
-            "error_cb": lambda err: None,  # the runtime's own probe reports the broker
-        }
+        client = config_from_settings(
+            self.settings,
+            ClientKind.ADMIN,
+            # The runtime's own probe reports the broker.
+            own={"error_cb": lambda err: None},
+        )
         # One admin client for every check, made at the first (the worker thread holds it
         # while it asks); a consumer that always has partitions never connects one.
-        admin: AdminClient | None = None
+        admin: Admin | None = None
         spell: float | None = None
         # Per partition where records wait, during this spell without partitions: the
         # group's committed offset and the monotonic instant records were first seen
         # waiting behind that same offset.
         unmoved: dict[int, tuple[int, float]] = {}
-        empty = _EmptyPartitions()
+        empty = EmptyPartitions()
         try:
             while True:
                 # Taken before looking, so that a change while we look ends the wait.
@@ -780,13 +771,11 @@ class IngestConsumer:
                     # A new spell: look after one interval (most rebalances end by then).
                     spell, unmoved = since, {}
                 else:
-                    if admin is None:  # (an AdminClient has a __len__: no `or`)
-                        admin = AdminClient(client)
+                    if admin is None:
+                        admin = Admin(client)
                     try:
                         waiting = await trio.to_thread.run_sync(
-                            _waiting_work,
-                            admin,
-                            client,
+                            admin.waiting_work,
                             k.consumer_group,
                             k.topic,
                             {p: end for (t, p), end in self._fetched_end.items() if t == k.topic},
@@ -836,144 +825,6 @@ class IngestConsumer:
             self.ctx.health.stall(role, "unassigned", "no partitions assigned", since)
         else:
             self.ctx.health.unstall(role, "unassigned")
-
-
-class _EmptyPartitions:
-    """What the last fetches found: per partition, the (start offset, ListOffsets(latest)
-    answer) at which a fetch saw no record. While both stay the same no record has been
-    added (a new record batch moves the answer, on Tansu too), so no fetch is needed.
-    Touched only by :func:`_waiting_work`, one call at a time."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, tuple[int, int]] = {}
-
-
-def _waiting_work(
-    admin: AdminClient,
-    client: dict[str, Any],
-    group: str,
-    topic: str,
-    known_ends: dict[int, int],
-    empty: _EmptyPartitions,
-    timeout: float,
-) -> dict[int, tuple[int, bool]]:
-    """Blocking (worker thread): per partition of ``topic``, the committed offset of
-    ``group`` (negative when none) and whether records wait at or past it.
-
-    A record waits when the end of the partition is beyond the committed offset (or the
-    earliest offset when nothing is committed). The end is the larger of ListOffsets(latest)
-    and ``known_ends`` (what this consumer fetched); when that does not show a waiting
-    record, a fetch from the committed offset decides, because Tansu answers
-    ListOffsets(latest) with the start of the last record batch, not its end. The fetch
-    uses a consumer of its own that only ``assign``s (it joins no group, commits nothing)
-    with ``client``'s connection settings; its group id is never used for a commit. It is
-    skipped where ``empty`` shows that nothing changed since a fetch found no record.
-
-    Raises:
-        DependencyError: the broker did not answer.
-    """
-    try:
-        metadata = admin.list_topics(topic, timeout=timeout)
-        found = metadata.topics.get(topic)
-        if found is None or found.error is not None:
-            problem = found.error if found is not None else "missing"
-            raise DependencyError("kafka", f"cannot describe topic {topic}: {problem}")
-        keys = [TopicPartition(topic, p) for p in sorted(found.partitions)]
-        if not keys:
-            return {}
-        answer = admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, keys)], request_timeout=timeout
-        )[group].result(timeout + 1)
-        committed = {tp.partition: tp.offset for tp in answer.topic_partitions}
-        ends = _offsets(admin, keys, _LATEST, timeout)
-        starts = _offsets(admin, keys, _EARLIEST, timeout)
-    except (KafkaException, TimeoutError) as err:
-        raise DependencyError("kafka", f"cannot read the group's offsets: {err}") from err
-    result: dict[int, tuple[int, bool]] = {}
-    unsure: dict[int, int] = {}
-    for tp in keys:
-        p = tp.partition
-        offset = committed.get(p, -1)
-        start = offset if offset >= 0 else starts.get(p, 0)
-        end = ends.get(p, 0)
-        result[p] = (offset, max(end, known_ends.get(p, 0)) > start)
-        if not result[p][1] and empty.seen.get(p) != (start, end):
-            unsure[p] = start
-    if unsure:
-        with_records, at_end = _records_at(client, group, topic, unsure, timeout)
-        for p, start in unsure.items():
-            if p in with_records:
-                result[p] = (result[p][0], True)
-                empty.seen.pop(p, None)
-            elif p in at_end:
-                empty.seen[p] = (start, ends.get(p, 0))
-    return result
-
-
-def _offsets(
-    admin: AdminClient, keys: Sequence[TopicPartition], spec: Any, timeout: float
-) -> dict[int, int]:
-    futures = admin.list_offsets(
-        {TopicPartition(tp.topic, tp.partition): spec for tp in keys}, request_timeout=timeout
-    )
-    return {tp.partition: f.result(timeout + 1).offset for tp, f in futures.items()}
-
-
-def _records_at(
-    client: dict[str, Any], group: str, topic: str, starts: dict[int, int], timeout: float
-) -> tuple[set[int], set[int]]:
-    """Blocking: fetch from each partition's start offset; returns (the partitions with a
-    record at or past it, those found at their end). A partition in neither gave no answer
-    within ``timeout``; callers count it as empty: this check must not call a consumer
-    stalled on a guess."""
-    probe = Consumer(
-        {
-            **client,
-            "group.id": f"{group}.unassigned-probe",
-            "client.id": "eventsched-unassigned-probe",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "latest",
-            "max.partition.fetch.bytes": 65536,
-            "queued.max.messages.kbytes": 64,
-        }
-    )
-    found: set[int] = set()
-    at_end: set[int] = set()
-    try:
-        probe.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
-        deadline = time.monotonic() + timeout
-        while len(found) + len(at_end) < len(starts) and time.monotonic() < deadline:
-            for message in probe.consume(len(starts), 0.2):
-                partition, error = message.partition(), message.error()
-                if partition is None or partition not in starts or partition in found:
-                    continue
-                if error is None:
-                    offset = message.offset()
-                    if offset is not None and offset >= starts[partition]:
-                        found.add(partition)
-                        at_end.discard(partition)
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    at_end.add(partition)
-    finally:
-        probe.close()
-    return found, at_end
-
-
-def _latest_offsets(
-    admin: AdminClient, partitions: Sequence[TopicPartitionKey]
-) -> dict[TopicPartitionKey, int]:
-    """Blocking: the latest offset of every partition, in one ListOffsets request."""
-    if not partitions:
-        return {}
-    futures = admin.list_offsets(
-        {TopicPartition(topic, p): _LATEST for topic, p in partitions}, request_timeout=5.0
-    )
-    try:
-        return {(tp.topic, tp.partition): f.result(6.0).offset for tp, f in futures.items()}
-    except (KafkaException, TimeoutError) as err:
-        raise DependencyError("kafka", f"cannot read the end offsets: {err}") from err
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:

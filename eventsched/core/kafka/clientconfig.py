@@ -1,0 +1,130 @@
+"""The one place where a librdkafka configuration is put together.
+
+Every client eventsched makes (the roles' producer and consumer, the operator commands'
+producers, readers and admin clients, the readiness probe, the dev stack's probe) gets its
+configuration from :func:`client_config`, so all of them layer the same settings in the
+same order. Pure functions: they run on whichever side calls them (trio or a worker
+thread) and touch no client.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any, Final
+
+from eventsched.core.config import Settings, require_kafka
+
+PRODUCER_DEFAULTS: Final[Mapping[str, Any]] = {
+    # No duplicates or reordering on internal retries; requires acks=all.
+    "enable.idempotence": True,
+    "acks": "all",
+    # A few ms of batching costs little latency and saves many requests.
+    "linger.ms": 5,
+    # Upper bound on how long ``send`` waits for a delivery report (librdkafka's default is
+    # 5 minutes, far too long for a caller that awaits each report).
+    "message.timeout.ms": 30_000,
+}
+
+CONSUMER_DEFAULTS: Final[Mapping[str, Any]] = {
+    # Offsets are committed explicitly, only after PostgreSQL and Redis succeeded.
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    "auto.offset.reset": "earliest",
+    # Liveness is judged by heartbeats from librdkafka's own thread: a dead process loses
+    # its partitions after session.timeout.ms; the heartbeat interval stays at most a
+    # third of it. (Tansu takes about session.timeout.ms / 2 to complete a group join.)
+    "session.timeout.ms": 10_000,
+    "heartbeat.interval.ms": 1_000,
+    # Progress is judged by the time between consume() calls. Slow processing in trio does
+    # not count against it: when trio leaves a batch untaken, the worker pauses fetching
+    # and keeps calling consume() (see _ConsumerWorker.HOLD_AFTER). What does count is time
+    # the worker spends elsewhere: a rebalance hook (bounded by hook_timeout), a commit or
+    # lag query (bounded by socket.timeout.ms). librdkafka's default is ample for those.
+    "max.poll.interval.ms": 300_000,
+    # Bounds each broker request, notably the synchronous commit the consumer thread waits
+    # on, well below librdkafka's 60 s default.
+    "socket.timeout.ms": 10_000,
+}
+
+#: librdkafka properties of the consumer role's consumer that settings may override.
+#: librdkafka prefetches up to 64 MB per consumer by default, more than a batch pipeline
+#: needs: 16 MB still keeps a consumer at ~20,000 events/s fed (bench.ingest: RSS 171 ->
+#: 149 MB, same rate).
+CONSUMER_CLIENT_DEFAULTS: Final[Mapping[str, Any]] = {"queued.max.messages.kbytes": 16384}
+
+
+class ClientKind(enum.Enum):
+    """What a configuration is for; it decides the defaults and which settings apply."""
+
+    #: A producer: the roles' shared :class:`KafkaProducer`, ``eventsched send``, the
+    #: producer of ``eventsched dlq replay``.
+    PRODUCER = "producer"
+    #: The consumer role's group member (:class:`KafkaConsumer`).
+    GROUP_CONSUMER = "group_consumer"
+    #: A consumer that reads topics for an operator command (its own group id, no role).
+    READER = "reader"
+    #: An ``AdminClient`` (topics, offsets, the readiness probe).
+    ADMIN = "admin"
+
+
+_DEFAULTS: Final[Mapping[ClientKind, Mapping[str, Any]]] = {
+    ClientKind.PRODUCER: PRODUCER_DEFAULTS,
+    ClientKind.GROUP_CONSUMER: {**CONSUMER_DEFAULTS, **CONSUMER_CLIENT_DEFAULTS},
+    ClientKind.READER: {},
+    ClientKind.ADMIN: {},
+}
+_CONSUMER_KINDS: Final = frozenset({ClientKind.GROUP_CONSUMER, ClientKind.READER})
+
+
+def client_config(
+    kind: ClientKind,
+    bootstrap: str,
+    *,
+    client: Mapping[str, Any] | None = None,
+    consumer_client: Mapping[str, Any] | None = None,
+    own: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The librdkafka configuration of one client; a later layer wins over an earlier one:
+
+    1. the kind's built-in defaults (:data:`PRODUCER_DEFAULTS`; :data:`CONSUMER_DEFAULTS`
+       and :data:`CONSUMER_CLIENT_DEFAULTS` for the group consumer; none otherwise);
+    2. ``client`` (setting ``kafka.client``, for every client);
+    3. ``consumer_client`` (setting ``kafka.consumer_client``), for consumers only
+       (:attr:`ClientKind.GROUP_CONSUMER`, :attr:`ClientKind.READER`); ignored otherwise;
+    4. ``bootstrap.servers`` = ``bootstrap`` (setting ``kafka.bootstrap_servers``);
+    5. ``own``: the keys the caller sets itself (``group.id``, ``client.id``, callbacks,
+       timeouts of a command, ...).
+
+    One exception to 4: a producer takes ``bootstrap`` beneath layer 2, so a
+    ``bootstrap.servers`` in ``kafka.client`` points every producer (and only producers)
+    at another cluster, while consumers, admin clients and the readiness probe keep
+    ``kafka.bootstrap_servers``.
+    """
+    config: dict[str, Any] = dict(_DEFAULTS[kind])
+    if kind is ClientKind.PRODUCER:
+        config["bootstrap.servers"] = bootstrap
+    config.update(client or {})
+    if kind in _CONSUMER_KINDS:
+        config.update(consumer_client or {})
+    if kind is not ClientKind.PRODUCER:
+        config["bootstrap.servers"] = bootstrap
+    config.update(own or {})
+    return config
+
+
+def config_from_settings(
+    settings: Settings, kind: ClientKind, own: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """:func:`client_config` with its layers taken from ``settings.kafka``.
+
+    Raises:
+        ConfigError: ``kafka.bootstrap_servers`` is not set.
+    """
+    return client_config(
+        kind,
+        require_kafka(settings),
+        client=settings.kafka.client,
+        consumer_client=settings.kafka.consumer_client,
+        own=own,
+    )
