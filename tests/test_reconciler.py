@@ -22,7 +22,7 @@ import trio
 from eventsched.core.config import Settings
 from eventsched.core.devstack import RedisServer
 from eventsched.core.domain.jobcontract import make_job
-from eventsched.plugins.reconciler import LeaderLock, lock_key
+from eventsched.core.leader import LeaderLock, lock_key
 from tests.conftest import Names
 from tests.conftest import metric_value as sample
 from tests.support import exec_handlers
