@@ -45,3 +45,57 @@ def test_no_role_plugin_imports_another() -> None:
                 if other in ROLES and other != path.stem and (path.stem, other) not in ALLOWED:
                     offending.add(f"{path.stem} imports {other}")
     assert offending == set()
+
+
+def _part(module: str) -> str:
+    """``eventsched.core.kafka.producer`` -> ``core.kafka``; ``eventsched.cli`` -> ``cli``."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "eventsched"
+    if parts[0] in ("core", "plugins") and len(parts) > 1:
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+def _documented() -> dict[str, set[str]]:
+    text = (PLUGINS.parents[1] / "docs" / "architecture.md").read_text()
+    block = text.split("```dependencies\n", 1)[1].split("```", 1)[0]
+    return {
+        part: set(deps.split())
+        for part, _, deps in (line.partition(":") for line in block.splitlines() if line)
+    }
+
+
+def test_the_imports_match_docs_architecture() -> None:
+    package = PLUGINS.parent
+    actual: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+        module = module.removesuffix(".__init__")
+        part = _part(module)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith(
+                "eventsched"
+            ):
+                continue
+            targets = (
+                [f"{node.module}.{alias.name}" for alias in node.names]
+                if node.module in ("eventsched.core", "eventsched.plugins")
+                else [str(node.module)]
+            )
+            for target in targets:
+                if _part(target) != part:
+                    actual.setdefault(part, set()).add(_part(target))
+    documented = _documented()
+    undocumented = {
+        part: sorted(deps - documented.get(part, set()))
+        for part, deps in actual.items()
+        if deps - documented.get(part, set())
+    }
+    assert undocumented == {}, "imports missing from docs/architecture.md"
+    core_to_plugins = {
+        part: sorted(dep for dep in deps if dep.startswith("plugins"))
+        for part, deps in actual.items()
+        if part.startswith("core") and any(dep.startswith("plugins") for dep in deps)
+    }
+    assert core_to_plugins == {}
