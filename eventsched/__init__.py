@@ -1,12 +1,44 @@
 """eventsched: a deferred-event scheduler (Kafka in, PostgreSQL log, SAQ on Redis out).
 
+What user code is written against:
+
+- the handler contract: :class:`HandlerEvent`, :data:`Handler`, :class:`HandlerContext`,
+  :func:`handler_factory`, :class:`PermanentError`;
+- the event wire helpers: :class:`Event`, :func:`new_event` (build one),
+  :func:`encode_event` (its Kafka value), :func:`kafka_key` and :func:`kafka_headers`;
+- ``__version__``.
+
 Importing this package has no side effects: the trio-asyncio bootstrap that the runtime
-needs (:mod:`eventsched.core.bootstrap`) runs in the process entry points, not here.
+needs (:mod:`eventsched.core.bootstrap`) runs in the process entry points, not here, and no
+server library is imported.
 """
 
 from importlib.metadata import PackageNotFoundError, version
+
+from eventsched.core.domain.handler import (
+    Handler,
+    HandlerContext,
+    HandlerEvent,
+    PermanentError,
+    handler_factory,
+)
+from eventsched.core.events import Event, encode_event, kafka_headers, kafka_key, new_event
 
 try:
     __version__ = version("eventsched")  # written once, in pyproject.toml
 except PackageNotFoundError:  # a checkout on sys.path that was never installed
     __version__ = "0+unknown"
+
+__all__ = [
+    "Event",
+    "Handler",
+    "HandlerContext",
+    "HandlerEvent",
+    "PermanentError",
+    "__version__",
+    "encode_event",
+    "handler_factory",
+    "kafka_headers",
+    "kafka_key",
+    "new_event",
+]

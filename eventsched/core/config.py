@@ -19,7 +19,6 @@ from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
-from psycopg.conninfo import conninfo_to_dict
 
 from eventsched.core import packagedata
 from eventsched.core.errors import ConfigError
@@ -517,6 +516,8 @@ def _validate_dsn(dsn: str) -> str:
             "the user name or password contains an unencoded '@' or '/':"
             " percent-encode them (%40, %2F)",
         )
+    from psycopg.conninfo import conninfo_to_dict  # only where a DSN is checked
+
     try:
         conninfo_to_dict(dsn)
         if "://" in dsn:

@@ -22,18 +22,24 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import trio
 
+# The handler contract lives in eventsched.core.domain.handler (public as eventsched.*);
+# re-exported here for the plugins and tests that load and check handlers.
+from eventsched.core.domain.handler import Handler as Handler
+from eventsched.core.domain.handler import HandlerContext as HandlerContext
+from eventsched.core.domain.handler import HandlerEvent as HandlerEvent
+from eventsched.core.domain.handler import HandlerFactory as HandlerFactory
+from eventsched.core.domain.handler import PermanentError as PermanentError
+from eventsched.core.domain.handler import handler_factory as handler_factory
+from eventsched.core.domain.handler import is_handler_factory
 from eventsched.core.errors import EventschedError, PluginError
 
 if TYPE_CHECKING:
-    import httpx
-
     from eventsched.core.config import Settings
     from eventsched.core.http import Health
     from eventsched.core.jobqueue import JobQueue
@@ -90,51 +96,6 @@ class RolePlugin(Protocol):
 
 
 RoleFactory = Callable[[RoleContext], RolePlugin]
-
-
-@dataclass(frozen=True)
-class HandlerEvent:
-    """What a handler receives: enough to act, and the id to make side effects idempotent."""
-
-    id: str
-    type: str
-    payload: Mapping[str, Any]
-    execute_at: datetime
-    attempt: int
-
-
-Handler = Callable[[HandlerEvent], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class HandlerContext:
-    """What a handler factory receives: the settings and the executor's shared clients."""
-
-    settings: Settings
-    key: str  # the settings key being loaded, e.g. "handlers.default"
-    # The executor's one shared HTTP client (asyncio side), created on first call and
-    # closed by the executor on shutdown.
-    http_client: Callable[[], httpx.AsyncClient]
-
-
-HandlerFactory = Callable[[HandlerContext], Handler]
-F = TypeVar("F", bound=Callable[..., Any])
-_FACTORY_MARK = "__eventsched_handler_factory__"
-
-
-def handler_factory(fn: F) -> F:
-    """Mark ``fn(context: HandlerContext) -> Handler`` as a handler factory: settings may
-    name it like a handler, and :func:`load_handler` calls it to build the handler."""
-    setattr(fn, _FACTORY_MARK, True)
-    return fn
-
-
-def is_handler_factory(obj: object) -> bool:
-    return bool(getattr(obj, _FACTORY_MARK, False))
-
-
-class PermanentError(EventschedError):
-    """Raised by a handler when retrying cannot help (bad payload): the event goes dead."""
 
 
 KNOWN_NEEDS = frozenset({"postgres", "redis", "kafka", "kafka_producer"})
