@@ -30,7 +30,7 @@ from eventsched.core.plugins import Resources, RoleContext
 from eventsched.core.postgres import Database
 from eventsched.core.queue import JobQueue
 from eventsched.plugins.executor import Executor, make_job, saq_timeout
-from tests.conftest import Names
+from tests.support.servers import Names
 
 
 @dataclass(frozen=True)
