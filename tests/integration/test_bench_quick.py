@@ -69,7 +69,7 @@ def test_throughput_quick(tmp_path: Path) -> None:
         assert d["all_finished"] and d["statuses"] == {"succeeded": count}
         assert d["throughput_finished"]["count"] == count and d["throughput_finished"]["per_s"] > 0
         assert d["load"]["enqueued"] == count
-    assert r["targets"]["scaling"] is not None
+    assert r["targets"]["scaling"] > 0  # two executors' throughput over one's
     assert r["stock_saq"]["finished"] == count
     assert r["stock_saq"]["throughput_finished"]["per_s"] > 0
 

@@ -212,6 +212,7 @@ async def test_send_many_and_consume_all_in_batches(bootstrap: str) -> None:
         assert record.headers == (("n", number.encode()),)
         assert record.header("n") == number.encode()
         assert record.timestamp_ms is not None
+        assert abs(time.time() * 1000 - record.timestamp_ms) < 300_000  # produced by this test
     for partition in range(3):
         offsets = [r.offset for r in records if r.partition == partition]
         assert offsets == list(range(len(offsets)))

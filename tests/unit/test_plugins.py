@@ -6,6 +6,7 @@ import pytest
 
 from eventsched.core.errors import PluginError
 from eventsched.core.plugins import load_handler, load_role_factory
+from tests.support import roles
 
 
 def test_loads_a_valid_role() -> None:
@@ -43,7 +44,8 @@ def test_bad_role_plugins(target: str, message: str) -> None:
 
 
 def test_loads_a_handler() -> None:
-    assert load_handler("handlers.default", "tests.support.roles:good_handler") is not None
+    handler = load_handler("handlers.default", "tests.support.roles:good_handler")
+    assert handler is roles.good_handler
 
 
 @pytest.mark.parametrize(
