@@ -86,9 +86,6 @@ def _free_port() -> int:
         return port
 
 
-# -- item 1: the copy always fits ----------------------------------------------------------
-
-
 # -- item 1 through the consumer role --------------------------------------------------------
 
 

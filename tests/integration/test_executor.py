@@ -68,12 +68,12 @@ def executor_settings(make_settings: Any, handler: str = "ok", **sections: Any) 
 # -- pure parts ------------------------------------------------------------------------------
 
 
-# -- the SQL: compare-and-set, idempotent re-sends -----------------------------------------------
-
-
 def test_saq_timeout_leaves_room_for_our_own_timeout(make_settings: Any) -> None:
     settings = make_settings(executor={"job_timeout": "2.5s"})
     assert saq_timeout(settings) == 3 + 30
+
+
+# -- the SQL: compare-and-set, idempotent re-sends -----------------------------------------------
 
 
 def test_claims_and_outcomes_are_compare_and_set_and_safe_to_resend(database: str) -> None:

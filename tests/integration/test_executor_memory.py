@@ -19,7 +19,6 @@ Margins, and why:
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import sys
 import threading
@@ -181,24 +180,15 @@ async def test_a_burst_of_big_payloads_stays_within_the_budget_and_memory_comes_
     assert after <= baseline + 16 * MB
 
 
-# -- the setting ---------------------------------------------------------------------------------
-
-
-# -- the budget's accounting (pure) -------------------------------------------------------------
-
-
 # -- the dispatcher keeps to the budget (real Redis) ----------------------------------------------
 
 
-REDIS_URL = os.environ.get("EVENTSCHED_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-
-
 @pytest.fixture
-async def jobs() -> AsyncIterator[JobQueue]:
+async def jobs(redis_url: str) -> AsyncIterator[JobQueue]:
     name = f"test-mem-{uuid.uuid4().hex[:12]}"
 
     async def cleanup() -> None:
-        redis = aioredis.from_url(REDIS_URL)
+        redis = aioredis.from_url(redis_url)
         try:
             for pattern in (f"saq:{name}:*", f"saq:job:{name}:*", f"saq:abort:{name}*"):
                 keys = [key async for key in redis.scan_iter(match=pattern)]
@@ -208,7 +198,7 @@ async def jobs() -> AsyncIterator[JobQueue]:
             await redis.aclose()
 
     async with trio_asyncio.open_loop():
-        queue = JobQueue(REDIS_URL, name)
+        queue = JobQueue(redis_url, name)
         await queue.connect()
         try:
             yield queue

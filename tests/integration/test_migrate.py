@@ -6,11 +6,9 @@ dropped afterwards), so the tests can run side by side with other suites.
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,17 +17,12 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
 from eventsched.core import migrate
 from eventsched.core.errors import MigrationError
 from tests.support.migrations import REPO_SQL_DIR, write_migrations
-
-ADMIN_DSN = os.environ.get(
-    "EVENTSCHED_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-
 
 # ------------------------------------------------------------------- fixtures
 
@@ -41,18 +34,10 @@ class Database:
 
 
 @pytest.fixture
-def database() -> Iterator[Database]:
-    """A fresh, empty database; dropped (connections and all) after the test."""
-    name = f"eventsched_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield Database(name, make_conninfo(ADMIN_DSN, dbname=name))
-    finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+def database(empty_database: str) -> Database:
+    """A fresh, empty database (the tier's ``empty_database``: dropped, connections and all,
+    after the test)."""
+    return Database(conninfo_to_dict(empty_database)["dbname"], empty_database)
 
 
 @pytest.fixture
@@ -94,9 +79,6 @@ def execute(dsn: str, query: str, params: tuple[Any, ...] = ()) -> list[tuple[An
     with psycopg.connect(dsn, autocommit=True) as conn:
         cur = conn.execute(query, params)
         return cur.fetchall() if cur.description else []
-
-
-# ------------------------------------------------------------ migration files
 
 
 # ------------------------------------------------------------- up and down
@@ -360,9 +342,6 @@ def test_lock_timeout_does_not_limit_the_migration_itself(
             assert migrate.up(database.dsn, sql_dir, lock_timeout=0.2) == [2]
         finally:
             releaser.join()
-
-
-# ----------------------------------------------------------- error messages
 
 
 # ---------------------------------------------------------- the real schema

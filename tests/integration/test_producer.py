@@ -19,9 +19,6 @@ from eventsched.core.summary import metric_total
 from tests.support.ingest import read_topic, running
 from tests.support.servers import Names
 
-# -- the schedule ----------------------------------------------------------------------
-
-
 # -- the role against the broker -------------------------------------------------------
 
 
