@@ -1,7 +1,8 @@
 """Specification of eventsched.core.migrate and of the first schema migration.
 
-Every test runs against a real PostgreSQL in a database of its own (random name,
-dropped afterwards), so the tests can run side by side with other suites.
+The checks that need no database are in tests/unit/test_migrate.py. Every test here runs
+against a real PostgreSQL in a database of its own (random name, dropped afterwards), so
+the tests can run side by side with other suites.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The producer role: random events on an interval, or a steady rate, into a real broker.
 
-The timing rule (:class:`RateSchedule`) is a pure function of the clock and is specified
-with plain numbers; the role itself runs in the real runtime against the broker, and what
+The timing rule (:class:`RateSchedule`) is a pure function of the clock, specified with
+plain numbers in tests/unit/test_producer.py; the role itself runs in the real runtime against the broker, and what
 it wrote is read back from the topic and decoded like the consumer would.
 """
 

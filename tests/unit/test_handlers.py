@@ -1,7 +1,8 @@
 """Specification of the built-in handlers (simulate, log, webhook) and of handler loading.
 
-The webhook handler is tested against a real HTTP server on a thread, both called directly
-(on the asyncio side, where the executor runs handlers) and through a running executor.
+The webhook handler is called directly (on the asyncio side, where the executor runs
+handlers) against a real HTTP server on a thread; tests/integration/test_handlers.py runs it
+through an executor.
 """
 
 from __future__ import annotations

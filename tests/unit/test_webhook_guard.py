@@ -3,8 +3,8 @@
 Every connection these tests make goes to loopback: the receivers listen on 127.0.0.1, and
 the refused targets are loopback spellings (the guard refuses them before connecting, which
 the receivers' request/connection counts show). Called directly (on the asyncio side, as the
-executor runs handlers) and through a running executor, where the error texts end up in
-``events.last_error``, ``event_attempts.error``, the DLQ ``dlq-error`` header and log lines.
+executor runs handlers); tests/integration/test_webhook_guard.py goes through a running
+executor.
 """
 
 from __future__ import annotations
