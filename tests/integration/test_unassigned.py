@@ -177,9 +177,15 @@ async def _wait_stalled(port: int, *, limit: float = 30.0) -> dict[str, Any]:
 
 
 def _metric_line(port: int) -> str:
+    """The ``unassigned`` series of the stall gauge (the registry is the process's: earlier
+    tests leave series of other reasons in it)."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     return next(
-        (line for line in text.splitlines() if line.startswith("eventsched_role_stalled{")),
+        (
+            line
+            for line in text.splitlines()
+            if line.startswith('eventsched_role_stalled{reason="unassigned",')
+        ),
         "",
     )
 
