@@ -1,11 +1,12 @@
 # The two set-up commands of the README: `make dev` runs the whole system locally without
-# Docker, `make test` runs the test suite. Both create (or reuse) .venv themselves.
+# Docker, `make test` runs the test suite (all three tiers). Both create (or reuse) .venv
+# themselves. `make test-unit` runs the fast tier alone (tests/unit: no servers needed).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint fmt venv clean
+.PHONY: dev test test-unit lint fmt venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ dev: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check eventsched tests $(wildcard bench)

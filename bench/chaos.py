@@ -26,7 +26,7 @@ was alive), the same attempt of an event started twice, and a succeeded event wi
 that ended ok.
 
     python -m bench.chaos                          # 120 s at 150 events/s, random seed
-    python -m bench.chaos --duration 60 --seed 7   # the CI run (tests/test_chaos.py)
+    python -m bench.chaos --duration 60 --seed 7   # the CI run (tests/integration/test_chaos.py)
     python -m bench.chaos --duration 1800 --fault-gap 20-40   # the 30-minute soak
     python -m bench.chaos --seed N ...             # replay a failure with its seed
 """
@@ -213,7 +213,7 @@ class Load:
 
     def bad_burst(self) -> int:
         """Produce the malformed corpus; returns how many messages were sent."""
-        from tests.test_bad_messages import load_corpus
+        from tests.support.corpus import load_corpus
 
         sent = 0
         for case in load_corpus(datetime.now(UTC)):

@@ -19,7 +19,7 @@ original step (which blocks until the next callback or timer). The shutdown drai
 The replacement reads trio-asyncio internals (``_q_recv``, ``_timers``,
 ``AsyncHandle``), so it is installed only for the versions it was checked against
 (:data:`CHECKED_VERSIONS`); any other version runs stock trio-asyncio (slower, equally
-correct), and ``tests/test_aioloop.py`` fails so that an upgrade is reviewed here.
+correct), and ``tests/unit/test_aioloop.py`` fails so that an upgrade is reviewed here.
 
 It also drops cancelled timers from the heap, as asyncio's own loop does: trio-asyncio's
 ``_timer_handle_cancelled`` does nothing, so every cancelled timer (each ``asyncio.timeout``

@@ -132,7 +132,7 @@ ClaimResult = Claimed | NotClaimed | NotDue
 # holds, and on a table of a few thousand rows (a fresh install, any test or benchmark)
 # that guess made it hash-join against a scan of every scheduled event: 1.77 -> 0.76 ms of
 # PostgreSQL CPU per claim + finish pair at batch 1 (bench.pg_statements). Finish does the
-# same; tests/test_executor.py checks both plans.
+# same; tests/integration/test_executor.py checks both plans.
 #
 # The status tests are join clauses (`e.status = CASE WHEN r.attempt ... END`) on purpose.
 # Written with constants (`r.attempt = 0 AND e.status = 'scheduled' OR ...`), the planner

@@ -31,7 +31,7 @@ from eventsched.core.kafka import KafkaProducer
 from eventsched.core.plugins import Resources, RoleContext
 from eventsched.core.postgres import Database
 from eventsched.plugins.executor import Executor
-from tests.conftest import Names
+from tests.support.servers import Names
 
 
 @dataclass(frozen=True)

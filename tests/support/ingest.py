@@ -26,8 +26,8 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from eventsched.core.config import Settings
 from eventsched.core.events import Event, encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.runtime import Runtime
-from tests.conftest import FAST_GROUP_CONFIG, Names
 from tests.support.proc import AppProcess
+from tests.support.servers import FAST_GROUP_CONFIG, Names
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Handler for the executor memory test, loaded by a child executor process through settings.
+"""Sizes and the handler of the executor memory tests; the handler is loaded by a child executor process through settings.
 
 Every call appends one line ``<event id> <attempt> <payload blob length>`` to the file named
 by $TEST_CALLS_FILE (one ``O_APPEND`` write per call, so lines of concurrent calls never
@@ -12,6 +12,8 @@ import asyncio
 import os
 
 from eventsched.core.plugins import HandlerEvent
+
+MB = 1024 * 1024
 
 
 async def record(event: HandlerEvent) -> None:

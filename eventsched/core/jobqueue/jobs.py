@@ -42,7 +42,7 @@ def job_payload(job: ScheduledJob, queue: str, ttl: int, queued_ms: int) -> dict
     built directly.
 
     Job.to_dict leaves out fields at their defaults; it walks every dataclass field and was
-    40% of the enqueue CPU. tests/test_queue.py checks that the two agree.
+    40% of the enqueue CPU. tests/integration/test_queue.py checks that the two agree.
     """
     payload: dict[str, Any] = {
         "function": job.function,

@@ -19,7 +19,7 @@ from eventsched.core.errors import UntestedVersion
 #: The SAQ releases this package was checked against: OnTimeQueue and OnTimeWorker override
 #: internals of SAQ's RedisQueue and Worker (Lua scripts, key names, the job hand-out), which
 #: any release may change. pyproject.toml pins the same range; :func:`check_saq_version`
-#: stops start-up on another, and tests/test_queue.py fails so an upgrade is reviewed here.
+#: stops start-up on another, and tests/integration/test_queue.py fails so an upgrade is reviewed here.
 TESTED_SAQ_RELEASE: Final = "0.26"
 TESTED_SAQ: Final = ">=0.26,<0.27"
 

@@ -1,0 +1,16 @@
+"""This tier's fixtures: the servers (``tests.support.servers``) and the loopback receivers
+(``tests.support.webhook``), each defined once there."""
+
+from tests.support.servers import (  # noqa: F401
+    database,
+    dlq_topic,
+    empty_database,
+    executor_state,
+    kafka_bootstrap,
+    make_settings,
+    names,
+    pg_admin_dsn,
+    redis_url,
+    services_dir,
+)
+from tests.support.webhook import closed_port, not_http, receiver  # noqa: F401

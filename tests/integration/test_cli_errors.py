@@ -1,0 +1,176 @@
+"""Bad arguments and settings of the CLI, as a user meets them: a child process, exit 2,
+one line on stderr, no traceback, and nothing connected or sent.
+
+PostgreSQL, Redis and Kafka point at closed ports: a check that ran only after connecting
+would hang or exit 1 instead of answering at once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from eventsched.core.plugins import Handler, HandlerContext, handler_factory
+from tests.support.proc import REPO
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def eventsched(*args: str, timeout: float = 30.0, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m eventsched ARGS`` with every dependency unreachable."""
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "EVENTSCHED_LOGGING__FORMAT": "json",
+        "EVENTSCHED_POSTGRES__DSN": f"postgresql://postgres@127.0.0.1:{_closed_port()}/none",
+        "EVENTSCHED_REDIS__URL": f"redis://127.0.0.1:{_closed_port()}/0",
+        "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{_closed_port()}",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "eventsched", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line_exit_2(result: subprocess.CompletedProcess[str], message: str) -> None:
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-2000:]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert result.stderr.startswith(f"eventsched: error: {message}"), result.stderr
+
+
+# -- send: the consumer's limits, checked before sending ------------------------------------
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (_nested(5_000), "--payload: not valid JSON (nested too deeply"),
+        ('{"n": ' + "9" * 5_000 + "}", "--payload: not valid JSON (Exceeds the limit (4300"),
+        ('{"n": ' + _nested(40) + "}", "--payload: payload is nested deeper than 32 levels"),
+        ('{"n": ' + _nested(5_000) + "}", "--payload: not valid JSON (nested too deeply"),
+        ('{"n": 1e400}', "--payload: payload contains NaN or Infinity"),
+    ],
+    ids=["5000-deep", "5000-digits", "deeper-than-the-consumer", "5000-deep-inside", "inf"],
+)
+def test_send_rejects_what_the_consumer_would_dead_letter(payload: str, message: str) -> None:
+    result = eventsched("send", "--type", "t", "--in", "5m", "--payload", payload)
+    assert_one_line_exit_2(result, message)
+    assert result.stdout == ""
+
+
+def test_send_applies_the_consumers_size_limit() -> None:
+    result = eventsched(
+        "send", "--type", "t", "--in", "5m", "--payload", '{"text": "' + "x" * 600 + '"}',
+        EVENTSCHED_CONSUMER__MAX_MESSAGE_BYTES="500",
+    )  # fmt: skip
+    assert_one_line_exit_2(result, "--payload: the event is ")
+    assert "consumer.max_message_bytes (500)" in result.stderr
+
+
+# -- run: plugins, handlers and the HTTP port are checked before connecting ------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (
+            "no.such.module:handler",
+            "invalid plugin handlers.default = 'no.such.module:handler': cannot import module",
+        ),
+        (
+            "tests.support.exec_handlers:CALLS",
+            "invalid plugin handlers.default = 'tests.support.exec_handlers:CALLS': is not callable",
+        ),
+        (
+            "tests.support.exec_handlers:reset",
+            "invalid plugin handlers.default = 'tests.support.exec_handlers:reset': must be an async",
+        ),
+    ],
+    ids=["missing-module", "not-callable", "not-async"],
+)
+def test_a_bad_handler_exits_2_before_connecting(target: str, message: str) -> None:
+    result = eventsched(
+        "run", "--role", "executor", "--port", "0", EVENTSCHED_HANDLERS__DEFAULT=target
+    )
+    assert_one_line_exit_2(result, message)
+    assert result.stdout == ""  # not even the HTTP server started
+
+
+def test_a_bad_role_plugin_exits_2_before_connecting() -> None:
+    result = eventsched(
+        "run", "--role", "executor", "--port", "0", EVENTSCHED_PLUGINS__EXECUTOR="nope:Role"
+    )
+    assert_one_line_exit_2(result, "invalid plugin plugins.executor = 'nope:Role'")
+    assert result.stdout == ""
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_an_http_port_in_use_exits_2_naming_the_option(busy_port: int) -> None:
+    result = eventsched(
+        "run", "--role", "consumer", "--port", str(busy_port), EVENTSCHED_HTTP__HOST="127.0.0.1"
+    )
+    assert_one_line_exit_2(
+        result, f"invalid setting --port: cannot listen on 127.0.0.1:{busy_port}: address in use"
+    )
+
+
+def test_an_http_port_in_use_exits_2_naming_the_setting(busy_port: int) -> None:
+    result = eventsched(
+        "run", "--role", "consumer",
+        EVENTSCHED_HTTP__PORT=str(busy_port), EVENTSCHED_HTTP__HOST="127.0.0.1",
+    )  # fmt: skip
+    assert_one_line_exit_2(
+        result, f"invalid setting http.port: cannot listen on 127.0.0.1:{busy_port}: address in use"
+    )
+
+
+@handler_factory
+def broken_factory(context: HandlerContext) -> Handler:
+    """A handler factory that fails when the executor builds it (a test target)."""
+    raise RuntimeError("no API token configured")
+
+
+def test_a_failing_handler_factory_exits_2_with_one_line(
+    database: str, redis_url: str, kafka_bootstrap: str
+) -> None:
+    # The factory runs when the executor role is built, once the dependencies answer.
+    result = eventsched(
+        "run", "--role", "executor", "--port", "0",
+        EVENTSCHED_POSTGRES__DSN=database, EVENTSCHED_REDIS__URL=redis_url,
+        EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
+        EVENTSCHED_REDIS__QUEUE=f"cli-errors-{os.getpid()}",
+        EVENTSCHED_HANDLERS__DEFAULT="tests.integration.test_cli_errors:broken_factory",
+    )  # fmt: skip
+    assert_one_line_exit_2(
+        result,
+        "invalid plugin handlers.default = 'tests.integration.test_cli_errors:broken_factory': "
+        "handler factory failed: RuntimeError('no API token configured')",
+    )

@@ -1,0 +1,98 @@
+"""/readyz follows its dependencies: 503 naming PostgreSQL while it is down, 200 after."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from eventsched.core.devstack import PostgresServer
+from tests.support.proc import AppProcess
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test alone, so stopping it disturbs nobody."""
+    server = PostgresServer(tmp_path / "pg", fast=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _poll_ready(port: int, want: int, timeout: float = 20.0) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    last: httpx.Response | None = None
+    while time.monotonic() < deadline:
+        last = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        if last.status_code == want:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"/readyz never answered {want}; last: {last and last.text}")
+
+
+def test_readyz_tracks_postgres_outage(own_postgres: PostgresServer) -> None:
+    app = AppProcess(
+        ["run", "--role", "consumer", "--port", "0"],
+        env={
+            "EVENTSCHED_PLUGINS__CONSUMER": "tests.support.roles:PostgresRole",
+            "EVENTSCHED_POSTGRES__DSN": own_postgres.url,
+            "EVENTSCHED_POSTGRES__CONNECT_TIMEOUT": "1s",
+        },
+    )
+    try:
+        port = app.wait_event("http_listening")["port"]
+        body = _poll_ready(port, 200).json()
+        assert body["dependencies"] == {"postgres": "ok"}
+        assert body["roles"] == {"consumer": True}
+
+        own_postgres.stop()
+        down = _poll_ready(port, 503)
+        assert down.json()["failing"] == ["postgres"]
+        assert "postgres" in down.json()["dependencies"]
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'eventsched_dependency_up{dependency="postgres"} 0.0' in metrics
+        app.wait_event("dependency_down")
+
+        own_postgres.start()
+        up = _poll_ready(port, 200)
+        assert up.json()["dependencies"] == {"postgres": "ok"}
+        app.wait_event("dependency_recovered")
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'eventsched_dependency_up{dependency="postgres"} 1.0' in metrics
+    finally:
+        app.stop()
+
+
+def test_a_role_started_while_redis_is_down_waits_for_it(tmp_path: Path) -> None:
+    """Start-up rides out a dependency that is not there yet (it used to exit 1)."""
+    from eventsched.core.devstack import RedisServer
+
+    server = RedisServer(tmp_path / "redis", fast=True)
+    server.start()
+    url = server.url
+    server.stop()
+    app = AppProcess(
+        ["run", "--role", "executor", "--port", "0"],
+        env={
+            "EVENTSCHED_PLUGINS__EXECUTOR": "tests.support.roles:RedisRole",
+            "EVENTSCHED_REDIS__URL": url,
+        },
+    )
+    try:
+        port = app.wait_event("http_listening")["port"]
+        down = _poll_ready(port, 503)
+        assert "redis" in down.json()["failing"]
+        time.sleep(1.5)
+        assert app.proc.poll() is None, app.tail()
+        server.start()  # same port
+        up = _poll_ready(port, 200)
+        assert up.json()["roles"] == {"executor": True}
+        app.wait_event("dependency_recovered")
+    finally:
+        app.stop()
+        server.stop()

@@ -1,0 +1,182 @@
+"""Server fixtures: real PostgreSQL, Redis and Kafka-protocol broker for the whole session.
+
+The integration and deploy tiers take these fixtures through their conftest (one definition
+here); the unit tier has none of them.
+
+Each service comes from an environment variable when set (CI points them at the machine's
+PostgreSQL and Redis), else from the embedded servers of the dev stack (the same code as
+`eventsched dev`):
+
+- ``EVENTSCHED_TEST_POSTGRES_DSN``: a server-level DSN (tests create their own databases)
+- ``EVENTSCHED_TEST_REDIS_URL``: tests use their own queue names (key prefixes)
+- ``EVENTSCHED_TEST_KAFKA``: bootstrap servers; tests use their own topic and group names
+
+Every test gets its own database, topics and queue name, so tests cannot see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from eventsched.core import migrate
+from eventsched.core.config import Settings, build_settings
+
+# Tansu needs these for quick group joins (its defaults make a join take 20+ s).
+FAST_GROUP_CONFIG = {
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 500,
+    "max.poll.interval.ms": 10000,
+}
+
+
+@pytest.fixture(scope="session")
+def services_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(services_dir: Path) -> Iterator[str]:
+    """A DSN of a PostgreSQL server on which tests may create databases."""
+    if dsn := os.environ.get("EVENTSCHED_TEST_POSTGRES_DSN"):
+        yield dsn
+        return
+    from eventsched.core.devstack import PostgresServer
+
+    server = PostgresServer(services_dir / "pg", fast=True)
+    server.start()
+    try:
+        yield server.admin_conninfo()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(services_dir: Path) -> Iterator[str]:
+    if url := os.environ.get("EVENTSCHED_TEST_REDIS_URL"):
+        yield url
+        return
+    from eventsched.core.devstack import RedisServer
+
+    server = RedisServer(services_dir / "redis", fast=True)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(services_dir: Path) -> Iterator[str]:
+    if bootstrap := os.environ.get("EVENTSCHED_TEST_KAFKA"):
+        yield bootstrap
+        return
+    from eventsched.core.devstack import KafkaBroker
+
+    broker = KafkaBroker(services_dir / "kafka")
+    broker.start()
+    try:
+        yield broker.url
+    finally:
+        broker.stop()
+
+
+def _with_dbname(admin_dsn: str, dbname: str) -> str:
+    params = psycopg.conninfo.conninfo_to_dict(admin_dsn)
+    params["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**params)
+
+
+@pytest.fixture
+def empty_database(pg_admin_dsn: str) -> Iterator[str]:
+    """A new, empty database for this test only; dropped afterwards."""
+    name = f"es_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_dbname(pg_admin_dsn, name)
+    finally:
+        with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database(empty_database: str) -> str:
+    """A new database with every migration applied."""
+    migrate.up(empty_database, migrate.default_sql_dir())
+    return empty_database
+
+
+@dataclass(frozen=True)
+class Names:
+    """Unique Kafka topic/group and SAQ queue names for one test."""
+
+    topic: str
+    dlq_topic: str
+    group: str
+    queue: str
+
+
+@pytest.fixture
+def names() -> Names:
+    tag = uuid.uuid4().hex[:10]
+    return Names(
+        topic=f"events-{tag}",
+        dlq_topic=f"events-dlq-{tag}",
+        group=f"group-{tag}",
+        queue=f"queue-{tag}",
+    )
+
+
+@pytest.fixture
+def make_settings(database: str, redis_url: str, kafka_bootstrap: str, names: Names) -> Any:
+    """Build Settings pointing at this test's database, queue and topics (plus overrides)."""
+
+    def make(**sections: dict[str, Any]) -> Settings:
+        raw: dict[str, Any] = {
+            "kafka": {
+                "bootstrap_servers": kafka_bootstrap,
+                "topic": names.topic,
+                "dlq_topic": names.dlq_topic,
+                "consumer_group": names.group,
+                "consumer_client": dict(FAST_GROUP_CONFIG),
+            },
+            "postgres": {"dsn": database},
+            "redis": {"url": redis_url, "queue": names.queue},
+            "shutdown": {"grace": 5},
+        }
+        for section, values in sections.items():
+            raw[section] = {**raw.get(section, {}), **values}
+        return build_settings(raw, "test")
+
+    return make
+
+
+# -- executor-side tests (test_executor, test_reconciler) ------------------------------------
+
+
+@pytest.fixture
+def dlq_topic(kafka_bootstrap: str, names: Names) -> Names:
+    """This test's DLQ topic exists (one partition)."""
+    from eventsched.core.kafka import ensure_topics
+
+    ensure_topics(kafka_bootstrap, {names.dlq_topic: 1})
+    return names
+
+
+@pytest.fixture
+def executor_state(redis_url: str, names: Names) -> Iterator[None]:
+    """The test handlers' records start empty; this test's SAQ queue keys go afterwards."""
+    from tests.support import exec_handlers
+    from tests.support.execution import delete_queue_keys
+
+    exec_handlers.reset()
+    yield
+    delete_queue_keys(redis_url, names.queue)

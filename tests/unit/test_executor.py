@@ -1,0 +1,68 @@
+"""The executor's pure rules: job keys and kwargs, SAQ's timeout, retry delays, the outcome
+decision (the runs are in tests/integration/test_executor.py).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from eventsched.core.config import RetryBackoffSettings
+from eventsched.core.execstore import Outcome
+from eventsched.plugins.executor import (
+    EXECUTE_FUNCTION,
+    Failure,
+    decide,
+    job_key,
+    make_job,
+    retry_delay,
+)
+
+
+def test_job_keys_and_kwargs_follow_the_documented_scheme() -> None:
+    first = make_job("e1", 1, 12.5, 60)
+    assert (first.key, first.function, first.kwargs, first.scheduled) == (
+        "e1",
+        EXECUTE_FUNCTION,
+        {"event_id": "e1"},
+        12.5,
+    )
+    retry = make_job("e1", 3, 13.0, 60)
+    assert (retry.key, retry.kwargs) == ("e1#3", {"event_id": "e1", "attempt": 3})
+    assert job_key("e1", 2) == "e1#2"
+
+
+@pytest.mark.parametrize(
+    ("attempt", "expected"), [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (9, 10.0)]
+)
+def test_retry_delay_is_exponential_and_capped(attempt: int, expected: float) -> None:
+    backoff = RetryBackoffSettings(base=1.0, factor=2.0, max=10.0, jitter=0.0)  # type: ignore[arg-type]
+    assert retry_delay(attempt, backoff, random.Random(1)) == expected
+
+
+def test_retry_delay_jitter_stays_within_its_fraction_and_the_cap() -> None:
+    backoff = RetryBackoffSettings(base=1.0, factor=2.0, max=3.0, jitter=0.2)  # type: ignore[arg-type]
+    rng = random.Random(7)
+    firsts = [retry_delay(1, backoff, rng) for _ in range(500)]
+    assert 0.8 <= min(firsts) < 0.85 and 1.15 < max(firsts) <= 1.2
+    assert max(retry_delay(3, backoff, rng) for _ in range(500)) <= 3.0
+
+
+@pytest.mark.parametrize(
+    ("attempt", "failure", "status", "reason"),
+    [
+        (1, None, "succeeded", None),
+        (1, Failure("boom"), "retrying", None),
+        (2, Failure("boom"), "retrying", None),
+        (3, Failure("boom"), "dead", "retries_exhausted"),
+        (1, Failure("bad", permanent=True), "dead", "permanent_error"),
+        (1, Failure("none", permanent=True, reason="no_handler"), "dead", "no_handler"),
+    ],
+)
+def test_decide(attempt: int, failure: Failure | None, status: str, reason: str | None) -> None:
+    outcome = decide("e", attempt, failure, max_attempts=3, now=100.0, delay=lambda n: n * 10.0)
+    assert (outcome.status, outcome.dead_reason) == (status, reason)
+    assert outcome.next_attempt_at == (100.0 + attempt * 10.0 if status == "retrying" else None)
+    assert outcome == Outcome("e", attempt, status, None if failure is None else failure.error,
+                              100.0, outcome.next_attempt_at, reason)  # fmt: skip

@@ -1,0 +1,101 @@
+"""The layering the package docstrings promise: role plugins reach Kafka, Redis, SAQ and
+PostgreSQL only through core's adapters, and no role plugin imports another (the
+reconciler, which lives with the executor it serves, is the one exception)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PLUGINS = Path(__file__).resolve().parents[2] / "eventsched" / "plugins"
+ADAPTED = ("confluent_kafka", "saq", "redis", "psycopg", "psycopg_pool")
+ROLES = {"producer", "consumer", "executor", "reconciler"}
+ALLOWED = {("executor", "reconciler")}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_role_plugins_use_core_adapters_only() -> None:
+    offending = {
+        f"{path.name}: {name}"
+        for path in PLUGINS.glob("*.py")
+        for name in _imports(path)
+        if name.split(".")[0] in ADAPTED
+    }
+    assert offending == set()
+
+
+def test_no_role_plugin_imports_another() -> None:
+    offending = set()
+    for path in PLUGINS.glob("*.py"):
+        if path.stem not in ROLES:
+            continue
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[:2] == ["eventsched", "plugins"] and len(parts) > 2:
+                other = parts[2]
+                if other in ROLES and other != path.stem and (path.stem, other) not in ALLOWED:
+                    offending.add(f"{path.stem} imports {other}")
+    assert offending == set()
+
+
+def _part(module: str) -> str:
+    """``eventsched.core.kafka.producer`` -> ``core.kafka``; ``eventsched.cli`` -> ``cli``."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "eventsched"
+    if parts[0] in ("core", "plugins") and len(parts) > 1:
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+def _documented() -> dict[str, set[str]]:
+    text = (PLUGINS.parents[1] / "docs" / "architecture.md").read_text()
+    block = text.split("```dependencies\n", 1)[1].split("```", 1)[0]
+    return {
+        part: set(deps.split())
+        for part, _, deps in (line.partition(":") for line in block.splitlines() if line)
+    }
+
+
+def test_the_imports_match_docs_architecture() -> None:
+    package = PLUGINS.parent
+    actual: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+        module = module.removesuffix(".__init__")
+        part = _part(module)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith(
+                "eventsched"
+            ):
+                continue
+            targets = (
+                [f"{node.module}.{alias.name}" for alias in node.names]
+                if node.module in ("eventsched.core", "eventsched.plugins")
+                else [str(node.module)]
+            )
+            for target in targets:
+                if _part(target) != part:
+                    actual.setdefault(part, set()).add(_part(target))
+    documented = _documented()
+    undocumented = {
+        part: sorted(deps - documented.get(part, set()))
+        for part, deps in actual.items()
+        if deps - documented.get(part, set())
+    }
+    assert undocumented == {}, "imports missing from docs/architecture.md"
+    core_to_plugins = {
+        part: sorted(dep for dep in deps if dep.startswith("plugins"))
+        for part, deps in actual.items()
+        if part.startswith("core") and any(dep.startswith("plugins") for dep in deps)
+    }
+    assert core_to_plugins == {}
