@@ -9,15 +9,9 @@ import random
 import pytest
 
 from eventsched.core.config import RetryBackoffSettings
+from eventsched.core.domain.jobcontract import EXECUTE_FUNCTION, job_key, make_job
 from eventsched.core.execstore import Outcome
-from eventsched.plugins.executor import (
-    EXECUTE_FUNCTION,
-    Failure,
-    decide,
-    job_key,
-    make_job,
-    retry_delay,
-)
+from eventsched.plugins.executor import Failure, decide, retry_delay
 
 
 def test_job_keys_and_kwargs_follow_the_documented_scheme() -> None:
