@@ -27,10 +27,14 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    import _asyncio
-    import asyncio
+    # The order matters: asyncio first, then trio_asyncio (whose import patches it), then the
+    # C module. Importing _asyncio before asyncio leaves asyncio.timeout() without a current
+    # task inside trio-asyncio ("Timeout should be used inside a task": redis-py's commands).
+    import asyncio  # isort: skip
 
-    import trio_asyncio  # noqa: F401  # its import patches asyncio
+    import trio_asyncio  # noqa: F401  # isort: skip
+
+    import _asyncio  # isort: skip
 
     unpatched = _asyncio.get_running_loop
     for module in list(sys.modules.values()):

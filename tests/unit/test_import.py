@@ -66,3 +66,29 @@ def test_plain_asyncio_still_runs_after_the_bootstrap() -> None:
         """
     )
     assert out == "True"
+
+
+def test_asyncio_timeouts_work_inside_trio_asyncio_when_the_bootstrap_came_first() -> None:
+    # Nothing imported asyncio before the bootstrap (the CLI's case): asyncio.timeout(), as
+    # redis-py's commands use it, must still find its task inside trio-asyncio.
+    out = _python(
+        """
+        import sys
+        from eventsched.core import bootstrap
+        assert "asyncio" not in sys.modules
+        bootstrap.install()
+        import asyncio, trio, trio_asyncio
+
+        async def timed():
+            async with asyncio.timeout(5):
+                await asyncio.sleep(0)
+            return "ok"
+
+        async def main():
+            async with trio_asyncio.open_loop():
+                return await trio_asyncio.aio_as_trio(timed)()
+
+        print(trio.run(main))
+        """
+    )
+    assert out == "ok"
