@@ -9,13 +9,8 @@ have ``check_settings(settings)``, which the runtime calls before connecting any
 raises :class:`PluginError`/:class:`ConfigError` for settings the role would fail on
 (the executor checks its ``[handlers]`` there).
 
-An event handler is an async callable ``handler(event: HandlerEvent) -> None`` that returns
-on success and raises on failure (:class:`PermanentError` means "do not retry"). Handlers are
-*asyncio* coroutines: the executor calls them from SAQ's job function, on the asyncio side of
-trio-asyncio (a handler written for trio can be wrapped with ``trio_asyncio.trio_as_aio``).
-A handler that needs settings or shared clients is built by a factory marked with
-:func:`handler_factory`: ``factory(context: HandlerContext) -> Handler``, called once per
-settings entry when the executor starts.
+Event handlers follow the handler contract of :mod:`eventsched.core.domain.handler`
+(public as ``eventsched.HandlerEvent`` etc.); this module loads and checks them.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from tests.support.servers import (  # noqa: F401
     kafka_bootstrap,
     make_settings,
     names,
+    own_postgres,
     pg_admin_dsn,
     redis_url,
     services_dir,

@@ -17,7 +17,6 @@ import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,17 +142,6 @@ def test_sigstop_longer_than_stale_after_never_lets_two_runs_overlap(
     ], journal
     assert overlaps(journal) == [], journal
     assert dones(journal) == {event.id: 1}, journal
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[PostgresServer]:
-    """A PostgreSQL server of this test alone, so stopping it disturbs nobody."""
-    server = PostgresServer(tmp_path / "pg", fast=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_postgres_down_longer_than_stale_after_runs_no_completed_handler_again(

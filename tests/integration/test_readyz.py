@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from eventsched.core.devstack import PostgresServer
 from tests.support.proc import AppProcess
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[PostgresServer]:
-    """A PostgreSQL server of this test alone, so stopping it disturbs nobody."""
-    server = PostgresServer(tmp_path / "pg", fast=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _poll_ready(port: int, want: int, timeout: float = 20.0) -> httpx.Response:

@@ -28,6 +28,7 @@ import pytest
 
 from eventsched.core import migrate
 from eventsched.core.config import Settings, build_settings
+from eventsched.core.devstack import PostgresServer
 
 # Tansu needs these for quick group joins (its defaults make a join take 20+ s).
 FAST_GROUP_CONFIG = {
@@ -48,8 +49,6 @@ def pg_admin_dsn(services_dir: Path) -> Iterator[str]:
     if dsn := os.environ.get("EVENTSCHED_TEST_POSTGRES_DSN"):
         yield dsn
         return
-    from eventsched.core.devstack import PostgresServer
-
     server = PostgresServer(services_dir / "pg", fast=True)
     server.start()
     try:
@@ -180,3 +179,14 @@ def executor_state(redis_url: str, names: Names) -> Iterator[None]:
     exec_handlers.reset()
     yield
     delete_queue_keys(redis_url, names.queue)
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test alone, so stopping it disturbs nobody."""
+    server = PostgresServer(tmp_path / "pg", fast=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
