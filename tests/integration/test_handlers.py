@@ -23,8 +23,8 @@ from tests.support.execution import (
 )
 from tests.support.servers import Names
 from tests.support.webhook import (
-    BUILTIN,
     Receiver,
+    loopback_webhook_executor,
 )
 
 
@@ -37,16 +37,7 @@ async def test_webhook_through_the_executor_succeeds_retries_and_dies(
     redis_url: str,
 ) -> None:
     ensure_topics(kafka_bootstrap, {names.dlq_topic: 1})
-    settings = make_settings(
-        executor={
-            "concurrency": 8,
-            "max_retries": 2,
-            "retry_backoff": {"base": "100ms", "jitter": 0.0},
-            "webhook": {"allow_payload_url": True, "allowed_hosts": ["127.0.0.1"]},
-        },
-        handlers={"default": f"{BUILTIN}:webhook"},
-        reconciler={"enabled": False},
-    )
+    settings = loopback_webhook_executor(make_settings)
     now = time.time()
     ok, busy, bad = (
         new_events(1, due=now, webhook_url=f"{receiver.base}/{status}")[0]

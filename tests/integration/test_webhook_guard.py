@@ -27,13 +27,13 @@ from tests.support.execution import (
 )
 from tests.support.servers import Names
 from tests.support.webhook import (
-    BUILTIN,
     QSECRET,
     SECRET,
     SECRETS,
     TOKEN,
     NotHttp,
     Receiver,
+    loopback_webhook_executor,
     without_port,
 )
 
@@ -48,16 +48,7 @@ async def test_through_the_executor_errors_rows_headers_and_logs_carry_no_secret
     dlq_topic: Names,
     redis_url: str,
 ) -> None:
-    settings = make_settings(
-        executor={
-            "concurrency": 8,
-            "max_retries": 2,
-            "retry_backoff": {"base": "100ms", "jitter": 0.0},
-            "webhook": {"allow_payload_url": True, "allowed_hosts": ["127.0.0.1"]},
-        },
-        handlers={"default": f"{BUILTIN}:webhook"},
-        reconciler={"enabled": False},
-    )
+    settings = loopback_webhook_executor(make_settings)
     secret_url = (
         f"http://user:{SECRET}@127.0.0.1:{receiver.server_address[1]}"
         f"/503/services/{TOKEN}?token={QSECRET}"

@@ -85,6 +85,21 @@ def receiver() -> Iterator[Receiver]:
         thread.join(5)
 
 
+def loopback_webhook_executor(make_settings: Callable[..., Settings]) -> Settings:
+    """Executor settings whose default handler is the built-in webhook, with payload URLs
+    allowed to 127.0.0.1 only, two attempts with a short backoff, and no reconciler."""
+    return make_settings(
+        executor={
+            "concurrency": 8,
+            "max_retries": 2,
+            "retry_backoff": {"base": "100ms", "jitter": 0.0},
+            "webhook": {"allow_payload_url": True, "allowed_hosts": ["127.0.0.1"]},
+        },
+        handlers={"default": f"{BUILTIN}:webhook"},
+        reconciler={"enabled": False},
+    )
+
+
 def settings_with(**sections: Any) -> Settings:
     return build_settings(sections, "test")
 
