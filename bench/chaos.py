@@ -1,6 +1,6 @@
 """Fault injection ("chaos"): prove that nothing is lost or run twice while things break.
 
-On a fresh Docker-free stack (:class:`eventsched.core.devstack.DevStack` in a temp dir) this
+On a fresh Docker-free stack (:class:`eventsched.core.operations.devstack.DevStack` in a temp dir) this
 runs two consumers and two executors as separate OS processes, produces a steady load from
 the harness itself (confluent-kafka, acks=all, idempotent: every acknowledged event id is
 recorded, so "what was produced" is exact) and fires a seeded random fault schedule:
@@ -63,11 +63,11 @@ from bench.common import (
     percentiles,
     write_toml,
 )
-from eventsched.core import migrate
-from eventsched.core.devstack import DevStack
-from eventsched.core.events import encode_event, kafka_headers, kafka_key, new_event
+from eventsched.core.domain.codec import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.plugins import Handler, HandlerContext, HandlerEvent, handler_factory
+from eventsched.core.operations.devstack import DevStack
+from eventsched.core.runtime.contracts import Handler, HandlerContext, HandlerEvent, handler_factory
+from eventsched.core.store import migrations
 
 TOPIC = "events"
 DLQ_TOPIC = "events-dlq"
@@ -720,7 +720,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logdir = workdir / "logs"
     logdir.mkdir()
     stack = DevStack(workdir / "stack", fast=True)
-    info = stack.start()  # main thread: see the PDEATHSIG note in eventsched/core/devstack.py
+    info = (
+        stack.start()
+    )  # main thread: see the PDEATHSIG note in eventsched/core/operations/devstack.py
     assert info.postgres_dsn and info.kafka_bootstrap
     dsn, bootstrap = info.postgres_dsn, info.kafka_bootstrap
     journal = workdir / "journal.jsonl"
@@ -728,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     roles = Roles(role_settings(workdir / "roles.toml", args), role_env, logdir)
     load: Load | None = None
     try:
-        migrate.up(dsn, migrate.default_sql_dir())
+        migrations.up(dsn, migrations.default_sql_dir())
         ensure_topics(bootstrap, {TOPIC: PARTITIONS, DLQ_TOPIC: PARTITIONS})
         roles.start_all()
         log("roles ready; load starts")

@@ -11,7 +11,7 @@ Every benchmark script (``python -m bench.<name>``) follows the same shape::
 
 Design choices worth knowing:
 
-* **One fresh stack per run.** :class:`Stack` starts :class:`~eventsched.core.devstack.DevStack`
+* **One fresh stack per run.** :class:`Stack` starts :class:`~eventsched.core.operations.devstack.DevStack`
   (the code behind ``eventsched dev --infra-only``) in a temporary data dir and removes it
   afterwards: no state leaks between runs, and the servers' CPU is measured per run. The
   first start pays for ``initdb`` (~2 s). ``--fast-stack`` turns off PostgreSQL fsync.
@@ -624,11 +624,11 @@ class Stack:
         self._stack: Any = None
 
     def __enter__(self) -> Self:
-        from eventsched.core import migrate
-        from eventsched.core.devstack import DevStack
+        from eventsched.core.operations.devstack import DevStack
+        from eventsched.core.store import migrations
 
         # Started on the main thread: the servers get SIGKILL when the thread that forked
-        # them ends (PR_SET_PDEATHSIG), see eventsched/core/devstack.py.
+        # them ends (PR_SET_PDEATHSIG), see eventsched/core/operations/devstack.py.
         self._stack = DevStack(self.dir, fast=self.run.args.fast_stack)
         try:
             info = self._stack.start()
@@ -637,7 +637,7 @@ class Stack:
             self.redis_url: str = info.redis_url
             self.kafka: str = info.kafka_bootstrap
             self.env = info.as_env()
-            migrate.up(self.dsn, migrate.default_sql_dir())
+            migrations.up(self.dsn, migrations.default_sql_dir())
             if self.kafka_enabled:
                 from eventsched.core.kafka import ensure_topics
 
@@ -956,9 +956,8 @@ class Profiler:
 # Where a leaf frame belongs, by file path fragment (first match wins).
 _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("eventsched/core/jobqueue/", "eventsched queue adapter"),
-    ("eventsched/core/execstore.py", "eventsched execstore"),
-    ("eventsched/core/eventstore.py", "eventsched eventstore"),
-    ("eventsched/core/events.py", "eventsched decode/encode"),
+    ("eventsched/core/store/", "eventsched store"),
+    ("eventsched/core/domain/", "eventsched decode/encode"),
     ("eventsched/core/kafka/", "eventsched kafka adapter"),
     ("eventsched/plugins/executor.py", "eventsched executor"),
     ("eventsched/plugins/consumer.py", "eventsched consumer"),

@@ -32,8 +32,8 @@ from typing import Any
 import psycopg
 from redis import asyncio as aioredis
 
+from eventsched.core.domain.codec import uuid7
 from eventsched.core.domain.jobcontract import make_job
-from eventsched.core.events import uuid7
 from eventsched.core.jobqueue import OnTimeQueue, ScheduledJob
 
 EVENT_TYPE = "bench.event"

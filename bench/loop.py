@@ -2,7 +2,7 @@
 
 The executor and consumer run SAQ, redis.asyncio and psycopg inside trio through
 trio-asyncio, whose loop runs one asyncio callback per trio scheduler pass.
-:mod:`eventsched.core.aioloop` runs the ready ones in batches. This measures what one
+:mod:`eventsched.core.runtime.aioloop` runs the ready ones in batches. This measures what one
 wake-up costs in each setup: 50 tasks, each waiting on its own ``asyncio.Queue``, woken
 round after round (the shape of the executor's slots waiting for jobs). Each setup runs in
 a fresh interpreter, best of ``--repeat``.
@@ -51,7 +51,7 @@ def _measure(setup: str, rounds: int) -> float:
     import trio
     import trio_asyncio
 
-    from eventsched.core import aioloop, bootstrap
+    from eventsched.core.runtime import aioloop, bootstrap
 
     bootstrap.install()  # the batched step, as in every eventsched process
 

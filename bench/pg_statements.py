@@ -1,7 +1,7 @@
 """What the executor's two statements cost PostgreSQL per event, by batch size.
 
-The executor claims events (``execstore.claim_batch``) and records outcomes
-(``execstore.finish_batch``) one statement and one commit per batch. At a steady rate the
+The executor claims events (``executions.claim_batch``) and records outcomes
+(``executions.finish_batch``) one statement and one commit per batch. At a steady rate the
 batches are as large as the jobs that came due while the previous statement ran: a few
 events at 1,000 events/s. This runs claim + finish (each in its own transaction, as the
 executor's two threads do) on the embedded PostgreSQL of ``eventsched dev`` (fsync on, or
@@ -28,9 +28,9 @@ from typing import Any
 
 import psycopg
 
-from eventsched.core import execstore, migrate
-from eventsched.core.devstack import DevStack
-from eventsched.core.execstore import ClaimRequest, Outcome
+from eventsched.core.operations.devstack import DevStack
+from eventsched.core.store import executions, migrations
+from eventsched.core.store.executions import ClaimRequest, Outcome
 
 BATCHES = (1, 2, 5, 10, 20, 50, 200)
 
@@ -59,11 +59,11 @@ def measure(dsn: str, batch: int, ids: list[str]) -> dict[str, Any]:
         cpu0, wall0, pairs = _backend_cpu(pid), time.perf_counter(), 0
         for start in range(0, len(ids), batch):
             chunk = ids[start : start + batch]
-            execstore.claim_batch(
+            executions.claim_batch(
                 conn, [ClaimRequest(i, 0, time.time()) for i in chunk], worker_id="bench"
             )
             conn.commit()
-            execstore.finish_batch(
+            executions.finish_batch(
                 conn, [Outcome(i, 1, "succeeded", None, time.time()) for i in chunk]
             )
             conn.commit()
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = stack.start()
         try:
             assert info.postgres_dsn is not None
-            migrate.up(info.postgres_dsn, migrate.default_sql_dir())
+            migrations.up(info.postgres_dsn, migrations.default_sql_dir())
             ids = _insert(info.postgres_dsn, per_size * len(batches))
             rows = [
                 measure(info.postgres_dsn, b, ids[i * per_size : (i + 1) * per_size])

@@ -9,12 +9,13 @@ What user code is written against:
 - ``__version__``.
 
 Importing this package has no side effects: the trio-asyncio bootstrap that the runtime
-needs (:mod:`eventsched.core.bootstrap`) runs in the process entry points, not here, and no
+needs (:mod:`eventsched.core.runtime.bootstrap`) runs in the process entry points, not here, and no
 server library is imported.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from eventsched.core.domain.codec import Event, encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.domain.handler import (
     Handler,
     HandlerContext,
@@ -22,7 +23,6 @@ from eventsched.core.domain.handler import (
     PermanentError,
     handler_factory,
 )
-from eventsched.core.events import Event, encode_event, kafka_headers, kafka_key, new_event
 
 try:
     __version__ = version("eventsched")  # written once, in pyproject.toml

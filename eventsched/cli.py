@@ -14,9 +14,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from eventsched.core import bootstrap
-from eventsched.core.config import Settings, load_settings, validate_for_roles
-from eventsched.core.errors import (
+from eventsched.core.runtime import bootstrap
+from eventsched.core.runtime.errors import (
     ConfigError,
     DependencyError,
     DevStackError,
@@ -24,6 +23,7 @@ from eventsched.core.errors import (
     MigrationError,
     PluginError,
 )
+from eventsched.core.runtime.settings import Settings, load_settings, validate_for_roles
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,7 +87,7 @@ def cli(ctx: click.Context, settings_path: str | None) -> None:
 
 
 def _configure_logging(settings: Settings, stream: Any = None) -> None:
-    from eventsched.core.logging import configure_logging
+    from eventsched.core.runtime.logs import configure_logging
 
     configure_logging(settings.logging.level, settings.logging.format, stream=stream)
 
@@ -111,7 +111,7 @@ def run(state: State, roles: tuple[str, ...], port: int | None) -> None:
     import structlog
     import trio
 
-    from eventsched.core.runtime import Runtime, expand_roles
+    from eventsched.core.runtime.root import Runtime, expand_roles
 
     state.command_logging = False  # the roles log to stdout, configured below
     settings = state.settings
@@ -135,10 +135,10 @@ def migrate() -> None:
 @handle_errors
 def migrate_up(state: State, steps: int | None) -> None:
     """Apply all pending migrations, or the next STEPS."""
-    from eventsched.core import migrate as m
-    from eventsched.core.config import require_postgres
+    from eventsched.core.runtime.settings import require_postgres
+    from eventsched.core.store import migrations
 
-    applied = m.up(require_postgres(state.settings), m.default_sql_dir(), steps)
+    applied = migrations.up(require_postgres(state.settings), migrations.default_sql_dir(), steps)
     click.echo(f"applied: {', '.join(map(str, applied))}" if applied else "no change")
 
 
@@ -149,11 +149,11 @@ def migrate_up(state: State, steps: int | None) -> None:
 @handle_errors
 def migrate_down(state: State, steps: int, all_: bool) -> None:
     """Revert the last STEPS migrations (default 1)."""
-    from eventsched.core import migrate as m
-    from eventsched.core.config import require_postgres
+    from eventsched.core.runtime.settings import require_postgres
+    from eventsched.core.store import migrations
 
-    reverted = m.down(
-        require_postgres(state.settings), m.default_sql_dir(), None if all_ else steps
+    reverted = migrations.down(
+        require_postgres(state.settings), migrations.default_sql_dir(), None if all_ else steps
     )
     click.echo(f"reverted: {', '.join(map(str, reverted))}" if reverted else "no change")
 
@@ -163,10 +163,10 @@ def migrate_down(state: State, steps: int, all_: bool) -> None:
 @handle_errors
 def migrate_version(state: State) -> None:
     """Print the current schema version (and whether it is dirty)."""
-    from eventsched.core import migrate as m
-    from eventsched.core.config import require_postgres
+    from eventsched.core.runtime.settings import require_postgres
+    from eventsched.core.store import migrations
 
-    version, dirty = m.version(require_postgres(state.settings))
+    version, dirty = migrations.version(require_postgres(state.settings))
     if version is None:
         click.echo("no migration applied")
     else:
@@ -179,10 +179,10 @@ def migrate_version(state: State) -> None:
 @handle_errors
 def migrate_force(state: State, version: int) -> None:
     """Set the version without running migrations and clear the dirty flag (-1: none)."""
-    from eventsched.core import migrate as m
-    from eventsched.core.config import require_postgres
+    from eventsched.core.runtime.settings import require_postgres
+    from eventsched.core.store import migrations
 
-    m.force(require_postgres(state.settings), version)
+    migrations.force(require_postgres(state.settings), version)
     click.echo(f"forced version {version}")
 
 
@@ -196,8 +196,8 @@ def topics() -> None:
 @handle_errors
 def topics_ensure(state: State) -> None:
     """Create the events and DLQ topics if missing; grow partitions to kafka.partitions."""
-    from eventsched.core.config import require_kafka
     from eventsched.core.kafka import ensure_topics
+    from eventsched.core.runtime.settings import require_kafka
 
     s = state.settings
     lines = ensure_topics(
@@ -225,8 +225,8 @@ def dev(
     state: State, infra_only: bool, duration: str | None, data_dir: str | None, port: int | None
 ) -> None:
     """Run everything locally without Docker: embedded PostgreSQL, Redis, Kafka-protocol broker."""
-    from eventsched.core.config import parse_duration
-    from eventsched.core.devrun import run_dev
+    from eventsched.core.operations.devrun import run_dev
+    from eventsched.core.runtime.settings import parse_duration
 
     state.command_logging = False  # run_dev configures logging for the stack itself
     seconds: float | None = None
@@ -247,7 +247,7 @@ def dev(
     )
 
 
-# -- operator commands (eventsched.core.operator does the work) ----------------------------
+# -- operator commands (eventsched.core.operations.commands does the work) ----------------------------
 
 
 def _input_errors_exit_2(fn: F) -> F:
@@ -255,7 +255,7 @@ def _input_errors_exit_2(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from eventsched.core.operator import InputError
+        from eventsched.core.operations.commands import InputError
 
         try:
             return fn(*args, **kwargs)
@@ -283,12 +283,12 @@ def send(
     key: str | None,
 ) -> None:
     """Publish one event to the events topic and print its id."""
-    from eventsched.core import operator
+    from eventsched.core.operations import commands
 
-    event = operator.build_event(
+    event = commands.build_event(
         state.settings, type_=type_, at=at, in_=in_, payload=payload, key=key
     )
-    operator.send_event(state.settings, event)
+    commands.send_event(state.settings, event)
     click.echo(str(event.id))
 
 
@@ -303,13 +303,13 @@ def status(state: State, as_json: bool) -> None:
     """
     import json
 
-    from eventsched.core import operator
+    from eventsched.core.operations import commands
 
-    report = operator.status(state.settings)
+    report = commands.status(state.settings)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
-        click.echo(operator.render_status(report))
+        click.echo(commands.render_status(report))
     if not report.ok:
         sys.exit(1)
 
@@ -328,13 +328,13 @@ def dlq_list(state: State, limit: int, as_json: bool) -> None:
     """Show the oldest DLQ messages with their reason (reads without committing)."""
     import json
 
-    from eventsched.core import operator
+    from eventsched.core.operations import commands
 
-    messages = operator.dlq_list(state.settings, limit=limit)
+    messages = commands.dlq_list(state.settings, limit=limit)
     if as_json:
         click.echo(json.dumps([m.to_json() for m in messages], indent=2))
     else:
-        click.echo(operator.render_dlq(messages))
+        click.echo(commands.render_dlq(messages))
 
 
 @dlq.command("replay")
@@ -352,10 +352,10 @@ def dlq_replay(state: State, reason: str | None, limit: int | None, dry_run: boo
     budget; a message the consumer rejected is re-sent to the events topic; anything else
     (the event is not dead any more, died again since, is unknown) is skipped, with why.
     """
-    from eventsched.core import operator
+    from eventsched.core.operations import commands
 
-    result = operator.dlq_replay(state.settings, reason=reason, limit=limit, dry_run=dry_run)
-    click.echo(operator.render_replay(result))
+    result = commands.dlq_replay(state.settings, reason=reason, limit=limit, dry_run=dry_run)
+    click.echo(commands.render_replay(result))
 
 
 def main() -> None:

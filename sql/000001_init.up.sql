@@ -1,6 +1,6 @@
 -- eventsched schema, version 1: the event log and the attempt log.
 --
--- Applied by `eventsched migrate up` (eventsched/core/migrate.py) or by the
+-- Applied by `eventsched migrate up` (eventsched/core/store/migrations.py) or by the
 -- golang-migrate `migrate/migrate` image; both send this whole file as ONE
 -- simple-protocol query, which PostgreSQL runs as one implicit transaction, so a
 -- failure leaves nothing half-created. Keep it that way: no explicit BEGIN/COMMIT

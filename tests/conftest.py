@@ -6,7 +6,7 @@ tiers through their own conftest; the unit tier has none.
 
 from __future__ import annotations
 
-from eventsched.core import bootstrap
+from eventsched.core.runtime import bootstrap
 
 # The suite runs roles in-process: patch asyncio for trio-asyncio as the CLI does.
 bootstrap.install()

@@ -28,7 +28,7 @@ Failures:
 * PostgreSQL refusing the data of the batch (``RowsRejected``) is narrowed down by splitting
   the batch in halves; a single row still refused after ``consumer.max_retries`` attempts
   goes to the DLQ with reason ``db_rejected``.
-* Dead-letter copies are cut to the budget of :func:`~eventsched.core.events.fit_dead_letter`
+* Dead-letter copies are cut to the budget of :func:`~eventsched.core.domain.codec.fit_dead_letter`
   (the key, the original headers, the value, each only as far as needed; ``dlq-truncated-*``
   headers say what was cut). A copy the topic refuses for what it is (still too large,
   invalid record) is kept in PostgreSQL (``dlq_undeliverable``) and the batch moves on; any
@@ -57,10 +57,7 @@ from typing import Any, ClassVar, Final, TypeVar
 import tenacity
 import trio
 
-from eventsched.core import dlqstore, eventstore, metrics
-from eventsched.core.domain.jobcontract import make_job, saq_timeout
-from eventsched.core.errors import DecodeError, DependencyError
-from eventsched.core.events import (
+from eventsched.core.domain.codec import (
     DLQ_MIN_BYTES,
     DLQ_TRUNCATED_PREFIX,
     DecodeLimits,
@@ -69,7 +66,7 @@ from eventsched.core.events import (
     dlq_headers,
     fit_dead_letter,
 )
-from eventsched.core.eventstore import IngestRow, RowsRejected, StoredEvent
+from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.jobqueue import ScheduledJob
 from eventsched.core.kafka import (
     Admin,
@@ -82,13 +79,18 @@ from eventsched.core.kafka import (
     TopicPartitionKey,
     config_from_settings,
 )
-from eventsched.core.logging import get_logger
-from eventsched.core.plugins import RoleContext
+from eventsched.core.runtime import metrics
+from eventsched.core.runtime.contracts import RoleContext
+from eventsched.core.runtime.errors import DecodeError, DependencyError
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.store import deadletters
+from eventsched.core.store import events as eventstore
+from eventsched.core.store.events import IngestRow, RowsRejected, StoredEvent
 
 log = get_logger(__name__)
 T = TypeVar("T")
 
-#: DLQ reason for a row PostgreSQL refused even alone (decode reasons come from events.py).
+#: DLQ reason for a row PostgreSQL refused even alone (decode reasons come from core.domain.codec).
 DB_REJECTED: Final = "db_rejected"
 #: Durable batches that may wait for the committer before scheduling waits too.
 COMMIT_BACKLOG: Final = 4
@@ -542,7 +544,7 @@ class IngestConsumer:
 
     async def _keep_in_postgres(self, refused: Sequence[tuple[_Copy, str]]) -> None:
         """Keep copies the DLQ topic refused for what they are (the partition moves on)."""
-        rows: list[dlqstore.Undeliverable] = []
+        rows: list[deadletters.Undeliverable] = []
         for copy, error in refused:
             record, message = copy.item.record, copy.message
             if not copy.smallest:  # the table holds copies of bounded size
@@ -557,7 +559,7 @@ class IngestConsumer:
                 offset=record.offset,
             )
             rows.append(
-                dlqstore.Undeliverable(
+                deadletters.Undeliverable(
                     source_topic=record.topic,
                     source_partition=record.partition,
                     source_offset=record.offset,
@@ -570,7 +572,7 @@ class IngestConsumer:
                     consumer_id=self._consumer_id,
                 )
             )
-        await self._retrying(dlqstore.record, self._db, rows)
+        await self._retrying(deadletters.record, self._db, rows)
         for copy, _ in refused:
             metrics.DLQ_UNDELIVERABLE.labels(copy.item.reason).inc()
 

@@ -107,15 +107,7 @@ import httpx
 import trio
 import trio_asyncio
 
-from eventsched.core import execstore, metrics
-from eventsched.core.config import RetryBackoffSettings, Settings, redact, require_postgres
-from eventsched.core.domain.jobcontract import (
-    EXECUTE_FUNCTION,
-    make_job,
-    saq_timeout,
-)
-from eventsched.core.errors import DependencyError
-from eventsched.core.events import (
+from eventsched.core.domain.codec import (
     DLQ_MAX_BYTES,
     DLQ_MIN_BYTES,
     Event,
@@ -124,15 +116,10 @@ from eventsched.core.events import (
     fit_dead_letter,
     kafka_headers,
 )
-from eventsched.core.execstore import (
-    Claimed,
-    ClaimRequest,
-    ClaimResult,
-    DeadEvent,
-    GroupCommit,
-    NotClaimed,
-    NotDue,
-    Outcome,
+from eventsched.core.domain.jobcontract import (
+    EXECUTE_FUNCTION,
+    make_job,
+    saq_timeout,
 )
 from eventsched.core.jobqueue import (
     REDIS_ERRORS,
@@ -147,8 +134,8 @@ from eventsched.core.jobqueue import (
     run_worker,
 )
 from eventsched.core.kafka import KafkaProducer, OutboundMessage
-from eventsched.core.logging import get_logger
-from eventsched.core.plugins import (
+from eventsched.core.runtime import metrics
+from eventsched.core.runtime.contracts import (
     Handler,
     HandlerContext,
     HandlerEvent,
@@ -157,11 +144,30 @@ from eventsched.core.plugins import (
     check_handler,
     load_handler,
 )
-from eventsched.core.postgres import Database
+from eventsched.core.runtime.errors import DependencyError
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.settings import (
+    RetryBackoffSettings,
+    Settings,
+    redact,
+    require_postgres,
+)
+from eventsched.core.store import executions
+from eventsched.core.store.executions import (
+    Claimed,
+    ClaimRequest,
+    ClaimResult,
+    DeadEvent,
+    GroupCommit,
+    NotClaimed,
+    NotDue,
+    Outcome,
+)
+from eventsched.core.store.pool import Database
 from eventsched.plugins.reconciler import Reconciler
 
 if TYPE_CHECKING:
-    from eventsched.core.http import Health
+    from eventsched.core.runtime.health import Health
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -338,7 +344,7 @@ class DeadLetters:
         delay = self.RETRY_INITIAL
         while True:
             try:
-                dead = await execstore.dead_events(self._db, ids)
+                dead = await executions.dead_events(self._db, ids)
             except DependencyError as err:
                 log.warning("dlq_lookup_failed", error=err.problem, events=len(ids))
                 failing = True
@@ -443,7 +449,7 @@ class DeadLetters:
                 log.warning("dlq_publish_failed", event_id=item.event_id, error=report.error)
         self._stalled(failing)
         try:
-            await execstore.mark_published(self._db, published)
+            await executions.mark_published(self._db, published)
         except DependencyError as err:
             # They are in the DLQ; the reconciler will publish them once more (a duplicate).
             log.warning("dlq_mark_failed", error=err.problem, events=len(published))
@@ -549,13 +555,13 @@ class Executor:
         self._durations = {t: metrics.EXECUTION_DURATION.labels(t) for t in {*known, OTHER_TYPE}}
         self._claims: GroupCommit[ClaimRequest, ClaimResult] = GroupCommit(
             "claim",
-            functools.partial(execstore.claim_batch, worker_id=self.worker_id, ahead=CLAIM_AHEAD),
+            functools.partial(executions.claim_batch, worker_id=self.worker_id, ahead=CLAIM_AHEAD),
             key=lambda r: r.event_id,
             max_batch=MAX_BATCH,
         )
         self._finishes: GroupCommit[Outcome, bool] = GroupCommit(
             "finish",
-            execstore.finish_batch,
+            executions.finish_batch,
             key=lambda o: o.event_id,
             max_batch=MAX_BATCH,
             after_batch=self._after_outcomes,
@@ -725,7 +731,7 @@ class Executor:
         while not self.ctx.stopping.is_set():
             try:
                 await self._db.ping()
-                await execstore.check_schema(self._db)
+                await executions.check_schema(self._db)
                 await self._jobs.ping()
                 return True
             except DependencyError as err:
@@ -762,7 +768,7 @@ class Executor:
                 continue
             sent = time.monotonic()
             try:
-                renewed = await execstore.heartbeat(
+                renewed = await executions.heartbeat(
                     self._db, [(r.event_id, r.attempt) for r in due]
                 )
             except DependencyError as err:

@@ -1,7 +1,7 @@
 """Built-in event handlers: ``simulate``, ``log`` and ``webhook``.
 
 Name them in settings (``[handlers]``, by event type or ``default``) as
-``eventsched.plugins.handlers:<name>``. The contract (:mod:`eventsched.core.plugins`): an
+``eventsched.plugins.handlers:<name>``. The contract (:mod:`eventsched.core.runtime.contracts`): an
 asyncio coroutine function taking one :class:`HandlerEvent`; returning means success,
 raising means failure (retried with backoff), :class:`PermanentError` means "do not retry"
 (the event goes dead at once). ``simulate`` and ``webhook`` need settings, so they are
@@ -22,24 +22,24 @@ import httpcore
 import httpx
 
 from eventsched import __version__
-from eventsched.core.config import compile_secret_paths, redact, redact_url
-from eventsched.core.errors import EventschedError
-from eventsched.core.events import format_time
-from eventsched.core.logging import get_logger
-from eventsched.core.netguard import (
-    HOST_NOT_ALLOWED,
-    AddressRefused,
-    GuardedBackend,
-    UnresolvableHost,
-    parse_allowed_hosts,
-)
-from eventsched.core.plugins import (
+from eventsched.core.domain.codec import format_time
+from eventsched.core.runtime.contracts import (
     Handler,
     HandlerContext,
     HandlerEvent,
     PermanentError,
     handler_factory,
 )
+from eventsched.core.runtime.errors import EventschedError
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.netguard import (
+    HOST_NOT_ALLOWED,
+    AddressRefused,
+    GuardedBackend,
+    UnresolvableHost,
+    parse_allowed_hosts,
+)
+from eventsched.core.runtime.settings import compile_secret_paths, redact, redact_url
 
 _log = get_logger(__name__)
 
@@ -111,7 +111,7 @@ class Webhook:
     (other 4xx, a redirect, which is never followed) is a :class:`PermanentError`.
 
     A payload URL is chosen by whoever produces events, so it goes through
-    :mod:`eventsched.core.netguard`: http/https only, host in
+    :mod:`eventsched.core.runtime.netguard`: http/https only, host in
     ``executor.webhook.allowed_hosts``, every resolved address public or in a listed
     network, the connection made to the checked address (TLS still verified against the
     URL's host name); a refusal is a :class:`PermanentError` raised before any connection.
@@ -123,7 +123,7 @@ class Webhook:
     Configured URLs are the operator's: they use the executor's shared ``httpx.AsyncClient``
     (connection pooling across jobs) and their errors keep the transport detail.
 
-    Every error text shows the URL through :func:`~eventsched.core.config.redact_url`
+    Every error text shows the URL through :func:`~eventsched.core.runtime.settings.redact_url`
     (no password, query values, fragment, or path segments matching
     ``executor.webhook.secret_path_patterns`` or looking like tokens).
 

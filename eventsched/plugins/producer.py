@@ -29,12 +29,12 @@ from typing import Any, ClassVar, Final
 
 import trio
 
-from eventsched.core import metrics
-from eventsched.core.errors import DependencyError
-from eventsched.core.events import encode_event, kafka_headers, kafka_key, new_event
+from eventsched.core.domain.codec import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.kafka import OutboundMessage
-from eventsched.core.logging import get_logger
-from eventsched.core.plugins import RoleContext
+from eventsched.core.runtime import metrics
+from eventsched.core.runtime.contracts import RoleContext
+from eventsched.core.runtime.errors import DependencyError
+from eventsched.core.runtime.logs import get_logger
 
 log = get_logger(__name__)
 

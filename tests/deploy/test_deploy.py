@@ -28,8 +28,8 @@ import msgspec
 import pytest
 import yaml
 
-from eventsched.core import config
-from eventsched.core import metrics as app_metrics
+from eventsched.core.runtime import metrics as app_metrics
+from eventsched.core.runtime import settings as config
 from tests.support.proc import REPO as ROOT
 
 COMPOSE_FILE = ROOT / "compose.yml"
@@ -59,7 +59,7 @@ HEALTHCHECK_EXCEPTIONS = {
 }
 
 # Environment variables with the settings prefix that are not settings keys
-# (eventsched.core.config: the environment switcher and the settings file).
+# (eventsched.core.runtime.settings: the environment switcher and the settings file).
 SETTINGS_SWITCHES = frozenset({"EVENTSCHED_ENV", "EVENTSCHED_SETTINGS"})
 
 # The metrics the overview dashboard must show (the observability contract);
@@ -327,7 +327,7 @@ def metric_names(expr: str) -> set[str]:
 def settings_env_names() -> tuple[frozenset[str], frozenset[str]]:
     """(exact names, prefixes) of the EVENTSCHED_* variables the settings accept.
 
-    Derived from eventsched.core.config.Settings: EVENTSCHED_<SECTION>__<KEY>,
+    Derived from eventsched.core.runtime.settings.Settings: EVENTSCHED_<SECTION>__<KEY>,
     nested structs add further __<KEY> parts, mappings accept any sub-key.
     """
     exact: set[str] = set(SETTINGS_SWITCHES)
@@ -601,7 +601,7 @@ def test_eventsched_variables_are_known_settings(
     } | {name for name in compose_variables(compose_text) if name.startswith("EVENTSCHED_")}
     assert used, "compose.yml configures no EVENTSCHED_ setting"
     unknown = sorted(name for name in used if not is_settings_key(name))
-    assert not unknown, f"not settings keys of eventsched.core.config.Settings: {unknown}"
+    assert not unknown, f"not settings keys of eventsched.core.runtime.settings.Settings: {unknown}"
 
 
 @pytest.mark.parametrize("app", APPS)
@@ -1094,7 +1094,7 @@ def test_queries_use_only_metrics_the_application_exports(
                 if uid == "prometheus":
                     used |= metric_names(target["expr"])
     known = exported_metric_names()
-    assert used <= known, f"not exported by eventsched.core.metrics: {sorted(used - known)}"
+    assert used <= known, f"not exported by eventsched.core.runtime.metrics: {sorted(used - known)}"
 
 
 def test_the_metrics_contract_matches_the_application_registry() -> None:

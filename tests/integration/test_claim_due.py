@@ -13,9 +13,9 @@ import psycopg
 import pytest
 import trio
 
-from eventsched.core import execstore
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
-from eventsched.core.execstore import Claimed, ClaimRequest, NotDue
+from eventsched.core.store import executions
+from eventsched.core.store.executions import Claimed, ClaimRequest, NotDue
 from tests.support import exec_handlers
 from tests.support.execution import (
     attempt_rows,
@@ -45,7 +45,7 @@ def test_the_claim_refuses_an_event_that_is_not_due(database: str) -> None:
             ClaimRequest(retry.id, 2, now),
             ClaimRequest(due.id, 0, due.execute_at),  # the worker's clock says it is due
         ]
-        refused, refused_retry, won = execstore.claim_batch(
+        refused, refused_retry, won = executions.claim_batch(
             conn, requests, worker_id="w1", ahead=0.01
         )
     assert refused == NotDue(early.id, "test.event", pytest.approx(early.execute_at))

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from eventsched.core.plugins import Handler, HandlerContext, handler_factory
+from eventsched.core.runtime.contracts import Handler, HandlerContext, handler_factory
 from tests.support.proc import REPO
 
 

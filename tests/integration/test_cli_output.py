@@ -43,7 +43,7 @@ def test_migrate_prints_only_its_result_and_logs_to_stderr_at_the_set_level(
 
 
 def test_a_library_traceback_survives_the_stdlib_bridge() -> None:
-    from eventsched.core.logging import configure_logging
+    from eventsched.core.runtime.logs import configure_logging
 
     out = io.StringIO()
     configure_logging("info", "json", stream=out)
@@ -65,7 +65,7 @@ def test_a_logger_used_before_a_reconfiguration_follows_it() -> None:
     must still reach them, or their lines go to the old stream and escape capture."""
     from structlog.testing import capture_logs
 
-    from eventsched.core.logging import configure_logging, get_logger
+    from eventsched.core.runtime.logs import configure_logging, get_logger
 
     log = get_logger("tests.cached")
     first, second = io.StringIO(), io.StringIO()

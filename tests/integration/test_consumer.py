@@ -25,9 +25,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from eventsched.core import eventstore, migrate
-from eventsched.core.devstack import PostgresServer
-from eventsched.core.events import (
+from eventsched.core.domain.codec import (
     DecodeLimits,
     Event,
     decode_event,
@@ -35,10 +33,13 @@ from eventsched.core.events import (
     kafka_headers,
     new_event,
 )
-from eventsched.core.eventstore import IngestRow
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.postgres import Database
-from eventsched.core.summary import metric_total
+from eventsched.core.operations.devstack import PostgresServer
+from eventsched.core.operations.summary import metric_total
+from eventsched.core.store import events as eventstore
+from eventsched.core.store import migrations
+from eventsched.core.store.events import IngestRow
+from eventsched.core.store.pool import Database
 from tests.support.corpus import load_corpus
 from tests.support.ingest import (
     RawMessage,
@@ -359,7 +360,7 @@ def test_postgres_outage_pauses_ingest_without_loss_or_dlq_and_resumes(
         with psycopg.connect(server.admin_conninfo(), autocommit=True) as conn:
             conn.execute("CREATE DATABASE ingest")
         dsn = server.admin_conninfo("ingest")
-        migrate.up(dsn, migrate.default_sql_dir())
+        migrations.up(dsn, migrations.default_sql_dir())
         settings = write_settings(
             tmp_path / "settings.toml",
             child_sections(

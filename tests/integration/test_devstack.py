@@ -21,8 +21,8 @@ import redis
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from eventsched.core import devstack
-from eventsched.core.devstack import (
+from eventsched.core.operations import devstack
+from eventsched.core.operations.devstack import (
     DevStack,
     DevStackInfo,
     PostgresServer,
@@ -30,7 +30,7 @@ from eventsched.core.devstack import (
     _die_with_parent_hook,
     _system_user_credentials,
 )
-from eventsched.core.errors import DevStackError
+from eventsched.core.runtime.errors import DevStackError
 
 
 def _list_topics(bootstrap: str, timeout: float) -> None:
@@ -315,7 +315,7 @@ _CHILD_SCRIPT = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
     import psycopg
-    from eventsched.core.devstack import DevStack
+    from eventsched.core.operations.devstack import DevStack
 
     stack = DevStack(Path(sys.argv[1]), fast=True)
     info = stack.start()

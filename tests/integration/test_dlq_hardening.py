@@ -24,13 +24,13 @@ import trio
 import trio_asyncio
 from confluent_kafka import KafkaError, Producer
 
-from eventsched.core.devstack import KafkaBroker
-from eventsched.core.domain.jobcontract import make_job, saq_timeout
-from eventsched.core.events import (
+from eventsched.core.domain.codec import (
     fit_dead_letter,
 )
+from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.runtime import Runtime
+from eventsched.core.operations.devstack import KafkaBroker
+from eventsched.core.runtime.root import Runtime
 from tests.support.dlq import our_headers
 from tests.support.execution import insert_events, new_events, queue_client
 from tests.support.ingest import (
@@ -285,7 +285,7 @@ def test_dlq_replay_skips_every_copy_that_was_cut(
     make_settings: Any, topics: Names, kafka_bootstrap: str
 ) -> None:
     """Replaying a cut copy would publish something else than the original message."""
-    from eventsched.core.operator import SKIP_TRUNCATED, dlq_replay
+    from eventsched.core.operations.commands import SKIP_TRUNCATED, dlq_replay
 
     def copy(value: bytes, *cut: tuple[str, bytes]) -> RawMessage:
         key, value, headers = fit_dead_letter(b"k", value, our_headers())

@@ -19,11 +19,11 @@ import trio
 import trio_asyncio
 from psycopg import sql
 
-from eventsched.core import execstore
-from eventsched.core.config import Settings
+from eventsched.core.domain.codec import DecodeLimits, Event, decode_event, uuid7
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
-from eventsched.core.events import DecodeLimits, Event, decode_event, uuid7
-from eventsched.core.execstore import Claimed, ClaimRequest, NotClaimed, Outcome
+from eventsched.core.runtime.settings import Settings
+from eventsched.core.store import executions
+from eventsched.core.store.executions import Claimed, ClaimRequest, NotClaimed, Outcome
 from tests.support import exec_handlers
 from tests.support.execution import (
     all_finished,
@@ -86,27 +86,27 @@ def test_claims_and_outcomes_are_compare_and_set_and_safe_to_resend(database: st
             ClaimRequest(retry.id, 2, started),
             ClaimRequest(str(uuid7()), 0, started),  # no such event
         ]
-        won, lost, retried, missing = execstore.claim_batch(conn, requests, worker_id="w1")
+        won, lost, retried, missing = executions.claim_batch(conn, requests, worker_id="w1")
         assert isinstance(won, Claimed) and (won.attempt, won.type) == (1, "test.event")
         assert won.scheduled_for == pytest.approx(first.execute_at)
         assert lost == NotClaimed(second.id, "test.event", "scheduled", 0)
         assert isinstance(retried, Claimed) and retried.attempt == 2
         assert missing == NotClaimed(requests[3].event_id, None, None, None)
         # The answer was lost, the claim is sent again: recognised as ours, not a duplicate.
-        assert execstore.claim_batch(conn, requests[:1], worker_id="w1") == [won]
+        assert executions.claim_batch(conn, requests[:1], worker_id="w1") == [won]
         # Another worker (or the same job delivered twice) does not get it.
-        (other,) = execstore.claim_batch(
+        (other,) = executions.claim_batch(
             conn, [ClaimRequest(first.id, 0, time.time())], worker_id="w2"
         )
         assert other == NotClaimed(first.id, "test.event", "running", 1)
 
         done = Outcome(first.id, 1, "succeeded", None, time.time())
-        assert execstore.finish_batch(
+        assert executions.finish_batch(
             conn, [done, Outcome(second.id, 1, "succeeded", None, 0)]
         ) == [True, False]
-        assert execstore.finish_batch(conn, [done]) == [True]  # re-sent: already recorded
+        assert executions.finish_batch(conn, [done]) == [True]  # re-sent: already recorded
         stale = Outcome(retry.id, 1, "succeeded", None, time.time())  # attempt 1 is over
-        assert execstore.finish_batch(conn, [stale]) == [False]
+        assert executions.finish_batch(conn, [stale]) == [False]
     rows = {(r.event_id, r.attempt): r for r in attempt_rows(database)}
     assert set(rows) == {(first.id, 1), (retry.id, 2)}
     assert rows[(first.id, 1)].outcome == "succeeded" and rows[(first.id, 1)].worker_id == "w1"
@@ -152,11 +152,11 @@ def test_claims_and_outcomes_read_only_the_events_of_their_batch(database: str, 
         conn.execute("ANALYZE event_attempts")
         now = time.time()
         if which == "claim":
-            text = execstore._CLAIM_SQL.replace("%(req)s", "$1").replace("%(worker)s", "$2")
+            text = executions._CLAIM_SQL.replace("%(req)s", "$1").replace("%(worker)s", "$2")
             text = text.replace("%(ahead)s", "0.01")
             args = [[{"id": scheduled[0].id, "attempt": 0, "started": now}], "w1"]
         else:
-            text = execstore._FINISH_SQL.replace("%(req)s", "$1")
+            text = executions._FINISH_SQL.replace("%(req)s", "$1")
             args = [[{"id": running[0].id, "attempt": 1, "status": "succeeded", "error": None,
                       "finished": now, "next_at": None, "reason": None}]]  # fmt: skip
         conn.execute(f"PREPARE probe AS {text}")

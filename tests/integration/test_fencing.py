@@ -24,10 +24,10 @@ import psycopg
 import pytest
 import trio
 
-from eventsched.core import execstore, migrate
-from eventsched.core.devstack import PostgresServer
 from eventsched.core.domain.jobcontract import make_job
-from eventsched.core.execstore import Claimed, ClaimRequest
+from eventsched.core.operations.devstack import PostgresServer
+from eventsched.core.store import executions, migrations
+from eventsched.core.store.executions import Claimed, ClaimRequest
 from tests.support.exec_handlers import read_journal
 from tests.support.execution import (
     NewEvent,
@@ -152,7 +152,7 @@ def test_postgres_down_longer_than_stale_after_runs_no_completed_handler_again(
     tmp_path: Path,
 ) -> None:
     dsn = own_postgres.url
-    migrate.up(dsn, migrate.default_sql_dir())
+    migrations.up(dsn, migrations.default_sql_dir())
     journal_path = str(tmp_path / "journal")
     env = executor_env(names, dsn, redis_url, kafka_bootstrap, **FAST,
                        TEST_HANDLER_JOURNAL=journal_path)  # fmt: skip
@@ -222,10 +222,10 @@ def test_a_claims_lease_starts_when_its_statement_was_sent_even_if_resent(databa
     request = [ClaimRequest(event.id, 0, time.time())]
     with psycopg.connect(database, autocommit=True) as conn:
         before = time.monotonic()
-        (first,) = execstore.claim_batch(conn, request, worker_id="w1")
+        (first,) = executions.claim_batch(conn, request, worker_id="w1")
         after = time.monotonic()
         time.sleep(0.5)
-        (again,) = execstore.claim_batch(conn, request, worker_id="w1")  # the answer was lost
+        (again,) = executions.claim_batch(conn, request, worker_id="w1")  # the answer was lost
     assert isinstance(first, Claimed) and isinstance(again, Claimed)
     assert before <= first.sent <= after
     assert again.sent == pytest.approx(first.sent, abs=0.05)

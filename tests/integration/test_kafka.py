@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 import trio
 
-from eventsched.core.errors import ConfigError, DependencyError
 from eventsched.core.kafka import (
     Batch,
     KafkaConsumer,
@@ -31,6 +30,7 @@ from eventsched.core.kafka import (
     check_broker,
     ensure_topics,
 )
+from eventsched.core.runtime.errors import ConfigError, DependencyError
 
 GROUP_TIMEOUTS = {
     "session.timeout.ms": 6000,

@@ -1,4 +1,4 @@
-"""Specification of eventsched.core.migrate and of the first schema migration.
+"""Specification of eventsched.core.store.migrations and of the first schema migration.
 
 The checks that need no database are in tests/unit/test_migrate.py. Every test here runs
 against a real PostgreSQL in a database of its own (random name, dropped afterwards), so
@@ -21,8 +21,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
-from eventsched.core import migrate
-from eventsched.core.errors import MigrationError
+from eventsched.core.runtime.errors import MigrationError
+from eventsched.core.store import migrations
 from tests.support.migrations import REPO_SQL_DIR, write_migrations
 
 # ------------------------------------------------------------------- fixtures
@@ -44,7 +44,7 @@ def database(empty_database: str) -> Database:
 @pytest.fixture
 def migrated(database: Database) -> Database:
     """A database with the real schema applied."""
-    migrate.up(database.dsn, REPO_SQL_DIR)
+    migrations.up(database.dsn, REPO_SQL_DIR)
     return database
 
 
@@ -87,13 +87,13 @@ def execute(dsn: str, query: str, params: tuple[Any, ...] = ()) -> list[tuple[An
 
 def test_up_down_up_round_trip_keeps_golang_migrate_bookkeeping(database: Database) -> None:
     dsn = database.dsn
-    assert migrate.version(dsn) == (None, False)
+    assert migrations.version(dsn) == (None, False)
 
-    latest = max(m.version for m in migrate.list_migrations(REPO_SQL_DIR))
-    every = [m.version for m in migrate.list_migrations(REPO_SQL_DIR)]
-    assert migrate.up(dsn, REPO_SQL_DIR) == every
+    latest = max(m.version for m in migrations.list_migrations(REPO_SQL_DIR))
+    every = [m.version for m in migrations.list_migrations(REPO_SQL_DIR)]
+    assert migrations.up(dsn, REPO_SQL_DIR) == every
     assert {"events", "event_attempts", "schema_migrations"} <= tables(dsn)
-    assert migrate.version(dsn) == (latest, False)
+    assert migrations.version(dsn) == (latest, False)
     assert schema_migrations_rows(dsn) == [(latest, False)]
     # The table exactly as golang-migrate creates it.
     columns = execute(
@@ -110,44 +110,44 @@ def test_up_down_up_round_trip_keeps_golang_migrate_bookkeeping(database: Databa
     )
     assert primary_key == [("version",)]
 
-    assert migrate.up(dsn, REPO_SQL_DIR) == []  # nothing pending
+    assert migrations.up(dsn, REPO_SQL_DIR) == []  # nothing pending
 
-    assert migrate.down(dsn, REPO_SQL_DIR, None) == every[::-1]
+    assert migrations.down(dsn, REPO_SQL_DIR, None) == every[::-1]
     assert tables(dsn) == {"schema_migrations"}
-    assert migrate.version(dsn) == (None, False)
+    assert migrations.version(dsn) == (None, False)
     assert schema_migrations_rows(dsn) == []  # golang-migrate truncates for "no version"
 
-    assert migrate.up(dsn, REPO_SQL_DIR) == every
+    assert migrations.up(dsn, REPO_SQL_DIR) == every
     assert {"events", "event_attempts"} <= tables(dsn)
-    assert migrate.version(dsn) == (latest, False)
+    assert migrations.version(dsn) == (latest, False)
 
 
 def test_version_does_not_create_the_bookkeeping_table(database: Database) -> None:
-    assert migrate.version(database.dsn) == (None, False)
+    assert migrations.version(database.dsn) == (None, False)
     assert "schema_migrations" not in tables(database.dsn)
 
 
 def test_up_and_down_by_steps(database: Database, tmp_path: Path) -> None:
     dsn, sql_dir = database.dsn, three_steps(tmp_path)
 
-    assert migrate.up(dsn, sql_dir, steps=2) == [1, 5]
-    assert migrate.version(dsn) == (5, False)
+    assert migrations.up(dsn, sql_dir, steps=2) == [1, 5]
+    assert migrations.version(dsn) == (5, False)
     assert tables(dsn) == {"schema_migrations", "a", "b", "b2"}
-    assert migrate.up(dsn, sql_dir, steps=5) == [20240101120000]  # fewer pending than steps
-    assert migrate.version(dsn) == (20240101120000, False)
+    assert migrations.up(dsn, sql_dir, steps=5) == [20240101120000]  # fewer pending than steps
+    assert migrations.version(dsn) == (20240101120000, False)
 
-    assert migrate.down(dsn, sql_dir, steps=2) == [20240101120000, 5]
-    assert migrate.version(dsn) == (1, False)
+    assert migrations.down(dsn, sql_dir, steps=2) == [20240101120000, 5]
+    assert migrations.version(dsn) == (1, False)
     assert tables(dsn) == {"schema_migrations", "a"}
-    assert migrate.down(dsn, sql_dir) == [1]  # one step by default
-    assert migrate.down(dsn, sql_dir) == []  # nothing left
-    assert migrate.version(dsn) == (None, False)
+    assert migrations.down(dsn, sql_dir) == [1]  # one step by default
+    assert migrations.down(dsn, sql_dir) == []  # nothing left
+    assert migrations.version(dsn) == (None, False)
 
 
 def test_down_all(database: Database, tmp_path: Path) -> None:
     dsn, sql_dir = database.dsn, three_steps(tmp_path)
-    assert migrate.up(dsn, sql_dir) == [1, 5, 20240101120000]
-    assert migrate.down(dsn, sql_dir, steps=None) == [20240101120000, 5, 1]
+    assert migrations.up(dsn, sql_dir) == [1, 5, 20240101120000]
+    assert migrations.down(dsn, sql_dir, steps=None) == [20240101120000, 5, 1]
     assert tables(dsn) == {"schema_migrations"}
     assert schema_migrations_rows(dsn) == []
 
@@ -155,15 +155,15 @@ def test_down_all(database: Database, tmp_path: Path) -> None:
 @pytest.mark.parametrize("steps", [0, -1])
 def test_steps_must_be_positive(database: Database, steps: int) -> None:
     with pytest.raises(MigrationError, match="steps must be a positive"):
-        migrate.up(database.dsn, REPO_SQL_DIR, steps=steps)
+        migrations.up(database.dsn, REPO_SQL_DIR, steps=steps)
     with pytest.raises(MigrationError, match="steps must be a positive"):
-        migrate.down(database.dsn, REPO_SQL_DIR, steps=steps)
+        migrations.down(database.dsn, REPO_SQL_DIR, steps=steps)
 
 
 def test_unknown_database_version_is_refused(database: Database, tmp_path: Path) -> None:
-    migrate.force(database.dsn, 7)
+    migrations.force(database.dsn, 7)
     with pytest.raises(MigrationError, match="at version 7, which has no migration files"):
-        migrate.up(database.dsn, three_steps(tmp_path))
+        migrations.up(database.dsn, three_steps(tmp_path))
 
 
 # --------------------------------------------------------- failures and force
@@ -188,7 +188,7 @@ def test_failed_migration_leaves_the_database_dirty_until_forced(
     dsn, sql_dir = database.dsn, broken_second_step(tmp_path)
 
     with pytest.raises(MigrationError) as failure:
-        migrate.up(dsn, sql_dir)
+        migrations.up(dsn, sql_dir)
     message = str(failure.value)
     assert "000002_broken.up.sql" in message
     assert 'column "nope" does not exist' in message
@@ -198,20 +198,20 @@ def test_failed_migration_leaves_the_database_dirty_until_forced(
     assert isinstance(failure.value.__cause__, psycopg.errors.UndefinedColumn)
 
     # golang-migrate's protocol: the target version is recorded dirty before running.
-    assert migrate.version(dsn) == (2, True)
+    assert migrations.version(dsn) == (2, True)
     assert schema_migrations_rows(dsn) == [(2, True)]
     assert "half" not in tables(dsn)  # the file ran as one transaction
 
-    for refused in (migrate.up, migrate.down):
+    for refused in (migrations.up, migrations.down):
         with pytest.raises(MigrationError, match="dirty at version 2") as refusal:
             refused(dsn, sql_dir)
         assert "`eventsched migrate force 1` if `up` of 2 failed" in str(refusal.value)
 
-    migrate.force(dsn, 1)
-    assert migrate.version(dsn) == (1, False)
+    migrations.force(dsn, 1)
+    assert migrations.version(dsn) == (1, False)
     (sql_dir / "000002_broken.up.sql").write_text("CREATE TABLE half (x int);")
-    assert migrate.up(dsn, sql_dir) == [2]
-    assert migrate.version(dsn) == (2, False)
+    assert migrations.up(dsn, sql_dir) == [2]
+    assert migrations.version(dsn) == (2, False)
 
 
 def test_failed_down_of_the_first_migration_is_recorded_as_dirty_nil_version(
@@ -222,33 +222,33 @@ def test_failed_down_of_the_first_migration_is_recorded_as_dirty_nil_version(
         tmp_path,
         {"000001_a.up.sql": "CREATE TABLE a (x int);", "000001_a.down.sql": "DROP TABLE nope;"},
     )
-    migrate.up(dsn, sql_dir)
+    migrations.up(dsn, sql_dir)
     with pytest.raises(MigrationError, match=r"000001_a\.down\.sql failed") as failure:
-        migrate.down(dsn, sql_dir)
+        migrations.down(dsn, sql_dir)
     assert "eventsched migrate force 1" in str(failure.value)  # the schema is still at 1
     assert schema_migrations_rows(dsn) == [(-1, True)]  # golang-migrate issue #330
-    assert migrate.version(dsn) == (None, True)
+    assert migrations.version(dsn) == (None, True)
     with pytest.raises(MigrationError, match=r"dirty at no version \(-1\)") as refusal:
-        migrate.up(dsn, sql_dir)
+        migrations.up(dsn, sql_dir)
     assert "`eventsched migrate force 1` if `down` of 1 failed" in str(refusal.value)
 
-    migrate.force(dsn, -1)
+    migrations.force(dsn, -1)
     assert schema_migrations_rows(dsn) == []
-    assert migrate.version(dsn) == (None, False)
+    assert migrations.version(dsn) == (None, False)
 
 
 def test_force_rejects_versions_below_minus_one(database: Database) -> None:
     with pytest.raises(MigrationError, match="cannot force version -2"):
-        migrate.force(database.dsn, -2)
+        migrations.force(database.dsn, -2)
 
 
 def test_empty_migration_file_only_moves_the_version(database: Database, tmp_path: Path) -> None:
     sql_dir = write_migrations(
         tmp_path, {"000001_noop.up.sql": "\n", "000001_noop.down.sql": "-- nothing\n"}
     )
-    assert migrate.up(database.dsn, sql_dir) == [1]
-    assert migrate.down(database.dsn, sql_dir) == [1]
-    assert migrate.version(database.dsn) == (None, False)
+    assert migrations.up(database.dsn, sql_dir) == [1]
+    assert migrations.down(database.dsn, sql_dir) == [1]
+    assert migrations.version(database.dsn) == (None, False)
 
 
 # ------------------------------------------------------------- concurrency
@@ -273,7 +273,7 @@ def test_concurrent_up_applies_each_migration_once(database: Database, tmp_path:
     def run_up() -> None:
         start.wait()
         try:
-            results.append(migrate.up(database.dsn, sql_dir))
+            results.append(migrations.up(database.dsn, sql_dir))
         except BaseException as err:  # reported by the main thread
             errors.append(err)
 
@@ -286,7 +286,7 @@ def test_concurrent_up_applies_each_migration_once(database: Database, tmp_path:
     assert errors == []
     assert sorted(results) == [[], [1, 2]]
     assert execute(database.dsn, "SELECT step FROM runs") == [(2,)]
-    assert migrate.version(database.dsn) == (2, False)
+    assert migrations.version(database.dsn) == (2, False)
 
 
 def golang_migrate_lock_key(database_name: str) -> int:
@@ -301,16 +301,16 @@ def golang_migrate_lock_key(database_name: str) -> int:
 
 def test_the_lock_is_the_one_golang_migrate_takes(database: Database) -> None:
     key = golang_migrate_lock_key(database.name)
-    assert migrate.advisory_lock_id(f"/{database.name}", "public") == key
+    assert migrations.advisory_lock_id(f"/{database.name}", "public") == key
     with psycopg.connect(database.dsn, autocommit=True) as other_migrator:
         other_migrator.execute("SELECT pg_advisory_lock(%s)", (key,))
         with pytest.raises(MigrationError, match=r"waiting for the migration lock"):
-            migrate.up(database.dsn, REPO_SQL_DIR, lock_timeout=0.3)
+            migrations.up(database.dsn, REPO_SQL_DIR, lock_timeout=0.3)
         with pytest.raises(MigrationError, match=r"waiting for the migration lock"):
-            migrate.force(database.dsn, 1, lock_timeout=0.3)
+            migrations.force(database.dsn, 1, lock_timeout=0.3)
         other_migrator.execute("SELECT pg_advisory_unlock(%s)", (key,))
-    assert migrate.up(database.dsn, REPO_SQL_DIR) == [
-        m.version for m in migrate.list_migrations(REPO_SQL_DIR)
+    assert migrations.up(database.dsn, REPO_SQL_DIR) == [
+        m.version for m in migrations.list_migrations(REPO_SQL_DIR)
     ]
     # Released afterwards: nobody holds it any more.
     held = execute(
@@ -334,13 +334,13 @@ def test_lock_timeout_does_not_limit_the_migration_itself(
             "000002_alter.down.sql": "ALTER TABLE t DROP COLUMN y;",
         },
     )
-    migrate.up(database.dsn, sql_dir, steps=1)
+    migrations.up(database.dsn, sql_dir, steps=1)
     with psycopg.connect(database.dsn) as blocker:
         blocker.execute("LOCK TABLE t IN ACCESS SHARE MODE")
         releaser = threading.Timer(0.6, blocker.rollback)
         releaser.start()
         try:
-            assert migrate.up(database.dsn, sql_dir, lock_timeout=0.2) == [2]
+            assert migrations.up(database.dsn, sql_dir, lock_timeout=0.2) == [2]
         finally:
             releaser.join()
 

@@ -18,7 +18,7 @@ import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
 
-from eventsched.core.events import (
+from eventsched.core.domain.codec import (
     DecodeLimits,
     decode_event,
     dlq_headers,
@@ -27,7 +27,7 @@ from eventsched.core.events import (
     kafka_key,
 )
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.operator import StatusReport, render_status
+from eventsched.core.operations.commands import StatusReport, render_status
 from tests.support.cli import run
 from tests.support.ingest import (
     RawMessage,

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import trio
 
-from eventsched.core.events import DecodeLimits, decode_event
+from eventsched.core.domain.codec import DecodeLimits, decode_event
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.summary import metric_total
+from eventsched.core.operations.summary import metric_total
 from tests.support.ingest import read_topic, running
 from tests.support.servers import Names
 

@@ -25,7 +25,6 @@ from redis import asyncio as aioredis
 from saq.job import Status
 from saq.types import Context
 
-from eventsched.core.errors import DependencyError
 from eventsched.core.jobqueue import (
     JobQueue,
     OnTimeWorker,
@@ -35,6 +34,7 @@ from eventsched.core.jobqueue import (
     run_worker,
 )
 from eventsched.core.jobqueue import store as store_module
+from eventsched.core.runtime.errors import DependencyError
 
 REDIS_URL = os.environ.get("EVENTSCHED_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
@@ -467,8 +467,8 @@ def test_the_installed_saq_is_the_release_the_queue_was_checked_against() -> Non
     # RedisQueue and Worker, then widen TESTED_SAQ (and pyproject.toml's pin).
     import saq
 
-    from eventsched.core.errors import UntestedVersion
     from eventsched.core.jobqueue import TESTED_SAQ, check_saq_version
+    from eventsched.core.runtime.errors import UntestedVersion
 
     check_saq_version()
     assert saq.__version__.startswith("0.26.")

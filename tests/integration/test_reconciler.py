@@ -19,10 +19,10 @@ import pytest
 import redis
 import trio
 
-from eventsched.core.config import Settings
-from eventsched.core.devstack import RedisServer
 from eventsched.core.domain.jobcontract import make_job
-from eventsched.core.leader import LeaderLock, lock_key
+from eventsched.core.operations.devstack import RedisServer
+from eventsched.core.runtime.settings import Settings
+from eventsched.core.store.leader import LeaderLock, lock_key
 from tests.support import exec_handlers
 from tests.support.execution import (
     NewEvent,
@@ -424,8 +424,8 @@ async def test_gauge_counts_stop_at_the_limit_and_read_the_estimate_above_it(
     # interval; above the limit the gauge reads the planner's estimate instead.
     import trio_asyncio
 
-    from eventsched.core import execstore
-    from eventsched.core.postgres import Database
+    from eventsched.core.store import executions
+    from eventsched.core.store.pool import Database
 
     now = time.time()
 
@@ -442,10 +442,10 @@ async def test_gauge_counts_stop_at_the_limit_and_read_the_estimate_above_it(
                         " (SELECT id FROM events WHERE status = 'succeeded' LIMIT 20)"
                         " RETURNING id")  # fmt: skip
 
-    async def counts(limit: int = execstore.GAUGE_EXACT_LIMIT) -> dict[str, int]:
+    async def counts(limit: int = executions.GAUGE_EXACT_LIMIT) -> dict[str, int]:
         db = await Database.open(database)
         try:
-            return await execstore.status_counts(db, limit=limit)
+            return await executions.status_counts(db, limit=limit)
         finally:
             await db.close()
 

@@ -1,7 +1,7 @@
 """``dlq replay`` of the executor's dead letters re-runs the event, once, with a fresh budget.
 
 A real executor (in this process) runs events into the DLQ; the replay then runs as the CLI
-runs it (:func:`eventsched.core.operator.dlq_replay`, in a thread of its own) against the
+runs it (:func:`eventsched.core.operations.commands.dlq_replay`, in a thread of its own) against the
 same PostgreSQL, Redis and broker. Handler calls are counted, not only rows.
 """
 
@@ -16,11 +16,12 @@ import pytest
 import trio
 import trio_asyncio
 
-from eventsched.core import execstore, operator
-from eventsched.core.config import Settings
-from eventsched.core.events import dlq_headers, kafka_headers
+from eventsched.core.domain.codec import dlq_headers, kafka_headers
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.postgres import Database
+from eventsched.core.operations import commands
+from eventsched.core.runtime.settings import Settings
+from eventsched.core.store import executions
+from eventsched.core.store.pool import Database
 from eventsched.plugins.executor import Failure, decide
 from tests.support import replay_handlers
 from tests.support.execution import (
@@ -68,8 +69,8 @@ def settings_for(make_settings: Any, handler: str, max_retries: int) -> Settings
 
 async def replay(settings: Settings, *args: str, **options: Any) -> str:
     """Run the replay as the CLI does; its summary line without the group."""
-    result = await trio.to_thread.run_sync(lambda: operator.dlq_replay(settings, **options))
-    lines = operator.render_replay(result).splitlines()
+    result = await trio.to_thread.run_sync(lambda: commands.dlq_replay(settings, **options))
+    lines = commands.render_replay(result).splitlines()
     return lines[0].split(" (group")[0] + "".join(f" |{line.strip()}" for line in lines[1:])
 
 
@@ -245,11 +246,11 @@ async def test_a_lost_re_run_attempt_is_retried_within_its_fresh_budget(database
             updated_at=seen,
         )
     )  # fmt: skip
-    stale = [execstore.Candidate(lost.id, 4, seen), execstore.Candidate(last.id, 6, seen)]
+    stale = [executions.Candidate(lost.id, 4, seen), executions.Candidate(last.id, 6, seen)]
     async with trio_asyncio.open_loop():
         db = await Database.open(database, max_size=1)
         try:
-            taken = await execstore.take_over(
+            taken = await executions.take_over(
                 db, stale, stale_after=60, max_attempts=3, error="lost"
             )
         finally:

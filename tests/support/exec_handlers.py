@@ -13,7 +13,7 @@ import os
 import time
 from collections import Counter
 
-from eventsched.core.plugins import HandlerEvent, PermanentError
+from eventsched.core.runtime.contracts import HandlerEvent, PermanentError
 
 # (event id, attempt) of every call, in call order (in-process tests only).
 CALLS: list[tuple[str, int]] = []

@@ -22,14 +22,14 @@ import trio
 import trio_asyncio
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from eventsched.core.config import Settings
+from eventsched.core.domain.codec import uuid7
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
-from eventsched.core.events import uuid7
-from eventsched.core.http import Health
 from eventsched.core.jobqueue import JobQueue
 from eventsched.core.kafka import KafkaProducer
-from eventsched.core.plugins import Resources, RoleContext
-from eventsched.core.postgres import Database
+from eventsched.core.runtime.contracts import Resources, RoleContext
+from eventsched.core.runtime.health import Health
+from eventsched.core.runtime.settings import Settings
+from eventsched.core.store.pool import Database
 from eventsched.plugins.executor import Executor
 from tests.support.servers import Names
 

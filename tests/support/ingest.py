@@ -23,9 +23,9 @@ import redis
 import trio
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from eventsched.core.config import Settings
-from eventsched.core.events import Event, encode_event, kafka_headers, kafka_key, new_event
-from eventsched.core.runtime import Runtime
+from eventsched.core.domain.codec import Event, encode_event, kafka_headers, kafka_key, new_event
+from eventsched.core.runtime.root import Runtime
+from eventsched.core.runtime.settings import Settings
 from tests.support.proc import AppProcess
 from tests.support.servers import FAST_GROUP_CONFIG, Names
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from eventsched.core.plugins import HandlerEvent
+from eventsched.core.runtime.contracts import HandlerEvent
 
 MB = 1024 * 1024
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eventsched.core.plugins import HandlerEvent
+from eventsched.core.runtime.contracts import HandlerEvent
 
 #: (event id, attempt) of every call, in call order.
 CALLS: list[tuple[str, int]] = []

@@ -8,7 +8,7 @@ from typing import ClassVar
 import trio
 import trio.lowlevel
 
-from eventsched.core.plugins import RoleContext
+from eventsched.core.runtime.contracts import RoleContext
 
 
 class DrainingRole:

@@ -26,9 +26,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from eventsched.core import migrate
-from eventsched.core.config import Settings, build_settings
-from eventsched.core.devstack import PostgresServer
+from eventsched.core.operations.devstack import PostgresServer
+from eventsched.core.runtime.settings import Settings, build_settings
+from eventsched.core.store import migrations
 
 # Tansu needs these for quick group joins (its defaults make a join take 20+ s).
 FAST_GROUP_CONFIG = {
@@ -62,7 +62,7 @@ def redis_url(services_dir: Path) -> Iterator[str]:
     if url := os.environ.get("EVENTSCHED_TEST_REDIS_URL"):
         yield url
         return
-    from eventsched.core.devstack import RedisServer
+    from eventsched.core.operations.devstack import RedisServer
 
     server = RedisServer(services_dir / "redis", fast=True)
     server.start()
@@ -77,7 +77,7 @@ def kafka_bootstrap(services_dir: Path) -> Iterator[str]:
     if bootstrap := os.environ.get("EVENTSCHED_TEST_KAFKA"):
         yield bootstrap
         return
-    from eventsched.core.devstack import KafkaBroker
+    from eventsched.core.operations.devstack import KafkaBroker
 
     broker = KafkaBroker(services_dir / "kafka")
     broker.start()
@@ -109,7 +109,7 @@ def empty_database(pg_admin_dsn: str) -> Iterator[str]:
 @pytest.fixture
 def database(empty_database: str) -> str:
     """A new database with every migration applied."""
-    migrate.up(empty_database, migrate.default_sql_dir())
+    migrations.up(empty_database, migrations.default_sql_dir())
     return empty_database
 
 

@@ -22,13 +22,13 @@ import outcome
 import pytest
 import trio_asyncio
 
-from eventsched.core.config import Settings, build_settings
-from eventsched.core.plugins import (
+from eventsched.core.runtime.contracts import (
     HandlerContext,
     HandlerEvent,
     PermanentError,
     load_handler,
 )
+from eventsched.core.runtime.settings import Settings, build_settings
 from eventsched.plugins.handlers import WebhookError
 
 BUILTIN = "eventsched.plugins.handlers"

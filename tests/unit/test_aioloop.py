@@ -1,4 +1,4 @@
-"""The batched trio-asyncio loop step (eventsched.core.aioloop): same order, no starvation."""
+"""The batched trio-asyncio loop step (eventsched.core.runtime.aioloop): same order, no starvation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import trio
 import trio_asyncio
 
-from eventsched.core import aioloop
+from eventsched.core.runtime import aioloop
 
 
 def test_installed_for_the_pinned_trio_asyncio() -> None:

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from eventsched.core.errors import DecodeError
-from eventsched.core.events import DECODE_REASONS, decode_event
+from eventsched.core.domain.codec import DECODE_REASONS, decode_event
+from eventsched.core.runtime.errors import DecodeError
 from tests.support.corpus import CORPUS_DIR, LIMITS, CorpusCase, load_corpus
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, 250_000, tzinfo=UTC)

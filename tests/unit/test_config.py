@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from eventsched.core.config import (
+from eventsched.core.runtime.errors import ConfigError
+from eventsched.core.runtime.settings import (
     Duration,
     load_settings,
     parse_duration,
@@ -15,7 +16,6 @@ from eventsched.core.config import (
     require_postgres,
     require_redis,
 )
-from eventsched.core.errors import ConfigError
 
 
 def test_defaults_match_the_documented_contract() -> None:

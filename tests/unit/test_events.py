@@ -17,9 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventsched.core.config import ConsumerSettings
-from eventsched.core.errors import DecodeError
-from eventsched.core.events import (
+from eventsched.core.domain.codec import (
     DECODE_REASONS,
     DLQ_HEADER_NAMES,
     DecodeLimits,
@@ -35,6 +33,8 @@ from eventsched.core.events import (
     parse_time,
     uuid7,
 )
+from eventsched.core.runtime.errors import DecodeError
+from eventsched.core.runtime.settings import ConsumerSettings
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, 250_000, tzinfo=UTC)
 LIMITS = DecodeLimits()

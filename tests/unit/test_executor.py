@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from eventsched.core.config import RetryBackoffSettings
 from eventsched.core.domain.jobcontract import EXECUTE_FUNCTION, job_key, make_job
-from eventsched.core.execstore import Outcome
+from eventsched.core.runtime.settings import RetryBackoffSettings
+from eventsched.core.store.executions import Outcome
 from eventsched.plugins.executor import Failure, decide, retry_delay
 
 

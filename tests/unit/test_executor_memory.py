@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from eventsched.core.config import load_settings, parse_size
-from eventsched.core.errors import ConfigError
 from eventsched.core.jobqueue import PayloadBudget
 from eventsched.core.jobqueue import budget as memory
+from eventsched.core.runtime.errors import ConfigError
+from eventsched.core.runtime.settings import load_settings, parse_size
 from tests.support.memory_handlers import MB
 
 

@@ -14,8 +14,7 @@ import pytest
 import structlog
 import trio
 
-from eventsched.core.errors import PluginError
-from eventsched.core.plugins import (
+from eventsched.core.runtime.contracts import (
     Handler,
     HandlerContext,
     HandlerEvent,
@@ -23,6 +22,7 @@ from eventsched.core.plugins import (
     handler_factory,
     load_handler,
 )
+from eventsched.core.runtime.errors import PluginError
 from eventsched.plugins.handlers import SimulatedFailure, Webhook, WebhookError
 from tests.support.webhook import (
     BUILTIN,

@@ -1,5 +1,5 @@
 """Importing eventsched has no side effects: asyncio stays as it was until an entry point
-runs the trio-asyncio bootstrap (eventsched.core.bootstrap)."""
+runs the trio-asyncio bootstrap (eventsched.core.runtime.bootstrap)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def test_the_bootstrap_patches_asyncio_and_rebinds_earlier_imports() -> None:
         early = types.ModuleType("early")
         early.get_running_loop = bound_early
         sys.modules["early"] = early
-        from eventsched.core import aioloop, bootstrap
+        from eventsched.core.runtime import aioloop
+        from eventsched.core.runtime import bootstrap
         bootstrap.install()
         bootstrap.install()
         print(asyncio.get_running_loop is not _asyncio.get_running_loop,
@@ -57,7 +58,7 @@ def test_plain_asyncio_still_runs_after_the_bootstrap() -> None:
     out = _python(
         """
         import asyncio
-        from eventsched.core import bootstrap
+        from eventsched.core.runtime import bootstrap
         bootstrap.install()
         async def main():
             await asyncio.sleep(0)
@@ -74,7 +75,7 @@ def test_asyncio_timeouts_work_inside_trio_asyncio_when_the_bootstrap_came_first
     out = _python(
         """
         import sys
-        from eventsched.core import bootstrap
+        from eventsched.core.runtime import bootstrap
         assert "asyncio" not in sys.modules
         bootstrap.install()
         import asyncio, trio, trio_asyncio

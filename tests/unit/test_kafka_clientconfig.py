@@ -10,8 +10,6 @@ from typing import Any
 
 import pytest
 
-from eventsched.core.config import Settings, build_settings
-from eventsched.core.errors import ConfigError
 from eventsched.core.kafka import (
     CONSUMER_CLIENT_DEFAULTS,
     CONSUMER_DEFAULTS,
@@ -20,6 +18,8 @@ from eventsched.core.kafka import (
     client_config,
     config_from_settings,
 )
+from eventsched.core.runtime.errors import ConfigError
+from eventsched.core.runtime.settings import Settings, build_settings
 
 BOOTSTRAP = "broker-a:9092"
 

@@ -15,7 +15,7 @@ import httpcore
 import pytest
 import trio_asyncio
 
-from eventsched.core.netguard import (
+from eventsched.core.runtime.netguard import (
     AddressRefused,
     GuardedBackend,
     UnresolvableHost,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from eventsched.core.errors import PluginError
-from eventsched.core.plugins import load_handler, load_role_factory
+from eventsched.core.runtime.contracts import load_handler, load_role_factory
+from eventsched.core.runtime.errors import PluginError
 from tests.support import roles
 
 

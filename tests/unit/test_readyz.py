@@ -6,7 +6,7 @@ import time
 
 
 def test_a_stalled_role_makes_readyz_name_it_and_sets_the_metric() -> None:
-    from eventsched.core.http import Health
+    from eventsched.core.runtime.health import Health
     from tests.support.metrics import metric_value
 
     health = Health()

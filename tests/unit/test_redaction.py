@@ -10,17 +10,17 @@ import structlog
 import trio
 from structlog.testing import capture_logs
 
-from eventsched.core.config import (
+from eventsched.core.runtime.errors import ConfigError, DependencyError
+from eventsched.core.runtime.health import Health
+from eventsched.core.runtime.logs import configure_logging, get_logger
+from eventsched.core.runtime.settings import (
     build_settings,
     compile_secret_paths,
     redact,
     redact_url,
     require_postgres,
 )
-from eventsched.core.errors import ConfigError, DependencyError
-from eventsched.core.http import Health
-from eventsched.core.logging import configure_logging, get_logger
-from eventsched.core.postgres import Database
+from eventsched.core.store.pool import Database
 from eventsched.plugins.executor import _describe
 
 SECRET = "s3cr3t-pw"
@@ -144,7 +144,7 @@ def test_handler_errors_are_described_without_secrets() -> None:
 def test_a_consumer_dead_letter_error_carries_no_secret() -> None:
     from datetime import UTC, datetime
 
-    from eventsched.core.events import dlq_headers
+    from eventsched.core.domain.codec import dlq_headers
 
     headers = dict(
         dlq_headers(

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from eventsched.core.config import build_settings
-from eventsched.core.errors import ConfigError
+from eventsched.core.runtime.errors import ConfigError
+from eventsched.core.runtime.settings import build_settings
 
 
 def test_unassigned_grace_must_be_positive() -> None:

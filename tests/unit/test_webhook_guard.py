@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from eventsched.core.config import build_settings
-from eventsched.core.errors import ConfigError
-from eventsched.core.plugins import PermanentError
+from eventsched.core.runtime.contracts import PermanentError
+from eventsched.core.runtime.errors import ConfigError
+from eventsched.core.runtime.settings import build_settings
 from eventsched.plugins.handlers import WebhookError
 from tests.support.webhook import (
     QSECRET,

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from eventsched.core.errors import EventschedError
+from eventsched.core.runtime.errors import EventschedError
 
 if TYPE_CHECKING:
     import httpx
 
-    from eventsched.core.config import Settings
+    from eventsched.core.runtime.settings import Settings
 
 
 @dataclass(frozen=True)

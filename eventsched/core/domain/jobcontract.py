@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 from typing import Any, Final
 
-from eventsched.core.config import Settings
 from eventsched.core.jobqueue import ScheduledJob
+from eventsched.core.runtime.settings import Settings
 
 #: The name the executor registers its job function under.
 EXECUTE_FUNCTION: Final = "execute_event"

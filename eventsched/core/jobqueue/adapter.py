@@ -15,12 +15,12 @@ import trio_asyncio
 from redis import asyncio as aioredis
 from saq.job import Status
 
-from eventsched.core.config import redact
-from eventsched.core.errors import DependencyError
 from eventsched.core.jobqueue.jobs import Orphans, ScheduledJob
 from eventsched.core.jobqueue.scripts import MARKER_CAS_LUA
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
-from eventsched.core.logging import get_logger
+from eventsched.core.runtime.errors import DependencyError
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.settings import redact
 
 log = get_logger(__name__)
 T = TypeVar("T")

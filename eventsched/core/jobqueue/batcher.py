@@ -13,9 +13,9 @@ from collections.abc import Callable
 import msgspec
 from redis import asyncio as aioredis
 
-from eventsched.core.config import redact
 from eventsched.core.jobqueue.scripts import APPLY_LUA
-from eventsched.core.logging import get_logger
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.settings import redact
 
 log = get_logger(__name__)
 

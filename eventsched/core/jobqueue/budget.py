@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from eventsched.core.logging import get_logger
+from eventsched.core.runtime.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 from saq.job import Job
 
-from eventsched.core.config import redact
 from eventsched.core.jobqueue.jobs import JobClaim
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
-from eventsched.core.logging import get_logger
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.settings import redact
 
 if TYPE_CHECKING:
     from eventsched.core.jobqueue.budget import PayloadBudget

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from eventsched.core.errors import UntestedVersion
+from eventsched.core.runtime.errors import UntestedVersion
 
 #: The SAQ releases this package was checked against: OnTimeQueue and OnTimeWorker override
 #: internals of SAQ's RedisQueue and Worker (Lua scripts, key names, the job hand-out), which

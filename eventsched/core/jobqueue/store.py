@@ -26,7 +26,7 @@ from saq.utils import now
 from eventsched.core.jobqueue.batcher import Batcher, Command
 from eventsched.core.jobqueue.jobs import JobClaim, Orphans, ScheduledJob, job_dict, job_payload
 from eventsched.core.jobqueue.scripts import CLAIM_LUA, ENQUEUE_LUA, REQUEUE_ORPHAN_LUA, SWEEP_LUA
-from eventsched.core.logging import get_logger
+from eventsched.core.runtime.logs import get_logger
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript

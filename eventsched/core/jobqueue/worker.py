@@ -24,12 +24,12 @@ from saq.types import Context, FunctionsType, JobTaskContext
 from saq.utils import now
 from saq.worker import Worker, ensure_coroutine_function
 
-from eventsched.core.config import redact
 from eventsched.core.jobqueue.adapter import JobQueue, dependency_error
 from eventsched.core.jobqueue.dispatcher import Dispatcher
 from eventsched.core.jobqueue.jobs import PutBack
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
-from eventsched.core.logging import get_logger
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.settings import redact
 
 #: What a job function receives (SAQ's context: the job under ``"job"``); role plugins name
 #: it through this package instead of importing SAQ.

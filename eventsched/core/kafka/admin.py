@@ -27,10 +27,10 @@ from confluent_kafka import admin as kafka_admin
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewPartitions, NewTopic
 
-from eventsched.core.errors import ConfigError, DependencyError
 from eventsched.core.kafka.bridge import _code, _describe
 from eventsched.core.kafka.clientconfig import ClientKind, client_config
 from eventsched.core.kafka.records import TopicPartitionKey
+from eventsched.core.runtime.errors import ConfigError, DependencyError
 
 # OffsetSpec is public API, but confluent-kafka's stubs neither export nor type it.
 _LATEST: Final = kafka_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no-untyped-call]

@@ -49,7 +49,7 @@ from confluent_kafka import (
     KafkaException,
 )
 
-from eventsched.core.errors import DependencyError
+from eventsched.core.runtime.errors import DependencyError
 
 # One logger name for the whole adapter, as before it was split into modules.
 log = structlog.get_logger("eventsched.core.kafka")

@@ -13,7 +13,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any, Final
 
-from eventsched.core.config import Settings, require_kafka
+from eventsched.core.runtime.settings import Settings, require_kafka
 
 PRODUCER_DEFAULTS: Final[Mapping[str, Any]] = {
     # No duplicates or reordering on internal retries; requires acks=all.

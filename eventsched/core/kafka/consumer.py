@@ -16,7 +16,6 @@ from typing import Any
 import structlog
 import trio
 
-from eventsched.core.errors import ConfigError, DependencyError
 from eventsched.core.kafka.bridge import (
     _describe,
     _error_logger,
@@ -33,6 +32,7 @@ from eventsched.core.kafka.records import (
     RebalanceHook,
     TopicPartitionKey,
 )
+from eventsched.core.runtime.errors import ConfigError, DependencyError
 
 # One logger name for the whole adapter, as before it was split into modules.
 log = structlog.get_logger("eventsched.core.kafka")

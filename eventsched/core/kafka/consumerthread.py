@@ -24,7 +24,6 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from eventsched.core.errors import ConfigError, DependencyError
 from eventsched.core.kafka.bridge import (
     _Call,
     _code,
@@ -36,6 +35,7 @@ from eventsched.core.kafka.records import (
     Record,
     TopicPartitionKey,
 )
+from eventsched.core.runtime.errors import ConfigError, DependencyError
 
 if TYPE_CHECKING:
     from eventsched.core.kafka.consumer import KafkaConsumer

@@ -26,8 +26,6 @@ from confluent_kafka import (
     Producer,
 )
 
-from eventsched.core import metrics
-from eventsched.core.errors import ConfigError, DependencyError, EventschedError
 from eventsched.core.kafka.bridge import (
     _Call,
     _code,
@@ -38,6 +36,8 @@ from eventsched.core.kafka.bridge import (
     _TrioPort,
 )
 from eventsched.core.kafka.clientconfig import PRODUCER_DEFAULTS
+from eventsched.core.runtime import metrics
+from eventsched.core.runtime.errors import ConfigError, DependencyError, EventschedError
 
 # One logger name for the whole adapter, as before it was split into modules.
 log = structlog.get_logger("eventsched.core.kafka")

@@ -15,9 +15,9 @@ import socket
 
 import httpx
 
-from eventsched.core.config import Settings
-from eventsched.core.errors import ConfigError
-from eventsched.core.logging import get_logger
+from eventsched.core.runtime.errors import ConfigError
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.settings import Settings
 
 log = get_logger(__name__)
 

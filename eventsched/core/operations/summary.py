@@ -15,11 +15,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from eventsched.core import metrics
-from eventsched.core.logging import get_logger
+from eventsched.core.runtime import metrics
+from eventsched.core.runtime.logs import get_logger
 
 if TYPE_CHECKING:
-    from eventsched.core.runtime import Runtime
+    from eventsched.core.runtime.root import Runtime
 
 log = get_logger(__name__)
 

@@ -69,11 +69,11 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypeVar
 
 import msgspec
 
-from eventsched.core.config import redact
-from eventsched.core.errors import DecodeError
+from eventsched.core.runtime.errors import DecodeError
+from eventsched.core.runtime.settings import redact
 
 if TYPE_CHECKING:
-    from eventsched.core.config import ConsumerSettings
+    from eventsched.core.runtime.settings import ConsumerSettings
 
 __all__ = [
     "DECODE_REASONS",
@@ -483,7 +483,7 @@ def dlq_headers(
     Original headers keep their order; ones named like ours (a message that failed before
     and was replayed) are dropped so each DLQ header appears exactly once. Our values are
     ASCII (non-ASCII escaped, control characters replaced by spaces); ``dlq-error`` is cut
-    to 1 KiB after :func:`~eventsched.core.config.redact` took any secret out of it (an error
+    to 1 KiB after :func:`~eventsched.core.runtime.settings.redact` took any secret out of it (an error
     may quote a URL from the payload). ``source-timestamp`` (Kafka timestamp, ms since the epoch) is left out when
     unknown (``None`` or negative, as librdkafka reports a missing timestamp).
     """

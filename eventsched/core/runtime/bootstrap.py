@@ -6,7 +6,7 @@ A module that bound the unpatched C ``get_running_loop`` before that (psycopg's 
 module does ``from asyncio import get_running_loop``) fails with "no running event loop"
 inside trio-asyncio, so :func:`install` also rebinds that name in every module already
 imported, whatever the import order was. It then installs the batched loop step of
-:mod:`eventsched.core.aioloop`.
+:mod:`eventsched.core.runtime.aioloop`.
 
 Importing ``eventsched`` does none of this (a library import must not patch asyncio for
 the whole process): the entry points call :func:`install` - the CLI (``eventsched`` and
@@ -41,7 +41,7 @@ def install() -> None:
         if getattr(module, "get_running_loop", None) is unpatched and module is not _asyncio:
             setattr(module, "get_running_loop", asyncio.get_running_loop)  # noqa: B010 - any module
 
-    from eventsched.core import aioloop
+    from eventsched.core.runtime import aioloop
 
     aioloop.install()
     _installed = True

@@ -18,12 +18,12 @@ from typing import TextIO
 
 import trio
 
-from eventsched.core import migrate
-from eventsched.core.config import ROLES, load_settings, require_kafka, require_postgres
-from eventsched.core.devstack import DevStack, DevStackInfo
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.logging import configure_logging, get_logger
-from eventsched.core.runtime import Runtime
+from eventsched.core.operations.devstack import DevStack, DevStackInfo
+from eventsched.core.runtime.logs import configure_logging, get_logger
+from eventsched.core.runtime.root import Runtime
+from eventsched.core.runtime.settings import ROLES, load_settings, require_kafka, require_postgres
+from eventsched.core.store import migrations
 
 log = get_logger(__name__)
 
@@ -56,7 +56,7 @@ def run_dev(
             trio.run(_wait_for_stop, duration)
             return 0
         settings = load_settings(settings_path, environ={**os.environ, **info.as_env()})
-        applied = migrate.up(require_postgres(settings), migrate.default_sql_dir())
+        applied = migrations.up(require_postgres(settings), migrations.default_sql_dir())
         log.info("migrated", applied=applied)
         s = settings.kafka
         for line in ensure_topics(
@@ -99,7 +99,7 @@ def _announce(info: DevStackInfo, env_file: Path, interactive: bool, seconds: fl
 def _extra_tasks(
     info: DevStackInfo, duration: float | None
 ) -> list[Callable[[Runtime], Awaitable[None]]]:
-    from eventsched.core.summary import live_summary
+    from eventsched.core.operations.summary import live_summary
 
     stack = {
         "postgres": info.postgres_dsn or "-",

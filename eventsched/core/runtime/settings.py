@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from eventsched.core import packagedata
-from eventsched.core.errors import ConfigError
+from eventsched.core.runtime import packagedata
+from eventsched.core.runtime.errors import ConfigError
 
 ROLES: tuple[str, ...] = ("producer", "consumer", "executor")
 DEFAULT_PORTS: Mapping[str, int] = {"producer": 8080, "consumer": 8081, "executor": 8082}
@@ -280,7 +280,7 @@ class Settings(_Section, frozen=True):
 
 def default_settings_file(environ: Mapping[str, str] | None = None) -> Path:
     """The base settings file: ``$EVENTSCHED_SETTINGS``, else the one shipped with the
-    package (:func:`eventsched.core.packagedata.settings_file`)."""
+    package (:func:`eventsched.core.runtime.packagedata.settings_file`)."""
     env = os.environ if environ is None else environ
     if env.get(f"{ENV_PREFIX}_SETTINGS"):
         return Path(env[f"{ENV_PREFIX}_SETTINGS"])
@@ -476,7 +476,7 @@ def _check(s: Settings) -> None:
 
 
 def _check_webhook(w: WebhookSettings) -> None:
-    from eventsched.core.netguard import parse_allowed_hosts
+    from eventsched.core.runtime.netguard import parse_allowed_hosts
 
     try:
         parse_allowed_hosts(w.allowed_hosts)

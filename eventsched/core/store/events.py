@@ -12,7 +12,7 @@ Error translation (the consumer decides what to retry from the type alone):
 * :class:`RowsRejected` - PostgreSQL refused the data itself (``DataError``,
   ``IntegrityError`` other than the idempotency key, e.g. an id that exists under another
   key). Retrying the same rows cannot help; the consumer narrows the batch down to the culprits.
-* :class:`~eventsched.core.errors.DependencyError` (``postgres``) - anything else: the
+* :class:`~eventsched.core.runtime.errors.DependencyError` (``postgres``) - anything else: the
   server is down (translated by :class:`Database`), a deadlock or serialization failure, a
   cancelled statement, a missing table. Retrying later can help; no row is to blame.
 """
@@ -31,9 +31,9 @@ import psycopg.waiting
 import trio_asyncio  # noqa: F401  # imported for its side effect, see below
 from psycopg import AsyncConnection
 
-from eventsched.core.errors import DependencyError, EventschedError
-from eventsched.core.events import Event
-from eventsched.core.postgres import Database
+from eventsched.core.domain.codec import Event
+from eventsched.core.runtime.errors import DependencyError, EventschedError
+from eventsched.core.store.pool import Database
 
 T = TypeVar("T")
 

@@ -16,8 +16,8 @@ import trio_asyncio
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from eventsched.core.config import redact
-from eventsched.core.errors import DependencyError
+from eventsched.core.runtime.errors import DependencyError
+from eventsched.core.runtime.settings import redact
 
 T = TypeVar("T")
 Params = Sequence[Any] | dict[str, Any] | None

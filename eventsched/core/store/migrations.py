@@ -40,8 +40,8 @@ import structlog
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from eventsched.core import packagedata
-from eventsched.core.errors import DependencyError, MigrationError
+from eventsched.core.runtime import packagedata
+from eventsched.core.runtime.errors import DependencyError, MigrationError
 
 __all__ = [
     "MIGRATIONS_TABLE",
@@ -92,7 +92,7 @@ class Migration:
 
 def default_sql_dir() -> Path:
     """Where the migration files live: ``$EVENTSCHED_SQL_DIR``, else the ones shipped with
-    the package (:func:`eventsched.core.packagedata.sql_dir`)."""
+    the package (:func:`eventsched.core.runtime.packagedata.sql_dir`)."""
     configured = os.environ.get(SQL_DIR_ENV)
     if configured:
         return Path(configured)

@@ -19,10 +19,10 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.typing import Framework
 
-from eventsched.core import metrics
-from eventsched.core.config import redact
-from eventsched.core.errors import ConfigError
-from eventsched.core.logging import get_logger
+from eventsched.core.runtime import metrics
+from eventsched.core.runtime.errors import ConfigError
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.settings import redact
 
 log = get_logger(__name__)
 

@@ -4,7 +4,7 @@ A wheel install carries them as package data under ``eventsched/_data`` (the bui
 the repository's ``sql/`` and ``config/settings.toml`` there: see ``pyproject.toml``); a
 source checkout or an editable install reads the repository's files in place. The
 environment variables ``EVENTSCHED_SQL_DIR`` and ``EVENTSCHED_SETTINGS`` override both
-(their readers, :mod:`eventsched.core.migrate` and :mod:`eventsched.core.config`, check
+(their readers, :mod:`eventsched.core.store.migrations` and :mod:`eventsched.core.runtime.settings`, check
 them first).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_PACKAGE = Path(__file__).resolve().parents[1]
+_PACKAGE = Path(__file__).resolve().parents[2]
 _PACKAGED = _PACKAGE / "_data"
 _CHECKOUT = _PACKAGE.parent
 

@@ -67,8 +67,8 @@ from psycopg import errors as pg_errors
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from eventsched.core.errors import DevStackError
 from eventsched.core.kafka.clientconfig import ClientKind, client_config
+from eventsched.core.runtime.errors import DevStackError
 
 __all__ = [
     "DevStack",

@@ -37,10 +37,10 @@ from typing import Any, Final, Generic, TypeVar
 import psycopg
 import trio
 
-from eventsched.core.config import redact
-from eventsched.core.errors import DependencyError
-from eventsched.core.logging import get_logger
-from eventsched.core.postgres import Database
+from eventsched.core.runtime.errors import DependencyError
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.settings import redact
+from eventsched.core.store.pool import Database
 
 log = get_logger(__name__)
 

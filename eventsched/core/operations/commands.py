@@ -37,15 +37,7 @@ from confluent_kafka import TopicPartition as TP
 from confluent_kafka import admin as kafka_admin
 from confluent_kafka.admin import AdminClient
 
-from eventsched.core.config import (
-    Settings,
-    parse_duration,
-    redact,
-    require_postgres,
-    require_redis,
-)
-from eventsched.core.errors import DecodeError, DependencyError, EventschedError
-from eventsched.core.events import (
+from eventsched.core.domain.codec import (
     DLQ_HEADER_NAMES,
     DecodeLimits,
     Event,
@@ -57,12 +49,20 @@ from eventsched.core.events import (
     new_event,
     parse_time,
 )
-from eventsched.core.execstore import DEAD_REASONS
 from eventsched.core.kafka import ClientKind, config_from_settings
+from eventsched.core.runtime.errors import DecodeError, DependencyError, EventschedError
+from eventsched.core.runtime.settings import (
+    Settings,
+    parse_duration,
+    redact,
+    require_postgres,
+    require_redis,
+)
+from eventsched.core.store.executions import DEAD_REASONS
 
 if TYPE_CHECKING:
     from eventsched.core.jobqueue import JobQueue
-    from eventsched.core.postgres import Database
+    from eventsched.core.store.pool import Database
 
 T = TypeVar("T")
 
@@ -368,8 +368,8 @@ async def _section(into: dict[str, Any], fn: Callable[[Settings], Any], settings
 
 
 async def _events_section(settings: Settings) -> dict[str, Any]:
-    from eventsched.core import eventstore
-    from eventsched.core.postgres import Database
+    from eventsched.core.store import events as eventstore
+    from eventsched.core.store.pool import Database
 
     db = await Database.open(
         require_postgres(settings), min_size=1, max_size=1, connect_timeout=SECTION_TIMEOUT
@@ -692,7 +692,7 @@ class _Reruns:
         """Re-run the event if it is dead from the death this letter reported; None if it
         was re-run (or would be, in a dry run), else why not."""
         from eventsched.core.domain.jobcontract import make_job, saq_timeout
-        from eventsched.core.postgres import Database
+        from eventsched.core.store.pool import Database
 
         if self._db is None:
             self._db = await Database.open(

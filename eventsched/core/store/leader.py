@@ -18,9 +18,9 @@ import psycopg
 import trio
 import trio_asyncio
 
-from eventsched.core.config import redact
-from eventsched.core.errors import DependencyError
-from eventsched.core.logging import get_logger
+from eventsched.core.runtime.errors import DependencyError
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.settings import redact
 
 log = get_logger(__name__)
 T = TypeVar("T")

@@ -13,8 +13,8 @@ from typing import Final
 
 import psycopg
 
-from eventsched.core.errors import DependencyError
-from eventsched.core.postgres import Database
+from eventsched.core.runtime.errors import DependencyError
+from eventsched.core.store.pool import Database
 
 _INSERT_SQL: Final = """
 INSERT INTO dlq_undeliverable (source_topic, source_partition, source_offset, reason, error,

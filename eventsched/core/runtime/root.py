@@ -23,8 +23,13 @@ from dataclasses import dataclass
 import trio
 import trio_asyncio
 
-from eventsched.core import bootstrap
-from eventsched.core.config import (
+from eventsched.core.runtime import bootstrap
+from eventsched.core.runtime.contracts import Resources, RoleContext, RoleFactory, load_role_factory
+from eventsched.core.runtime.errors import ConfigError, DependencyError, PluginError
+from eventsched.core.runtime.health import Health, serve_http
+from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.profiling import start_profiling, stop_profiling
+from eventsched.core.runtime.settings import (
     DEFAULT_PORTS,
     ROLES,
     Settings,
@@ -32,11 +37,6 @@ from eventsched.core.config import (
     require_postgres,
     require_redis,
 )
-from eventsched.core.errors import ConfigError, DependencyError, PluginError
-from eventsched.core.http import Health, serve_http
-from eventsched.core.logging import get_logger
-from eventsched.core.plugins import Resources, RoleContext, RoleFactory, load_role_factory
-from eventsched.core.profiling import start_profiling, stop_profiling
 
 log = get_logger(__name__)
 
@@ -222,7 +222,7 @@ class Runtime:
         s = self.settings
         try:
             if "postgres" in self.needs:
-                from eventsched.core.postgres import Database
+                from eventsched.core.store.pool import Database
 
                 resources.db = await Database.open(
                     require_postgres(s),

@@ -32,14 +32,14 @@ from eventsched.core.domain.handler import HandlerFactory as HandlerFactory
 from eventsched.core.domain.handler import PermanentError as PermanentError
 from eventsched.core.domain.handler import handler_factory as handler_factory
 from eventsched.core.domain.handler import is_handler_factory
-from eventsched.core.errors import EventschedError, PluginError
+from eventsched.core.runtime.errors import EventschedError, PluginError
 
 if TYPE_CHECKING:
-    from eventsched.core.config import Settings
-    from eventsched.core.http import Health
     from eventsched.core.jobqueue import JobQueue
     from eventsched.core.kafka import KafkaProducer
-    from eventsched.core.postgres import Database
+    from eventsched.core.runtime.health import Health
+    from eventsched.core.runtime.settings import Settings
+    from eventsched.core.store.pool import Database
 
 
 @dataclass
