@@ -152,17 +152,17 @@ from eventsched.core.runtime.settings import (
     redact,
     require_postgres,
 )
-from eventsched.core.store import executions
+from eventsched.core.store import executions, recovery
 from eventsched.core.store.executions import (
     Claimed,
     ClaimRequest,
     ClaimResult,
     DeadEvent,
-    GroupCommit,
     NotClaimed,
     NotDue,
     Outcome,
 )
+from eventsched.core.store.groupcommit import GroupCommit
 from eventsched.core.store.pool import Database
 from eventsched.plugins.reconciler import Reconciler
 
@@ -344,7 +344,7 @@ class DeadLetters:
         delay = self.RETRY_INITIAL
         while True:
             try:
-                dead = await executions.dead_events(self._db, ids)
+                dead = await recovery.dead_events(self._db, ids)
             except DependencyError as err:
                 log.warning("dlq_lookup_failed", error=err.problem, events=len(ids))
                 failing = True
@@ -449,7 +449,7 @@ class DeadLetters:
                 log.warning("dlq_publish_failed", event_id=item.event_id, error=report.error)
         self._stalled(failing)
         try:
-            await executions.mark_published(self._db, published)
+            await recovery.mark_published(self._db, published)
         except DependencyError as err:
             # They are in the DLQ; the reconciler will publish them once more (a duplicate).
             log.warning("dlq_mark_failed", error=err.problem, events=len(published))

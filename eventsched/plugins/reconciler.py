@@ -69,10 +69,11 @@ from eventsched.core.runtime import metrics
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.settings import Settings, require_postgres
-from eventsched.core.store import executions
-from eventsched.core.store.executions import Candidate, Cursor, DeadEvent
+from eventsched.core.store import executions, recovery
+from eventsched.core.store.executions import DeadEvent
 from eventsched.core.store.leader import LeaderLock, lock_key
 from eventsched.core.store.pool import Database
+from eventsched.core.store.recovery import Candidate, Cursor
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -255,7 +256,7 @@ class Reconciler:
         paged = _Paged()
         cursor = after or Cursor()
         while paged.pages < max_pages:
-            page = await executions.candidates(
+            page = await recovery.candidates(
                 self._db, reason, age=age, limit=self._batch, after=cursor
             )
             paged.pages += 1
@@ -289,7 +290,7 @@ class Reconciler:
                 )
         missing = [(c, job) for c, job in zip(page, jobs, strict=True) if job.key not in pending]
         if missing:
-            still = await executions.still_waiting(self._db, reason, [c for c, _ in missing])
+            still = await recovery.still_waiting(self._db, reason, [c for c, _ in missing])
             missing = [(c, job) for c, job in missing if c.event_id in still]
         added = await self._jobs.enqueue_many([job for _, job in missing]) if missing else 0
         if added:
@@ -387,7 +388,7 @@ class Reconciler:
                 log.info("stale_running_still_active", event_id=c.event_id, attempt=c.attempts)
             else:
                 stale.append(c)
-        taken = await executions.take_over(
+        taken = await recovery.take_over(
             self._db,
             stale,
             stale_after=self._stale_after,
@@ -409,7 +410,7 @@ class Reconciler:
         return added
 
     async def _republish_dead(self) -> int:
-        dead = await executions.unpublished_dead(self._db, age=self._grace, limit=self._batch)
+        dead = await recovery.unpublished_dead(self._db, age=self._grace, limit=self._batch)
         return await self._dead_letters.republish(dead) if dead else 0
 
     async def live_jobs(self, keys: list[str]) -> set[str]:
@@ -419,7 +420,7 @@ class Reconciler:
     # -- gauges ----------------------------------------------------------------------------------
 
     async def refresh_gauges(self) -> None:
-        counts = await executions.status_counts(self._db)
+        counts = await recovery.status_counts(self._db)
         for status in executions.STATUSES:
             metrics.EVENTS_BY_STATUS.labels(status).set(counts.get(status, 0))
         for state, count in (await self._jobs.counts()).items():

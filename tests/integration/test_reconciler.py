@@ -424,7 +424,7 @@ async def test_gauge_counts_stop_at_the_limit_and_read_the_estimate_above_it(
     # interval; above the limit the gauge reads the planner's estimate instead.
     import trio_asyncio
 
-    from eventsched.core.store import executions
+    from eventsched.core.store import recovery
     from eventsched.core.store.pool import Database
 
     now = time.time()
@@ -442,10 +442,10 @@ async def test_gauge_counts_stop_at_the_limit_and_read_the_estimate_above_it(
                         " (SELECT id FROM events WHERE status = 'succeeded' LIMIT 20)"
                         " RETURNING id")  # fmt: skip
 
-    async def counts(limit: int = executions.GAUGE_EXACT_LIMIT) -> dict[str, int]:
+    async def counts(limit: int = recovery.GAUGE_EXACT_LIMIT) -> dict[str, int]:
         db = await Database.open(database)
         try:
-            return await executions.status_counts(db, limit=limit)
+            return await recovery.status_counts(db, limit=limit)
         finally:
             await db.close()
 

@@ -20,7 +20,7 @@ from eventsched.core.domain.codec import dlq_headers, kafka_headers
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations import commands
 from eventsched.core.runtime.settings import Settings
-from eventsched.core.store import executions
+from eventsched.core.store import recovery
 from eventsched.core.store.pool import Database
 from eventsched.plugins.executor import Failure, decide
 from tests.support import replay_handlers
@@ -246,11 +246,11 @@ async def test_a_lost_re_run_attempt_is_retried_within_its_fresh_budget(database
             updated_at=seen,
         )
     )  # fmt: skip
-    stale = [executions.Candidate(lost.id, 4, seen), executions.Candidate(last.id, 6, seen)]
+    stale = [recovery.Candidate(lost.id, 4, seen), recovery.Candidate(last.id, 6, seen)]
     async with trio_asyncio.open_loop():
         db = await Database.open(database, max_size=1)
         try:
-            taken = await executions.take_over(
+            taken = await recovery.take_over(
                 db, stale, stale_after=60, max_attempts=3, error="lost"
             )
         finally:

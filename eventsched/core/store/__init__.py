@@ -3,8 +3,11 @@
 * :mod:`.pool` - the async connection pool (trio side, through trio-asyncio) and the
   error mapping every store uses;
 * :mod:`.events` - the consumer's SQL: insert events idempotently, read what was kept;
-* :mod:`.executions` - the executor's and reconciler's SQL: claim, finish, lease renewal,
-  takeover, dead events, status counts;
+* :mod:`.executions` - the executor's SQL: claim, finish, lease renewal, schema check;
+* :mod:`.groupcommit` - a worker thread running many callers' requests as one statement
+  per round trip (the executor's claims and outcomes go through it);
+* :mod:`.recovery` - the reconciler's SQL: candidates, takeover of stale attempts, dead
+  events not yet in the DLQ, status counts for the gauges;
 * :mod:`.deadletters` - dead-letter copies the DLQ topic refused (kept, never dropped);
 * :mod:`.migrations` - golang-migrate compatible migrations (``sql/``);
 * :mod:`.leader` - one-at-a-time leadership through an advisory lock.

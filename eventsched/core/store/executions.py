@@ -1,4 +1,4 @@
-"""The executor's SQL: claims, outcomes, heartbeats, reconciler queries and status counts.
+"""The executor's SQL: claims, outcomes, lease renewal (heartbeats) and the schema check.
 
 PostgreSQL is the source of truth for an event's state. Every transition here is a
 compare-and-set ``UPDATE ... WHERE status ... AND attempts = ...``, so a job delivered twice,
@@ -6,15 +6,17 @@ a stale worker or a reconciler race changes nothing. All statements are parametr
 
 Two kinds of callers:
 
-* **Job functions** (asyncio side, one per running SAQ job) claim an event and record its
-  outcome through a :class:`GroupCommit`: requests of concurrently running jobs are sent
-  as one statement per round trip on a dedicated connection. Nothing waits for a timer:
-  while one batch is in flight the next one fills up, so under load batches grow and at
-  low load a request goes out at once (PostgreSQL's own group commit idea). A job's future
-  resolves only once its statement has committed, so the guarantees are those of one
-  statement per job: the claim is durable before the handler runs, the outcome before the
-  SAQ job is acknowledged.
-* **Trio-side tasks** (heartbeat, reconciler, dead-letter publisher) use :class:`Database`.
+* :func:`claim_batch` and :func:`finish_batch` run on a group-commit thread
+  (:class:`~eventsched.core.store.groupcommit.GroupCommit`, a blocking connection of its
+  own): the requests of concurrently running jobs (asyncio side, one per running SAQ job) go
+  out as one statement per round trip. A job's future resolves only once its statement has
+  committed, so the guarantees are those of one statement per job: the claim is durable
+  before the handler runs, the outcome before the SAQ job is acknowledged. Both recognise a
+  re-sent request (after a lost answer) as done, so a request may be sent again.
+* :func:`heartbeat` and :func:`check_schema` run on the trio side (:class:`Database`).
+
+The reconciler's queries, the dead events' DLQ bookkeeping and the status gauges are in
+:mod:`eventsched.core.store.recovery`.
 
 Lock order: every multi-row writer locks its ``events`` rows ``ORDER BY id`` first (and
 touches ``event_attempts`` rows only of events it holds), so concurrent batches from
@@ -23,41 +25,27 @@ several executors queue behind each other instead of deadlocking.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import threading
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Final, Generic, TypeVar
+from datetime import datetime
+from typing import Any, Final
 
 import psycopg
-import trio
 
 from eventsched.core.runtime.errors import DependencyError
-from eventsched.core.runtime.logs import get_logger
-from eventsched.core.runtime.settings import redact
 from eventsched.core.store.pool import Database
-
-log = get_logger(__name__)
-
-Req = TypeVar("Req")
-Res = TypeVar("Res")
 
 #: Statuses of an event (the CHECK constraint of ``events.status``).
 STATUSES: Final = ("scheduled", "running", "retrying", "succeeded", "dead")
 #: Why an event went dead; the ``dlq-reason`` header and a metrics label.
 DEAD_REASONS: Final = ("retries_exhausted", "permanent_error", "no_handler")
 
-_EPOCH: Final = datetime(1, 1, 1, tzinfo=UTC)
 # Batches travel as one JSON parameter (json_to_recordset): psycopg adapts a Python list
 # to a PostgreSQL array element by element in Python, which cost more than the rest of a
 # job's bookkeeping; one json.dumps in C does not.
 _dumps: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_NIL: Final = uuid.UUID(int=0)
 
 
 # -- claims ---------------------------------------------------------------------------------
@@ -215,7 +203,7 @@ def claim_batch(
 
     An event not due yet by both PostgreSQL's clock and the request's ``started``, beyond
     ``ahead`` seconds, is refused (:class:`NotDue`). Requests must name distinct events
-    (:class:`GroupCommit` callers dedupe).
+    (the group commit's ``key`` dedupes them).
     """
     req = _dumps([{"id": r.event_id, "attempt": r.attempt, "started": r.started} for r in requests])
     sent = time.monotonic()
@@ -288,13 +276,6 @@ class DeadEvent:
     kafka_offset: int | None
 
 
-# Columns of a dead event, as DeadEvent wants them (prefix e.).
-_DEAD_COLUMNS: Final = (
-    "e.id::text, e.idempotency_key, e.type, e.payload, e.execute_at, e.created_at, e.attempts,"
-    " coalesce(e.last_error, ''), coalesce(e.dead_reason, 'retries_exhausted'), e.finished_at,"
-    " e.kafka_topic, e.kafka_partition, e.kafka_offset"
-)
-
 # The last branch makes a re-sent outcome (after a lost answer) idempotent: the event is
 # already in the requested state with this attempt count.
 _FINISH_SQL: Final = """
@@ -341,24 +322,6 @@ FROM req r JOIN events e
    AND e.status = r.status AND e.attempts = r.attempt
 WHERE NOT EXISTS (SELECT 1 FROM done d WHERE d.id = r.id)
 """
-
-
-def _dead_event(row: Sequence[Any]) -> DeadEvent:
-    return DeadEvent(
-        event_id=row[0],
-        idempotency_key=row[1],
-        type=row[2],
-        payload=row[3],
-        execute_at=row[4],
-        created_at=row[5],
-        attempts=row[6],
-        error=row[7],
-        reason=row[8],
-        finished_at=row[9],
-        kafka_topic=row[10],
-        kafka_partition=row[11],
-        kafka_offset=row[12],
-    )
 
 
 def finish_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> list[bool]:
@@ -413,267 +376,7 @@ async def heartbeat(db: Database, running: Sequence[tuple[str, int]]) -> set[str
     return {event_id for (event_id,) in rows}
 
 
-# -- reconciler --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """An event the reconciler may have to enqueue again."""
-
-    event_id: str
-    attempts: int
-    at: datetime  # the ordering column: execute_at, next_attempt_at or updated_at
-
-
-@dataclass(frozen=True, slots=True)
-class Cursor:
-    """Keyset position for paging through candidates."""
-
-    at: datetime = _EPOCH
-    event_id: str = str(_NIL)
-
-
-# Each query is served by its partial index (see sql/000001_init.up.sql).
-_OVERDUE_SQL: Final = {
-    "overdue": """
-        SELECT id::text, attempts, execute_at FROM events
-        WHERE status = 'scheduled' AND execute_at < now() - make_interval(secs => %(age)s)
-          AND (execute_at, id) > (%(at)s, %(id)s::uuid)
-        ORDER BY execute_at, id LIMIT %(limit)s""",
-    "retry_overdue": """
-        SELECT id::text, attempts, next_attempt_at FROM events
-        WHERE status = 'retrying' AND next_attempt_at < now() - make_interval(secs => %(age)s)
-          AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
-        ORDER BY next_attempt_at, id LIMIT %(limit)s""",
-    # Restoring after Redis lost its data: every pending event, whatever its due time.
-    "restore_scheduled": """
-        SELECT id::text, attempts, execute_at FROM events
-        WHERE status = 'scheduled'
-          AND (execute_at, id) > (%(at)s, %(id)s::uuid)
-        ORDER BY execute_at, id LIMIT %(limit)s""",
-    "restore_retrying": """
-        SELECT id::text, attempts, next_attempt_at FROM events
-        WHERE status = 'retrying'
-          AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
-        ORDER BY next_attempt_at, id LIMIT %(limit)s""",
-    "stale_running": """
-        SELECT id::text, attempts, updated_at FROM events
-        WHERE status = 'running' AND updated_at < now() - make_interval(secs => %(age)s)
-          AND (updated_at, id) > (%(at)s, %(id)s::uuid)
-        ORDER BY updated_at, id LIMIT %(limit)s""",
-}
-
-
-async def candidates(
-    db: Database, reason: str, *, age: float, limit: int, after: Cursor = Cursor()
-) -> list[Candidate]:
-    """One page of events needing the reconciler, oldest first.
-
-    ``reason``: ``overdue`` (scheduled, due more than ``age`` s ago), ``retry_overdue``
-    (retrying, next attempt due more than ``age`` s ago), ``stale_running`` (running, no
-    heartbeat for ``age`` s), or ``restore_scheduled`` / ``restore_retrying`` (every
-    scheduled / retrying event, soonest due first; ``age`` is not used).
-    """
-    rows = await db.fetchall(
-        _OVERDUE_SQL[reason],
-        {"age": age, "at": after.at, "id": after.event_id, "limit": limit},
-    )
-    return [Candidate(event_id, attempts, at) for event_id, attempts, at in rows]
-
-
-_STILL_SQL: Final = {
-    "overdue": "SELECT id::text FROM events WHERE id = ANY(%(ids)s::uuid[]) AND status = 'scheduled'",
-    "retry_overdue": """
-        SELECT e.id::text FROM events e
-        JOIN unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS r(id, attempts) ON r.id = e.id
-        WHERE e.status = 'retrying' AND e.attempts = r.attempts""",
-}
-_STILL_SQL["restore_scheduled"] = _STILL_SQL["overdue"]
-_STILL_SQL["restore_retrying"] = _STILL_SQL["retry_overdue"]
-
-
-async def still_waiting(db: Database, reason: str, found: Sequence[Candidate]) -> set[str]:
-    """Ids of ``found`` (from :func:`candidates`) still in that state now.
-
-    The reconciler reads PostgreSQL, then asks Redis which jobs are pending; a job that
-    finished in between is no longer pending yet was a candidate. Its claim changed the
-    status before SAQ saw it finish, so reading the status again after asking Redis
-    filters such jobs out (instead of enqueuing a duplicate that the claim would skip).
-    """
-    if not found:
-        return set()
-    rows = await db.fetchall(
-        _STILL_SQL[reason],
-        {"ids": [c.event_id for c in found], "attempts": [c.attempts for c in found]},
-    )
-    return {event_id for (event_id,) in rows}
-
-
-_TAKE_OVER_SQL: Final = """
-WITH req AS (
-    SELECT * FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(seen)s::timestamptz[])
-        AS r(id, attempt, seen)
-),
-locked AS (
-    SELECT e.id FROM events e JOIN req r ON r.id = e.id
-    WHERE e.status = 'running' AND e.attempts = r.attempt AND e.updated_at = r.seen
-      AND e.updated_at < now() - make_interval(secs => %(stale)s)
-    ORDER BY e.id
-    FOR UPDATE OF e
-),
-done AS (
-    UPDATE events e
-    SET status = CASE WHEN e.attempts - e.attempt_base >= %(max)s THEN 'dead' ELSE 'retrying' END,
-        next_attempt_at = CASE WHEN e.attempts - e.attempt_base >= %(max)s THEN e.next_attempt_at
-                               ELSE now() END,
-        finished_at = CASE WHEN e.attempts - e.attempt_base >= %(max)s THEN now() END,
-        dead_reason = CASE WHEN e.attempts - e.attempt_base >= %(max)s
-                           THEN 'retries_exhausted' END,
-        last_error = %(error)s,
-        updated_at = now()
-    FROM locked l
-    WHERE e.id = l.id
-    RETURNING e.id, e.status, e.attempts, extract(epoch FROM e.next_attempt_at)::float8 AS next_at
-),
-logged AS (
-    UPDATE event_attempts a
-    SET outcome = CASE WHEN d.status = 'dead' THEN 'dead' ELSE 'retried' END,
-        error = %(error)s,
-        finished_at = now()
-    FROM done d
-    WHERE a.event_id = d.id AND a.attempt = d.attempts AND a.outcome IS NULL
-)
-SELECT id::text, status, attempts, next_at FROM done
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class TakenOver:
-    """A stale running attempt given up: the event now waits for attempt ``attempts + 1``
-    at ``next_attempt_at`` (``retrying``), or is ``dead``."""
-
-    event_id: str
-    status: str
-    attempts: int
-    next_attempt_at: float | None
-
-
-async def take_over(
-    db: Database,
-    stale: Sequence[Candidate],
-    *,
-    stale_after: float,
-    max_attempts: int,
-    error: str,
-) -> list[TakenOver]:
-    """CAS ``running -> retrying`` (or ``dead`` when no attempt is left) for attempts that
-    are still running with no heartbeat for ``stale_after`` s and whose ``updated_at`` is
-    still the one the caller saw (``Candidate.at``: no lease renewal since); their attempt
-    rows get outcome ``retried``/``dead`` with ``error``. Events that moved on, or whose
-    lease was renewed meanwhile, are left alone."""
-    if not stale:
-        return []
-    rows = await db.fetchall(
-        _TAKE_OVER_SQL,
-        {
-            "ids": [c.event_id for c in stale],
-            "attempts": [c.attempts for c in stale],
-            "seen": [c.at for c in stale],
-            "stale": stale_after,
-            "max": max_attempts,
-            "error": error,
-        },
-    )
-    return [TakenOver(*row) for row in rows]
-
-
-_UNPUBLISHED_SQL: Final = f"""
-SELECT {_DEAD_COLUMNS} FROM events e
-WHERE e.status = 'dead' AND e.dlq_published_at IS NULL
-  AND e.finished_at < now() - make_interval(secs => %(age)s)
-ORDER BY e.finished_at LIMIT %(limit)s
-"""
-
-
-_DEAD_SQL: Final = f"""
-SELECT {_DEAD_COLUMNS} FROM events e
-WHERE e.id = ANY(%(ids)s::uuid[]) AND e.status = 'dead' AND e.dlq_published_at IS NULL
-"""
-
-
-async def dead_events(db: Database, event_ids: Sequence[str]) -> list[DeadEvent]:
-    """These events, if they are dead and their DLQ message is not acknowledged yet."""
-    if not event_ids:
-        return []
-    rows = await db.fetchall(_DEAD_SQL, {"ids": list(event_ids)})
-    return [_dead_event(row) for row in rows]
-
-
-async def unpublished_dead(db: Database, *, age: float, limit: int) -> list[DeadEvent]:
-    """Dead events whose DLQ message is not acknowledged, dead for more than ``age`` s."""
-    rows = await db.fetchall(_UNPUBLISHED_SQL, {"age": age, "limit": limit})
-    return [_dead_event(row) for row in rows]
-
-
-async def mark_published(db: Database, event_ids: Sequence[str]) -> int:
-    """Record that the DLQ acknowledged these dead events."""
-    if not event_ids:
-        return 0
-    return await db.execute(
-        "UPDATE events SET dlq_published_at = now()"
-        " WHERE id = ANY(%(ids)s::uuid[]) AND status = 'dead' AND dlq_published_at IS NULL",
-        {"ids": sorted(event_ids)},
-    )
-
-
-# -- gauges ----------------------------------------------------------------------------------
-
-#: The gauges count at most this many events of a status; above it they report PostgreSQL's
-#: estimate, never less than this. An exact count visits every entry of the status's partial
-#: index (and the heap, for rows not vacuumed yet): ~170 ms of backend CPU per million
-#: scheduled events, paid every ``reconciler.gauge_interval``; on a shared host each count
-#: showed as a lateness spike (bench.memory, 1,000,000 pending).
-GAUGE_EXACT_LIMIT: Final = 10_000
-
-# One round trip: the partial-index statuses are index-only scans that stop after `limit`
-# entries; `succeeded` has no index (nearly every row), so it is counted only on a small table
-# and is otherwise the live-tuple count (kept by the statistics system) minus the others.
-_COUNTS_SQL: Final = """
-SELECT (SELECT count(*) FROM (SELECT FROM events WHERE status = 'scheduled' LIMIT %(limit)s) s),
-       (SELECT count(*) FROM (SELECT FROM events WHERE status = 'running' LIMIT %(limit)s) s),
-       (SELECT count(*) FROM (SELECT FROM events WHERE status = 'retrying' LIMIT %(limit)s) s),
-       (SELECT count(*) FROM (SELECT FROM events WHERE status = 'dead' LIMIT %(limit)s) s),
-       (SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'events'::regclass)
-"""
-_INDEXED_STATUSES: Final = ("scheduled", "running", "retrying", "dead")
-
-
-async def status_counts(db: Database, *, limit: int = GAUGE_EXACT_LIMIT) -> dict[str, int]:
-    """Events by status for the gauges: exact up to ``limit`` per status, above it the
-    planner's row estimate (as fresh as the last ANALYZE; at least ``limit``). ``succeeded``
-    is exact on a table of fewer than ``limit`` live rows, else the live-tuple count minus
-    the other statuses. ``eventsched status`` counts exactly instead (eventstore)."""
-    row = await db.fetchone(_COUNTS_SQL, {"limit": limit})
-    assert row is not None  # a SELECT without FROM returns one row
-    counts = dict(zip(_INDEXED_STATUSES, (int(v or 0) for v in row[:4]), strict=True))
-    for status, count in counts.items():
-        if count >= limit:
-            counts[status] = max(limit, await _estimated_rows(db, status))
-    live = int(row[4] or 0)
-    if live < limit:
-        exact = await db.fetchone("SELECT count(*) FROM events WHERE status = 'succeeded'")
-        counts["succeeded"] = int(exact[0]) if exact else 0
-    else:
-        counts["succeeded"] = max(0, live - sum(counts.values()))
-    return counts
-
-
-async def _estimated_rows(db: Database, status: str) -> int:
-    assert status in STATUSES  # a literal below: EXPLAIN takes no parameters
-    row = await db.fetchone(f"EXPLAIN (FORMAT JSON) SELECT FROM events WHERE status = '{status}'")
-    assert row is not None  # EXPLAIN returns its plan
-    plan = row[0][0]["Plan"]
-    return int(plan["Plan Rows"])
+# -- schema ---------------------------------------------------------------------------------
 
 
 async def check_schema(db: Database) -> None:
@@ -691,289 +394,3 @@ async def check_schema(db: Database) -> None:
         raise DependencyError(
             "postgres", f"schema outdated, run `eventsched migrate up`: {err}"
         ) from err
-
-
-# -- group commit ---------------------------------------------------------------------------------
-
-BatchFn = Callable[[psycopg.Connection[Any], Sequence[Req]], Sequence[Res]]
-AfterBatch = Callable[[Sequence[Req], Sequence[Res]], None]
-
-
-@dataclass(slots=True)
-class _Item(Generic[Req, Res]):
-    request: Req
-    future: asyncio.Future[Res] | None  # None: submitted without waiting (write-behind)
-    since: float  # time.monotonic() of submission
-
-
-class GroupCommit(Generic[Req, Res]):
-    """Runs requests of many concurrent jobs as one statement per round trip.
-
-    Jobs (asyncio side) queue requests; a dedicated thread with a blocking connection of
-    its own takes every pending request, runs ``batch_fn`` once, and hands the results back
-    to the event loop in ONE callback, which resolves the requests' futures and calls
-    ``after_batch`` — only after the statement committed. While a batch is in flight the
-    next one collects; there is no timer, so batches grow with load and a lone request goes
-    out at once.
-
-    Why a thread and not psycopg's async connection: under trio-asyncio every asyncio
-    callback is a trio scheduler pass (~0.1 ms on the 2-core dev box), and an async
-    statement takes several (send, wait readable, read, wake the caller); at 1,000 jobs/s
-    they queued behind the jobs' own callbacks and a 2 ms statement took 14 ms, holding
-    worker slots and making every job start late. The thread's blocking round trip costs
-    the loop one callback per batch (blocking clients live in threads: STYLE.md rule 5).
-
-    Two ways in:
-
-    * :meth:`submit` returns a future (the claim: the handler must not run before it);
-    * :meth:`submit_nowait` does not wait (outcomes, write-behind): the request stays queued
-      across connection failures and is re-sent until it commits or is older than
-      ``patience`` seconds (then it is logged and dropped; the reconciler recovers the
-      event). A waiting job costs one more wake-up through the loop.
-
-    If a statement fails for a reason other than the connection (one bad request), the batch
-    is retried one request at a time so only that request fails; deadlocks and
-    serialization failures (the statement rolled back) are retried. When the connection
-    breaks or cannot be opened, waiting requests fail with :class:`DependencyError`
-    (whether their batch committed is unknown; callers re-submit, and the SQL above
-    recognises a re-sent claim or outcome as done), and the thread reconnects with backoff.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        batch_fn: BatchFn[Req, Res],
-        *,
-        key: Callable[[Req], str],
-        max_batch: int,
-        after_batch: AfterBatch[Req, Res] | None = None,
-        patience: float = 60.0,
-        min_interval: float = 0.0,
-    ) -> None:
-        self.name = name
-        # Shortest time between two statements: 0 for claims (a job waits for its claim);
-        # a few ms for write-behind outcomes, where nobody waits and fewer, bigger batches
-        # cost less CPU.
-        self._min_interval = min_interval
-        self._batch_fn = batch_fn
-        self._key = key
-        self._max_batch = max_batch
-        self._after_batch = after_batch
-        self._patience = patience
-        self._cond = threading.Condition()
-        self._pending: list[_Item[Req, Res]] = []  # guarded by _cond
-        self._in_flight = 0  # taken by the thread, not yet delivered on the loop
-        self._closing = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.problem: str | None = None  # the connection's last failure, None when fine
-        self.batches = 0  # statements sent (for tests and benchmarks)
-        self.requests = 0
-
-    # -- asyncio side ----------------------------------------------------------------------------
-
-    def submit(self, request: Req) -> asyncio.Future[Res]:
-        """Queue ``request``; the future resolves once its statement committed."""
-        future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
-        self._add(_Item(request, future, time.monotonic()))
-        return future
-
-    def submit_nowait(self, request: Req) -> None:
-        """Queue ``request`` without waiting for it (see the class docstring)."""
-        self._add(_Item(request, None, time.monotonic()))
-
-    def _add(self, item: _Item[Req, Res]) -> None:
-        with self._cond:
-            self._pending.append(item)
-            if len(self._pending) == 1:
-                self._cond.notify()
-
-    @property
-    def backlog(self) -> int:
-        """Requests pending or in flight."""
-        return len(self._pending) + self._in_flight
-
-    @property
-    def idle(self) -> bool:
-        return self.backlog == 0
-
-    def close(self) -> None:
-        """Serve what is pending, then let the thread end."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-
-    def _deliver(
-        self, batch: list[_Item[Req, Res]], results: Sequence[Res | BaseException]
-    ) -> None:
-        # On the loop: one callback per batch, whatever its size.
-        done_requests: list[Req] = []
-        done_results: list[Res] = []
-        try:
-            for item, result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    if item.future is not None and not item.future.done():
-                        item.future.set_exception(result)
-                    continue
-                if item.future is not None and not item.future.done():
-                    item.future.set_result(result)
-                done_requests.append(item.request)
-                done_results.append(result)
-            if done_requests and self._after_batch is not None:
-                try:
-                    self._after_batch(done_requests, done_results)
-                except Exception:
-                    log.exception("after_batch_failed", store=self.name)
-        finally:
-            with self._cond:
-                self._in_flight -= len(batch)
-
-    # -- trio side -------------------------------------------------------------------------------
-
-    async def run(self, dsn: str, connect_timeout: float = 5.0) -> None:
-        """Serve on a dedicated thread until :meth:`close`d and drained (call inside
-        ``trio_asyncio.open_loop``)."""
-        self._loop = asyncio.get_event_loop()
-        limiter = trio.CapacityLimiter(1)  # its own: never a slot of the shared pool
-        await trio.to_thread.run_sync(
-            self._thread_main, dsn, connect_timeout, limiter=limiter, abandon_on_cancel=True
-        )
-
-    # -- the thread --------------------------------------------------------------------------------
-
-    def _thread_main(self, dsn: str, connect_timeout: float) -> None:
-        conn: psycopg.Connection[Any] | None = None
-        backoff = 0.1
-        next_batch = 0.0
-        try:
-            while True:
-                with self._cond:
-                    while not self._pending and not self._closing:
-                        self._cond.wait()
-                    if not self._pending:
-                        return  # closing and drained
-                    wait = next_batch - time.monotonic()
-                    if wait > 0 and not self._closing:
-                        self._cond.wait(wait)  # close() cuts it short
-                next_batch = time.monotonic() + self._min_interval
-                if conn is None or conn.closed:
-                    try:
-                        conn = psycopg.connect(
-                            dsn,
-                            autocommit=True,
-                            connect_timeout=max(1, int(connect_timeout)),
-                            application_name=f"eventsched-executor-{self.name}",
-                        )
-                        self.problem = None
-                        backoff = 0.1
-                    except psycopg.Error as err:
-                        self._connection_failed(err)
-                        with self._cond:
-                            self._cond.wait(backoff)  # close() cuts it short
-                            if self._closing:
-                                return
-                        backoff = min(backoff * 2, 5.0)
-                        continue
-                batch = self._take()
-                if batch:
-                    self._run_batch(conn, batch)
-                # Not kept while waiting: its futures hold their results (a claim's payload).
-                del batch
-        finally:
-            if conn is not None:
-                conn.close()
-
-    def _take(self) -> list[_Item[Req, Res]]:
-        # A request whose job gave up (cancelled future) is dropped; one request per event
-        # per statement (a second one for the same event waits for the next batch).
-        batch: list[_Item[Req, Res]] = []
-        later: list[_Item[Req, Res]] = []
-        seen: set[str] = set()
-        with self._cond:
-            for item in self._pending:
-                if item.future is not None and item.future.done():
-                    continue
-                key = self._key(item.request)
-                if key in seen or len(batch) >= self._max_batch:
-                    later.append(item)
-                else:
-                    seen.add(key)
-                    batch.append(item)
-            self._pending = later
-            self._in_flight += len(batch)
-        return batch
-
-    def _run_batch(self, conn: psycopg.Connection[Any], batch: list[_Item[Req, Res]]) -> None:
-        results: list[Res | BaseException]
-        try:
-            results = list(self._execute(conn, [item.request for item in batch]))
-        except psycopg.Error as err:
-            if conn.broken or conn.closed or isinstance(err, psycopg.InterfaceError):
-                conn.close()
-                self._requeue_and_fail(batch, err)
-                return
-            if len(batch) == 1:
-                if batch[0].future is None:
-                    log.error("write_failed", store=self.name, request=repr(batch[0].request),
-                              error=redact(str(err)))  # fmt: skip
-                results = [err]
-            else:
-                log.warning("group_commit_batch_failed", batch=self.name,
-                            size=len(batch), error=redact(str(err)))  # fmt: skip
-                for item in batch:  # each is delivered (and counted out) on its own
-                    self._run_batch(conn, [item])
-                return
-        self._to_loop(batch, results)
-
-    def _execute(self, conn: psycopg.Connection[Any], requests: list[Req]) -> Sequence[Res]:
-        for attempt in range(3):
-            try:
-                self.batches += 1
-                self.requests += len(requests)
-                return self._batch_fn(conn, requests)
-            except psycopg.errors.TransactionRollback:
-                # Deadlock or serialization failure: the statement rolled back whole.
-                if attempt == 2:
-                    raise
-                time.sleep(0.005 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    def _connection_failed(self, err: BaseException) -> None:
-        self.problem = redact(str(err)) or type(err).__name__
-        log.warning("store_connection_failed", store=self.name, error=self.problem)
-        # Waiting requests fail now (their jobs retry or give up); write-behind ones wait.
-        now = time.monotonic()
-        failed: list[_Item[Req, Res]] = []
-        with self._cond:
-            kept: list[_Item[Req, Res]] = []
-            for item in self._pending:
-                if item.future is not None:
-                    failed.append(item)
-                elif now - item.since < self._patience:
-                    kept.append(item)
-                else:
-                    log.error("write_dropped", store=self.name, request=repr(item.request),
-                              error=self.problem, note="the reconciler recovers the event")  # fmt: skip
-            self._pending = kept
-            self._in_flight += len(failed)
-        if failed:
-            error = DependencyError("postgres", self.problem)
-            self._to_loop(failed, [error] * len(failed))
-
-    def _requeue_and_fail(self, batch: list[_Item[Req, Res]], err: BaseException) -> None:
-        waiting = [item for item in batch if item.future is not None]
-        with self._cond:
-            self._pending[:0] = [item for item in batch if item.future is None]
-            self._in_flight -= len(batch) - len(waiting)
-        self._connection_failed(err)
-        if waiting:
-            error = DependencyError("postgres", redact(str(err)) or type(err).__name__)
-            self._to_loop(waiting, [error] * len(waiting))
-
-    def _to_loop(
-        self, batch: list[_Item[Req, Res]], results: Sequence[Res | BaseException]
-    ) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # the loop is closing: nobody waits any more
-            loop.call_soon_threadsafe(self._deliver, batch, results)
