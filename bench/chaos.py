@@ -63,7 +63,7 @@ from bench.common import (
     percentiles,
     write_toml,
 )
-from eventsched.core.domain.codec import encode_event, kafka_headers, kafka_key, new_event
+from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.devstack import DevStack
 from eventsched.core.runtime.contracts import Handler, HandlerContext, HandlerEvent, handler_factory

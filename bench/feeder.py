@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 from redis import asyncio as aioredis
 
-from eventsched.core.domain.codec import uuid7
+from eventsched.core.domain.event import uuid7
 from eventsched.core.domain.jobcontract import make_job
 from eventsched.core.jobqueue import OnTimeQueue, ScheduledJob
 

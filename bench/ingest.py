@@ -41,7 +41,7 @@ from bench.common import (
     step,
     verdict,
 )
-from eventsched.core.domain.codec import encode_event, kafka_headers, kafka_key, new_event
+from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 
 TARGET = 20_000.0
 TOPIC = "events"

@@ -15,7 +15,7 @@ server library is imported.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from eventsched.core.domain.codec import Event, encode_event, kafka_headers, kafka_key, new_event
+from eventsched.core.domain.event import Event
 from eventsched.core.domain.handler import (
     Handler,
     HandlerContext,
@@ -23,6 +23,7 @@ from eventsched.core.domain.handler import (
     PermanentError,
     handler_factory,
 )
+from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 
 try:
     __version__ = version("eventsched")  # written once, in pyproject.toml

@@ -28,7 +28,7 @@ Failures:
 * PostgreSQL refusing the data of the batch (``RowsRejected``) is narrowed down by splitting
   the batch in halves; a single row still refused after ``consumer.max_retries`` attempts
   goes to the DLQ with reason ``db_rejected``.
-* Dead-letter copies are cut to the budget of :func:`~eventsched.core.domain.codec.fit_dead_letter`
+* Dead-letter copies are cut to the budget of :func:`~eventsched.core.domain.deadletter.fit_dead_letter`
   (the key, the original headers, the value, each only as far as needed; ``dlq-truncated-*``
   headers say what was cut). A copy the topic refuses for what it is (still too large,
   invalid record) is kept in PostgreSQL (``dlq_undeliverable``) and the batch moves on; any
@@ -57,15 +57,14 @@ from typing import Any, ClassVar, Final, TypeVar
 import tenacity
 import trio
 
-from eventsched.core.domain.codec import (
+from eventsched.core.domain.deadletter import (
     DLQ_MIN_BYTES,
     DLQ_TRUNCATED_PREFIX,
-    DecodeLimits,
-    Event,
-    decode_event,
     dlq_headers,
     fit_dead_letter,
 )
+from eventsched.core.domain.decode import DecodeLimits, decode_event
+from eventsched.core.domain.event import Event
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.jobqueue import ScheduledJob
 from eventsched.core.kafka import (
@@ -90,7 +89,7 @@ from eventsched.core.store.events import IngestRow, RowsRejected, StoredEvent
 log = get_logger(__name__)
 T = TypeVar("T")
 
-#: DLQ reason for a row PostgreSQL refused even alone (decode reasons come from core.domain.codec).
+#: DLQ reason for a row PostgreSQL refused even alone (decode reasons come from core.domain.decode).
 DB_REJECTED: Final = "db_rejected"
 #: Durable batches that may wait for the committer before scheduling waits too.
 COMMIT_BACKLOG: Final = 4

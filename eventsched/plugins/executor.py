@@ -107,20 +107,19 @@ import httpx
 import trio
 import trio_asyncio
 
-from eventsched.core.domain.codec import (
+from eventsched.core.domain.deadletter import (
     DLQ_MAX_BYTES,
     DLQ_MIN_BYTES,
-    Event,
     dlq_headers,
-    encode_event,
     fit_dead_letter,
-    kafka_headers,
 )
+from eventsched.core.domain.event import Event
 from eventsched.core.domain.jobcontract import (
     EXECUTE_FUNCTION,
     make_job,
     saq_timeout,
 )
+from eventsched.core.domain.wire import encode_event, kafka_headers
 from eventsched.core.jobqueue import (
     REDIS_ERRORS,
     JobContext,

@@ -22,7 +22,7 @@ import httpcore
 import httpx
 
 from eventsched import __version__
-from eventsched.core.domain.codec import format_time
+from eventsched.core.domain.event import format_time
 from eventsched.core.runtime.contracts import (
     Handler,
     HandlerContext,

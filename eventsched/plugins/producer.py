@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Final
 
 import trio
 
-from eventsched.core.domain.codec import encode_event, kafka_headers, kafka_key, new_event
+from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.kafka import OutboundMessage
 from eventsched.core.runtime import metrics
 from eventsched.core.runtime.contracts import RoleContext

@@ -25,14 +25,9 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from eventsched.core.domain.codec import (
-    DecodeLimits,
-    Event,
-    decode_event,
-    encode_event,
-    kafka_headers,
-    new_event,
-)
+from eventsched.core.domain.decode import DecodeLimits, decode_event
+from eventsched.core.domain.event import Event
+from eventsched.core.domain.wire import encode_event, kafka_headers, new_event
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.devstack import PostgresServer
 from eventsched.core.operations.summary import metric_total

@@ -24,9 +24,7 @@ import trio
 import trio_asyncio
 from confluent_kafka import KafkaError, Producer
 
-from eventsched.core.domain.codec import (
-    fit_dead_letter,
-)
+from eventsched.core.domain.deadletter import fit_dead_letter
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.devstack import KafkaBroker

@@ -19,7 +19,8 @@ import trio
 import trio_asyncio
 from psycopg import sql
 
-from eventsched.core.domain.codec import DecodeLimits, Event, decode_event, uuid7
+from eventsched.core.domain.decode import DecodeLimits, decode_event
+from eventsched.core.domain.event import Event, uuid7
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store import executions

@@ -18,14 +18,9 @@ import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
 
-from eventsched.core.domain.codec import (
-    DecodeLimits,
-    decode_event,
-    dlq_headers,
-    encode_event,
-    kafka_headers,
-    kafka_key,
-)
+from eventsched.core.domain.deadletter import dlq_headers
+from eventsched.core.domain.decode import DecodeLimits, decode_event
+from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.commands import StatusReport, render_status
 from tests.support.cli import run

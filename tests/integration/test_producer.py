@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from eventsched.core.domain.codec import DecodeLimits, decode_event
+from eventsched.core.domain.decode import DecodeLimits, decode_event
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.summary import metric_total
 from tests.support.ingest import read_topic, running

@@ -16,7 +16,8 @@ import pytest
 import trio
 import trio_asyncio
 
-from eventsched.core.domain.codec import dlq_headers, kafka_headers
+from eventsched.core.domain.deadletter import dlq_headers
+from eventsched.core.domain.wire import kafka_headers
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations import commands
 from eventsched.core.runtime.settings import Settings

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from eventsched.core.domain.codec import DecodeLimits, format_time
+from eventsched.core.domain.decode import DecodeLimits
+from eventsched.core.domain.event import format_time
 
 CORPUS_DIR = Path(__file__).resolve().parents[1] / "data" / "bad_messages"
 LIMITS = DecodeLimits()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from eventsched.core.domain.codec import dlq_headers
+from eventsched.core.domain.deadletter import dlq_headers
 
 
 def our_headers() -> list[tuple[str, bytes | None]]:

@@ -22,7 +22,7 @@ import trio
 import trio_asyncio
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from eventsched.core.domain.codec import uuid7
+from eventsched.core.domain.event import uuid7
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.jobqueue import JobQueue
 from eventsched.core.kafka import KafkaProducer

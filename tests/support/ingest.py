@@ -23,7 +23,8 @@ import redis
 import trio
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from eventsched.core.domain.codec import Event, encode_event, kafka_headers, kafka_key, new_event
+from eventsched.core.domain.event import Event
+from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.runtime.root import Runtime
 from eventsched.core.runtime.settings import Settings
 from tests.support.proc import AppProcess

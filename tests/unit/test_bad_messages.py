@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from eventsched.core.domain.codec import DECODE_REASONS, decode_event
+from eventsched.core.domain.decode import DECODE_REASONS, decode_event
 from eventsched.core.runtime.errors import DecodeError
 from tests.support.corpus import CORPUS_DIR, LIMITS, CorpusCase, load_corpus
 

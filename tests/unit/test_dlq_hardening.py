@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from eventsched.core.domain.codec import (
+from eventsched.core.domain.deadletter import (
     DLQ_HEADER_NAMES,
     DLQ_KEY_MAX_BYTES,
     DLQ_MAX_BYTES,

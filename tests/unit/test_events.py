@@ -17,22 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventsched.core.domain.codec import (
-    DECODE_REASONS,
-    DLQ_HEADER_NAMES,
-    DecodeLimits,
-    Event,
-    UUID7Generator,
-    decode_event,
-    dlq_headers,
-    encode_event,
-    format_time,
-    kafka_headers,
-    kafka_key,
-    new_event,
-    parse_time,
-    uuid7,
-)
+from eventsched.core.domain.deadletter import DLQ_HEADER_NAMES, dlq_headers
+from eventsched.core.domain.decode import DECODE_REASONS, DecodeLimits, decode_event
+from eventsched.core.domain.event import Event, UUID7Generator, format_time, parse_time, uuid7
+from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.runtime.errors import DecodeError
 from eventsched.core.runtime.settings import ConsumerSettings
 

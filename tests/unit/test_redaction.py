@@ -144,7 +144,7 @@ def test_handler_errors_are_described_without_secrets() -> None:
 def test_a_consumer_dead_letter_error_carries_no_secret() -> None:
     from datetime import UTC, datetime
 
-    from eventsched.core.domain.codec import dlq_headers
+    from eventsched.core.domain.deadletter import dlq_headers
 
     headers = dict(
         dlq_headers(

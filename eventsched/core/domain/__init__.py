@@ -1,9 +1,22 @@
 """Domain rules as pure functions and plain data: no I/O, no servers, no event loop.
 
-Owns the handler contract that user code implements (:mod:`~eventsched.core.domain.handler`,
-public through :mod:`eventsched`) and the job contract between the roles that enqueue an
-event's job (consumer, reconciler, ``dlq replay``) and the executor that runs it
-(:mod:`~eventsched.core.domain.jobcontract`). May import the standard library,
-``eventsched.core.runtime.errors``, ``eventsched.core.runtime.settings`` (settings types) and
+Modules, lowest first:
+
+- :mod:`~eventsched.core.domain.event`: the event model (:class:`Event`), RFC 3339 times in
+  UTC milliseconds, UUIDv7 ids, and the field rules both directions of the wire share;
+- :mod:`~eventsched.core.domain.wire`: outgoing events: :func:`new_event`, their Kafka value
+  (:func:`encode_event`), key and headers (public through :mod:`eventsched`);
+- :mod:`~eventsched.core.domain.jsonparse`: JSON parsing and the payload walk of the decoder;
+- :mod:`~eventsched.core.domain.decode`: incoming events: :func:`decode_event` validates a
+  Kafka message value, rejections carry one of ``DECODE_REASONS``;
+- :mod:`~eventsched.core.domain.deadletter`: the headers and the size budget of dead-letter
+  copies;
+- :mod:`~eventsched.core.domain.handler`: the handler contract that user code implements
+  (public through :mod:`eventsched`);
+- :mod:`~eventsched.core.domain.jobcontract`: the job contract between the roles that enqueue
+  an event's job (consumer, reconciler, ``dlq replay``) and the executor that runs it.
+
+May import the standard library, msgspec, ``eventsched.core.runtime.errors``,
+``eventsched.core.runtime.settings`` (settings types, ``redact``) and
 ``eventsched.core.jobqueue``'s job type; nothing that talks to a server.
 """

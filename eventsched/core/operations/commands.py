@@ -37,18 +37,10 @@ from confluent_kafka import TopicPartition as TP
 from confluent_kafka import admin as kafka_admin
 from confluent_kafka.admin import AdminClient
 
-from eventsched.core.domain.codec import (
-    DLQ_HEADER_NAMES,
-    DecodeLimits,
-    Event,
-    decode_event,
-    encode_event,
-    format_time,
-    kafka_headers,
-    kafka_key,
-    new_event,
-    parse_time,
-)
+from eventsched.core.domain.deadletter import DLQ_HEADER_NAMES
+from eventsched.core.domain.decode import DecodeLimits, decode_event
+from eventsched.core.domain.event import Event, format_time, parse_time
+from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.kafka import ClientKind, config_from_settings
 from eventsched.core.runtime.errors import DecodeError, DependencyError, EventschedError
 from eventsched.core.runtime.settings import (

@@ -31,7 +31,7 @@ import psycopg.waiting
 import trio_asyncio  # noqa: F401  # imported for its side effect, see below
 from psycopg import AsyncConnection
 
-from eventsched.core.domain.codec import Event
+from eventsched.core.domain.event import Event
 from eventsched.core.runtime.errors import DependencyError, EventschedError
 from eventsched.core.store.pool import Database
 
