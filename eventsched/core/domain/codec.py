@@ -129,6 +129,7 @@ DECODE_REASONS: Final[tuple[str, ...]] = (
     "invalid_payload",  # not an object, NUL/lone surrogate, NaN/Infinity, huge number
     "too_old",  # due time further in the past than max_past
     "beyond_horizon",  # due time further in the future than horizon
+    "invalid_op",  # a command's op is not cancel, reschedule, retry (or schedule)
 )
 
 Shape = Literal["v1", "go"]
