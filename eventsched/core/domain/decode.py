@@ -294,7 +294,7 @@ def decode_event(
         raise DecodeError(
             "beyond_horizon",
             f"{names.execute_at} {format_time(execute_at)} is more than "
-            f"{_human(limits.horizon)} ahead",
+            f"{human(limits.horizon)} ahead",
         )
     late = execute_at < now
     if late:
@@ -306,7 +306,7 @@ def decode_event(
             raise DecodeError(
                 "too_old",
                 f"{names.execute_at} {format_time(execute_at)} is more than "
-                f"{_human(limits.max_past)} in the past",
+                f"{human(limits.max_past)} in the past",
             )
     event = _EventBuilder(event_id, key, type_, payload, execute_at, created_at, late, shape)
     event.__class__ = Event  # type: ignore[assignment]  # see _EventBuilder
@@ -318,10 +318,10 @@ def _convert(obj: dict[str, Any], tp: type[_WireT]) -> _WireT:
     try:
         return msgspec.convert(obj, tp)
     except msgspec.ValidationError as err:
-        raise _reason_for(str(err), obj) from None
+        raise reason_for(str(err), obj) from None
 
 
-def _reason_for(message: str, obj: dict[str, Any]) -> DecodeError:
+def reason_for(message: str, obj: dict[str, Any]) -> DecodeError:
     # msgspec's messages look like "Object missing required field `type`",
     # "Expected `str`, got `int` - at `$.type`", "Invalid UUID - at `$.id`",
     # "Invalid RFC3339 encoded datetime - at `$.execute_at`".
@@ -385,7 +385,7 @@ def _kind(value: object) -> str:
     }.get(type(value), "a number")
 
 
-def _human(seconds: float) -> str:
+def human(seconds: float) -> str:
     for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:.0f}{unit}"

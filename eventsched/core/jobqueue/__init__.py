@@ -2,11 +2,11 @@
 
 Stock SAQ moves due jobs from the ``incomplete`` zset to the ``queued`` list once a second
 (its schedule script takes a ``SETEX`` lock of whole seconds), and each worker slot then
-pays ``BLMOVE`` + ``GET`` + ``SET`` + ``PUBLISH`` + ``MULTI`` + ``PUBLISH`` per job. Under
-trio-asyncio every asyncio callback is a trio scheduler pass with an ``epoll`` syscall
-(~0.1 ms on the 2-core dev box), so one stock worker managed ~150 jobs/s, up to a second
-late. This package keeps SAQ's data model (keys, job JSON, statuses, dedup, sweep, abort,
-worker info) and changes how jobs move:
+pays ``BLMOVE`` + ``GET`` + ``SET`` + ``PUBLISH`` + ``MULTI`` + ``PUBLISH`` per job; under
+trio-asyncio every asyncio callback is a trio scheduler pass with an ``epoll`` syscall, so
+a stock worker is both slow and up to a second late (the figures are in docs/design-notes.md,
+"Why the job queue is not stock SAQ"). This package keeps SAQ's data model (keys, job JSON,
+statuses, dedup, sweep, abort, worker info) and changes how jobs move:
 
 * **On-time claiming.** :class:`OnTimeWorker` runs one *dispatcher* per process instead of a
   1 s timer plus one ``BLMOVE`` per slot. It sleeps until ``claim_ahead`` (10 ms) before the

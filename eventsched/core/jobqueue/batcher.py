@@ -31,10 +31,9 @@ class Batcher:
     """Coalesces SAQ's small per-job state changes into few atomic script calls.
 
     Every job costs a start record and a finish (sometimes a retry), each a few commands.
-    Sent one by one, their round trips dominate the worker's CPU: on the dev box a round
-    trip is ~0.5 ms of CPU (a loopback ``send`` alone is ~0.25 ms, and under trio-asyncio
-    every asyncio callback is a trio scheduler pass with an ``epoll`` syscall). So blocks
-    are collected and sent together — by the worker's dispatcher inside its next claim
+    Sent one by one, their round trips would dominate the worker's CPU (a loopback ``send``
+    plus, under trio-asyncio, a trio scheduler pass with an ``epoll`` syscall per asyncio
+    callback; docs/design-notes.md has the figures). So blocks are collected and sent together — by the worker's dispatcher inside its next claim
     (the *carrier*, no extra round trip at all), or by our own flusher when no dispatcher
     runs. Whoever sends holds :attr:`lock` until Redis answered and takes the pending blocks
     only once it holds it, so batches reach Redis in submission order (a job's finish never

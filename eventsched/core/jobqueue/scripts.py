@@ -168,9 +168,9 @@ return 0
 """
 
 # Apply a batch of commands atomically. ARGV[1] = JSON list of commands, each a list of
-# strings/integers. One EVALSHA with one argument: redis-py's per-argument packing was the
-# worker's largest CPU cost when each command word was an argument of its own, and a MULTI
-# pipeline is worse still (a reply parsed per command, the connection released through a
+# strings/integers. One EVALSHA with one argument: redis-py packs each argument on its own,
+# which costs more CPU than the commands themselves when every command word is an argument,
+# and a MULTI pipeline is worse still (a reply parsed per command, the connection released through a
 # shielded task).
 APPLY_LUA = """
 for _, command in ipairs(cjson.decode(ARGV[1])) do

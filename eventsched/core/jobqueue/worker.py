@@ -165,7 +165,7 @@ class OnTimeWorker(Worker[Context]):
         SAQ wraps each job in a task of its own, a second task for the function, a
         ``wait_for(shield(...))`` and awaited status writes: ~25 event-loop callbacks per
         job, each a trio scheduler pass with an ``epoll`` syscall under trio-asyncio
-        (~3 ms of CPU per job on the dev box). Here the function runs in the slot's task
+        (docs/design-notes.md has the cost). Here the function runs in the slot's task
         under ``asyncio.timeout``, and the start and a successful finish are recorded
         without waiting (they ride along with the dispatcher's next claim, in order); only
         failures wait. Outcomes are SAQ's: COMPLETE; FAILED on error or timeout (SAQ

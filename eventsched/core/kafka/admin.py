@@ -36,7 +36,7 @@ from eventsched.core.runtime.errors import ConfigError, DependencyError
 _LATEST: Final = kafka_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no-untyped-call]
 _EARLIEST: Final = kafka_admin.OffsetSpec.earliest()  # type: ignore[attr-defined,no-untyped-call]
 
-# One logger name for the whole adapter, as before it was split into modules.
+# One logger name for the whole adapter: its lines are found under one name.
 log = structlog.get_logger("eventsched.core.kafka")
 
 

@@ -51,7 +51,7 @@ from confluent_kafka import (
 
 from eventsched.core.runtime.errors import DependencyError
 
-# One logger name for the whole adapter, as before it was split into modules.
+# One logger name for the whole adapter: its lines are found under one name.
 log = structlog.get_logger("eventsched.core.kafka")
 
 T = TypeVar("T")

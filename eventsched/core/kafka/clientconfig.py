@@ -49,8 +49,8 @@ CONSUMER_DEFAULTS: Final[Mapping[str, Any]] = {
 
 #: librdkafka properties of the consumer role's consumer that settings may override.
 #: librdkafka prefetches up to 64 MB per consumer by default, more than a batch pipeline
-#: needs: 16 MB still keeps a consumer at ~20,000 events/s fed (bench.ingest: RSS 171 ->
-#: 149 MB, same rate).
+#: needs; 16 MB keeps the consumer fed at its full ingest rate with less memory
+#: (docs/design-notes.md, "Consumer prefetch").
 CONSUMER_CLIENT_DEFAULTS: Final[Mapping[str, Any]] = {"queued.max.messages.kbytes": 16384}
 
 

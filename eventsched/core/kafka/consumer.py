@@ -34,7 +34,7 @@ from eventsched.core.kafka.records import (
 )
 from eventsched.core.runtime.errors import ConfigError, DependencyError
 
-# One logger name for the whole adapter, as before it was split into modules.
+# One logger name for the whole adapter: its lines are found under one name.
 log = structlog.get_logger("eventsched.core.kafka")
 
 

@@ -40,7 +40,7 @@ from eventsched.core.runtime.errors import ConfigError, DependencyError
 if TYPE_CHECKING:
     from eventsched.core.kafka.consumer import KafkaConsumer
 
-# One logger name for the whole adapter, as before it was split into modules.
+# One logger name for the whole adapter: its lines are found under one name.
 log = structlog.get_logger("eventsched.core.kafka")
 
 

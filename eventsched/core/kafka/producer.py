@@ -39,7 +39,7 @@ from eventsched.core.kafka.clientconfig import PRODUCER_DEFAULTS
 from eventsched.core.runtime import metrics
 from eventsched.core.runtime.errors import ConfigError, DependencyError, EventschedError
 
-# One logger name for the whole adapter, as before it was split into modules.
+# One logger name for the whole adapter: its lines are found under one name.
 log = structlog.get_logger("eventsched.core.kafka")
 
 
