@@ -7,7 +7,9 @@ It may import ``eventsched.core.domain`` (the codec and the command wire format,
 check every message before it is sent), ``eventsched.core.kafka.clientconfig`` (the one
 librdkafka configuration builder) and ``eventsched.core.runtime`` (errors, settings), plus
 ``confluent_kafka``; never trio-asyncio, SAQ, redis or psycopg, so an application that only
-sends events does not load them (tests/unit/test_client_import.py checks it).
+sends events does not load them (tests/unit/test_import.py checks it). Importing this
+package loads neither confluent_kafka nor asyncio: the trio-asyncio bootstrap of the entry
+points must patch asyncio before anything imports it.
 
 * :mod:`~eventsched.client.messages`: build and check the messages (pure);
 * :mod:`~eventsched.client.sender`: the idempotent producer, its poller thread, one future
