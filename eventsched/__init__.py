@@ -6,15 +6,18 @@ What user code is written against:
   :func:`handler_factory`, :class:`PermanentError`;
 - the event wire helpers: :class:`Event`, :func:`new_event` (build one),
   :func:`encode_event` (its Kafka value), :func:`kafka_key` and :func:`kafka_headers`;
+- the client that sends events and commands: :class:`Client`, :class:`AsyncClient`, their
+  errors :class:`ClientError` and :class:`DeliveryError` (:mod:`eventsched.client`);
 - ``__version__``.
 
 Importing this package has no side effects: the trio-asyncio bootstrap that the runtime
 needs (:mod:`eventsched.core.runtime.bootstrap`) runs in the process entry points, not here, and no
-server library is imported.
+server library is imported (the client loads confluent-kafka when one is made).
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from eventsched.client import AsyncClient, Client, ClientError, DeliveryError
 from eventsched.core.domain.event import Event
 from eventsched.core.domain.handler import (
     Handler,
@@ -31,6 +34,10 @@ except PackageNotFoundError:  # a checkout on sys.path that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "AsyncClient",
+    "Client",
+    "ClientError",
+    "DeliveryError",
     "Event",
     "Handler",
     "HandlerContext",

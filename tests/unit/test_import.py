@@ -93,3 +93,23 @@ def test_asyncio_timeouts_work_inside_trio_asyncio_when_the_bootstrap_came_first
         """
     )
     assert out == "ok"
+
+
+def test_the_client_loads_no_server_library_and_no_trio_asyncio() -> None:
+    # An application that only sends events must not load what the roles run on; making a
+    # client may load trio (eventsched.core.kafka), never these.
+    out = _python(
+        """
+        import sys
+        forbidden = ("trio_asyncio", "saq", "psycopg", "psycopg_pool", "redis")
+        import eventsched.client
+        from eventsched import AsyncClient, Client, ClientError, DeliveryError
+        # asyncio too: the trio-asyncio bootstrap must be able to patch it afterwards.
+        after_import = [m for m in (*forbidden, "asyncio") if m in sys.modules]
+        Client("127.0.0.1:9", timeout=1).close(0)
+        AsyncClient("127.0.0.1:9", timeout=1)
+        after_use = [m for m in forbidden if m in sys.modules]
+        print(after_import, after_use, "trio" in sys.modules)
+        """
+    )
+    assert out == "[] [] True"

@@ -16,7 +16,8 @@ def test_everything_in_all_is_there() -> None:
     assert sorted(eventsched.__all__) == sorted(set(eventsched.__all__))
     assert [name for name in eventsched.__all__ if name not in vars(eventsched)] == []
     assert {"HandlerEvent", "Handler", "HandlerContext", "handler_factory", "PermanentError",
-            "new_event", "encode_event", "kafka_key", "kafka_headers", "__version__"} <= set(
+            "new_event", "encode_event", "kafka_key", "kafka_headers", "__version__",
+            "Client", "AsyncClient", "ClientError", "DeliveryError"} <= set(
         eventsched.__all__
     )  # fmt: skip
 
