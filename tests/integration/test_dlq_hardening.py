@@ -285,7 +285,7 @@ def test_dlq_replay_skips_every_copy_that_was_cut(
     make_settings: Any, topics: Names, kafka_bootstrap: str
 ) -> None:
     """Replaying a cut copy would publish something else than the original message."""
-    from eventsched.core.operations.commands import SKIP_TRUNCATED, dlq_replay
+    from eventsched.core.operations.dlq import SKIP_TRUNCATED, dlq_replay
 
     def copy(value: bytes, *cut: tuple[str, bytes]) -> RawMessage:
         key, value, headers = fit_dead_letter(b"k", value, our_headers())

@@ -27,7 +27,7 @@ from eventsched.core.domain.codec import (
     kafka_key,
 )
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.operations.commands import StatusReport, render_status
+from eventsched.core.operations.status import StatusReport, render_status
 from tests.support.cli import run
 from tests.support.ingest import (
     RawMessage,
