@@ -34,7 +34,7 @@ from eventsched.core.domain.codec import (
     new_event,
 )
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.operations.devstack import PostgresServer
+from eventsched.core.operations.devpostgres import PostgresServer
 from eventsched.core.operations.summary import metric_total
 from eventsched.core.store import events as eventstore
 from eventsched.core.store import migrations

@@ -29,7 +29,7 @@ from eventsched.core.domain.codec import (
 )
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.operations.devstack import KafkaBroker
+from eventsched.core.operations.devbrokers import KafkaBroker
 from eventsched.core.runtime.root import Runtime
 from tests.support.dlq import our_headers
 from tests.support.execution import insert_events, new_events, queue_client
