@@ -247,7 +247,7 @@ def dev(
     )
 
 
-# -- operator commands (eventsched.core.operations.commands does the work) ----------------------------
+# -- operator commands (eventsched.core.operations.send, .status and .dlq do the work) --------
 
 
 def _input_errors_exit_2(fn: F) -> F:
@@ -255,7 +255,7 @@ def _input_errors_exit_2(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from eventsched.core.operations.commands import InputError
+        from eventsched.core.operations.send import InputError
 
         try:
             return fn(*args, **kwargs)
@@ -283,12 +283,10 @@ def send(
     key: str | None,
 ) -> None:
     """Publish one event to the events topic and print its id."""
-    from eventsched.core.operations import commands
+    from eventsched.core.operations.send import build_event, send_event
 
-    event = commands.build_event(
-        state.settings, type_=type_, at=at, in_=in_, payload=payload, key=key
-    )
-    commands.send_event(state.settings, event)
+    event = build_event(state.settings, type_=type_, at=at, in_=in_, payload=payload, key=key)
+    send_event(state.settings, event)
     click.echo(str(event.id))
 
 
@@ -303,13 +301,13 @@ def status(state: State, as_json: bool) -> None:
     """
     import json
 
-    from eventsched.core.operations import commands
+    from eventsched.core.operations import status as status_command
 
-    report = commands.status(state.settings)
+    report = status_command.status(state.settings)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
-        click.echo(commands.render_status(report))
+        click.echo(status_command.render_status(report))
     if not report.ok:
         sys.exit(1)
 
@@ -328,13 +326,13 @@ def dlq_list(state: State, limit: int, as_json: bool) -> None:
     """Show the oldest DLQ messages with their reason (reads without committing)."""
     import json
 
-    from eventsched.core.operations import commands
+    from eventsched.core.operations import dlq as dlq_command
 
-    messages = commands.dlq_list(state.settings, limit=limit)
+    messages = dlq_command.dlq_list(state.settings, limit=limit)
     if as_json:
         click.echo(json.dumps([m.to_json() for m in messages], indent=2))
     else:
-        click.echo(commands.render_dlq(messages))
+        click.echo(dlq_command.render_dlq(messages))
 
 
 @dlq.command("replay")
@@ -352,10 +350,10 @@ def dlq_replay(state: State, reason: str | None, limit: int | None, dry_run: boo
     budget; a message the consumer rejected is re-sent to the events topic; anything else
     (the event is not dead any more, died again since, is unknown) is skipped, with why.
     """
-    from eventsched.core.operations import commands
+    from eventsched.core.operations import dlq as dlq_command
 
-    result = commands.dlq_replay(state.settings, reason=reason, limit=limit, dry_run=dry_run)
-    click.echo(commands.render_replay(result))
+    result = dlq_command.dlq_replay(state.settings, reason=reason, limit=limit, dry_run=dry_run)
+    click.echo(dlq_command.render_replay(result))
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from eventsched.core.domain.decode import DecodeLimits, decode_event
 from eventsched.core.domain.event import Event
 from eventsched.core.domain.wire import encode_event, kafka_headers, new_event
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.operations.devstack import PostgresServer
+from eventsched.core.operations.devpostgres import PostgresServer
 from eventsched.core.operations.summary import metric_total
 from eventsched.core.store import events as eventstore
 from eventsched.core.store import migrations

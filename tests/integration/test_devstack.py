@@ -21,15 +21,11 @@ import redis
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from eventsched.core.operations import devstack
-from eventsched.core.operations.devstack import (
-    DevStack,
-    DevStackInfo,
-    PostgresServer,
-    RedisServer,
-    _die_with_parent_hook,
-    _system_user_credentials,
-)
+from eventsched.core.operations import devservers
+from eventsched.core.operations.devbrokers import RedisServer
+from eventsched.core.operations.devpostgres import PostgresServer
+from eventsched.core.operations.devservers import die_with_parent_hook, system_user_credentials
+from eventsched.core.operations.devstack import DevStack, DevStackInfo
 from eventsched.core.runtime.errors import DevStackError
 
 
@@ -280,7 +276,7 @@ def test_start_moves_to_another_port_when_the_remembered_one_is_taken(
         port = taken.getsockname()[1]
         (tmp_path / "ports.json").write_text(json.dumps({"redis": port}))
         # Pretend the port looked free when it was picked: the race the retry exists for.
-        monkeypatch.setattr(devstack, "_port_is_free", lambda candidate: True)
+        monkeypatch.setattr(devservers, "_port_is_free", lambda candidate: True)
         with DevStack(tmp_path, postgres=False, kafka=False) as stack:
             assert stack.redis is not None
             assert stack.redis.port != port
@@ -293,12 +289,12 @@ def test_start_moves_to_another_port_when_the_remembered_one_is_taken(
 def test_parent_death_signal_survives_the_switch_to_the_postgres_user() -> None:
     # Popen must change the uid before preexec_fn runs: Linux clears PDEATHSIG on a credential
     # change. The child is forked by a thread that then exits; the kernel must kill it.
-    creds = _system_user_credentials("embedded_postgres")
+    creds = system_user_credentials("embedded_postgres")
     spawned: list[subprocess.Popen[bytes]] = []
 
     def spawn() -> None:
         spawned.append(
-            subprocess.Popen(["sleep", "30"], preexec_fn=_die_with_parent_hook(), **creds)
+            subprocess.Popen(["sleep", "30"], preexec_fn=die_with_parent_hook(), **creds)
         )
 
     thread = threading.Thread(target=spawn)

@@ -27,7 +27,7 @@ from confluent_kafka import KafkaError, Producer
 from eventsched.core.domain.deadletter import fit_dead_letter
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.operations.devstack import KafkaBroker
+from eventsched.core.operations.devbrokers import KafkaBroker
 from eventsched.core.runtime.root import Runtime
 from tests.support.dlq import our_headers
 from tests.support.execution import insert_events, new_events, queue_client
@@ -283,7 +283,7 @@ def test_dlq_replay_skips_every_copy_that_was_cut(
     make_settings: Any, topics: Names, kafka_bootstrap: str
 ) -> None:
     """Replaying a cut copy would publish something else than the original message."""
-    from eventsched.core.operations.commands import SKIP_TRUNCATED, dlq_replay
+    from eventsched.core.operations.dlq import SKIP_TRUNCATED, dlq_replay
 
     def copy(value: bytes, *cut: tuple[str, bytes]) -> RawMessage:
         key, value, headers = fit_dead_letter(b"k", value, our_headers())

@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from eventsched.core.domain.jobcontract import make_job
-from eventsched.core.operations.devstack import PostgresServer
+from eventsched.core.operations.devpostgres import PostgresServer
 from eventsched.core.store import executions, migrations
 from eventsched.core.store.executions import Claimed, ClaimRequest
 from tests.support.exec_handlers import read_journal

@@ -22,7 +22,7 @@ from eventsched.core.domain.deadletter import dlq_headers
 from eventsched.core.domain.decode import DecodeLimits, decode_event
 from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.operations.commands import StatusReport, render_status
+from eventsched.core.operations.status import StatusReport, render_status
 from tests.support.cli import run
 from tests.support.ingest import (
     RawMessage,

@@ -25,7 +25,7 @@ from confluent_kafka import KafkaError
 
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.kafka import KafkaProducer, OutboundMessage, ensure_topics
-from eventsched.core.operations.devstack import KafkaBroker
+from eventsched.core.operations.devbrokers import KafkaBroker
 from tests.support.execution import (
     delete_queue_keys,
     insert_events,

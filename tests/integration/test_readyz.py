@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from eventsched.core.operations.devstack import PostgresServer
+from eventsched.core.operations.devpostgres import PostgresServer
 from tests.support.proc import AppProcess
 
 
@@ -57,7 +57,7 @@ def test_readyz_tracks_postgres_outage(own_postgres: PostgresServer) -> None:
 
 def test_a_role_started_while_redis_is_down_waits_for_it(tmp_path: Path) -> None:
     """Start-up rides out a dependency that is not there yet (it used to exit 1)."""
-    from eventsched.core.operations.devstack import RedisServer
+    from eventsched.core.operations.devbrokers import RedisServer
 
     server = RedisServer(tmp_path / "redis", fast=True)
     server.start()

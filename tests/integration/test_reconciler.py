@@ -20,7 +20,7 @@ import redis
 import trio
 
 from eventsched.core.domain.jobcontract import make_job
-from eventsched.core.operations.devstack import RedisServer
+from eventsched.core.operations.devbrokers import RedisServer
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store.leader import LeaderLock, lock_key
 from tests.support import exec_handlers

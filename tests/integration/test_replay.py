@@ -1,7 +1,7 @@
 """``dlq replay`` of the executor's dead letters re-runs the event, once, with a fresh budget.
 
 A real executor (in this process) runs events into the DLQ; the replay then runs as the CLI
-runs it (:func:`eventsched.core.operations.commands.dlq_replay`, in a thread of its own) against the
+runs it (:func:`eventsched.core.operations.dlq.dlq_replay`, in a thread of its own) against the
 same PostgreSQL, Redis and broker. Handler calls are counted, not only rows.
 """
 
@@ -19,7 +19,7 @@ import trio_asyncio
 from eventsched.core.domain.deadletter import dlq_headers
 from eventsched.core.domain.wire import kafka_headers
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.operations import commands
+from eventsched.core.operations import dlq
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store import recovery
 from eventsched.core.store.pool import Database
@@ -70,8 +70,8 @@ def settings_for(make_settings: Any, handler: str, max_retries: int) -> Settings
 
 async def replay(settings: Settings, *args: str, **options: Any) -> str:
     """Run the replay as the CLI does; its summary line without the group."""
-    result = await trio.to_thread.run_sync(lambda: commands.dlq_replay(settings, **options))
-    lines = commands.render_replay(result).splitlines()
+    result = await trio.to_thread.run_sync(lambda: dlq.dlq_replay(settings, **options))
+    lines = dlq.render_replay(result).splitlines()
     return lines[0].split(" (group")[0] + "".join(f" |{line.strip()}" for line in lines[1:])
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from eventsched.core.operations.devstack import PostgresServer
+from eventsched.core.operations.devpostgres import PostgresServer
 from eventsched.core.runtime.settings import Settings, build_settings
 from eventsched.core.store import migrations
 
@@ -62,7 +62,7 @@ def redis_url(services_dir: Path) -> Iterator[str]:
     if url := os.environ.get("EVENTSCHED_TEST_REDIS_URL"):
         yield url
         return
-    from eventsched.core.operations.devstack import RedisServer
+    from eventsched.core.operations.devbrokers import RedisServer
 
     server = RedisServer(services_dir / "redis", fast=True)
     server.start()
@@ -77,7 +77,7 @@ def kafka_bootstrap(services_dir: Path) -> Iterator[str]:
     if bootstrap := os.environ.get("EVENTSCHED_TEST_KAFKA"):
         yield bootstrap
         return
-    from eventsched.core.operations.devstack import KafkaBroker
+    from eventsched.core.operations.devbrokers import KafkaBroker
 
     broker = KafkaBroker(services_dir / "kafka")
     broker.start()

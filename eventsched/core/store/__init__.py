@@ -9,10 +9,11 @@
 * :mod:`.recovery` - the reconciler's SQL: candidates, takeover of stale attempts, dead
   events not yet in the DLQ, status counts for the gauges;
 * :mod:`.deadletters` - dead-letter copies the DLQ topic refused (kept, never dropped);
+* :mod:`.replay` - ``dlq replay``'s re-run of a dead event (compare-and-set);
 * :mod:`.migrations` - golang-migrate compatible migrations (``sql/``);
 * :mod:`.leader` - one-at-a-time leadership through an advisory lock.
 
 May import psycopg, psycopg_pool, ``eventsched.core.domain`` and the runtime foundation
 (errors, settings, logs, packagedata); never ``eventsched.plugins``. Every SQL statement of
-eventsched lives in this package, except the operator commands' read-only reports.
+eventsched lives in this package, except the dev stack's own database set-up.
 """
