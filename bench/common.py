@@ -959,7 +959,7 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("eventsched/core/store/", "eventsched store"),
     ("eventsched/core/domain/", "eventsched decode/encode"),
     ("eventsched/core/kafka/", "eventsched kafka adapter"),
-    ("eventsched/plugins/executor.py", "eventsched executor"),
+    ("eventsched/plugins/executor/", "eventsched executor"),
     ("eventsched/plugins/consumer.py", "eventsched consumer"),
     ("eventsched/plugins/handlers.py", "eventsched handlers"),
     ("eventsched/", "eventsched other"),

@@ -22,7 +22,7 @@ from eventsched.core.operations import commands
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store import executions
 from eventsched.core.store.pool import Database
-from eventsched.plugins.executor import Failure, decide
+from eventsched.plugins.executor.retry import Failure, decide
 from tests.support import replay_handlers
 from tests.support.execution import (
     attempt_rows,

@@ -11,7 +11,7 @@ import pytest
 from eventsched.core.domain.jobcontract import EXECUTE_FUNCTION, job_key, make_job
 from eventsched.core.runtime.settings import RetryBackoffSettings
 from eventsched.core.store.executions import Outcome
-from eventsched.plugins.executor import Failure, decide, retry_delay
+from eventsched.plugins.executor.retry import Failure, decide, retry_delay
 
 
 def test_job_keys_and_kwargs_follow_the_documented_scheme() -> None:
