@@ -960,7 +960,7 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("eventsched/core/domain/", "eventsched decode/encode"),
     ("eventsched/core/kafka/", "eventsched kafka adapter"),
     ("eventsched/plugins/executor/", "eventsched executor"),
-    ("eventsched/plugins/consumer.py", "eventsched consumer"),
+    ("eventsched/plugins/consumer/", "eventsched consumer"),
     ("eventsched/plugins/handlers.py", "eventsched handlers"),
     ("eventsched/", "eventsched other"),
     ("trio_asyncio/", "trio-asyncio bridge"),
