@@ -199,11 +199,11 @@ class Leases:
                     # Not running this attempt any more: its outcome committed, or it was
                     # taken over (then its handler, if still running, stops now).
                     if r.finished == math.inf:
-                        self.lose(r)
+                        self._lose(r)
                     else:
                         self.held.pop((r.event_id, r.attempt), None)
 
-    def lose(self, running: Running) -> None:
+    def _lose(self, running: Running) -> None:
         """The attempt's lease is gone: stop its handler (it runs no further step)."""
         if running.lost and running.cancelled:
             return
@@ -224,7 +224,7 @@ class Leases:
                 if running.finished < math.inf or running.cancelled:
                     continue
                 if running.lease_until <= now or running.lost:
-                    self.lose(running)
+                    self._lose(running)
                 elif running.deadline <= now and not running.timed_out:
                     running.timed_out = True
                     running.cancelled = True
