@@ -139,7 +139,7 @@ async def test_a_restore_spans_passes_and_starts_over_when_redis_is_lost_again(
 ) -> None:
     """Pages are bounded per pass: a big restore continues over several passes (the marker
     says so meanwhile), and a second loss during it starts it over."""
-    monkeypatch.setattr("eventsched.plugins.reconciler.MAX_PAGES", 1)
+    monkeypatch.setattr("eventsched.plugins.executor.reconciler.MAX_PAGES", 1)
     settings = reconciling_settings(
         make_settings, redis={"url": own_redis}, reconciler={"batch": 50, "interval": "1h"}
     )

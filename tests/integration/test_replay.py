@@ -23,7 +23,7 @@ from eventsched.core.operations import dlq
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store import recovery
 from eventsched.core.store.pool import Database
-from eventsched.plugins.executor import Failure, decide
+from eventsched.plugins.executor.retry import Failure, decide
 from tests.support import replay_handlers
 from tests.support.execution import (
     attempt_rows,

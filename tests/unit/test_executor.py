@@ -8,10 +8,16 @@ import random
 
 import pytest
 
-from eventsched.core.domain.jobcontract import EXECUTE_FUNCTION, job_key, make_job
+from eventsched.core.domain.jobcontract import (
+    EXECUTE_FUNCTION,
+    FIRST_ATTEMPT,
+    attempt_of,
+    job_key,
+    make_job,
+)
 from eventsched.core.runtime.settings import RetryBackoffSettings
 from eventsched.core.store.executions import Outcome
-from eventsched.plugins.executor import Failure, decide, retry_delay
+from eventsched.plugins.executor.retry import Failure, decide, retry_delay
 
 
 def test_job_keys_and_kwargs_follow_the_documented_scheme() -> None:
@@ -25,6 +31,13 @@ def test_job_keys_and_kwargs_follow_the_documented_scheme() -> None:
     retry = make_job("e1", 3, 13.0, 60)
     assert (retry.key, retry.kwargs) == ("e1#3", {"event_id": "e1", "attempt": 3})
     assert job_key("e1", 2) == "e1#2"
+
+
+def test_the_first_attempt_has_one_meaning_in_kwargs_keys_and_readers() -> None:
+    first = make_job("e1", FIRST_ATTEMPT, 12.5, 60)
+    assert FIRST_ATTEMPT == 1 and "attempt" not in first.kwargs and first.key == "e1"
+    assert attempt_of(first.kwargs.get("attempt")) == FIRST_ATTEMPT
+    assert [attempt_of(n) for n in (None, 0, 1, 2, 5)] == [1, 1, 1, 2, 5]
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from eventsched.core.runtime.settings import (
     require_postgres,
 )
 from eventsched.core.store.pool import Database
-from eventsched.plugins.executor import _describe
+from eventsched.plugins.executor.attempt import failure_text
 
 SECRET = "s3cr3t-pw"
 
@@ -137,7 +137,8 @@ def test_log_lines_are_redacted_whatever_logs_them() -> None:
 def test_handler_errors_are_described_without_secrets() -> None:
     err = RuntimeError(f"cannot reach https://u:{SECRET}@h.example/services/{TOKEN}?sig={SECRET}")
     assert (
-        _describe(err) == "RuntimeError: cannot reach https://u:***@h.example/services/***?sig=***"
+        failure_text(err)
+        == "RuntimeError: cannot reach https://u:***@h.example/services/***?sig=***"
     )
 
 

@@ -7,12 +7,24 @@
                  attempt, {"event_id": "<uuid>", "attempt": n} for retry n >= 2,
                  timeout=saq_timeout(settings))
 
+Attempts are numbered from :data:`FIRST_ATTEMPT` (1). The first attempt's job carries no
+``attempt`` kwarg; :func:`attempt_of` reads the kwarg back (absent: the first attempt), and
+:func:`is_first_attempt` is the one test for "the first attempt".
+
 Key scheme: the first attempt's key is the event id; retry ``n`` is ``"<event id>#<n>"``.
 SAQ still holds a job's key while that job runs, so a retry enqueued from inside the running
 job needs a key of its own; and a re-enqueue of the same attempt (the reconciler) uses the
 same key, which SAQ skips while that job is pending. The consumer, the reconciler and
 ``dlq replay`` enqueue with these functions; the executor registers
 :data:`EXECUTE_FUNCTION` and reads the same kwargs.
+
+Due times, one name each: an event's due time is ``execute_at`` (a UTC datetime at the
+edges: the wire format, the ``events`` column, the handler's event); an attempt's due time
+is ``scheduled_for`` (the ``event_attempts`` column: ``execute_at`` for the first attempt,
+``next_attempt_at`` for a retry); in the queue a job's due time is SAQ's ``scheduled``.
+Where a due time is a number (SAQ's ``scheduled``, the executor's claims and outcomes:
+``Claimed.scheduled_for``, ``NotDue.scheduled_for``, ``Outcome.next_attempt_at``) it is
+float epoch seconds (``datetime.timestamp()``).
 """
 
 from __future__ import annotations
@@ -28,11 +40,24 @@ EXECUTE_FUNCTION: Final = "execute_event"
 #: SAQ's own job timeout is the handler timeout plus this much room for the claim and the
 #: outcome write, so the executor's timeout (a recorded, retried failure) always fires first.
 SAQ_TIMEOUT_MARGIN: Final = 30
+#: The number of an event's first attempt (its job has no ``attempt`` kwarg).
+FIRST_ATTEMPT: Final = 1
+
+
+def is_first_attempt(attempt: int) -> bool:
+    """Whether ``attempt`` is the first attempt (numbers below it count as the first)."""
+    return attempt <= FIRST_ATTEMPT
+
+
+def attempt_of(kwarg: int | None) -> int:
+    """The attempt a job runs, from its ``attempt`` kwarg: :data:`FIRST_ATTEMPT` when the
+    kwarg is absent (None) or names the first attempt."""
+    return FIRST_ATTEMPT if kwarg is None or is_first_attempt(kwarg) else kwarg
 
 
 def job_key(event_id: str, attempt: int) -> str:
     """SAQ job key of an event's attempt: the event id for the first, ``<id>#<n>`` after."""
-    return event_id if attempt <= 1 else f"{event_id}#{attempt}"
+    return event_id if is_first_attempt(attempt) else f"{event_id}#{attempt}"
 
 
 def saq_timeout(settings: Settings) -> int:
@@ -43,7 +68,7 @@ def saq_timeout(settings: Settings) -> int:
 def make_job(event_id: str, attempt: int, scheduled: float, timeout: int) -> ScheduledJob:
     """The SAQ job that runs ``attempt`` of an event at ``scheduled`` (epoch seconds)."""
     kwargs: dict[str, Any] = {"event_id": event_id}
-    if attempt > 1:
+    if not is_first_attempt(attempt):
         kwargs["attempt"] = attempt
     return ScheduledJob(
         key=job_key(event_id, attempt),

@@ -152,8 +152,9 @@ class JobQueue:
         return self._queue.namespace("eventsched:epoch")
 
     async def get_marker(self) -> str | None:
-        """The reconciler's marker (see :mod:`eventsched.plugins.reconciler`); None if absent:
-        never set, or Redis lost its data since (FLUSHALL, a restart without persistence)."""
+        """The reconciler's marker (see :mod:`eventsched.plugins.executor.reconciler`); None
+        if absent: never set, or Redis lost its data since (FLUSHALL, a restart without
+        persistence)."""
         value = await self._call(self._queue.redis.get, self.marker_key)
         if value is None:
             return None

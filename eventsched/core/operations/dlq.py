@@ -232,7 +232,7 @@ class _Reruns:
     async def rerun(self, event_id: str, attempts: int | None) -> str | None:
         """Re-run the event if it is dead from the death this letter reported; None if it
         was re-run (or would be, in a dry run), else why not."""
-        from eventsched.core.domain.jobcontract import make_job, saq_timeout
+        from eventsched.core.domain.jobcontract import FIRST_ATTEMPT, make_job, saq_timeout
         from eventsched.core.store import replay
         from eventsched.core.store.pool import Database
 
@@ -254,7 +254,9 @@ class _Reruns:
             return _why_not(await replay.event_state(self._db, event_id))
         try:
             queue = await self._connected_queue()
-            await queue.enqueue_many([make_job(event_id, 1, due, saq_timeout(self._settings))])
+            await queue.enqueue_many(
+                [make_job(event_id, FIRST_ATTEMPT, due, saq_timeout(self._settings))]
+            )
         except DependencyError as err:
             raise DependencyError(
                 "redis",

@@ -2,6 +2,8 @@
 
 Library errors are translated at the adapter boundary (``raise ... from err``) so that
 callers only ever handle these types. Each class builds its own message from context.
+:func:`describe` is the one way an error becomes a line of text. Imports nothing of the
+package (every module may import this one).
 """
 
 from __future__ import annotations
@@ -66,3 +68,18 @@ class DecodeError(EventschedError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
+
+
+def describe(err: BaseException) -> str:
+    """One line for an error, as logged, stored or shown: ``Type: message``, or ``Type``
+    alone when the message is empty; a group of one exception is described by that
+    exception.
+
+    The text is not redacted here (this module imports nothing of the package, and
+    ``settings`` imports it): log lines are redacted as a whole by the log configuration;
+    a caller that stores or publishes the text passes it through
+    :func:`eventsched.core.runtime.settings.redact`."""
+    while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+        err = err.exceptions[0]
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

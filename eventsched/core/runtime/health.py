@@ -20,7 +20,7 @@ from hypercorn.trio import serve
 from hypercorn.typing import Framework
 
 from eventsched.core.runtime import metrics
-from eventsched.core.runtime.errors import ConfigError
+from eventsched.core.runtime.errors import ConfigError, describe
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.settings import redact
 
@@ -116,7 +116,7 @@ class Health:
             except trio.TooSlowError:
                 self.mark(name, f"no answer within {self.check_timeout:g}s")
             except Exception as err:  # any failure of the dependency means "not ready"
-                self.mark(name, f"{type(err).__name__}: {err}")
+                self.mark(name, describe(err))
             else:
                 self.mark(name, None)
 

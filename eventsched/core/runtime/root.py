@@ -25,7 +25,7 @@ import trio_asyncio
 
 from eventsched.core.runtime import bootstrap
 from eventsched.core.runtime.contracts import Resources, RoleContext, RoleFactory, load_role_factory
-from eventsched.core.runtime.errors import ConfigError, DependencyError, PluginError
+from eventsched.core.runtime.errors import ConfigError, DependencyError, PluginError, describe
 from eventsched.core.runtime.health import Health, serve_http
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.profiling import start_profiling, stop_profiling
@@ -115,7 +115,7 @@ class Runtime:
             bad = _bad_setting(err)
             if bad is not None:
                 raise bad from None  # the CLI prints one line naming it and exits 2
-            log.error("runtime_failed", error=_describe(err), exc_info=err)
+            log.error("runtime_failed", error=describe(err), exc_info=err)
             return RunResult(EXIT_FAILED, False)
         finally:
             if profiling:
@@ -287,13 +287,6 @@ class Runtime:
         from eventsched.core.kafka import check_broker
 
         await check_broker(require_kafka(self.settings), dict(self.settings.kafka.client))
-
-
-def _describe(err: BaseException) -> str:
-    """One line for an error, unwrapping single-exception groups."""
-    while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
-        err = err.exceptions[0]
-    return f"{type(err).__name__}: {err}"
 
 
 def _bad_setting(err: BaseException) -> ConfigError | PluginError | None:

@@ -95,11 +95,11 @@ class NotClaimed:
 class NotDue:
     """The claim was refused: the event is in the state the job expected, but not due yet
     (its job came early: a changed Redis score or ``scheduled``). Nothing changed; the job
-    belongs back in the queue at ``due_at``."""
+    belongs back in the queue at ``scheduled_for``."""
 
     event_id: str
     type: str
-    due_at: float  # epoch seconds: execute_at, or next_attempt_at for a retry
+    scheduled_for: float  # epoch seconds: execute_at, or next_attempt_at for a retry
 
 
 ClaimResult = Claimed | NotClaimed | NotDue

@@ -19,7 +19,7 @@ Runs inside the executor role, one leader at a time across all executor processe
   retrying`` on the ``updated_at`` it saw (the lost attempt's row gets outcome ``retried``,
   error "worker lost") and enqueue the next attempt, or ``dead`` if that was the last
   attempt. The executor stops a handler whose lease it could not renew for ``stale_after /
-  2``, so the handler has stopped before this can happen (see the executor's docstring);
+  2``, so the handler has stopped before this can happen (see :mod:`eventsched.plugins.executor.lease`);
 * republishes dead events whose DLQ message was not acknowledged (a crash between the dead
   transition and the publish) after ``grace``.
 
@@ -64,6 +64,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
+from eventsched.core.domain.jobcontract import FIRST_ATTEMPT
 from eventsched.core.jobqueue import JobQueue, ScheduledJob
 from eventsched.core.runtime import metrics
 from eventsched.core.runtime.errors import DependencyError
@@ -91,7 +92,7 @@ RESTORE_REASONS: Final = ("restore_scheduled", "restore_retrying")
 
 
 def _first_attempt(c: Candidate) -> int:
-    return 1
+    return FIRST_ATTEMPT
 
 
 def _next_attempt(c: Candidate) -> int:

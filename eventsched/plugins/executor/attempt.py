@@ -1,0 +1,434 @@
+"""The executor's job function and what it uses: claims, handlers, outcomes, retries.
+
+:meth:`Attempts.execute_event` is the SAQ job function (asyncio side, inside SAQ's job
+task, on the root trio-asyncio loop): it claims the attempt (a :class:`GroupCommit` of
+claims), runs the handler under its timeout and lease (:mod:`.lease`), decides the outcome
+(:mod:`.retry`) and writes it behind (a :class:`GroupCommit` of outcomes); once outcomes
+commit, :meth:`Attempts._after_outcomes` (on the loop) enqueues retries and hands dead
+events to :class:`~eventsched.plugins.executor.deadletters.DeadLetters`. The group
+commits' statements run on their own threads; the role starts and stops them (trio side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar
+
+import httpx
+
+from eventsched.core.domain.jobcontract import (
+    attempt_of,
+    is_first_attempt,
+    make_job,
+    saq_timeout,
+)
+from eventsched.core.jobqueue import (
+    REDIS_ERRORS,
+    JobContext,
+    JobQueue,
+    PayloadBudget,
+    PutBack,
+    ScheduledJob,
+    payload_bytes,
+)
+from eventsched.core.runtime import metrics
+from eventsched.core.runtime.contracts import (
+    Handler,
+    HandlerContext,
+    HandlerEvent,
+    PermanentError,
+    load_handler,
+)
+from eventsched.core.runtime.errors import DependencyError, describe
+from eventsched.core.runtime.settings import Settings, redact
+from eventsched.core.store import executions
+from eventsched.core.store.executions import (
+    Claimed,
+    ClaimRequest,
+    ClaimResult,
+    NotClaimed,
+    NotDue,
+    Outcome,
+)
+from eventsched.core.store.groupcommit import GroupCommit
+from eventsched.plugins.executor.deadletters import DeadLetters
+from eventsched.plugins.executor.lease import Fenced, Leases, Running
+from eventsched.plugins.executor.retry import Failure, decide, retry_delay
+
+T = TypeVar("T")
+
+#: Seconds a job keeps re-sending its claim while PostgreSQL is unreachable before it gives
+#: up (the reconciler re-enqueues the event later).
+CLAIM_PATIENCE: Final = 10.0
+#: Same for the outcome; giving up leaves the event `running` for the reconciler's
+#: stale-running path (the handler would then run again).
+RECORD_PATIENCE: Final = 60.0
+#: Event types used as metric labels: those named in settings; any other is "other".
+OTHER_TYPE: Final = "other"
+#: Seconds between two outcome statements at most (write-behind: nobody waits for them).
+OUTCOME_INTERVAL: Final = 0.01
+#: Statement sizes of the group commits.
+MAX_BATCH: Final = 500
+#: Seconds before its due time a job may be taken (the worker's claim-ahead window); the
+#: claim refuses an event due later than this (its job came early) and puts the job back.
+CLAIM_AHEAD: Final = 0.01
+
+
+def failure_text(err: BaseException) -> str:
+    """The text of a handler's failure, as stored in ``events.last_error`` and
+    ``event_attempts.error``, logged and published in the DLQ ``dlq-error`` header:
+    :func:`~eventsched.core.runtime.errors.describe` with URL credentials, query values,
+    token-like path segments and conninfo passwords redacted (whatever handler raised it)."""
+    return redact(describe(err))
+
+
+class Attempts:
+    """Runs attempts of events for the executor role (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        jobs: JobQueue,
+        worker_id: str,
+        dead_letters: DeadLetters,
+        leases: Leases,
+        budget: PayloadBudget | None,
+        log: Any,  # the role's bound logger
+    ) -> None:
+        s = self.settings = settings
+        self._jobs = jobs
+        self._log = log
+        self.dead_letters = dead_letters
+        self._leases = leases
+        # Payload bytes in flight (None: unbounded), settled once a claim tells the size.
+        self._budget = budget
+        self._max_attempts = s.executor.max_retries
+        self._job_timeout = float(s.executor.job_timeout)
+        self._saq_timeout = saq_timeout(s)
+        self._rng = random.Random()
+        #: The one HTTP client shared by every handler (None until a handler asks for it).
+        self.http: httpx.AsyncClient | None = None
+        self._handlers, self._default = self._load_handlers()
+        known = (set(s.handlers) | set(s.producer.event_types) | set(s.webhooks)) - {"default"}
+        self._labels = frozenset(known)
+        # Metric children looked up once (labels() costs more than the observation).
+        self._durations = {t: metrics.EXECUTION_DURATION.labels(t) for t in {*known, OTHER_TYPE}}
+        self.claims: GroupCommit[ClaimRequest, ClaimResult] = GroupCommit(
+            "claim",
+            functools.partial(executions.claim_batch, worker_id=worker_id, ahead=CLAIM_AHEAD),
+            key=lambda r: r.event_id,
+            max_batch=MAX_BATCH,
+        )
+        self.finishes: GroupCommit[Outcome, bool] = GroupCommit(
+            "finish",
+            executions.finish_batch,
+            key=lambda o: o.event_id,
+            max_batch=MAX_BATCH,
+            after_batch=self._after_outcomes,
+            patience=RECORD_PATIENCE,
+            min_interval=OUTCOME_INTERVAL,
+        )
+        # Outcomes are written behind (the job returns at once) until this many wait; then
+        # jobs wait for their own write, which slows intake instead of growing memory.
+        self._write_behind_limit = max(MAX_BATCH, 2 * s.executor_concurrency)
+        #: Retry enqueues in progress (the role waits for them before it stops).
+        self.retrying: set[asyncio.Task[None]] = set()
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    def _load_handlers(self) -> tuple[dict[str, Handler], Handler | None]:
+        """Load every configured handler now: a bad one stops start-up (PluginError)."""
+        handlers: dict[str, Handler] = {}
+        for type_, target in self.settings.handlers.items():
+            key = f"handlers.{type_}"
+            context = HandlerContext(self.settings, key, self._http_client)
+            handlers[type_] = load_handler(key, target, context)
+        default = handlers.pop("default", None)
+        return handlers, default
+
+    def _http_client(self) -> httpx.AsyncClient:
+        """The one HTTP client shared by every handler (asyncio side; created on first use)."""
+        if self.http is None:
+            self.http = httpx.AsyncClient(
+                timeout=float(self.settings.executor.webhook.timeout),
+                limits=httpx.Limits(max_connections=max(10, self.settings.executor_concurrency)),
+            )
+        return self.http
+
+    def handler_for(self, type_: str) -> Handler | None:
+        return self._handlers.get(type_, self._default)
+
+    def label(self, type_: str | None) -> str:
+        return type_ if type_ is not None and type_ in self._labels else OTHER_TYPE
+
+    # -- the job function (asyncio side) --------------------------------------------------------
+
+    def job_for(self, event_id: str, attempt: int, scheduled: float) -> ScheduledJob:
+        """The job of an event's attempt: the job contract, with this role's SAQ timeout."""
+        return make_job(event_id, attempt, scheduled, self._saq_timeout)
+
+    async def execute_event(
+        self, ctx: JobContext, *, event_id: str, attempt: int | None = None
+    ) -> None:
+        """SAQ job function: run the attempt of an event that the job's ``attempt`` kwarg
+        names (absent: the first; see :func:`~eventsched.core.domain.jobcontract.attempt_of`)."""
+        started = time.time()
+        number = attempt_of(attempt)
+        try:
+            uuid.UUID(event_id)
+        except (ValueError, TypeError, AttributeError):
+            self._log.error("job_with_bad_event_id", event_id=repr(event_id))
+            return
+        # A claim asks for the first attempt with 0 (see ClaimRequest).
+        request = ClaimRequest(event_id, 0 if is_first_attempt(number) else number, started)
+        claim = await self._patiently(self.claims, request, CLAIM_PATIENCE)
+        if claim is None:
+            return  # PostgreSQL unreachable: the reconciler re-enqueues the event
+        if self._budget is not None and "job" in ctx:
+            size = payload_bytes(claim.payload) if isinstance(claim, Claimed) else 0
+            self._budget.settle(ctx["job"].id, size)
+        if isinstance(claim, NotClaimed):
+            self._skipped(claim, number)
+            return
+        if isinstance(claim, NotDue):
+            metrics.CLAIMS_NOT_DUE.inc()
+            self._log.warning(
+                "job_came_early", event_id=event_id, job_attempt=number,
+                scheduled_for=claim.scheduled_for,
+                early_s=round(claim.scheduled_for - started, 3),
+                note="put back at the due time",
+            )  # fmt: skip
+            raise PutBack(claim.scheduled_for)
+        label = self.label(claim.type)
+        metrics.EXECUTION_LATENESS.observe(started - claim.scheduled_for)
+        task = asyncio.current_task()
+        assert task is not None  # SAQ runs job functions in a task
+        # The claim set updated_at = now() no earlier than claim.sent: the lease starts
+        # there (not at our submission, which may have waited for a connection).
+        lease_start = claim.sent
+        running = self._leases.hold(event_id, claim.attempt, lease_start, task)
+        try:
+            failure = await self._run_handler(claim, label, ctx, running)
+        except asyncio.CancelledError:
+            running.finished = time.monotonic()
+            self._record_interrupted(claim, label)
+            raise
+        running.finished = time.monotonic()
+        outcome = decide(
+            event_id,
+            claim.attempt,
+            failure,
+            max_attempts=self._max_attempts,
+            now=time.time(),
+            delay=self._delay,
+            label=label,
+            base=claim.base,
+        )
+        await self._record(outcome)
+
+    def _delay(self, attempt: int) -> float:
+        return retry_delay(attempt, self.settings.executor.retry_backoff, self._rng)
+
+    async def _run_handler(
+        self, claim: Claimed, label: str, ctx: JobContext, running: Running
+    ) -> Failure | None:
+        if not running.lease_ok():
+            # The claim took longer than the lease (PostgreSQL slow or unreachable).
+            return Failure(f"lease lost before the handler started ({self._leases.lease:g}s)")
+        handler = self.handler_for(claim.type)
+        if handler is None:
+            return Failure(
+                f"no handler for event type {claim.type!r} and no default handler",
+                permanent=True,
+                reason="no_handler",
+            )
+        event = HandlerEvent(
+            id=claim.event_id,
+            type=claim.type,
+            payload=claim.payload,
+            execute_at=datetime.fromtimestamp(claim.execute_at, UTC),
+            attempt=claim.attempt,
+        )
+        limit = self._handler_timeout(ctx)
+        began = time.perf_counter()
+        # No asyncio.timeout here: under trio-asyncio every timer costs two trips through
+        # the loop (queued, then popped, even when cancelled) and stays in its heap until it
+        # would have fired; :meth:`_reap` cancels overdue handlers from one periodic scan.
+        running.deadline = time.monotonic() + limit
+        try:
+            await Fenced(handler(event), running)
+        except asyncio.CancelledError:
+            if not (running.timed_out or running.lost):
+                raise
+            if running.cancelled:
+                running.task.uncancel()  # our own cancellation, handled here
+            if running.lost:
+                self._log.warning(
+                    "lease_lost", event_id=claim.event_id, attempt=claim.attempt,
+                    note="handler stopped; the attempt is retried",
+                )  # fmt: skip
+                return Failure(
+                    f"lease lost: no heartbeat reached PostgreSQL for {self._leases.lease:g}s"
+                )
+            return Failure(f"handler timed out after {limit:g}s")
+        except PermanentError as err:
+            return Failure(failure_text(err), permanent=True)
+        except Exception as err:
+            return Failure(failure_text(err))
+        finally:
+            running.deadline = math.inf
+            self._durations[label].observe(time.perf_counter() - began)
+        if running.cancelled and running.task.cancelling():
+            running.task.uncancel()  # the handler swallowed our cancellation
+        return None
+
+    def _handler_timeout(self, ctx: JobContext) -> float:
+        # SAQ cancels the job at its own timeout (set by whoever enqueued it); ours must
+        # fire first so the failure is recorded and retried rather than cut off.
+        saq_limit = ctx["job"].timeout if "job" in ctx else 0
+        if saq_limit:
+            return min(self._job_timeout, max(0.5 * saq_limit, saq_limit - 5.0))
+        return self._job_timeout
+
+    def _skipped(self, claim: NotClaimed, attempt: int) -> None:
+        metrics.EXECUTIONS.labels(self.label(claim.type), "skipped_duplicate").inc()
+        if claim.type is None:
+            self._log.warning("job_for_unknown_event", event_id=claim.event_id)
+        else:
+            self._log.info(
+                "skipped_duplicate",
+                event_id=claim.event_id,
+                job_attempt=attempt,
+                status=claim.status,
+                attempts=claim.attempts,
+            )
+
+    async def _record(self, outcome: Outcome) -> None:
+        """Record the outcome; written behind unless too many writes are waiting.
+
+        Write-behind means SAQ acknowledges the job before the outcome is committed (a few
+        milliseconds later, with the next batch). If the process dies in between, the
+        event stays `running` without heartbeat, and the reconciler's stale-running path
+        gives the attempt up as lost and runs the next one: the handler may run once more
+        after a crash (at-least-once, as with any crash mid-handler), never twice for the
+        same attempt number, and never while its first run is alive.
+        """
+        if self.finishes.backlog < self._write_behind_limit:
+            self.finishes.submit_nowait(outcome)
+            return
+        recorded = await self._patiently(self.finishes, outcome, RECORD_PATIENCE)
+        if recorded is None:
+            self._leases.release(outcome.event_id, outcome.attempt)
+            self._log.error(
+                "outcome_not_recorded", event_id=outcome.event_id, attempt=outcome.attempt,
+                outcome=outcome.status, note="reconciler recovers it as stale running",
+            )  # fmt: skip
+        # Metrics, retries and dead letters follow in _after_outcomes, as for write-behind.
+
+    def _after_outcomes(self, outcomes: Sequence[Outcome], recorded: Sequence[bool]) -> None:
+        """After a batch of outcomes committed (on the loop): count, log, enqueue retries
+        (one Redis call per batch, in a task), hand dead events to the DLQ publisher."""
+        retries: list[ScheduledJob] = []
+        counts: Counter[tuple[str, str]] = Counter()  # one inc() per label and status
+        for outcome, ok in zip(outcomes, recorded, strict=True):
+            self._leases.release(outcome.event_id, outcome.attempt)
+            if not ok:
+                # Someone else moved the event on (the reconciler took the attempt over).
+                self._log.warning(
+                    "outcome_discarded", event_id=outcome.event_id, attempt=outcome.attempt,
+                    outcome=outcome.status,
+                )  # fmt: skip
+                continue
+            status = outcome.status
+            counts[outcome.label, "retried" if status == "retrying" else status] += 1
+            if status == "succeeded":
+                continue
+            if status == "retrying":
+                assert outcome.next_attempt_at is not None  # decide() sets it for retrying
+                retries.append(
+                    self.job_for(outcome.event_id, outcome.attempt + 1, outcome.next_attempt_at)
+                )
+            else:
+                self.dead_letters.submit_nowait(outcome.event_id)
+            self._log.info(
+                "attempt_failed",
+                event_id=outcome.event_id,
+                attempt=outcome.attempt,
+                outcome=status,
+                error=outcome.error,
+                reason=outcome.dead_reason,
+                retry_in=(
+                    None
+                    if outcome.next_attempt_at is None
+                    else round(outcome.next_attempt_at - outcome.finished, 3)
+                ),
+            )
+        for (label, status), n in counts.items():
+            metrics.EXECUTIONS.labels(label, status).inc(n)
+        if retries:
+            task = asyncio.ensure_future(self._enqueue_retries(retries))
+            self.retrying.add(task)
+            task.add_done_callback(self.retrying.discard)
+
+    async def _enqueue_retries(self, jobs: list[ScheduledJob]) -> None:
+        try:
+            await self._jobs.aio_queue.enqueue_scheduled(jobs)
+        except REDIS_ERRORS as err:
+            # The events are `retrying` in PostgreSQL; the reconciler enqueues them after grace.
+            self._log.warning(
+                "retry_enqueue_failed", jobs=[job.key for job in jobs], error=redact(str(err))
+            )
+
+    def _record_interrupted(self, claim: Claimed, label: str) -> None:
+        """The job is being cancelled (shutdown past its grace, SAQ's own timeout): record
+        the attempt as failed (written behind, so the cancellation is not delayed; the
+        executor flushes the writes before it stops) and retry at once."""
+        outcome = decide(
+            claim.event_id,
+            claim.attempt,
+            Failure("interrupted: the executor stopped before the handler finished"),
+            max_attempts=self._max_attempts,
+            now=time.time(),
+            delay=lambda _: 0.0,
+            label=label,
+            base=claim.base,
+        )
+        self.finishes.submit_nowait(outcome)
+
+    async def _patiently(
+        self, store: GroupCommit[Any, T], request: Any, patience: float
+    ) -> T | None:
+        """Submit ``request`` until it gets an answer; None if PostgreSQL stays unreachable
+        for ``patience`` s. Requests are idempotent (see execstore), so re-sending is safe."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        delay = 0.05
+        while True:
+            try:
+                return await store.submit(request)
+            except DependencyError as err:
+                if loop.time() + delay > deadline:
+                    self._log.error(
+                        "postgres_write_failed", store=store.name, error=err.problem,
+                        event_id=getattr(request, "event_id", None),
+                    )  # fmt: skip
+                    return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    @property
+    def store_stats(self) -> dict[str, tuple[int, int]]:
+        """(statements, requests) per group commit."""
+        return {
+            self.claims.name: (self.claims.batches, self.claims.requests),
+            self.finishes.name: (self.finishes.batches, self.finishes.requests),
+        }
