@@ -226,7 +226,7 @@ def dev(
 ) -> None:
     """Run everything locally without Docker: embedded PostgreSQL, Redis, Kafka-protocol broker."""
     from eventsched.core.operations.devrun import run_dev
-    from eventsched.core.runtime.settings import parse_duration
+    from eventsched.core.runtime.units import parse_duration
 
     state.command_logging = False  # run_dev configures logging for the stack itself
     seconds: float | None = None

@@ -29,7 +29,8 @@ from eventsched.client.messages import (
 from eventsched.client.sender import Sender
 from eventsched.core.domain.decode import DecodeLimits
 from eventsched.core.domain.event import Event
-from eventsched.core.runtime.settings import Settings, load_settings, redact, require_kafka
+from eventsched.core.runtime.redaction import redact
+from eventsched.core.runtime.settings import Settings, load_settings, require_kafka
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "ClientBase"]
 

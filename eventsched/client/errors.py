@@ -1,6 +1,6 @@
 """The clients' errors: :class:`ClientError` and :class:`DeliveryError` (public through
 :mod:`eventsched`). Their messages go through
-:func:`~eventsched.core.runtime.settings.redact`, so no secret of a URL or a configuration
+:func:`~eventsched.core.runtime.redaction.redact`, so no secret of a URL or a configuration
 reaches a log through them."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Sequence
 
 from eventsched.core.runtime.errors import EventschedError
-from eventsched.core.runtime.settings import redact
+from eventsched.core.runtime.redaction import redact
 
 __all__ = ["ClientError", "DeliveryError"]
 

@@ -39,7 +39,7 @@ from eventsched.core.runtime.netguard import (
     UnresolvableHost,
     parse_allowed_hosts,
 )
-from eventsched.core.runtime.settings import compile_secret_paths, redact, redact_url
+from eventsched.core.runtime.redaction import compile_secret_paths, redact, redact_url
 
 _log = get_logger(__name__)
 
@@ -123,7 +123,7 @@ class Webhook:
     Configured URLs are the operator's: they use the executor's shared ``httpx.AsyncClient``
     (connection pooling across jobs) and their errors keep the transport detail.
 
-    Every error text shows the URL through :func:`~eventsched.core.runtime.settings.redact_url`
+    Every error text shows the URL through :func:`~eventsched.core.runtime.redaction.redact_url`
     (no password, query values, fragment, or path segments matching
     ``executor.webhook.secret_path_patterns`` or looking like tokens).
 

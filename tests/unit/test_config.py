@@ -7,15 +7,14 @@ from pathlib import Path
 import pytest
 
 from eventsched.core.runtime.errors import ConfigError
+from eventsched.core.runtime.redaction import redact
 from eventsched.core.runtime.settings import (
-    Duration,
     load_settings,
-    parse_duration,
-    redact,
     require_kafka,
     require_postgres,
     require_redis,
 )
+from eventsched.core.runtime.units import Duration, parse_duration
 
 
 def test_defaults_match_the_documented_contract() -> None:

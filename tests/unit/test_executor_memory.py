@@ -12,7 +12,8 @@ import pytest
 from eventsched.core.jobqueue import PayloadBudget
 from eventsched.core.jobqueue import budget as memory
 from eventsched.core.runtime.errors import ConfigError
-from eventsched.core.runtime.settings import load_settings, parse_size
+from eventsched.core.runtime.settings import load_settings
+from eventsched.core.runtime.units import parse_size
 from tests.support.memory_handlers import MB
 
 

@@ -13,13 +13,8 @@ from structlog.testing import capture_logs
 from eventsched.core.runtime.errors import ConfigError, DependencyError
 from eventsched.core.runtime.health import Health
 from eventsched.core.runtime.logs import configure_logging, get_logger
-from eventsched.core.runtime.settings import (
-    build_settings,
-    compile_secret_paths,
-    redact,
-    redact_url,
-    require_postgres,
-)
+from eventsched.core.runtime.redaction import compile_secret_paths, redact, redact_url
+from eventsched.core.runtime.settings import build_settings, require_postgres
 from eventsched.core.store.pool import Database
 from eventsched.plugins.executor.attempt import failure_text
 

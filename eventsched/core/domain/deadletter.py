@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Final
 
 from eventsched.core.domain.event import format_time
-from eventsched.core.runtime.settings import redact
+from eventsched.core.runtime.redaction import redact
 
 __all__ = [
     "DLQ_ERROR_MAX_BYTES",
@@ -81,7 +81,7 @@ def dlq_headers(
     Original headers keep their order; ones named like ours (a message that failed before
     and was replayed) are dropped so each DLQ header appears exactly once. Our values are
     ASCII (non-ASCII escaped, control characters replaced by spaces); ``dlq-error`` is cut
-    to 1 KiB after :func:`~eventsched.core.runtime.settings.redact` took any secret out of it (an error
+    to 1 KiB after :func:`~eventsched.core.runtime.redaction.redact` took any secret out of it (an error
     may quote a URL from the payload). ``source-timestamp`` (Kafka timestamp, ms since the epoch) is left out when
     unknown (``None`` or negative, as librdkafka reports a missing timestamp).
     """

@@ -20,7 +20,7 @@ from eventsched.core.jobqueue.scripts import MARKER_CAS_LUA
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
-from eventsched.core.runtime.settings import redact
+from eventsched.core.runtime.redaction import redact
 
 log = get_logger(__name__)
 T = TypeVar("T")

@@ -15,7 +15,7 @@ from redis import asyncio as aioredis
 
 from eventsched.core.jobqueue.scripts import APPLY_LUA
 from eventsched.core.runtime.logs import get_logger
-from eventsched.core.runtime.settings import redact
+from eventsched.core.runtime.redaction import redact
 
 log = get_logger(__name__)
 

@@ -21,7 +21,7 @@ from saq.job import Job
 from eventsched.core.jobqueue.jobs import JobClaim
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
 from eventsched.core.runtime.logs import get_logger
-from eventsched.core.runtime.settings import redact
+from eventsched.core.runtime.redaction import redact
 
 if TYPE_CHECKING:
     from eventsched.core.jobqueue.budget import PayloadBudget

@@ -29,7 +29,7 @@ from eventsched.core.jobqueue.dispatcher import Dispatcher
 from eventsched.core.jobqueue.jobs import PutBack
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
 from eventsched.core.runtime.logs import get_logger
-from eventsched.core.runtime.settings import redact
+from eventsched.core.runtime.redaction import redact
 
 #: What a job function receives (SAQ's context: the job under ``"job"``); role plugins name
 #: it through this package instead of importing SAQ.

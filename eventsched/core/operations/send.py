@@ -15,7 +15,8 @@ from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, 
 from eventsched.core.kafka import ClientKind, config_from_settings
 from eventsched.core.operations.oneshot import new_client
 from eventsched.core.runtime.errors import DecodeError, DependencyError, EventschedError
-from eventsched.core.runtime.settings import Settings, parse_duration
+from eventsched.core.runtime.settings import Settings
+from eventsched.core.runtime.units import parse_duration
 
 
 class InputError(EventschedError):

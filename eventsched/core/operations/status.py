@@ -32,7 +32,8 @@ from eventsched.core.operations.oneshot import (
     topic_partitions,
 )
 from eventsched.core.runtime.errors import DependencyError, EventschedError
-from eventsched.core.runtime.settings import Settings, redact, require_postgres, require_redis
+from eventsched.core.runtime.redaction import redact
+from eventsched.core.runtime.settings import Settings, require_postgres, require_redis
 
 # OffsetSpec is public API, but confluent-kafka's stubs neither export nor type it.
 _EARLIEST: Final = kafka_admin.OffsetSpec.earliest()  # type: ignore[attr-defined,no-untyped-call]

@@ -4,7 +4,8 @@ Two layers live here, and the modules keep them apart:
 
 * the foundation every other part of ``eventsched.core`` may import: :mod:`.errors` (the
   exception types and their exit codes), :mod:`.settings` (dynaconf read once into frozen
-  settings, validation, redaction), :mod:`.logs` (structlog set-up), :mod:`.metrics`
+  settings, validation), :mod:`.units` (durations and sizes), :mod:`.redaction` (secrets
+  out of text), :mod:`.logs` (structlog set-up), :mod:`.metrics`
   (Prometheus collectors), :mod:`.netguard` (the outbound-address guard),
   :mod:`.packagedata` (where the shipped SQL and default settings are). These import
   nothing of eventsched outside this list;

@@ -78,7 +78,7 @@ def describe(err: BaseException) -> str:
     The text is not redacted here (this module imports nothing of the package, and
     ``settings`` imports it): log lines are redacted as a whole by the log configuration;
     a caller that stores or publishes the text passes it through
-    :func:`eventsched.core.runtime.settings.redact`."""
+    :func:`eventsched.core.runtime.redaction.redact`."""
     while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
         err = err.exceptions[0]
     text = str(err)

@@ -22,7 +22,7 @@ from hypercorn.typing import Framework
 from eventsched.core.runtime import metrics
 from eventsched.core.runtime.errors import ConfigError, describe
 from eventsched.core.runtime.logs import get_logger
-from eventsched.core.runtime.settings import redact
+from eventsched.core.runtime.redaction import redact
 
 log = get_logger(__name__)
 

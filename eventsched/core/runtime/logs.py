@@ -16,7 +16,7 @@ from typing import Any, Literal
 import msgspec
 import structlog
 
-from eventsched.core.runtime.settings import redact
+from eventsched.core.runtime.redaction import redact
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -40,7 +40,7 @@ def _redact_secrets(
 ) -> MutableMapping[str, Any]:
     """Last line of defence: every top-level string of the line (the message, ``error``,
     a formatted traceback, a library's forwarded message) goes through
-    :func:`~eventsched.core.runtime.settings.redact`, so a URL's credentials, query values or token
+    :func:`~eventsched.core.runtime.redaction.redact`, so a URL's credentials, query values or token
     path segments and conninfo passwords never reach the output. Nested values (an event's
     payload logged by the ``log`` handler) are data, left as they are."""
     for key, value in event_dict.items():

@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 
 from eventsched.core.runtime import packagedata
 from eventsched.core.runtime.errors import ConfigError
+from eventsched.core.runtime.redaction import (
+    compile_secret_paths,
+    redact,
+)
+from eventsched.core.runtime.units import ByteSize, Duration, parse_duration, parse_size
 
 ROLES: tuple[str, ...] = ("producer", "consumer", "executor")
 DEFAULT_PORTS: Mapping[str, int] = {"producer": 8080, "consumer": 8081, "executor": 8082}
@@ -42,53 +47,6 @@ _DYNACONF_OPTIONS = frozenset(
         "LOAD_DOTENV",
     }
 )
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-class Duration(float):
-    """Seconds, written in settings as ``500ms``, ``2s``, ``1m``, ``1h``, ``1d`` or a bare number."""
-
-
-def parse_duration(value: object) -> Duration:
-    """Parse a duration setting into seconds; raise ValueError with a readable reason."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 500ms, 2s or 1m, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ValueError(f"expected a duration like 500ms, 2s or 1m, got {value!r}")
-    if seconds < 0:
-        raise ValueError(f"must not be negative, got {value!r}")
-    return Duration(seconds)
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.I)
-_UNIT_BYTES = {None: 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
-
-
-class ByteSize(int):
-    """Bytes, written in settings as ``512KB``, ``64MB``, ``1GB`` (multiples of 1024; KiB,
-    MiB, GiB are the same) or a bare number of bytes."""
-
-
-def parse_size(value: object) -> ByteSize:
-    """Parse a size setting into bytes; raise ValueError with a readable reason."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size like 512KB, 64MB or 1GB, got {value!r}")
-    if isinstance(value, int | float):
-        size = float(value)
-    elif isinstance(value, str) and (match := _SIZE.match(value)):
-        unit = match.group(2)
-        size = float(match.group(1)) * _UNIT_BYTES[unit.lower().replace("i", "") if unit else None]
-    else:
-        raise ValueError(f"expected a size like 512KB, 64MB or 1GB, got {value!r}")
-    if size < 0:
-        raise ValueError(f"must not be negative, got {value!r}")
-    return ByteSize(int(size))
 
 
 def _dec_hook(tp: type, obj: Any) -> Any:
@@ -565,72 +523,3 @@ def validate_for_roles(s: Settings, roles: set[str]) -> None:
     if roles & {"consumer", "executor"}:
         require_postgres(s)
         require_redis(s)
-
-
-# A URL: scheme, then everything up to whitespace or a quote/bracket that ends it in text.
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]*")
-_PASSWORD = re.compile(r"(password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S+)", re.I)
-#: Path segments this long made of token characters are taken for secrets (API tokens,
-#: signed webhook paths such as Slack's) whatever the settings say.
-DEFAULT_SECRET_PATH: Final = re.compile(r"[A-Za-z0-9._~+=-]{20,}")
-
-
-def compile_secret_paths(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:
-    """The default secret-path pattern plus ``executor.webhook.secret_path_patterns``."""
-    return (DEFAULT_SECRET_PATH, *(re.compile(p) for p in patterns))
-
-
-_DEFAULT_PATHS: Final = (DEFAULT_SECRET_PATH,)
-
-
-def redact_url(url: str, secret_paths: Sequence[re.Pattern[str]] = _DEFAULT_PATHS) -> str:
-    """``url`` without its secrets: the password (and in http(s) URLs a user info without
-    a colon, which is a token), every query value, the fragment, and path segments matching ``secret_paths`` in
-    full. Parsed defensively: the user info runs to the *last* "@" before the query, so an
-    unencoded "@" or "/" in a password does not leave a piece of it behind."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    rest, hash_, _fragment = rest.partition("#")
-    rest, question, query = rest.partition("?")
-    if "@" in rest:
-        userinfo, _, rest = rest.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        # A user name alone is an account name in a database URL, but a token in an
-        # http(s) URL (https://<token>@host/); a user name with "/" is a broken parse.
-        keep = "/" not in user and (colon or not scheme.lower().startswith("http"))
-        shown = f"{user}{':***' if colon else ''}@" if keep else "***@"
-    else:
-        shown = ""
-    authority, slash, path = rest.partition("/")
-    if path:
-        path = "/".join(
-            "***" if any(p.fullmatch(segment) for p in secret_paths) else segment
-            for segment in path.split("/")
-        )
-    out = f"{scheme}://{shown}{authority}{slash}{path}"
-    if question:
-        pairs = (
-            f"{k}=***" if eq else "***" for k, eq, _ in (p.partition("=") for p in query.split("&"))
-        )
-        out += "?" + "&".join(pairs) if query else "?"
-    if hash_:
-        out += "#***"
-    return out
-
-
-def _redact_match(found: str, secret_paths: Sequence[re.Pattern[str]]) -> str:
-    # Punctuation after a URL in prose ("POST <url>: HTTP 503") is not part of it.
-    url = found.rstrip(":,.;)")
-    return redact_url(url, secret_paths) + found[len(url) :]
-
-
-def redact(text: str, secret_paths: Sequence[re.Pattern[str]] = _DEFAULT_PATHS) -> str:
-    """Remove secrets from ``text`` before it reaches a log, a row, a header or a body:
-    every URL in it goes through :func:`redact_url`, ``password=...`` (conninfo) values
-    become ``***``."""
-    if "://" in text:
-        text = _URL.sub(lambda m: _redact_match(m.group(0), secret_paths), text)
-    if "assword" in text or "ASSWORD" in text:
-        text = _PASSWORD.sub(lambda m: f"{m.group(1)}***", text)
-    return text

@@ -20,7 +20,7 @@ import trio_asyncio
 
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
-from eventsched.core.runtime.settings import redact
+from eventsched.core.runtime.redaction import redact
 
 log = get_logger(__name__)
 T = TypeVar("T")

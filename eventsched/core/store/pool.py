@@ -17,7 +17,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from eventsched.core.runtime.errors import DependencyError
-from eventsched.core.runtime.settings import redact
+from eventsched.core.runtime.redaction import redact
 
 T = TypeVar("T")
 Params = Sequence[Any] | dict[str, Any] | None

@@ -48,7 +48,8 @@ from eventsched.core.runtime.contracts import (
     load_handler,
 )
 from eventsched.core.runtime.errors import DependencyError, describe
-from eventsched.core.runtime.settings import Settings, redact
+from eventsched.core.runtime.redaction import redact
+from eventsched.core.runtime.settings import Settings
 from eventsched.core.store import executions
 from eventsched.core.store.executions import (
     Claimed,
