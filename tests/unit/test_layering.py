@@ -9,7 +9,7 @@ from pathlib import Path
 
 PLUGINS = Path(__file__).resolve().parents[2] / "eventsched" / "plugins"
 ADAPTED = ("confluent_kafka", "saq", "redis", "psycopg", "psycopg_pool")
-ROLES = {"producer", "consumer", "executor", "reconciler"}
+ROLES = {"producer", "consumer", "executor", "reconciler", "api"}
 ALLOWED = {("executor", "reconciler")}
 
 
@@ -23,10 +23,15 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _role_of(path: Path) -> str:
+    """``plugins/consumer.py`` -> ``consumer``; ``plugins/api/app.py`` -> ``api``."""
+    return path.relative_to(PLUGINS).parts[0].removesuffix(".py")
+
+
 def test_role_plugins_use_core_adapters_only() -> None:
     offending = {
-        f"{path.name}: {name}"
-        for path in PLUGINS.glob("*.py")
+        f"{path.relative_to(PLUGINS)}: {name}"
+        for path in PLUGINS.rglob("*.py")
         for name in _imports(path)
         if name.split(".")[0] in ADAPTED
     }
@@ -35,15 +40,16 @@ def test_role_plugins_use_core_adapters_only() -> None:
 
 def test_no_role_plugin_imports_another() -> None:
     offending = set()
-    for path in PLUGINS.glob("*.py"):
-        if path.stem not in ROLES:
+    for path in PLUGINS.rglob("*.py"):
+        role = _role_of(path)
+        if role not in ROLES:
             continue
         for name in _imports(path):
             parts = name.split(".")
             if parts[:2] == ["eventsched", "plugins"] and len(parts) > 2:
                 other = parts[2]
-                if other in ROLES and other != path.stem and (path.stem, other) not in ALLOWED:
-                    offending.add(f"{path.stem} imports {other}")
+                if other in ROLES and other != role and (role, other) not in ALLOWED:
+                    offending.add(f"{role} imports {other}")
     assert offending == set()
 
 
