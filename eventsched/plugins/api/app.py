@@ -289,6 +289,11 @@ class Handlers:
         else:
             retry = decode_body(raw, RetryRequest, optional=True)
             due = due_time(retry.execute_at, retry.delay_ms, now, required=False)
+        probe = new_command(op, event_id=event_id, execute_at=due, requested_by=caller.name)
+        try:  # the consumer's limits (a due time beyond the horizon), before any lookup
+            parse_command(encode_command(probe), now=now, limits=self.config.limits)
+        except DecodeError as err:
+            raise invalid(field_for_reason(err)) from None
         target = await self._read(queries.event_key, event_id)
         if target is None:
             raise ApiError(404, "not_found", "no event with this id")
@@ -302,12 +307,7 @@ class Handlers:
             execute_at=due,
             requested_by=caller.name,
         )
-        value = encode_command(command)
-        try:  # the consumer's limits: a due time beyond the horizon is refused here
-            parse_command(value, now=now, limits=self.config.limits)
-        except DecodeError as err:
-            raise invalid(field_for_reason(err)) from None
-        await self._produce(value, command.kafka_key, command_headers())
+        await self._produce(encode_command(command), command.kafka_key, command_headers())
         return json_response(
             {"command_id": str(command.command_id), "state": "accepted", "op": op}, 202
         )
