@@ -1,0 +1,224 @@
+"""The HTTP API: ``POST /v1/events`` throughput and latency, every event acknowledged.
+
+One api process (``python -m eventsched run --role api``) on the embedded stack; the
+harness is the client (httpx on trio, keep-alive connections, in this process). A 202
+means the broker acknowledged the event, so the count of 202s is the count of events in
+Kafka; the harness checks that against the topic's offsets at the end.
+
+* **throughput**: ``--connections`` clients send back to back (closed loop) for
+  ``--duration`` s; events/s = 202 answers / elapsed.
+* **latency at a fixed rate**: requests start on a fixed schedule of ``--rate`` per second
+  (open loop: a slow answer does not delay the next request) for ``--duration`` s;
+  p50/p99/max of the request time as the client sees it.
+
+Both phases send events due an hour out with no idempotency key (no PostgreSQL read on the
+path). Numbers include the client's own cost: on a 2-core machine the client and the api
+process share the CPUs.
+
+    python -m bench.api                           # 10 s each, 32 connections, 200/s
+    python -m bench.api --duration 30 --rate 500
+    python -m bench.api --quick                   # CI: 2 s each
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from confluent_kafka import Consumer, TopicPartition
+
+from bench.common import (
+    BenchRun,
+    Stack,
+    _free_port,
+    log,
+    parse_args,
+    percentiles,
+    pyplot,
+    step,
+)
+
+TOKEN = "bench-token-0123456789abcdef"
+BODY = b'{"type": "bench.event", "payload": {"n": 1, "text": "hello"}, "delay_ms": 3600000}'
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--connections", type=int, default=32, help="throughput clients")
+    parser.add_argument("--rate", type=float, default=200.0, help="fixed-rate phase, per s")
+
+
+async def closed_loop(base: str, connections: int, duration: float) -> dict[str, Any]:
+    statuses: Counter[int] = Counter()
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(base_url=base, headers=HEADERS, limits=limits, timeout=30) as c:
+        deadline = trio.current_time() + duration
+
+        async def client() -> None:
+            while trio.current_time() < deadline:
+                began = time.perf_counter()
+                try:
+                    response = await c.post("/v1/events", content=BODY)
+                    statuses[response.status_code] += 1
+                except httpx.HTTPError:
+                    statuses[0] += 1
+                    continue
+                latencies.append((time.perf_counter() - began) * 1000)
+
+        began = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(connections):
+                nursery.start_soon(client)
+        elapsed = time.perf_counter() - began
+    return {
+        "connections": connections,
+        "elapsed_s": round(elapsed, 3),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "acknowledged": statuses[202],
+        "events_per_s": round(statuses[202] / elapsed, 1),
+        "latency_ms": percentiles(latencies),
+        "latencies": latencies,
+    }
+
+
+async def open_loop(base: str, rate: float, duration: float) -> dict[str, Any]:
+    statuses: Counter[int] = Counter()
+    latencies: list[float] = []
+    count = math.floor(rate * duration)
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=base, headers=HEADERS, limits=limits, timeout=30) as c:
+
+        async def one() -> None:
+            began = time.perf_counter()
+            try:
+                response = await c.post("/v1/events", content=BODY)
+                statuses[response.status_code] += 1
+            except httpx.HTTPError:
+                statuses[0] += 1
+                return
+            latencies.append((time.perf_counter() - began) * 1000)
+
+        origin = trio.current_time()
+        late_starts = 0
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                due = origin + i / rate
+                if trio.current_time() > due + 0.01:
+                    late_starts += 1  # the client itself could not keep the schedule
+                await trio.sleep_until(due)
+                nursery.start_soon(one)
+    return {
+        "rate": rate,
+        "requests": count,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "acknowledged": statuses[202],
+        "late_starts": late_starts,
+        "latency_ms": percentiles(latencies),
+        "latencies": latencies,
+    }
+
+
+def topic_messages(bootstrap: str, topic: str) -> int:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-api-count"})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        total = 0
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            total += high - low
+        return total
+    finally:
+        consumer.close()
+
+
+def plot(path: Path, throughput: dict[str, Any], fixed: dict[str, Any]) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, values in (
+        (f"closed loop, {throughput['connections']} connections", throughput["latencies"]),
+        (f"open loop, {fixed['rate']:g}/s", fixed["latencies"]),
+    ):
+        if values:
+            xs = sorted(values)
+            ax.plot(
+                xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{label} (n={len(xs):,})"
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("POST /v1/events request time (ms, log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("HTTP API: schedule latency (broker acknowledged)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], add_args)
+    if args.quick:
+        args.duration, args.connections, args.rate = 2.0, 8, 50.0
+    run = BenchRun("api", args)
+    with Stack(run) as stack:
+        port = _free_port()
+        settings = stack.settings("api", api={"port": port})
+        # write_toml writes scalars and lists of them; a token is a table.
+        with settings.open("a") as f:
+            f.write(f'\n[[default.api.tokens]]\nname = "bench"\ntoken = "{TOKEN}"\n')
+        api = stack.role("api", settings)
+        with step("api role starting"):
+            api.wait_ready()
+        base = f"http://127.0.0.1:{port}"
+        before = topic_messages(stack.kafka, "events")
+        with step(f"closed loop, {args.connections} connections, {args.duration:g} s"):
+            throughput = trio.run(closed_loop, base, args.connections, args.duration)
+        with step(f"open loop, {args.rate:g}/s, {args.duration:g} s"):
+            fixed = trio.run(open_loop, base, args.rate, args.duration)
+        in_topic = topic_messages(stack.kafka, "events") - before
+    acknowledged = throughput["acknowledged"] + fixed["acknowledged"]
+    log(f"acknowledged {acknowledged}, in the topic {in_topic}")
+    t, f = throughput["latency_ms"], fixed["latency_ms"]
+    table = [
+        ["phase", "events/s acknowledged", "p50 ms", "p99 ms", "max ms", "answers"],
+        [
+            f"closed loop, {args.connections} connections",
+            f"{throughput['events_per_s']:,.0f}",
+            f"{t.get('p50', 0):.1f}",
+            f"{t.get('p99', 0):.1f}",
+            f"{t.get('max', 0):.1f}",
+            str(throughput["statuses"]),
+        ],
+        [
+            f"open loop, {args.rate:g}/s",
+            f"{fixed['acknowledged'] / args.duration:,.0f}",
+            f"{f.get('p50', 0):.1f}",
+            f"{f.get('p99', 0):.1f}",
+            f"{f.get('max', 0):.1f}",
+            str(fixed["statuses"]),
+        ],
+    ]
+    results = {
+        "duration_s": args.duration,
+        "throughput": {k: v for k, v in throughput.items() if k != "latencies"},
+        "fixed_rate": {k: v for k, v in fixed.items() if k != "latencies"},
+        "acknowledged": acknowledged,
+        "in_topic": in_topic,
+    }
+    notes = [
+        f"every 202 is an event the broker acknowledged: {acknowledged} answered,"
+        f" {in_topic} in the topic",
+        "client (httpx on trio) and api process share the machine",
+    ]
+    run.finish(results, table, notes, plot=lambda p: plot(p, throughput, fixed))
+
+
+if __name__ == "__main__":
+    main()
