@@ -131,3 +131,14 @@ def test_the_cursor_round_trips_and_refuses_others() -> None:
     for bad in ("", "garbage", "W10", encode_cursor(when, ident)[:-3]):
         with pytest.raises(ValueError):
             decode_cursor(bad)
+
+
+def test_the_api_keeps_a_margin_below_the_consumers_max_past() -> None:
+    from eventsched.core.domain.codec import DecodeLimits
+    from eventsched.plugins.api.app import PAST_MARGIN, api_limits
+
+    consumer = DecodeLimits(max_past=3600.0, horizon=86_400.0, max_message_bytes=10)
+    limits = api_limits(consumer)
+    assert limits.max_past == 3600.0 - PAST_MARGIN
+    assert (limits.horizon, limits.max_message_bytes) == (86_400.0, 10)
+    assert api_limits(DecodeLimits(max_past=1.0)).max_past == 0.0

@@ -89,6 +89,21 @@ _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "O
 _ENCODER: Final = msgspec.json.Encoder()
 
 
+#: A due time in the past is accepted only if it is still within consumer.max_past this
+#: much later, when the consumer reads it (else it would go to the DLQ as too_old).
+PAST_MARGIN: Final = 60.0
+
+
+def api_limits(consumer: DecodeLimits) -> DecodeLimits:
+    """The consumer's limits, with :data:`PAST_MARGIN` taken off ``max_past``."""
+    return DecodeLimits(
+        max_message_bytes=consumer.max_message_bytes,
+        max_payload_depth=consumer.max_payload_depth,
+        max_past=max(0.0, consumer.max_past - PAST_MARGIN),
+        horizon=consumer.horizon,
+    )
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     topic: str

@@ -24,7 +24,7 @@ from eventsched.core.runtime.contracts import RoleContext
 from eventsched.core.runtime.errors import ConfigError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.settings import Settings
-from eventsched.plugins.api.app import ApiConfig, build_app
+from eventsched.plugins.api.app import ApiConfig, api_limits, build_app
 from eventsched.plugins.api.auth import check_api_settings, load_tokens
 
 log = get_logger(__name__)
@@ -44,7 +44,7 @@ class Api:
         s = ctx.settings
         self.config = ApiConfig(
             topic=s.kafka.topic,
-            limits=DecodeLimits.from_settings(s.consumer),
+            limits=api_limits(DecodeLimits.from_settings(s.consumer)),
             produce_timeout=float(s.api.produce_timeout),
             tokens=None if s.api.auth == "none" else load_tokens(s.api.tokens),
         )
