@@ -195,9 +195,8 @@ def server_time(api: Role, since: tuple[float, float] | None = None) -> Any:
 
 
 def topic_messages(bootstrap: str, topic: str) -> int:
-    """Messages in the topic, counted by reading it to the end of every partition: the
-    watermarks Tansu reports can trail what it acknowledged (by dozens of messages after
-    a burst, and for longer than we would wait), the messages themselves are all there."""
+    """Messages in the topic, counted by reading it to the end of every partition (the
+    high watermarks Tansu reports can trail the messages it acknowledged)."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
