@@ -98,8 +98,8 @@ def _configure_logging(settings: Settings, stream: Any = None) -> None:
     "roles",
     multiple=True,
     required=True,
-    type=click.Choice(["producer", "consumer", "executor", "all"]),
-    help="Role to run in this process (repeatable; 'all' runs every role).",
+    type=click.Choice(["producer", "consumer", "executor", "api", "all"]),
+    help="Role to run in this process (repeatable; 'all' runs producer, consumer, executor).",
 )
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=None, help="HTTP port (overrides http.port)."
@@ -107,7 +107,7 @@ def _configure_logging(settings: Settings, stream: Any = None) -> None:
 @pass_state
 @handle_errors
 def run(state: State, roles: tuple[str, ...], port: int | None) -> None:
-    """Run producer, consumer and/or executor roles until SIGTERM/SIGINT."""
+    """Run producer, consumer, executor and/or api roles until SIGTERM/SIGINT."""
     import structlog
     import trio
 

@@ -123,3 +123,12 @@ def test_pg_statements_quick() -> None:
     doc = run_json("pg_statements")
     assert [r["batch"] for r in doc["rows"]] == [1, 5]
     assert all(r["events"] == 40 and r["backend_cpu_us_per_event"] >= 0 for r in doc["rows"])
+
+
+def test_api_quick(tmp_path: Path) -> None:
+    r = run_quick("api", tmp_path)
+    assert r["acknowledged"] == r["in_topic"] > 0  # every 202 is an event in the topic
+    closed, fixed = r["throughput"], r["fixed_rate"]
+    assert closed["statuses"] == {"202": closed["acknowledged"]} and closed["events_per_s"] > 0
+    assert fixed["statuses"] == {"202": fixed["requests"]}
+    assert fixed["latency_ms"]["count"] == fixed["requests"]

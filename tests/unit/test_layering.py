@@ -9,7 +9,7 @@ from pathlib import Path
 
 PLUGINS = Path(__file__).resolve().parents[2] / "eventsched" / "plugins"
 ADAPTED = ("confluent_kafka", "saq", "redis", "psycopg", "psycopg_pool")
-ROLES = {"producer", "consumer", "executor"}
+ROLES = {"producer", "consumer", "executor", "api"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -22,9 +22,15 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _role_of(path: Path) -> str:
+    """A role is a module or a package: ``plugins/producer.py`` -> ``producer``;
+    ``plugins/api/app.py`` -> ``api``."""
+    return path.relative_to(PLUGINS).parts[0].removesuffix(".py")
+
+
 def test_role_plugins_use_core_adapters_only() -> None:
     offending = {
-        f"{path.name}: {name}"
+        f"{path.relative_to(PLUGINS)}: {name}"
         for path in PLUGINS.rglob("*.py")
         for name in _imports(path)
         if name.split(".")[0] in ADAPTED
@@ -35,8 +41,7 @@ def test_role_plugins_use_core_adapters_only() -> None:
 def test_no_role_plugin_imports_another() -> None:
     offending = set()
     for path in PLUGINS.rglob("*.py"):
-        # A role is a module (plugins/producer.py) or a package (plugins/executor/).
-        role = path.relative_to(PLUGINS).with_suffix("").parts[0]
+        role = _role_of(path)
         if role not in ROLES:
             continue
         for name in _imports(path):

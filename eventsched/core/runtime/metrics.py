@@ -137,6 +137,20 @@ KAFKA_PRODUCER_REBUILDS = Counter(
     registry=REGISTRY,
 )
 
+API_REQUESTS = Counter(
+    "eventsched_api_requests",
+    "HTTP API requests answered, by route template, method and status code",
+    ["route", "method", "status"],  # route: /v1/events/{id}, ... or unmatched
+    registry=REGISTRY,
+)
+API_REQUEST_DURATION = Histogram(
+    "eventsched_api_request_duration_seconds",
+    "HTTP API request time (a POST includes the broker's acknowledgement)",
+    ["route", "method"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     """The registry in Prometheus text format."""

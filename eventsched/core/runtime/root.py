@@ -31,6 +31,7 @@ from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.profiling import start_profiling, stop_profiling
 from eventsched.core.runtime.settings import (
     DEFAULT_PORTS,
+    NAMED_ROLES,
     ROLES,
     Settings,
     require_kafka,
@@ -46,11 +47,12 @@ EXIT_FORCED = 130  # a second signal: we stopped without draining
 
 
 def expand_roles(roles: Iterable[str]) -> list[str]:
-    """``all`` means every role; order is fixed (producer, consumer, executor), no repeats."""
+    """``all`` means producer, consumer and executor (``api`` runs only when named); order
+    is fixed (producer, consumer, executor, api), no repeats."""
     wanted: set[str] = set()
     for role in roles:
         wanted.update(ROLES if role == "all" else (role,))
-    return [r for r in ROLES if r in wanted]
+    return [r for r in (*ROLES, *NAMED_ROLES) if r in wanted]
 
 
 def http_port(settings: Settings, roles: list[str]) -> int:

@@ -28,8 +28,18 @@ from eventsched.core.runtime.redaction import (
 )
 from eventsched.core.runtime.units import ByteSize, Duration, parse_duration, parse_size
 
+#: The roles ``--role all`` and ``eventsched dev`` run.
 ROLES: tuple[str, ...] = ("producer", "consumer", "executor")
-DEFAULT_PORTS: Mapping[str, int] = {"producer": 8080, "consumer": 8081, "executor": 8082}
+#: Roles that run only when named (``--role api``): the HTTP API needs its own tokens.
+NAMED_ROLES: tuple[str, ...] = ("api",)
+#: Default /metrics, /healthz, /readyz port of a process, by its first role (the api role
+#: serves the API itself on ``api.port``, 8084).
+DEFAULT_PORTS: Mapping[str, int] = {
+    "producer": 8080,
+    "consumer": 8081,
+    "executor": 8082,
+    "api": 8085,
+}
 ENVIRONMENTS: tuple[str, ...] = ("development", "test", "production")
 ENV_PREFIX = "EVENTSCHED"
 
@@ -90,7 +100,8 @@ class RedisSettings(_Section, frozen=True):
 
 class HttpSettings(_Section, frozen=True):
     host: str = "127.0.0.1"
-    # 0 means "the role's default port" (producer 8080, consumer 8081, executor 8082).
+    # 0 means "the first role's default port" (producer 8080, consumer 8081, executor 8082,
+    # api 8085).
     port: int = 0
 
 
@@ -194,10 +205,35 @@ class ReconcilerSettings(_Section, frozen=True):
     gauge_interval: Duration = Duration(5.0)
 
 
+class ApiToken(_Section, frozen=True):
+    """One bearer token of the HTTP API: the token itself or a file holding it."""
+
+    name: str
+    token: str = ""
+    token_file: str = ""
+    # A read-only token may read (GET); writes answer 403.
+    read_only: bool = False
+
+    def __repr__(self) -> str:  # the token never reaches a log or a traceback
+        return f"ApiToken(name={self.name!r}, read_only={self.read_only})"
+
+
+class ApiSettings(_Section, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 8084
+    # "token": a bearer token for every request; "none" (loopback hosts only): reads and
+    # writes without one.
+    auth: Literal["token", "none"] = "token"
+    tokens: tuple[ApiToken, ...] = ()
+    # How long POST answers wait for the broker's acknowledgement before answering 503.
+    produce_timeout: Duration = Duration(10.0)
+
+
 class PluginSettings(_Section, frozen=True):
     producer: str = "eventsched.plugins.producer:RandomProducer"
     consumer: str = "eventsched.plugins.consumer:IngestConsumer"
     executor: str = "eventsched.plugins.executor:Executor"
+    api: str = "eventsched.plugins.api:Api"
 
 
 class PyroscopeSettings(_Section, frozen=True):
@@ -223,6 +259,7 @@ class Settings(_Section, frozen=True):
     consumer: ConsumerSettings = ConsumerSettings()
     executor: ExecutorSettings = ExecutorSettings()
     reconciler: ReconcilerSettings = ReconcilerSettings()
+    api: ApiSettings = ApiSettings()
     plugins: PluginSettings = PluginSettings()
     # Event type -> "module:attr"; the key "default" applies to types with no entry.
     handlers: dict[str, str] = {}
@@ -423,6 +460,10 @@ def _check(s: Settings) -> None:
     _positive("reconciler.batch", s.reconciler.batch)
     if s.shutdown.grace <= 0:
         raise ConfigError("shutdown.grace", "must be positive")
+    if not 0 <= s.api.port <= 65535:
+        raise ConfigError("api.port", f"must be between 0 and 65535, got {s.api.port}")
+    if s.api.produce_timeout <= 0:
+        raise ConfigError("api.produce_timeout", "must be positive")
     for type_, target in s.handlers.items():
         if ":" not in target:
             raise ConfigError(f"handlers.{type_}", f"expected 'module:attr', got {target!r}")
@@ -523,3 +564,5 @@ def validate_for_roles(s: Settings, roles: set[str]) -> None:
     if roles & {"consumer", "executor"}:
         require_postgres(s)
         require_redis(s)
+    if "api" in roles:
+        require_postgres(s)

@@ -1,0 +1,319 @@
+"""The HTTP API: ``POST /v1/events`` throughput and latency, every event acknowledged.
+
+One api process (``python -m eventsched run --role api``) on the embedded stack; the
+harness is the client (raw HTTP/1.1 keep-alive connections with h11 on trio, in this
+process: a pooled client such as httpx costs more CPU per request than the api does). A 202
+means the broker acknowledged the event, so the count of 202s is the count of events in
+Kafka; the harness checks that against the topic's offsets at the end.
+
+* **throughput**: ``--connections`` clients send back to back (closed loop) for
+  ``--duration`` s; events/s = 202 answers / elapsed.
+* **latency at a fixed rate**: requests start on a fixed schedule of ``--rate`` per second
+  (open loop: a slow answer does not delay the next request) for ``--duration`` s;
+  p50/p99/max of the request time as the client sees it.
+
+Both phases send events due an hour out with no idempotency key (no PostgreSQL read on the
+path). Numbers include the client's own cost: on a 2-core machine the client and the api
+process share the CPUs.
+
+    python -m bench.api                           # 10 s each, 32 connections, 200/s
+    python -m bench.api --duration 30 --rate 500
+    python -m bench.api --quick                   # CI: 2 s each
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import h11
+import trio
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from bench.common import (
+    BenchRun,
+    Role,
+    Stack,
+    _free_port,
+    log,
+    parse_args,
+    percentiles,
+    pyplot,
+    step,
+)
+
+TOKEN = "bench-token-0123456789abcdef"
+BODY = b'{"type": "bench.event", "payload": {"n": 1, "text": "hello"}, "delay_ms": 3600000}'
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--connections", type=int, default=32, help="throughput clients")
+    parser.add_argument("--rate", type=float, default=200.0, help="fixed-rate phase, per s")
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection speaking h11 on a trio stream: far less client
+    CPU per request than a pooled client, so the api, not the harness, is measured."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.stream: trio.SocketStream | None = None
+        self.conn = h11.Connection(h11.CLIENT)
+        self.request = h11.Request(
+            method="POST",
+            target="/v1/events",
+            headers=[
+                ("Host", f"{host}:{port}"),
+                *HEADERS.items(),
+                ("Content-Length", str(len(BODY))),
+            ],
+        )
+
+    async def post(self) -> int:
+        """Send the event; the answer's status code."""
+        if self.stream is None:
+            self.stream = await trio.open_tcp_stream(self.host, self.port)
+        if self.conn.our_state is h11.DONE:
+            self.conn.start_next_cycle()
+        await self.stream.send_all(
+            self.conn.send(self.request) + self.conn.send(h11.Data(data=BODY))
+            + self.conn.send(h11.EndOfMessage())
+        )  # fmt: skip
+        status = 0
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await self.stream.receive_some(65536)
+                self.conn.receive_data(data)
+                if not data:
+                    raise ConnectionError("closed by the server")
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.EndOfMessage):
+                return status
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+
+
+async def closed_loop(host: str, port: int, connections: int, duration: float) -> dict[str, Any]:
+    statuses: Counter[int] = Counter()
+    latencies: list[float] = []
+    deadline = trio.current_time() + duration
+
+    async def client() -> None:
+        connection = Connection(host, port)
+        try:
+            while trio.current_time() < deadline:
+                began = time.perf_counter()
+                statuses[await connection.post()] += 1
+                latencies.append((time.perf_counter() - began) * 1000)
+        finally:
+            await connection.aclose()
+
+    began = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(connections):
+            nursery.start_soon(client)
+    elapsed = time.perf_counter() - began
+    return {
+        "connections": connections,
+        "elapsed_s": round(elapsed, 3),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "acknowledged": statuses[202],
+        "events_per_s": round(statuses[202] / elapsed, 1),
+        "latency_ms": percentiles(latencies),
+        "latencies": latencies,
+    }
+
+
+async def open_loop(host: str, port: int, rate: float, duration: float) -> dict[str, Any]:
+    """Requests on a fixed schedule; each takes an idle connection or opens one."""
+    statuses: Counter[int] = Counter()
+    latencies: list[float] = []
+    count = math.floor(rate * duration)
+    idle: list[Connection] = []
+    opened: list[Connection] = []
+    starts: list[float] = []  # seconds from the phase's start, in the order of latencies
+    t0 = time.perf_counter()
+
+    async def one() -> None:
+        connection = idle.pop() if idle else Connection(host, port)
+        if connection not in opened:
+            opened.append(connection)
+        began = time.perf_counter()
+        statuses[await connection.post()] += 1
+        latencies.append((time.perf_counter() - began) * 1000)
+        starts.append(began - t0)
+        idle.append(connection)
+
+    origin = trio.current_time()
+    late_starts = 0
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            due = origin + i / rate
+            if trio.current_time() > due + 0.01:
+                late_starts += 1  # the client itself could not keep the schedule
+            await trio.sleep_until(due)
+            nursery.start_soon(one)
+    for connection in opened:
+        await connection.aclose()
+    return {
+        "rate": rate,
+        "requests": count,
+        "connections": len(opened),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "acknowledged": statuses[202],
+        "late_starts": late_starts,
+        "latency_ms": percentiles(latencies),
+        # (start s, ms) of the ten slowest: whether slow answers cluster in time
+        "slowest": sorted(
+            ((round(s, 3), round(ms, 1)) for s, ms in zip(starts, latencies, strict=True)),
+            key=lambda pair: -pair[1],
+        )[:10],
+        "latencies": latencies,
+    }
+
+
+def server_time(api: Role, since: tuple[float, float] | None = None) -> Any:
+    """The api's own POST time: (sum s, count) now, or the mean ms since ``since``."""
+    samples = api.metrics()
+    labels = 'method="POST",route="/v1/events"'
+    total = samples.get(f"eventsched_api_request_duration_seconds_sum{{{labels}}}", 0.0)
+    count = samples.get(f"eventsched_api_request_duration_seconds_count{{{labels}}}", 0.0)
+    if since is None:
+        return (total, count)
+    done = count - since[1]
+    return round((total - since[0]) / done * 1000, 2) if done else None
+
+
+def topic_messages(bootstrap: str, topic: str) -> int:
+    """Messages in the topic, counted by reading it to the end of every partition (the
+    high watermarks Tansu reports can trail the messages it acknowledged)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "bench-api-count",
+            "enable.partition.eof": True,
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        done: set[int] = set()
+        total = 0
+        deadline = time.monotonic() + 120
+        while len(done) < len(partitions) and time.monotonic() < deadline:
+            for message in consumer.consume(10_000, 0.5):
+                error = message.error()
+                if error is None:
+                    total += 1
+                    done.discard(message.partition())
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    done.add(message.partition())
+        return total
+    finally:
+        consumer.close()
+
+
+def plot(path: Path, throughput: dict[str, Any], fixed: dict[str, Any]) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, values in (
+        (f"closed loop, {throughput['connections']} connections", throughput["latencies"]),
+        (f"open loop, {fixed['rate']:g}/s", fixed["latencies"]),
+    ):
+        if values:
+            xs = sorted(values)
+            ax.plot(
+                xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{label} (n={len(xs):,})"
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("POST /v1/events request time (ms, log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("HTTP API: schedule latency (broker acknowledged)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], add_args)
+    if args.quick:
+        args.duration, args.connections, args.rate = 2.0, 8, 50.0
+    run = BenchRun("api", args)
+    with Stack(run) as stack:
+        port = _free_port()
+        settings = stack.settings("api", api={"port": port})
+        # write_toml writes scalars and lists of them; a token is a table.
+        with settings.open("a") as f:
+            f.write(f'\n[[default.api.tokens]]\nname = "bench"\ntoken = "{TOKEN}"\n')
+        api = stack.role("api", settings)
+        with step("api role starting"):
+            api.wait_ready()
+        before = topic_messages(stack.kafka, "events")
+        with step("warm-up (not measured): 4 connections, 1 s"):
+            # The producer's first message to each partition waits for metadata and a
+            # broker connection: seconds of latency that say nothing about the api.
+            warm_up = trio.run(closed_loop, "127.0.0.1", port, 4, 1.0)
+        with step(f"closed loop, {args.connections} connections, {args.duration:g} s"):
+            server = server_time(api)
+            throughput = trio.run(closed_loop, "127.0.0.1", port, args.connections, args.duration)
+            throughput["server_mean_ms"] = server_time(api, since=server)
+        with step(f"open loop, {args.rate:g}/s, {args.duration:g} s"):
+            server = server_time(api)
+            fixed = trio.run(open_loop, "127.0.0.1", port, args.rate, args.duration)
+            fixed["server_mean_ms"] = server_time(api, since=server)
+        acknowledged = sum(p["acknowledged"] for p in (warm_up, throughput, fixed))
+        in_topic = topic_messages(stack.kafka, "events") - before
+    log(f"acknowledged {acknowledged}, in the topic {in_topic}")
+    t, f = throughput["latency_ms"], fixed["latency_ms"]
+    table = [
+        ["phase", "events/s acknowledged", "p50 ms", "p99 ms", "max ms", "api mean ms", "answers"],
+        [
+            f"closed loop, {args.connections} connections",
+            f"{throughput['events_per_s']:,.0f}",
+            f"{t.get('p50', 0):.1f}",
+            f"{t.get('p99', 0):.1f}",
+            f"{t.get('max', 0):.1f}",
+            str(throughput["server_mean_ms"]),
+            str(throughput["statuses"]),
+        ],
+        [
+            f"open loop, {args.rate:g}/s",
+            f"{fixed['acknowledged'] / args.duration:,.0f}",
+            f"{f.get('p50', 0):.1f}",
+            f"{f.get('p99', 0):.1f}",
+            f"{f.get('max', 0):.1f}",
+            str(fixed["server_mean_ms"]),
+            str(fixed["statuses"]),
+        ],
+    ]
+    results = {
+        "duration_s": args.duration,
+        "throughput": {k: v for k, v in throughput.items() if k != "latencies"},
+        "fixed_rate": {k: v for k, v in fixed.items() if k != "latencies"},
+        "acknowledged": acknowledged,
+        "in_topic": in_topic,
+    }
+    notes = [
+        f"every 202 is an event the broker acknowledged: {acknowledged} answered"
+        f" (warm-up included), {in_topic} in the topic",
+        "client (h11 on trio) and api process share the machine; api mean ms is the"
+        " api's own time per POST (eventsched_api_request_duration_seconds)",
+    ]
+    run.finish(results, table, notes, plot=lambda p: plot(p, throughput, fixed))
+
+
+if __name__ == "__main__":
+    main()

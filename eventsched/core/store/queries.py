@@ -1,0 +1,248 @@
+"""The HTTP API's reads: one event with its attempts, filtered pages, counts, key lookups.
+
+Read-only statements on the shared pool (:class:`~eventsched.core.store.pool.Database`);
+every function is a trio coroutine (the pool runs them on the asyncio side through
+trio-asyncio) and raises :class:`~eventsched.core.runtime.errors.DependencyError` when
+PostgreSQL cannot be reached. Rows come back as frozen dataclasses with aware UTC datetimes.
+
+Pages are keyset pages on ``(execute_at, id)``: a page starts after the last row of the
+previous one, so rows are neither repeated nor skipped while others are inserted, and a
+deep page costs what the first one does. With ``status = 'scheduled'`` the partial index on
+``execute_at`` serves the order; other filters scan ``events`` (there is no index for them:
+each index costs every insert, see ``sql/000001_init.up.sql``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from eventsched.core.store.pool import Database
+
+__all__ = [
+    "Attempt",
+    "EventKey",
+    "EventRow",
+    "EventSummary",
+    "Overdue",
+    "Stats",
+    "event_by_key",
+    "event_key",
+    "event_with_attempts",
+    "list_events",
+    "stats",
+]
+
+#: At most this many attempts of one event are returned (the newest ones).
+MAX_ATTEMPTS = 1000
+#: At most this many event types are counted in :func:`stats` (the most frequent ones).
+MAX_TYPES = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    attempt: int
+    scheduled_for: datetime
+    started_at: datetime
+    finished_at: datetime | None
+    lateness_ms: float
+    outcome: str | None
+    error: str | None
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    id: uuid.UUID
+    idempotency_key: str
+    type: str
+    payload: dict[str, Any]
+    status: str
+    execute_at: datetime
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime | None
+    late: bool
+    created_at: datetime
+    recorded_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    dead_reason: str | None
+    attempt_log: tuple[Attempt, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EventSummary:
+    id: uuid.UUID
+    idempotency_key: str
+    type: str
+    status: str
+    execute_at: datetime
+    attempts: int
+    late: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EventKey:
+    """What a command needs to know about its target."""
+
+    id: uuid.UUID
+    idempotency_key: str
+    status: str
+    execute_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Overdue:
+    id: uuid.UUID
+    type: str
+    execute_at: datetime
+    overdue_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    by_status: dict[str, int]
+    by_type: dict[str, int]
+    total: int
+    oldest_overdue: Overdue | None
+
+
+_EVENT_COLUMNS = (
+    "id",
+    "idempotency_key",
+    "type",
+    "payload",
+    "status",
+    "execute_at",
+    "attempts",
+    "last_error",
+    "next_attempt_at",
+    "late",
+    "created_at",
+    "recorded_at",
+    "updated_at",
+    "finished_at",
+    "dead_reason",
+)
+_EVENT = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events WHERE id = %s"
+_ATTEMPTS = """
+SELECT attempt, scheduled_for, started_at, finished_at, lateness_ms, outcome, error, worker_id
+FROM (SELECT * FROM event_attempts WHERE event_id = %s ORDER BY attempt DESC LIMIT %s) newest
+ORDER BY attempt
+"""
+
+
+async def event_with_attempts(db: Database, event_id: uuid.UUID) -> EventRow | None:
+    """The event and its newest :data:`MAX_ATTEMPTS` attempts (oldest first), or None."""
+
+    async def fn(conn: AsyncConnection[Any]) -> EventRow | None:
+        cur = await conn.execute(_EVENT, (event_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        cur = await conn.execute(_ATTEMPTS, (event_id, MAX_ATTEMPTS))
+        attempts = tuple(Attempt(*a) for a in await cur.fetchall())
+        return EventRow(**dict(zip(_EVENT_COLUMNS, row, strict=True)), attempt_log=attempts)
+
+    return await db.run(fn)
+
+
+async def list_events(
+    db: Database,
+    *,
+    limit: int,
+    status: str | None = None,
+    type_: str | None = None,
+    due_after: datetime | None = None,
+    due_before: datetime | None = None,
+    after: tuple[datetime, uuid.UUID] | None = None,
+) -> list[EventSummary]:
+    """At most ``limit`` events in ``(execute_at, id)`` order, after the keyset position
+    ``after``; ``due_after`` is inclusive, ``due_before`` exclusive."""
+    where: list[str] = []
+    params: list[Any] = []
+    if status is not None:
+        where.append("status = %s")
+        params.append(status)
+    if type_ is not None:
+        where.append("type = %s")
+        params.append(type_)
+    if due_after is not None:
+        where.append("execute_at >= %s")
+        params.append(due_after)
+    if due_before is not None:
+        where.append("execute_at < %s")
+        params.append(due_before)
+    if after is not None:
+        where.append("(execute_at, id) > (%s, %s)")
+        params.extend(after)
+    sql = (
+        "SELECT id, idempotency_key, type, status, execute_at, attempts, late, created_at,"
+        " updated_at FROM events"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " ORDER BY execute_at, id LIMIT %s"
+    )
+    params.append(limit)
+    rows = await db.fetchall(sql, params)
+    return [EventSummary(*row) for row in rows]
+
+
+async def event_key(db: Database, event_id: uuid.UUID) -> EventKey | None:
+    """The idempotency key, status and due time of an event, by id."""
+    row = await db.fetchone(
+        "SELECT id, idempotency_key, status, execute_at FROM events WHERE id = %s", (event_id,)
+    )
+    return None if row is None else EventKey(*row)
+
+
+async def event_by_key(db: Database, idempotency_key: str) -> EventKey | None:
+    """The event recorded under an idempotency key, if any."""
+    row = await db.fetchone(
+        "SELECT id, idempotency_key, status, execute_at FROM events WHERE idempotency_key = %s",
+        (idempotency_key,),
+    )
+    return None if row is None else EventKey(*row)
+
+
+_BY_STATUS = "SELECT status, count(*) FROM events GROUP BY status"
+_BY_TYPE = "SELECT type, count(*) AS n FROM events GROUP BY type ORDER BY n DESC, type LIMIT %s"
+# The partial index on execute_at WHERE status = 'scheduled' answers this with one entry.
+_OLDEST_OVERDUE = """
+SELECT id, type, execute_at, extract(epoch FROM now() - execute_at)::float8
+FROM events WHERE status = 'scheduled' AND execute_at < now()
+ORDER BY execute_at LIMIT 1
+"""
+
+
+async def stats(db: Database) -> Stats:
+    """Exact counts by status and by type (the :data:`MAX_TYPES` most frequent), and the
+    scheduled event longest past its due time. The counts scan ``events``."""
+
+    async def fn(conn: AsyncConnection[Any]) -> Stats:
+        async with conn.transaction():  # one snapshot for all three answers
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            by_status = await _pairs(conn, _BY_STATUS, ())
+            by_type = await _pairs(conn, _BY_TYPE, (MAX_TYPES,))
+            cur = await conn.execute(_OLDEST_OVERDUE)
+            oldest = await cur.fetchone()
+        return Stats(
+            by_status=by_status,
+            by_type=by_type,
+            total=sum(by_status.values()),
+            oldest_overdue=None if oldest is None else Overdue(*oldest),
+        )
+
+    return await db.run(fn)
+
+
+async def _pairs(conn: AsyncConnection[Any], sql: str, params: Sequence[Any]) -> dict[str, int]:
+    cur = await conn.execute(sql, params)
+    return {str(name): int(count) for name, count in await cur.fetchall()}

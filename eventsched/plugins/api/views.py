@@ -1,0 +1,116 @@
+"""How the HTTP API shows stored rows, and its opaque list cursor.
+
+Pure functions, no I/O: rows of :mod:`eventsched.core.store.queries` become JSON-ready
+dicts (times as RFC 3339 UTC with milliseconds, ids as strings). A list cursor is the
+keyset position ``(execute_at, id)`` of a page's last row, as URL-safe base64 of a small
+JSON array; clients pass it back unchanged and must not build one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from datetime import datetime
+from typing import Any, Final
+
+import msgspec
+
+from eventsched.core.domain.event import format_time
+from eventsched.core.store.queries import Attempt, EventRow, EventSummary, Stats
+
+#: Every status an event can have; ``cancelled`` arrives with command application.
+STATUSES: Final = ("scheduled", "running", "retrying", "succeeded", "dead", "cancelled")
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else format_time(value)
+
+
+def attempt_json(a: Attempt) -> dict[str, Any]:
+    return {
+        "attempt": a.attempt,
+        "scheduled_for": _time(a.scheduled_for),
+        "started_at": _time(a.started_at),
+        "finished_at": _time(a.finished_at),
+        "lateness_ms": a.lateness_ms,
+        "outcome": a.outcome,
+        "error": a.error,
+        "worker_id": a.worker_id,
+    }
+
+
+def event_json(row: EventRow) -> dict[str, Any]:
+    return {
+        "id": str(row.id),
+        "idempotency_key": row.idempotency_key,
+        "type": row.type,
+        "status": row.status,
+        "execute_at": _time(row.execute_at),
+        "next_attempt_at": _time(row.next_attempt_at),
+        "late": row.late,
+        "attempt_count": row.attempts,
+        "last_error": row.last_error,
+        "dead_reason": row.dead_reason,
+        "created_at": _time(row.created_at),
+        "recorded_at": _time(row.recorded_at),
+        "updated_at": _time(row.updated_at),
+        "finished_at": _time(row.finished_at),
+        "payload": row.payload,
+        "attempts": [attempt_json(a) for a in row.attempt_log],
+        # Commands applied to the event (cancel, reschedule, retry) will be listed here.
+        "history": [],
+    }
+
+
+def summary_json(row: EventSummary) -> dict[str, Any]:
+    return {
+        "id": str(row.id),
+        "idempotency_key": row.idempotency_key,
+        "type": row.type,
+        "status": row.status,
+        "execute_at": _time(row.execute_at),
+        "attempt_count": row.attempts,
+        "late": row.late,
+        "created_at": _time(row.created_at),
+        "updated_at": _time(row.updated_at),
+    }
+
+
+def stats_json(stats: Stats) -> dict[str, Any]:
+    by_status = dict.fromkeys(STATUSES, 0) | stats.by_status
+    oldest = stats.oldest_overdue
+    return {
+        "total": stats.total,
+        "by_status": by_status,
+        "by_type": stats.by_type,
+        "oldest_overdue": None
+        if oldest is None
+        else {
+            "id": str(oldest.id),
+            "type": oldest.type,
+            "execute_at": _time(oldest.execute_at),
+            "overdue_seconds": round(oldest.overdue_seconds, 3),
+        },
+    }
+
+
+_CURSOR = msgspec.json.Encoder()
+
+
+def encode_cursor(execute_at: datetime, event_id: uuid.UUID) -> str:
+    """The cursor that continues after the row ``(execute_at, event_id)``."""
+    raw = _CURSOR.encode([execute_at.isoformat(), str(event_id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The keyset position of a cursor; ValueError when it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        when, ident = msgspec.json.decode(raw, type=tuple[datetime, uuid.UUID])
+    except (binascii.Error, ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        raise ValueError("not a cursor of this API") from None
+    if when.tzinfo is None:
+        raise ValueError("not a cursor of this API")
+    return when, ident

@@ -1,0 +1,552 @@
+"""The api role against real servers: schedule through the consumer, reads, commands on the
+topic, the error table with exact status codes, pagination, stats, the OpenAPI document,
+and the start-up refusals of ``eventsched run --role api``.
+
+Roles run in this process (``tests.support.ingest.running``); the API listens on a free
+port of its own, the client is httpx on trio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from openapi_spec_validator import validate
+
+from eventsched.core.domain.commands import COMMAND_SCHEMA_VERSION
+from eventsched.core.kafka import ensure_topics
+from eventsched.core.runtime.settings import Settings
+from eventsched.plugins.api.openapi import document
+from tests.support.execution import NewEvent, insert_events, new_events, query
+from tests.support.ingest import read_topic, running
+from tests.support.metrics import metric_value
+from tests.support.proc import REPO, AppProcess
+from tests.support.servers import Names
+
+WRITER = "writer-token-0123456789abcdef"
+READER = "reader-token-0123456789abcdef"
+TOKENS = [
+    {"name": "writer", "token": WRITER},
+    {"name": "reader", "token": READER, "read_only": True},
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def topics(kafka_bootstrap: str, names: Names) -> Names:
+    ensure_topics(kafka_bootstrap, {names.topic: 1, names.dlq_topic: 1})
+    return names
+
+
+@pytest.fixture
+def api_settings(make_settings: Callable[..., Settings], topics: Names) -> Callable[..., Settings]:
+    def make(**sections: dict[str, Any]) -> Settings:
+        api = {"port": free_port(), "tokens": TOKENS, "produce_timeout": "5s"}
+        return make_settings(**{**sections, "api": {**api, **sections.get("api", {})}})
+
+    return make
+
+
+@asynccontextmanager
+async def serving(
+    settings: Settings, roles: Sequence[str] = ("api",), token: str = WRITER
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with (
+        running(settings, roles),
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{settings.api.port}",
+            headers=bearer(token) if token else {},
+            timeout=30,
+        ) as client,
+    ):
+        yield client
+
+
+def in_(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+def fields(response: httpx.Response) -> set[str]:
+    return {e["field"] for e in response.json().get("errors", [])}
+
+
+def one(dsn: str, status: str, *, type_: str = "api.test", due: float | None = None) -> NewEvent:
+    (event,) = new_events(1, due=due or datetime.now(UTC).timestamp() + 3600, type=type_)
+    insert_events(dsn, [event], status=status)
+    return event
+
+
+# -- schedule -> consumer -> read -----------------------------------------------------------
+
+
+async def test_a_scheduled_event_is_recorded_by_the_consumer_and_shown(
+    api_settings: Callable[..., Settings], database: str
+) -> None:
+    settings = api_settings()
+    async with serving(settings, ("consumer", "api")) as client:
+        due = in_(3600)
+        response = await client.post(
+            "/v1/events",
+            json={"type": "invoice.due", "payload": {"invoice": 42}, "execute_at": due},
+            headers={"Idempotency-Key": "invoice-42"},
+        )
+        assert response.status_code == 202, response.text
+        body = response.json()
+        assert body["idempotency_key"] == "invoice-42" and body["already_known"] is False
+        assert response.headers["location"] == f"/v1/events/{body['id']}"
+        with trio.fail_after(30):
+            while (got := await client.get(f"/v1/events/{body['id']}")).status_code == 404:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        assert got.status_code == 200, got.text
+        event = got.json()
+        assert event["id"] == body["id"] and event["status"] == "scheduled"
+        assert event["type"] == "invoice.due" and event["payload"] == {"invoice": 42}
+        assert event["execute_at"] == body["execute_at"]
+        assert datetime.fromisoformat(event["execute_at"]) == datetime.fromisoformat(due).replace(
+            microsecond=datetime.fromisoformat(due).microsecond // 1000 * 1000
+        )
+        assert (event["attempts"], event["history"], event["attempt_count"]) == ([], [], 0)
+
+        # The same key again, in the body this time: the recorded event, nothing produced.
+        again = await client.post(
+            "/v1/events",
+            json={
+                "type": "invoice.due",
+                "payload": {"invoice": 43},
+                "delay_ms": 1000,
+                "idempotency_key": "invoice-42",
+            },
+        )
+        assert again.status_code == 200, again.text
+        assert again.json()["id"] == body["id"] and again.json()["already_known"] is True
+
+        # Without a key the id is the key.
+        keyless = await client.post(
+            "/v1/events", json={"type": "t", "payload": {}, "delay_ms": 60_000}
+        )
+        assert keyless.status_code == 202
+        assert keyless.json()["idempotency_key"] == keyless.json()["id"]
+    produced = metric_value(
+        "eventsched_api_requests_total", route="/v1/events", method="POST", status="202"
+    )
+    assert produced >= 2
+
+
+async def test_an_event_with_attempts_shows_them(
+    api_settings: Callable[..., Settings], database: str
+) -> None:
+    event = one(database, "dead")
+    query(
+        database,
+        "INSERT INTO event_attempts (event_id, attempt, scheduled_for, started_at, finished_at,"
+        " lateness_ms, outcome, error, worker_id) VALUES"
+        " (%s, 1, now(), now(), now(), 2.5, 'retried', 'boom', 'w1'),"
+        " (%s, 2, now(), now(), now(), 4.0, 'dead', 'boom again', 'w1') RETURNING 1",
+        (event.id, event.id),
+    )
+    async with serving(api_settings(), token=READER) as client:
+        got = (await client.get(f"/v1/events/{event.id}")).json()
+    assert [
+        (a["attempt"], a["lateness_ms"], a["outcome"], a["error"]) for a in got["attempts"]
+    ] == [
+        (1, 2.5, "retried", "boom"),
+        (2, 4.0, "dead", "boom again"),
+    ]
+    assert got["status"] == "dead"
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+async def test_commands_go_to_the_topic_or_are_refused_by_status(
+    api_settings: Callable[..., Settings], database: str, kafka_bootstrap: str, names: Names
+) -> None:
+    scheduled, running_, succeeded, dead = (
+        one(database, s) for s in ("scheduled", "running", "succeeded", "dead")
+    )
+    query(
+        database,
+        "UPDATE events SET idempotency_key = 'key-of-scheduled' WHERE id = %s RETURNING 1",
+        (scheduled.id,),
+    )
+    async with serving(api_settings()) as client:
+        accepted = []
+        for path, body in (
+            (f"{scheduled.id}/cancel", None),
+            (f"{scheduled.id}/reschedule", {"execute_at": in_(7200)}),
+            (f"{running_.id}/cancel", None),
+            (f"{dead.id}/retry", None),
+            (f"{dead.id}/retry", {"delay_ms": 5000}),
+        ):
+            response = await client.post(f"/v1/events/{path}", json=body)
+            assert response.status_code == 202, (path, response.text)
+            assert response.json()["state"] == "accepted"
+            accepted.append(response.json()["command_id"])
+        refused = {
+            f"{succeeded.id}/cancel": None,
+            f"{running_.id}/reschedule": {"delay_ms": 1000},
+            f"{dead.id}/reschedule": {"delay_ms": 1000},
+            f"{scheduled.id}/retry": None,
+            f"{succeeded.id}/retry": None,
+        }
+        for path, body in refused.items():
+            response = await client.post(f"/v1/events/{path}", json=body)
+            assert response.status_code == 409, (path, response.text)
+            assert (
+                response.json()["error"] == "refused"
+                and "the event is" in response.json()["message"]
+            )
+    records = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, names.topic)
+    values = [json.loads(r.value) for r in records]
+    assert [v["command_id"] for v in values] == accepted
+    assert [v["op"] for v in values] == ["cancel", "reschedule", "cancel", "retry", "retry"]
+    assert records[0].key == b"key-of-scheduled" and values[0]["event_id"] == scheduled.id
+    assert values[0]["requested_by"] == "writer"
+    assert "execute_at" not in values[3] and "execute_at" in values[4]
+    assert all(
+        dict(r.headers)["schema-version"] == str(COMMAND_SCHEMA_VERSION).encode() for r in records
+    )
+
+
+# -- the error table ------------------------------------------------------------------------
+
+
+async def test_the_error_table(api_settings: Callable[..., Settings], database: str) -> None:
+    settings = api_settings(consumer={"max_message_bytes": 4096, "horizon": "30d"})
+    succeeded = one(database, "succeeded")
+    valid = {"type": "t", "payload": {}, "delay_ms": 1000}
+    nested: Any = {}
+    for _ in range(40):
+        nested = {"a": nested}
+    post_cases: list[tuple[str, Any, int, set[str]]] = [
+        ("bad json", b"{not json", 422, {"body"}),
+        ("not an object", b"[1, 2]", 422, {"body"}),
+        ("empty body", b"", 422, {"body"}),
+        ("missing fields", {"delay_ms": 5}, 422, {"type", "payload"}),
+        ("missing due time", {"type": "t", "payload": {}}, 422, {"execute_at"}),
+        (
+            "bad types",
+            {"type": 5, "payload": [], "delay_ms": "x"},
+            422,
+            {"type", "payload", "delay_ms"},
+        ),
+        ("unknown field", {**valid, "colour": "red"}, 422, {"colour"}),
+        ("both due times", {**valid, "execute_at": in_(60)}, 422, {"execute_at", "delay_ms"}),
+        ("negative delay", {**valid, "delay_ms": -1}, 422, {"delay_ms"}),
+        (
+            "no offset",
+            {"type": "t", "payload": {}, "execute_at": "2030-01-01T00:00:00"},
+            422,
+            {"execute_at"},
+        ),
+        ("beyond horizon", {**valid, "delay_ms": 31 * 86_400_000}, 422, {"execute_at"}),
+        (
+            "too old",
+            {"type": "t", "payload": {}, "execute_at": "2000-01-01T00:00:00Z"},
+            422,
+            {"execute_at"},
+        ),
+        ("too deep", {**valid, "payload": nested}, 422, {"payload"}),
+        ("empty type", {**valid, "type": ""}, 422, {"type"}),
+        ("NUL in key", {**valid, "idempotency_key": "a\u0000b"}, 422, {"idempotency_key"}),
+        ("too large", {**valid, "payload": {"x": "y" * 5000}}, 413, set()),
+    ]
+    async with serving(settings) as client:
+        for name, body, status, bad in post_cases:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            response = await client.post(
+                "/v1/events", content=content, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == status, (name, response.text)
+            assert response.headers["content-type"] == "application/json", name
+            assert fields(response) == bad, (name, response.text)
+            assert response.json()["message"], name
+
+        mismatch = await client.post(
+            "/v1/events", json={**valid, "idempotency_key": "a"}, headers={"Idempotency-Key": "b"}
+        )
+        assert (mismatch.status_code, fields(mismatch)) == (422, {"idempotency_key"})
+
+        unknown = uuid.uuid4()
+        for method, path, status in (
+            ("GET", f"/v1/events/{unknown}", 404),
+            ("GET", "/v1/events/not-a-uuid", 404),
+            ("POST", f"/v1/events/{unknown}/cancel", 404),
+            ("POST", f"/v1/events/{unknown}/retry", 404),
+            ("GET", "/v1/nothing", 404),
+            ("PUT", "/v1/events", 405),
+            ("POST", f"/v1/events/{succeeded.id}/cancel", 409),
+        ):
+            response = await client.request(method, path)
+            assert response.status_code == status, (method, path, response.text)
+            assert response.json()["error"], (method, path)
+
+        reschedule = await client.post(
+            f"/v1/events/{succeeded.id}/reschedule", json={"delay_ms": 40 * 86_400_000}
+        )
+        assert (reschedule.status_code, fields(reschedule)) == (422, {"execute_at"})
+        no_due = await client.post(f"/v1/events/{succeeded.id}/reschedule", json={})
+        assert (no_due.status_code, fields(no_due)) == (422, {"execute_at"})
+        cancel_body = await client.post(f"/v1/events/{succeeded.id}/cancel", json={"x": 1})
+        assert (cancel_body.status_code, fields(cancel_body)) == (422, {"x"})
+
+        for query_string, bad in (
+            ("limit=0", {"limit"}),
+            ("limit=501", {"limit"}),
+            ("limit=abc", {"limit"}),
+            ("status=bogus", {"status"}),
+            ("cursor=garbage", {"cursor"}),
+            ("due_after=yesterday", {"due_after"}),
+            ("sort=id", {"sort"}),
+        ):
+            response = await client.get(f"/v1/events?{query_string}")
+            assert (response.status_code, fields(response)) == (422, bad), query_string
+
+        # Authentication: no token, a wrong one, a read-only one writing.
+        anonymous = {"Authorization": ""}
+        for method, path in (("GET", "/v1/stats"), ("POST", "/v1/events"), ("GET", "/v1/events")):
+            for headers in (
+                anonymous,
+                bearer("wrong-token-0123456789abcdef"),
+                {"Authorization": WRITER},
+            ):
+                response = await client.request(method, path, json=valid, headers=headers)
+                assert response.status_code == 401, (method, path, headers)
+                assert response.headers["www-authenticate"].startswith("Bearer")
+        as_reader = bearer(READER)
+        for path in ("/v1/events", f"/v1/events/{succeeded.id}/cancel"):
+            response = await client.post(path, json=valid, headers=as_reader)
+            assert response.status_code == 403, (path, response.text)
+            assert "reader" in response.json()["message"]
+        assert (await client.get("/v1/stats", headers=as_reader)).status_code == 200
+        assert (await client.get("/v1/openapi.json", headers=anonymous)).status_code == 200
+    text = (await trio.to_thread.run_sync(_metrics_text)).decode()
+    assert WRITER not in text and READER not in text
+    assert 'route="/v1/events/{id}"' in text and 'route="unmatched"' in text
+
+
+def _metrics_text() -> bytes:
+    from eventsched.core.runtime import metrics
+
+    return metrics.render()
+
+
+async def test_a_broker_that_does_not_acknowledge_is_503_with_retry_after(
+    api_settings: Callable[..., Settings], database: str
+) -> None:
+    closed = free_port()
+    settings = api_settings(
+        kafka={"bootstrap_servers": f"127.0.0.1:{closed}"}, api={"produce_timeout": "1s"}
+    )
+    scheduled = one(database, "scheduled")
+    async with serving(settings) as client:
+        for path, body in (
+            ("/v1/events", {"type": "t", "payload": {}, "delay_ms": 1000}),
+            ("/v1/events", {"type": "t", "payload": {}, "delay_ms": 1000, "idempotency_key": "k"}),
+            (f"/v1/events/{scheduled.id}/cancel", None),
+        ):
+            response = await client.post(path, json=body)
+            assert response.status_code == 503, (path, response.text)
+            assert response.headers["retry-after"].isdigit()
+            assert response.json()["error"] == "kafka_unavailable"
+        assert (await client.get(f"/v1/events/{scheduled.id}")).status_code == 200
+
+
+async def test_postgres_down_is_503_with_retry_after(
+    api_settings: Callable[..., Settings],
+) -> None:
+    closed = free_port()
+    settings = api_settings(
+        postgres={"dsn": f"postgresql://postgres@127.0.0.1:{closed}/none", "connect_timeout": "1s"}
+    )
+    async with serving(settings) as client:
+        for path in (f"/v1/events/{uuid.uuid4()}", "/v1/events", "/v1/stats"):
+            response = await client.get(path)
+            assert response.status_code == 503, (path, response.text)
+            assert response.headers["retry-after"].isdigit()
+            assert response.json()["error"] == "postgres_unavailable"
+        keyed = await client.post(
+            "/v1/events", json={"type": "t", "payload": {}, "delay_ms": 1, "idempotency_key": "k"}
+        )
+        assert keyed.status_code == 503
+
+
+# -- list, stats, OpenAPI -------------------------------------------------------------------
+
+
+async def test_pages_walk_every_event_once_in_due_order(
+    api_settings: Callable[..., Settings], database: str
+) -> None:
+    base = datetime.now(UTC).timestamp() + 600
+    # Ties on execute_at: the id breaks them, so no row is repeated or skipped.
+    events = new_events(23, due=lambda i: base + (i // 4))
+    insert_events(database, events)
+    others = new_events(5, due=base + 1, type="other")
+    insert_events(database, others, status="dead")
+    async with serving(api_settings(), token=READER) as client:
+        seen: list[dict[str, Any]] = []
+        cursor: str | None = None
+        pages = 0
+        while True:
+            params = {"limit": "5", "type": "test.event", **({"cursor": cursor} if cursor else {})}
+            page = (await client.get("/v1/events", params=params)).json()
+            seen += page["events"]
+            pages += 1
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert pages == 5
+        assert [e["id"] for e in seen] == [
+            e.id for e in sorted(events, key=lambda e: (e.execute_at, uuid.UUID(e.id)))
+        ]
+        dead = (await client.get("/v1/events", params={"status": "dead"})).json()
+        assert {e["id"] for e in dead["events"]} == {e.id for e in others}
+        assert dead["next_cursor"] is None
+        window = {
+            "due_after": datetime.fromtimestamp(base + 1, UTC).isoformat(),
+            "due_before": datetime.fromtimestamp(base + 3, UTC).isoformat(),
+            "type": "test.event",
+        }
+        in_window = (await client.get("/v1/events", params=window)).json()["events"]
+        assert len(in_window) == 8
+
+
+async def test_stats_count_by_status_and_type(
+    api_settings: Callable[..., Settings], database: str
+) -> None:
+    now = datetime.now(UTC).timestamp()
+    insert_events(database, new_events(3, due=now + 600, type="a"))
+    overdue = new_events(2, due=lambda i: now - 60 - i * 60, type="b")
+    insert_events(database, overdue)
+    insert_events(database, new_events(4, due=now - 600, type="a"), status="succeeded")
+    async with serving(api_settings()) as client:
+        stats = (await client.get("/v1/stats")).json()
+    assert stats["total"] == 9
+    assert stats["by_status"] == {
+        "scheduled": 5, "running": 0, "retrying": 0, "succeeded": 4, "dead": 0, "cancelled": 0
+    }  # fmt: skip
+    assert stats["by_type"] == {"a": 7, "b": 2}
+    oldest = stats["oldest_overdue"]
+    assert oldest["id"] == overdue[1].id and oldest["type"] == "b"
+    assert 110 < oldest["overdue_seconds"] < 200
+
+
+async def test_the_openapi_document_validates_and_names_every_route(
+    api_settings: Callable[..., Settings],
+) -> None:
+    async with serving(api_settings(), token="") as client:
+        served = (await client.get("/v1/openapi.json")).json()
+    validate(served)
+    assert served == json.loads(json.dumps(document(1_048_576, 500)))
+    assert set(served["paths"]) == {
+        "/v1/events",
+        "/v1/events/{id}",
+        "/v1/events/{id}/cancel",
+        "/v1/events/{id}/reschedule",
+        "/v1/events/{id}/retry",
+        "/v1/stats",
+        "/v1/openapi.json",
+    }
+
+
+# -- eventsched run --role api --------------------------------------------------------------
+
+
+def eventsched(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "EVENTSCHED_POSTGRES__DSN": f"postgresql://postgres@127.0.0.1:{free_port()}/none",
+        "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "eventsched", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, 'invalid setting api.tokens: required with api.auth = "token"'),
+        (
+            {"EVENTSCHED_API__AUTH": "none", "EVENTSCHED_API__HOST": "0.0.0.0"},
+            'invalid setting api.auth: "none" is allowed only with a loopback api.host',
+        ),
+        (
+            {"EVENTSCHED_API__TOKENS": '[{name = "ci", token_file = "/nonexistent/token"}]'},
+            "invalid setting api.tokens[0].token_file: cannot read /nonexistent/token",
+        ),
+        (
+            {"EVENTSCHED_API__TOKENS": '[{name = "ci", token = "short"}]'},
+            "invalid setting api.tokens[0]: token of 'ci' is shorter than 16 characters",
+        ),
+    ],
+    ids=["no-tokens", "none-on-public-host", "missing-token-file", "short-token"],
+)
+def test_run_role_api_refuses_to_start_with_one_line(env: dict[str, str], message: str) -> None:
+    result = eventsched("run", "--role", "api", "--port", "0", **env)
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-2000:]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"eventsched: error: {message}"), result.stderr
+    assert result.stdout == ""
+
+
+def test_run_role_api_serves_and_never_logs_a_token(
+    tmp_path: Path, database: str, kafka_bootstrap: str, topics: Names
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(WRITER + "\n")
+    app = AppProcess(
+        ["run", "--role", "api", "--port", "0"],
+        env={
+            "EVENTSCHED_POSTGRES__DSN": database,
+            "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "EVENTSCHED_KAFKA__TOPIC": topics.topic,
+            "EVENTSCHED_API__PORT": "0",
+            "EVENTSCHED_API__TOKENS": f'[{{name = "ci", token_file = "{token_file}"}}]',
+        },
+    )
+    try:
+        port = app.wait_event("api_listening")["port"]
+        base = f"http://127.0.0.1:{port}"
+        wrong = httpx.get(f"{base}/v1/stats", headers=bearer(READER), timeout=30)
+        assert wrong.status_code == 401
+        body = {"type": "t", "payload": {}, "delay_ms": 1000}
+        ok = httpx.post(f"{base}/v1/events", json=body, headers=bearer(WRITER), timeout=30)
+        assert ok.status_code == 202, ok.text
+        assert httpx.get(f"{base}/v1/stats", headers=bearer(WRITER), timeout=30).status_code == 200
+    finally:
+        assert app.stop() == 0, app.tail()
+    output = "".join(app.raw)
+    assert WRITER not in output and READER not in output
+    assert "api_stopped" in output
