@@ -26,25 +26,19 @@ from confluent_kafka import KafkaError
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.kafka import KafkaProducer, OutboundMessage, ensure_topics
 from eventsched.core.operations.devstack import KafkaBroker
-from tests.support.execution import (
-    delete_queue_keys,
-    insert_events,
-    new_events,
-    query,
-    queue_client,
-    wait_until,
-)
+from tests.support.clients import delete_queue_keys, query, read_topic
+from tests.support.execution import insert_events, new_events, queue_client
 from tests.support.ingest import (
     RawMessage,
     event_message,
     make_events,
     produce,
-    read_topic,
     rows_reach,
     running,
 )
 from tests.support.metrics import metric_value
 from tests.support.servers import Names
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture

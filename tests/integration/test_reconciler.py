@@ -24,6 +24,7 @@ from eventsched.core.operations.devstack import RedisServer
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store.leader import LeaderLock, lock_key
 from tests.support import exec_handlers
+from tests.support.clients import query, read_topic, status_counts
 from tests.support.execution import (
     NewEvent,
     all_finished,
@@ -32,15 +33,12 @@ from tests.support.execution import (
     flush_redis,
     insert_events,
     new_events,
-    query,
-    read_topic,
     running_executor,
-    status_counts,
-    wait_until,
 )
 from tests.support.metrics import metric_value as sample
 from tests.support.proc import AppProcess
 from tests.support.servers import Names
+from tests.support.waiting import wait_until
 
 HANDLERS = "tests.support.exec_handlers"
 RECONCILE_FAST = {"interval": "300ms", "grace": "300ms", "stale_after": "1s"}
@@ -238,7 +236,7 @@ async def test_lost_retries_and_stale_attempts_are_recovered_with_the_key_scheme
     assert status == {retrying.id: "succeeded", stale.id: "succeeded", last.id: "dead",
                       busy.id: "running"}  # fmt: skip
     (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
-    headers = dict(message.headers())
+    headers = message.headers
     assert (headers["event-id"], headers["dlq-reason"], headers["attempts"]) == (
         last.id.encode(),
         b"retries_exhausted",
@@ -354,7 +352,7 @@ async def test_a_dead_event_whose_dlq_message_was_lost_is_published_again(
             lambda: bool(query(database, "SELECT 1 FROM events WHERE dlq_published_at IS NOT NULL"))
         )
     (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
-    headers = dict(message.headers())
+    headers = message.headers
     assert headers["dlq-reason"] == b"permanent_error"
     assert headers["dlq-error"] == b"boom"
     assert (headers["source-topic"], headers["source-partition"], headers["source-offset"]) == (
@@ -362,7 +360,7 @@ async def test_a_dead_event_whose_dlq_message_was_lost_is_published_again(
         b"2",
         b"41",
     )
-    assert json.loads(message.value())["id"] == event.id
+    assert json.loads(message.value)["id"] == event.id
 
 
 # -- leadership and gauges --------------------------------------------------------------------------

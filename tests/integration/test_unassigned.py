@@ -27,18 +27,18 @@ import trio
 from confluent_kafka import Consumer, TopicPartition
 
 from eventsched.core.kafka import ensure_topics
+from tests.support.clients import FAST_GROUP_CONFIG, delete_queue_keys
 from tests.support.ingest import (
     count_rows,
-    delete_queue_keys,
     event_message,
     make_events,
     produce,
     rows_reach,
     running,
-    wait_until,
 )
 from tests.support.metrics import metric_value
-from tests.support.servers import FAST_GROUP_CONFIG, Names
+from tests.support.servers import Names
+from tests.support.waiting import wait_until
 
 STALL_TEXT = re.compile(r"consumer: no partitions assigned for \d+s")
 STALL_LABELS = {"role": "consumer", "reason": "unassigned"}

@@ -29,13 +29,7 @@ import pytest
 from eventsched.core.operations.devstack import PostgresServer
 from eventsched.core.runtime.settings import Settings, build_settings
 from eventsched.core.store import migrations
-
-# Tansu needs these for quick group joins (its defaults make a join take 20+ s).
-FAST_GROUP_CONFIG = {
-    "session.timeout.ms": 6000,
-    "heartbeat.interval.ms": 500,
-    "max.poll.interval.ms": 10000,
-}
+from tests.support.clients import FAST_GROUP_CONFIG, delete_queue_keys
 
 
 @pytest.fixture(scope="session")
@@ -174,7 +168,6 @@ def dlq_topic(kafka_bootstrap: str, names: Names) -> Names:
 def executor_state(redis_url: str, names: Names) -> Iterator[None]:
     """The test handlers' records start empty; this test's SAQ queue keys go afterwards."""
     from tests.support import exec_handlers
-    from tests.support.execution import delete_queue_keys
 
     exec_handlers.reset()
     yield
