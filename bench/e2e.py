@@ -17,20 +17,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    RECOMMENDED_CONCURRENCY,
-    BenchRun,
-    Profiler,
-    Sampler,
-    Stack,
-    fmt_ms,
-    noise,
-    parse_args,
-    plot_cdf,
-    pyplot,
-    verdict,
-)
 from bench.pipeline import Pipeline, run_pipeline
+from bench.profiling import Profiler
+from bench.report import fmt_ms, plot_cdf, pyplot, verdict
+from bench.run import BenchRun, noise, parse_args
+from bench.sampling import Sampler
+from bench.stack import RECOMMENDED_CONCURRENCY, Stack
 
 TARGET_P99_MS = 25.0
 

@@ -27,23 +27,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    RECOMMENDED_CONCURRENCY,
-    BenchRun,
-    Profiler,
-    Sampler,
-    Stack,
-    fmt_ms,
-    log,
-    noise,
-    parse_args,
-    plot_cdf,
-    pyplot,
-    step,
-    verdict,
-)
 from bench.lateness import run_ours
 from bench.pipeline import QUEUE, Pipeline, run_pipeline
+from bench.profiling import Profiler
+from bench.report import fmt_ms, plot_cdf, pyplot, verdict
+from bench.run import BenchRun, log, noise, parse_args, step
+from bench.sampling import Sampler
+from bench.stack import RECOMMENDED_CONCURRENCY, Stack
 
 TARGET_RSS_MB = 100.0
 TARGET_P99_MS = 10.0

@@ -17,24 +17,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import (
-    FAST_GROUP_CONFIG,
-    RECOMMENDED_CONCURRENCY,
-    Profiler,
-    Role,
-    Sampler,
-    Stack,
-    executions_done,
+from bench.profiling import Profiler
+from bench.run import log
+from bench.sampling import Sampler
+from bench.stack import RECOMMENDED_CONCURRENCY, Role, Stack, executions_done
+from bench.stats import (
     lateness_summary,
     lateness_timeline,
-    log,
-    metric_sum,
     percentiles,
     read_attempts,
     stats_delta,
-    status_counts,
     wait_for_count,
 )
+from tests.support.clients import FAST_GROUP_CONFIG, status_counts
+from tests.support.metrics import metric_sum
 
 QUEUE = "bench"
 
@@ -199,7 +195,7 @@ def run_pipeline(stack: Stack, sampler: Sampler, p: Pipeline, profiler: Profiler
         "generated": generated,
         "achieved_rate": round(generated / load_seconds, 1),
         "all_ran": finished,
-        "statuses": status_counts(stack),
+        "statuses": status_counts(stack.dsn),
         "outcomes": dict(attempts.outcomes),
         "lateness_ms": lateness_summary(attempts.lateness_ms, attempts.early_by_timestamps),
         "early_by_lateness_ms": sum(1 for x in attempts.lateness_ms if x < 0),

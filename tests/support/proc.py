@@ -1,17 +1,14 @@
 """Child processes: eventsched run as a real process, its JSON log lines, free ports.
 
 :class:`AppProcess` collects a child's output on a thread (tests read every line);
-bench/ keeps its children's logs in files and shares :data:`REPO`, :func:`free_port` and
-:func:`die_with_parent` from here.
+bench/ keeps its children's logs in files and shares :data:`REPO` and :func:`free_port`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,30 +20,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
-_PR_SET_PDEATHSIG = 1
-
 
 def free_port() -> int:
     """A loopback TCP port that nobody listened on a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies (Linux; the
-    signal is tied to the thread that forks: spawn from a thread that outlives the child)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
 
 
 class AppProcess:
