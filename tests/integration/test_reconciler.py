@@ -23,6 +23,7 @@ from eventsched.core.domain.jobcontract import make_job
 from eventsched.core.operations.devstack import RedisServer
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store.leader import LeaderLock, lock_key
+from eventsched.plugins.reconciler import Reconciler
 from tests.support import exec_handlers
 from tests.support.clients import query, read_topic, status_counts
 from tests.support.execution import (
@@ -145,7 +146,7 @@ async def test_a_restore_spans_passes_and_starts_over_when_redis_is_lost_again(
     await trio.to_thread.run_sync(insert_events, database, events)
     async with running_executor(settings) as harness:
         reconciler = harness.executor.reconciler
-        assert reconciler is not None
+        assert isinstance(reconciler, Reconciler)
         await wait_until(lambda: marker(own_redis, names.queue) == "ok", limit=5)
         await trio.to_thread.run_sync(flush_redis, own_redis)
         assert (await reconciler.reconcile_once())["redis_lost"] == 50
@@ -212,7 +213,7 @@ async def test_lost_retries_and_stale_attempts_are_recovered_with_the_key_scheme
         await wait_until(
             lambda: bool(query(database, "SELECT 1 FROM events WHERE dlq_published_at IS NOT NULL"))
         )
-        assert harness.executor.reconciler is not None
+        assert isinstance(harness.executor.reconciler, Reconciler)
         assert harness.executor.reconciler.passes >= 1
 
     rows = {
