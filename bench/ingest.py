@@ -118,8 +118,7 @@ def main() -> None:
     series: list[tuple[float, int]] = []
     try:
         with Stack(run) as stack:
-            for name, pid in stack.server_pids().items():
-                sampler.track_cpu(name, pid)
+            sampler.track_servers(stack.server_pids())
             with step(f"producing {count:,} events into {TOPIC}"):
                 produced = preload(stack.kafka, count)
             settings = stack.settings(

@@ -236,8 +236,7 @@ def main() -> None:
     stock: dict[str, Any] | None = None
     try:
         with Stack(run, kafka=True) as stack:
-            for name, pid in stack.server_pids().items():
-                sampler.track_cpu(name, pid)
+            sampler.track_servers(stack.server_pids())
             ours = quietest(
                 run,
                 "eventsched run",

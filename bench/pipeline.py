@@ -12,6 +12,7 @@ created_at``), lag over time and its trend, RSS and CPU per role.
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,20 @@ class Pipeline:
     profile: bool = False
     profile_seconds: float = 20.0
     samples: list[LagSample] = field(default_factory=list)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, rate: float) -> Pipeline:
+        """The run the flags of ``bench.e2e`` / ``bench.memory`` ask for, at ``rate``."""
+        quick = args.quick
+        return cls(
+            rate=rate,
+            duration=args.duration or (2.0 if quick else 60.0),
+            delay_min=args.delay_min if args.delay_min is not None else (1.0 if quick else 2.0),
+            delay_max=args.delay_max if args.delay_max is not None else (1.5 if quick else 10.0),
+            concurrency=args.concurrency,
+            profile=args.profile,
+            profile_seconds=args.profile_seconds,
+        )
 
 
 def _lag_sample(

@@ -80,6 +80,11 @@ class Sampler:
         with self._lock:
             self._cpu[name] = pid
 
+    def track_servers(self, pids: Mapping[str, int]) -> None:
+        """Track the CPU of each server's process tree (:meth:`bench.stack.Stack.server_pids`)."""
+        for name, pid in pids.items():
+            self.track_cpu(name, pid)
+
     def track(self, name: str, pid: int) -> None:
         """Track memory and CPU of ``name`` (a new pid under a used name starts afresh)."""
         with self._lock:

@@ -222,8 +222,7 @@ def main() -> None:
     stock: dict[str, Any] | None = None
     try:
         with Stack(run, kafka=True) as stack:
-            for name, pid in stack.server_pids().items():
-                sampler.track_cpu(name, pid)
+            sampler.track_servers(stack.server_pids())
             for processes in process_counts:
 
                 def phase(attempt: int, k: int = processes) -> dict[str, Any]:

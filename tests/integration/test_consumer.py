@@ -431,15 +431,11 @@ class _Trickle:
         assert self.error is None, self.error
 
 
-def test_kill_9_mid_stream_then_restart_records_and_schedules_everything_once(
-    tmp_path: Path,
-    topics: Names,
-    database: str,
-    redis_url: str,
-    kafka_bootstrap: str,
-    clean_queue: str,
-) -> None:
-    settings = write_settings(
+def _crash_settings(
+    tmp_path: Path, topics: Names, database: str, redis_url: str, kafka_bootstrap: str
+) -> Path:
+    """The consumer children of the crash and rebalance tests: small batches, quick group."""
+    return write_settings(
         tmp_path / "settings.toml",
         child_sections(
             topics,
@@ -450,6 +446,17 @@ def test_kill_9_mid_stream_then_restart_records_and_schedules_everything_once(
             kafka=QUICK_GROUP,
         ),
     )
+
+
+def test_kill_9_mid_stream_then_restart_records_and_schedules_everything_once(
+    tmp_path: Path,
+    topics: Names,
+    database: str,
+    redis_url: str,
+    kafka_bootstrap: str,
+    clean_queue: str,
+) -> None:
+    settings = _crash_settings(tmp_path, topics, database, redis_url, kafka_bootstrap)
     events = make_events(2000)
     first = start_role(settings)
     second = None
@@ -487,17 +494,7 @@ def test_three_consumers_share_partitions_survive_a_leaver_and_shut_down_cleanly
     kafka_bootstrap: str,
     clean_queue: str,
 ) -> None:
-    settings = write_settings(
-        tmp_path / "settings.toml",
-        child_sections(
-            topics,
-            database,
-            redis_url,
-            kafka_bootstrap,
-            consumer={"max_batch": 50},
-            kafka=QUICK_GROUP,
-        ),
-    )
+    settings = _crash_settings(tmp_path, topics, database, redis_url, kafka_bootstrap)
     events = make_events(1500)
     apps = [start_role(settings) for _ in range(3)]
     restarted = None

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import trio_asyncio
 from confluent_kafka import KafkaError
@@ -39,16 +36,6 @@ from tests.support.ingest import (
 from tests.support.metrics import metric_value
 from tests.support.servers import Names
 from tests.support.waiting import wait_until
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(tmp_path / "kafka")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def restart_empty(broker: KafkaBroker, topics: dict[str, int]) -> None:

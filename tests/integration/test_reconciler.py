@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -20,7 +18,6 @@ import redis
 import trio
 
 from eventsched.core.domain.jobcontract import make_job
-from eventsched.core.operations.devstack import RedisServer
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store.leader import LeaderLock, lock_key
 from eventsched.plugins.reconciler import Reconciler
@@ -46,17 +43,6 @@ RECONCILE_FAST = {"interval": "300ms", "grace": "300ms", "stale_after": "1s"}
 
 
 pytestmark = pytest.mark.usefixtures("executor_state")
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[str]:
-    """A Redis of this test only: FLUSHALL must not touch anyone else's keys."""
-    server = RedisServer(tmp_path / "redis", fast=True)
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 def reconciling_settings(make_settings: Any, handler: str = "ok", **sections: Any) -> Settings:

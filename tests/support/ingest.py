@@ -21,9 +21,9 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from eventsched.core.domain.codec import Event, encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.runtime.root import Runtime
 from eventsched.core.runtime.settings import Settings
-from tests.support.clients import FAST_GROUP_CONFIG, query
+from tests.support.clients import query
 from tests.support.proc import AppProcess
-from tests.support.servers import Names
+from tests.support.servers import Names, service_sections
 from tests.support.waiting import wait_until
 
 
@@ -139,15 +139,7 @@ def child_sections(
 ) -> dict[str, dict[str, Any]]:
     """The settings of a child process for this test's database, queue and topics."""
     sections: dict[str, dict[str, Any]] = {
-        "kafka": {
-            "bootstrap_servers": kafka_bootstrap,
-            "topic": names.topic,
-            "dlq_topic": names.dlq_topic,
-            "consumer_group": names.group,
-            "consumer_client": dict(FAST_GROUP_CONFIG),
-        },
-        "postgres": {"dsn": database},
-        "redis": {"url": redis_url, "queue": names.queue},
+        **service_sections(names, database, redis_url, kafka_bootstrap),
         "shutdown": {"grace": "5s"},
         "logging": {"format": "json"},
     }
