@@ -54,20 +54,17 @@ import psycopg
 import redis
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from bench.common import (
-    DEFAULT_OUT,
-    FAST_GROUP_CONFIG,
-    Role,
-    clean_env,
-    log,
-    percentiles,
-    write_toml,
-)
+from bench.run import DEFAULT_OUT, log
+from bench.stack import Role, clean_env
+from bench.stats import percentiles
 from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.devstack import DevStack
 from eventsched.core.runtime.contracts import Handler, HandlerContext, HandlerEvent, handler_factory
 from eventsched.core.store import migrations
+from tests.support.clients import FAST_GROUP_CONFIG, query
+from tests.support.journal import append_line
+from tests.support.settingsfile import write_settings
 
 TOPIC = "events"
 DLQ_TOPIC = "events-dlq"
@@ -104,12 +101,7 @@ def _journal(path: str, what: str, event: HandlerEvent, ok: bool | None = None) 
         {"what": what, "event": event.id, "attempt": event.attempt, "ok": ok,
          "pid": os.getpid(), "t": time.time()}
     )  # fmt: skip
-    # One O_APPEND write per line: lines of concurrent processes never interleave.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
+    append_line(path, line)
 
 
 @handler_factory
@@ -375,10 +367,10 @@ class Chaos:
 # --------------------------------------------------------------------------- the ledger
 
 
-def sql(dsn: str, query: str, params: Sequence[Any] | None = None) -> list[Any]:
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description is not None else []
+def sql(dsn: str, statement: str, params: Sequence[Any] | None = None) -> list[Any]:
+    """:func:`tests.support.clients.query` that gives up connecting after 5 s (a fault may
+    have PostgreSQL down)."""
+    return query(dsn, statement, params, connect_timeout=5)
 
 
 def drained(dsn: str, produced: int) -> bool:
@@ -656,7 +648,7 @@ def table(r: Mapping[str, Any], seed: int, rate: float, duration: float) -> str:
 
 
 def role_settings(path: Path, args: argparse.Namespace) -> Path:
-    return write_toml(
+    return write_settings(
         path,
         {
             "kafka": {"partitions": PARTITIONS},

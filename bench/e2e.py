@@ -17,20 +17,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    RECOMMENDED_CONCURRENCY,
-    BenchRun,
-    Profiler,
-    Sampler,
-    Stack,
-    fmt_ms,
-    noise,
-    parse_args,
-    plot_cdf,
-    pyplot,
-    verdict,
-)
 from bench.pipeline import Pipeline, run_pipeline
+from bench.profiling import Profiler
+from bench.report import fmt_ms, plot_cdf, pyplot, verdict
+from bench.run import BenchRun, noise, parse_args
+from bench.sampling import Sampler
+from bench.stack import RECOMMENDED_CONCURRENCY, Stack
 
 TARGET_P99_MS = 25.0
 
@@ -79,21 +71,12 @@ def main() -> None:
     args = parse_args(__doc__ or "", add_args)
     run = BenchRun("e2e", args)
     quick = args.quick
-    p = Pipeline(
-        rate=args.rate or (300.0 if quick else 5000.0),
-        duration=args.duration or (2.0 if quick else 60.0),
-        delay_min=args.delay_min if args.delay_min is not None else (1.0 if quick else 2.0),
-        delay_max=args.delay_max if args.delay_max is not None else (1.5 if quick else 10.0),
-        concurrency=args.concurrency,
-        profile=args.profile,
-        profile_seconds=args.profile_seconds,
-    )
+    p = Pipeline.from_args(args, rate=args.rate or (300.0 if quick else 5000.0))
     sampler = Sampler().start()
     profiler = Profiler(run)
     try:
         with Stack(run) as stack:
-            for name, pid in stack.server_pids().items():
-                sampler.track_cpu(name, pid)
+            sampler.track_servers(stack.server_pids())
             r = run_pipeline(stack, sampler, p, profiler)
     finally:
         sampler.stop()

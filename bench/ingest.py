@@ -26,22 +26,15 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from bench.common import (
-    FAST_GROUP_CONFIG,
-    BenchRun,
-    Profiler,
-    Sampler,
-    Stack,
-    log,
-    metric_sum,
-    noise,
-    parse_args,
-    pyplot,
-    stats_delta,
-    step,
-    verdict,
-)
+from bench.profiling import Profiler
+from bench.report import pyplot, verdict
+from bench.run import BenchRun, log, noise, parse_args, step
+from bench.sampling import Sampler
+from bench.stack import Stack
+from bench.stats import stats_delta
 from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
+from tests.support.clients import FAST_GROUP_CONFIG
+from tests.support.metrics import metric_sum
 
 TARGET = 20_000.0
 TOPIC = "events"
@@ -125,8 +118,7 @@ def main() -> None:
     series: list[tuple[float, int]] = []
     try:
         with Stack(run) as stack:
-            for name, pid in stack.server_pids().items():
-                sampler.track_cpu(name, pid)
+            sampler.track_servers(stack.server_pids())
             with step(f"producing {count:,} events into {TOPIC}"):
                 produced = preload(stack.kafka, count)
             settings = stack.settings(

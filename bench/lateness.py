@@ -22,33 +22,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    PEER_CONCURRENCY,
-    RECOMMENDED_CONCURRENCY,
-    BenchRun,
-    Profiler,
-    Sampler,
-    Stack,
-    executions_done,
-    fmt_ms,
+from bench.profiling import Profiler
+from bench.report import fmt_ms, plot_cdf, pyplot, ratio, verdict
+from bench.run import BenchRun, log, noise, parse_args, quietest
+from bench.sampling import Sampler
+from bench.stack import PEER_CONCURRENCY, RECOMMENDED_CONCURRENCY, Stack, executions_done
+from bench.stats import (
     lateness_summary,
     lateness_timeline,
-    log,
-    noise,
-    parse_args,
     percentiles,
-    plot_cdf,
-    pyplot,
-    quietest,
     rate_series,
-    ratio,
     read_attempts,
     stats_delta,
-    status_counts,
     throughput,
-    verdict,
     wait_for_count,
 )
+from tests.support.clients import status_counts
 
 TARGET_P99_MS = 10.0
 TARGET_MAX_MS = 50.0
@@ -132,7 +121,7 @@ def run_ours(
     attempts = read_attempts(stack)
     return {
         "fed": fed,
-        "statuses": status_counts(stack),
+        "statuses": status_counts(stack.dsn),
         "attempt_rows": len(attempts.started),
         "outcomes": dict(attempts.outcomes),
         "lateness_ms": lateness_summary(attempts.lateness_ms, attempts.early_by_timestamps),
@@ -247,8 +236,7 @@ def main() -> None:
     stock: dict[str, Any] | None = None
     try:
         with Stack(run, kafka=True) as stack:
-            for name, pid in stack.server_pids().items():
-                sampler.track_cpu(name, pid)
+            sampler.track_servers(stack.server_pids())
             ours = quietest(
                 run,
                 "eventsched run",

@@ -27,23 +27,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    RECOMMENDED_CONCURRENCY,
-    BenchRun,
-    Profiler,
-    Sampler,
-    Stack,
-    fmt_ms,
-    log,
-    noise,
-    parse_args,
-    plot_cdf,
-    pyplot,
-    step,
-    verdict,
-)
 from bench.lateness import run_ours
 from bench.pipeline import QUEUE, Pipeline, run_pipeline
+from bench.profiling import Profiler
+from bench.report import fmt_ms, plot_cdf, pyplot, verdict
+from bench.run import BenchRun, log, noise, parse_args, step
+from bench.sampling import Sampler
+from bench.stack import RECOMMENDED_CONCURRENCY, Stack
 
 TARGET_RSS_MB = 100.0
 TARGET_P99_MS = 10.0
@@ -113,21 +103,12 @@ def main() -> None:
     run = BenchRun("memory", args)
     quick = args.quick
     backlog = args.backlog if args.backlog is not None else (3000 if quick else 1_000_000)
-    p = Pipeline(
-        rate=args.rate or (200.0 if quick else 1000.0),
-        duration=args.duration or (2.0 if quick else 60.0),
-        delay_min=args.delay_min if args.delay_min is not None else (1.0 if quick else 2.0),
-        delay_max=args.delay_max if args.delay_max is not None else (1.5 if quick else 10.0),
-        concurrency=args.concurrency,
-        profile=args.profile,
-        profile_seconds=args.profile_seconds,
-    )
+    p = Pipeline.from_args(args, rate=args.rate or (200.0 if quick else 1000.0))
     sampler = Sampler().start()
     profiler = Profiler(run)
     try:
         with Stack(run) as stack:
-            for name, pid in stack.server_pids().items():
-                sampler.track_cpu(name, pid)
+            sampler.track_servers(stack.server_pids())
             with step(f"loading a backlog of {backlog:,} events due 1-2 h out"):
                 loader = stack.helper(
                     "backlog",

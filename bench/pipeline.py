@@ -12,29 +12,26 @@ created_at``), lag over time and its trend, RSS and CPU per role.
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import (
-    FAST_GROUP_CONFIG,
-    RECOMMENDED_CONCURRENCY,
-    Profiler,
-    Role,
-    Sampler,
-    Stack,
-    executions_done,
+from bench.profiling import Profiler
+from bench.run import log
+from bench.sampling import Sampler
+from bench.stack import RECOMMENDED_CONCURRENCY, Role, Stack, executions_done
+from bench.stats import (
     lateness_summary,
     lateness_timeline,
-    log,
-    metric_sum,
     percentiles,
     read_attempts,
     stats_delta,
-    status_counts,
     wait_for_count,
 )
+from tests.support.clients import FAST_GROUP_CONFIG, status_counts
+from tests.support.metrics import metric_sum
 
 QUEUE = "bench"
 
@@ -60,6 +57,20 @@ class Pipeline:
     profile: bool = False
     profile_seconds: float = 20.0
     samples: list[LagSample] = field(default_factory=list)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, rate: float) -> Pipeline:
+        """The run the flags of ``bench.e2e`` / ``bench.memory`` ask for, at ``rate``."""
+        quick = args.quick
+        return cls(
+            rate=rate,
+            duration=args.duration or (2.0 if quick else 60.0),
+            delay_min=args.delay_min if args.delay_min is not None else (1.0 if quick else 2.0),
+            delay_max=args.delay_max if args.delay_max is not None else (1.5 if quick else 10.0),
+            concurrency=args.concurrency,
+            profile=args.profile,
+            profile_seconds=args.profile_seconds,
+        )
 
 
 def _lag_sample(
@@ -199,7 +210,7 @@ def run_pipeline(stack: Stack, sampler: Sampler, p: Pipeline, profiler: Profiler
         "generated": generated,
         "achieved_rate": round(generated / load_seconds, 1),
         "all_ran": finished,
-        "statuses": status_counts(stack),
+        "statuses": status_counts(stack.dsn),
         "outcomes": dict(attempts.outcomes),
         "lateness_ms": lateness_summary(attempts.lateness_ms, attempts.early_by_timestamps),
         "early_by_lateness_ms": sum(1 for x in attempts.lateness_ms if x < 0),

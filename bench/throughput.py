@@ -24,31 +24,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    PEER_CONCURRENCY,
-    RECOMMENDED_CONCURRENCY,
-    BenchRun,
-    Profiler,
-    Sampler,
-    Stack,
-    executions_done,
-    fmt_ms,
+from bench.profiling import Profiler
+from bench.report import fmt_ms, pyplot, ratio, verdict
+from bench.run import BenchRun, log, noise, parse_args, quietest
+from bench.sampling import Sampler
+from bench.stack import PEER_CONCURRENCY, RECOMMENDED_CONCURRENCY, Stack, executions_done
+from bench.stats import (
     lateness_summary,
-    log,
-    noise,
-    parse_args,
     percentiles,
-    pyplot,
-    quietest,
     rate_series,
-    ratio,
     read_attempts,
     stats_delta,
-    status_counts,
     throughput,
-    verdict,
     wait_for_count,
 )
+from tests.support.clients import status_counts
 
 TARGET_ONE = 3000.0
 TARGET_SCALING = 1.7
@@ -132,7 +122,7 @@ def run_ours(
         "count": count,
         "load": loaded,
         "all_finished": finished,
-        "statuses": status_counts(stack),
+        "statuses": status_counts(stack.dsn),
         "outcomes": dict(attempts.outcomes),
         "throughput_finished": throughput(attempts.finished),
         "throughput_pg_updated": throughput(attempts.pg_updated),
@@ -232,8 +222,7 @@ def main() -> None:
     stock: dict[str, Any] | None = None
     try:
         with Stack(run, kafka=True) as stack:
-            for name, pid in stack.server_pids().items():
-                sampler.track_cpu(name, pid)
+            sampler.track_servers(stack.server_pids())
             for processes in process_counts:
 
                 def phase(attempt: int, k: int = processes) -> dict[str, Any]:

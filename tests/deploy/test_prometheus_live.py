@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,8 +25,9 @@ import yaml
 from confluent_kafka import Producer
 
 from eventsched.core.kafka import ensure_topics
-from tests.support.proc import REPO, AppProcess
-from tests.support.servers import FAST_GROUP_CONFIG, Names
+from tests.support.clients import FAST_GROUP_CONFIG
+from tests.support.proc import REPO, AppProcess, free_port
+from tests.support.servers import Names
 
 OPS = REPO / "ops"
 DASHBOARDS = OPS / "grafana" / "dashboards"
@@ -41,12 +41,6 @@ EMPTY_BY_DESIGN = {
     ("eventsched-infrastructure.json", "Deadlocks (1h)"): "increase() of a counter that is 0",
     ("eventsched-overview.json", "Reconciler re-enqueued"): "nothing is lost in a healthy run",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _require(binary: str) -> str:
@@ -202,7 +196,7 @@ def test_prometheus_scrapes_every_target_and_every_panel_has_data(
     settings_file = _role_settings(tmp_path)
     ports: dict[str, int] = {}
     for role in ("producer", "consumer", "executor"):
-        port = _free_port()
+        port = free_port()
         ports[role] = port
         app = AppProcess(
             ["--settings", str(settings_file), "run", "--role", role, "--port", str(port)], env=env
@@ -211,13 +205,13 @@ def test_prometheus_scrapes_every_target_and_every_panel_has_data(
     for app in stack.apps:
         app.wait_event("role_ready", timeout=60)
 
-    ports["postgres-exporter"] = _free_port()
+    ports["postgres-exporter"] = free_port()
     stack.spawn(
         [pg_exporter, f"--web.listen-address=127.0.0.1:{ports['postgres-exporter']}"],
         tmp_path / "pg-exporter.log",
         env={"DATA_SOURCE_NAME": _url_dsn(database), "PATH": "/usr/bin:/bin"},
     )
-    ports["redis-exporter"] = _free_port()
+    ports["redis-exporter"] = free_port()
     stack.spawn(
         [
             redis_exporter,
@@ -226,7 +220,7 @@ def test_prometheus_scrapes_every_target_and_every_panel_has_data(
         ],
         tmp_path / "redis-exporter.log",
     )
-    ports["prometheus"] = _free_port()
+    ports["prometheus"] = free_port()
     stack.spawn(
         [
             prometheus,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -29,10 +28,11 @@ from eventsched.core.domain.commands import COMMAND_SCHEMA_VERSION
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.runtime.settings import Settings
 from eventsched.plugins.api.openapi import document
-from tests.support.execution import NewEvent, insert_events, new_events, query
-from tests.support.ingest import read_topic, running
+from tests.support.clients import query, read_topic
+from tests.support.execution import NewEvent, insert_events, new_events
+from tests.support.ingest import running
 from tests.support.metrics import metric_value
-from tests.support.proc import REPO, AppProcess
+from tests.support.proc import REPO, AppProcess, free_port
 from tests.support.servers import Names
 
 WRITER = "writer-token-0123456789abcdef"
@@ -41,13 +41,6 @@ TOKENS = [
     {"name": "writer", "token": WRITER},
     {"name": "reader", "token": READER, "read_only": True},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def bearer(token: str) -> dict[str, str]:

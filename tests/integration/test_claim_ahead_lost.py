@@ -17,14 +17,9 @@ import redis
 import trio
 
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
+from tests.support.clients import status_counts
 from tests.support.exec_handlers import read_journal
-from tests.support.execution import (
-    executor_env,
-    insert_events,
-    new_events,
-    queue_client,
-    status_counts,
-)
+from tests.support.execution import executor_env, insert_events, new_events, queue_client
 from tests.support.proc import AppProcess
 from tests.support.servers import Names
 
@@ -114,7 +109,8 @@ async def test_the_owner_of_a_job_is_forgotten_once_it_leaves_active(
     make_settings: Any, database: str, redis_url: str
 ) -> None:
     """Every way out of `active` (finish, retry, put back) clears the job's owner entry."""
-    from tests.support.execution import all_finished, running_executor, wait_until
+    from tests.support.execution import all_finished, running_executor
+    from tests.support.waiting import wait_until
 
     settings = make_settings(
         executor={"concurrency": 8, "max_retries": 3,
@@ -146,7 +142,8 @@ async def test_a_job_whose_claim_answer_was_lost_is_given_back(
     call): the job sits in `active`, QUEUED, taken by a worker that is alive but never got
     it. It goes back to `queued` on the reconciler's second look and runs once."""
     from tests.support import exec_handlers
-    from tests.support.execution import all_finished, running_executor, wait_until
+    from tests.support.execution import all_finished, running_executor
+    from tests.support.waiting import wait_until
 
     settings = make_settings(
         executor={"concurrency": 4},

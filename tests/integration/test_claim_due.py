@@ -24,9 +24,9 @@ from tests.support.execution import (
     running_executor,
     saq_score,
     statuses,
-    wait_until,
 )
 from tests.support.metrics import metric_value
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.usefixtures("executor_state")
 

@@ -16,14 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from eventsched.core.runtime.contracts import Handler, HandlerContext, handler_factory
-from tests.support.proc import REPO
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.support.proc import REPO, free_port
 
 
 def eventsched(*args: str, timeout: float = 30.0, **env: str) -> subprocess.CompletedProcess[str]:
@@ -32,9 +25,9 @@ def eventsched(*args: str, timeout: float = 30.0, **env: str) -> subprocess.Comp
         **os.environ,
         "PYTHONPATH": str(REPO),
         "EVENTSCHED_LOGGING__FORMAT": "json",
-        "EVENTSCHED_POSTGRES__DSN": f"postgresql://postgres@127.0.0.1:{_closed_port()}/none",
-        "EVENTSCHED_REDIS__URL": f"redis://127.0.0.1:{_closed_port()}/0",
-        "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{_closed_port()}",
+        "EVENTSCHED_POSTGRES__DSN": f"postgresql://postgres@127.0.0.1:{free_port()}/none",
+        "EVENTSCHED_REDIS__URL": f"redis://127.0.0.1:{free_port()}/0",
+        "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
         **env,
     }
     return subprocess.run(

@@ -23,14 +23,8 @@ from eventsched.core.domain.decode import DecodeLimits, decode_event
 from eventsched.core.domain.event import Event
 from eventsched.core.domain.wire import kafka_headers
 from eventsched.core.kafka import ensure_topics
-from tests.support.ingest import (
-    ReadRecord,
-    delete_queue_keys,
-    query,
-    read_topic,
-    rows_reach,
-    running,
-)
+from tests.support.clients import ReadRecord, delete_queue_keys, query, read_topic
+from tests.support.ingest import rows_reach, running
 from tests.support.servers import Names
 
 LIMITS = DecodeLimits()

@@ -35,27 +35,26 @@ from eventsched.core.store import events as eventstore
 from eventsched.core.store import migrations
 from eventsched.core.store.events import IngestRow
 from eventsched.core.store.pool import Database
+from tests.support.clients import FAST_GROUP_CONFIG, delete_queue_keys, query, read_topic
 from tests.support.corpus import load_corpus
 from tests.support.ingest import (
     RawMessage,
     child_sections,
     committed_offsets,
     count_rows,
-    delete_queue_keys,
     event_message,
     make_events,
     produce,
-    query,
-    read_topic,
     rows_reach,
     running,
     saq_schedule,
     start_role,
     wait_assigned,
-    wait_until,
-    write_settings,
 )
-from tests.support.servers import FAST_GROUP_CONFIG, Names
+from tests.support.metrics import metric_sum, scrape
+from tests.support.servers import Names
+from tests.support.settingsfile import write_settings
+from tests.support.waiting import wait_until
 
 PARTITIONS = 3
 # Children of the crash and rebalance tests: a dead member is noticed after 3 s instead of 6
@@ -427,25 +426,11 @@ class _Trickle:
         assert self.error is None, self.error
 
 
-def _metric(port: int, name: str, **labels: str) -> float:
-    """A sample's value from a child's /metrics (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    line_start = f"{name}{{{wanted}}} " if labels else f"{name} "
-    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
-        if line.startswith(line_start):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def test_kill_9_mid_stream_then_restart_records_and_schedules_everything_once(
-    tmp_path: Path,
-    topics: Names,
-    database: str,
-    redis_url: str,
-    kafka_bootstrap: str,
-    clean_queue: str,
-) -> None:
-    settings = write_settings(
+def _crash_settings(
+    tmp_path: Path, topics: Names, database: str, redis_url: str, kafka_bootstrap: str
+) -> Path:
+    """The consumer children of the crash and rebalance tests: small batches, quick group."""
+    return write_settings(
         tmp_path / "settings.toml",
         child_sections(
             topics,
@@ -456,6 +441,17 @@ def test_kill_9_mid_stream_then_restart_records_and_schedules_everything_once(
             kafka=QUICK_GROUP,
         ),
     )
+
+
+def test_kill_9_mid_stream_then_restart_records_and_schedules_everything_once(
+    tmp_path: Path,
+    topics: Names,
+    database: str,
+    redis_url: str,
+    kafka_bootstrap: str,
+    clean_queue: str,
+) -> None:
+    settings = _crash_settings(tmp_path, topics, database, redis_url, kafka_bootstrap)
     events = make_events(2000)
     first = start_role(settings)
     second = None
@@ -493,17 +489,7 @@ def test_three_consumers_share_partitions_survive_a_leaver_and_shut_down_cleanly
     kafka_bootstrap: str,
     clean_queue: str,
 ) -> None:
-    settings = write_settings(
-        tmp_path / "settings.toml",
-        child_sections(
-            topics,
-            database,
-            redis_url,
-            kafka_bootstrap,
-            consumer={"max_batch": 50},
-            kafka=QUICK_GROUP,
-        ),
-    )
+    settings = _crash_settings(tmp_path, topics, database, redis_url, kafka_bootstrap)
     events = make_events(1500)
     apps = [start_role(settings) for _ in range(3)]
     restarted = None
@@ -527,12 +513,14 @@ def test_three_consumers_share_partitions_survive_a_leaver_and_shut_down_cleanly
             what="everything committed",
         )
         consumed_by_each = [
-            _metric(p, "eventsched_events_consumed_total", result="new") for p in ports[:2]
+            metric_sum(scrape(p), "eventsched_events_consumed_total", result="new")
+            for p in ports[:2]
         ]
         assert all(n > 0 for n in consumed_by_each)
         # Every rebalance let the batches in flight commit first: nothing was read twice.
         assert [
-            _metric(p, "eventsched_events_consumed_total", result="duplicate") for p in ports[:2]
+            metric_sum(scrape(p), "eventsched_events_consumed_total", result="duplicate")
+            for p in ports[:2]
         ] == [0, 0]
 
         # A restarted third member starts from the committed offsets: nothing is read again.
@@ -544,7 +532,7 @@ def test_three_consumers_share_partitions_survive_a_leaver_and_shut_down_cleanly
             what="one partition each again",
         )
         time.sleep(1.0)
-        assert _metric(port, "eventsched_consumer_batch_size_count") == 0
+        assert metric_sum(scrape(port), "eventsched_consumer_batch_size_count") == 0
         # (All stop together: Tansu often stalls a rebalance that follows a leave closely.)
         for app in members:
             app.proc.send_signal(signal.SIGTERM)

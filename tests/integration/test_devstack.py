@@ -43,7 +43,7 @@ def _tree_pids(pid: int) -> set[int]:
 def _stack_pids(stack: DevStack) -> set[int]:
     pids: set[int] = set()
     for server in stack.servers:
-        assert server.pid is not None
+        assert server.pid is not None and psutil.pid_exists(server.pid), server.name
         pids |= _tree_pids(server.pid)
     return pids
 
@@ -76,9 +76,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
 
 def test_every_server_answers(stack: DevStack) -> None:
     info = stack.info
-    assert info.postgres_dsn is not None
-    assert info.redis_url is not None
-    assert info.kafka_bootstrap is not None
+    assert stack.postgres and stack.redis and stack.kafka  # all three started
+    assert info.postgres_dsn == stack.postgres.url
+    assert info.redis_url == stack.redis.url
+    assert info.kafka_bootstrap == stack.kafka.url == f"127.0.0.1:{stack.kafka.port}"
     with psycopg.connect(info.postgres_dsn) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
         assert conn.info.dbname == "eventsched"
@@ -94,7 +95,7 @@ def test_every_server_answers(stack: DevStack) -> None:
 
 def test_servers_listen_on_loopback_only(stack: DevStack) -> None:
     for server in stack.servers:
-        assert server.pid is not None
+        assert server.pid is not None and psutil.pid_exists(server.pid), server.name
         listening = {
             (c.laddr.ip, c.laddr.port)
             for pid in _tree_pids(server.pid)
@@ -126,9 +127,9 @@ def test_env_file_names_every_server(stack: DevStack) -> None:
 
 def test_postgres_restarts_on_the_same_port_and_keeps_its_data(stack: DevStack) -> None:
     server = stack.postgres
-    assert server is not None
+    assert server is not None and server.running
     dsn = stack.info.postgres_dsn
-    assert dsn is not None
+    assert dsn == server.url
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE restart_probe (v int)")
         conn.execute("INSERT INTO restart_probe VALUES (42)")
@@ -150,7 +151,7 @@ def test_postgres_restarts_on_the_same_port_and_keeps_its_data(stack: DevStack) 
 
 def test_broker_pause_makes_it_unresponsive_until_resumed(stack: DevStack) -> None:
     broker = stack.kafka
-    assert broker is not None
+    assert broker is not None and broker.running
     broker.pause()
     try:
         assert broker.running
@@ -178,8 +179,8 @@ def test_stop_leaves_nothing_and_a_new_stack_reuses_data_and_ports(tmp_path: Pat
     info = first.start()
     assert "initdb" in first.timings  # cold start
     pids = _stack_pids(first)
-    assert info.postgres_dsn is not None
-    assert info.redis_url is not None
+    assert info.postgres_dsn and info.postgres_dsn.startswith("postgresql://postgres@127.0.0.1:")
+    assert info.redis_url and info.redis_url.startswith("redis://127.0.0.1:")
     with psycopg.connect(info.postgres_dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE survives (v text)")
         conn.execute("INSERT INTO survives VALUES ('row')")
@@ -218,7 +219,7 @@ def test_a_server_on_its_own_picks_a_port_and_keeps_it_across_restarts(tmp_path:
     server.start()
     try:
         port = server.port
-        assert port is not None
+        assert port is not None and port > 0
         server.stop()
         server.start()
         assert server.port == port
@@ -278,7 +279,7 @@ def test_start_moves_to_another_port_when_the_remembered_one_is_taken(
         # Pretend the port looked free when it was picked: the race the retry exists for.
         monkeypatch.setattr(devservers, "_port_is_free", lambda candidate: True)
         with DevStack(tmp_path, postgres=False, kafka=False) as stack:
-            assert stack.redis is not None
+            assert stack.redis is not None and stack.redis.running
             assert stack.redis.port != port
             client = redis.Redis.from_url(stack.info.redis_url or "")
             assert client.ping()
@@ -354,8 +355,9 @@ def test_servers_die_with_the_process_that_started_them(tmp_path: Path, ending: 
         assert _wait_all_gone(pids, timeout=5) == set()
         # The lock died with its owner, and PostgreSQL recovers from the unclean stop.
         with DevStack(tmp_path, fast=True) as again:
-            assert again.info.postgres_dsn is not None
-            with psycopg.connect(again.info.postgres_dsn) as conn:
+            dsn = again.info.postgres_dsn
+            assert dsn and dsn.startswith("postgresql://postgres@127.0.0.1:")
+            with psycopg.connect(dsn) as conn:
                 assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         proc.kill()

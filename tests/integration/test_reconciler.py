@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -20,10 +18,11 @@ import redis
 import trio
 
 from eventsched.core.domain.jobcontract import make_job
-from eventsched.core.operations.devbrokers import RedisServer
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store.leader import LeaderLock, lock_key
+from eventsched.plugins.executor.reconciler import Reconciler
 from tests.support import exec_handlers
+from tests.support.clients import query, read_topic, status_counts
 from tests.support.execution import (
     NewEvent,
     all_finished,
@@ -32,32 +31,18 @@ from tests.support.execution import (
     flush_redis,
     insert_events,
     new_events,
-    query,
-    read_topic,
     running_executor,
-    status_counts,
-    wait_until,
 )
 from tests.support.metrics import metric_value as sample
 from tests.support.proc import AppProcess
 from tests.support.servers import Names
+from tests.support.waiting import wait_until
 
 HANDLERS = "tests.support.exec_handlers"
 RECONCILE_FAST = {"interval": "300ms", "grace": "300ms", "stale_after": "1s"}
 
 
 pytestmark = pytest.mark.usefixtures("executor_state")
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[str]:
-    """A Redis of this test only: FLUSHALL must not touch anyone else's keys."""
-    server = RedisServer(tmp_path / "redis", fast=True)
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 def reconciling_settings(make_settings: Any, handler: str = "ok", **sections: Any) -> Settings:
@@ -147,7 +132,7 @@ async def test_a_restore_spans_passes_and_starts_over_when_redis_is_lost_again(
     await trio.to_thread.run_sync(insert_events, database, events)
     async with running_executor(settings) as harness:
         reconciler = harness.executor.reconciler
-        assert reconciler is not None
+        assert isinstance(reconciler, Reconciler)
         await wait_until(lambda: marker(own_redis, names.queue) == "ok", limit=5)
         await trio.to_thread.run_sync(flush_redis, own_redis)
         assert (await reconciler.reconcile_once())["redis_lost"] == 50
@@ -214,7 +199,7 @@ async def test_lost_retries_and_stale_attempts_are_recovered_with_the_key_scheme
         await wait_until(
             lambda: bool(query(database, "SELECT 1 FROM events WHERE dlq_published_at IS NOT NULL"))
         )
-        assert harness.executor.reconciler is not None
+        assert isinstance(harness.executor.reconciler, Reconciler)
         assert harness.executor.reconciler.passes >= 1
 
     rows = {
@@ -238,7 +223,7 @@ async def test_lost_retries_and_stale_attempts_are_recovered_with_the_key_scheme
     assert status == {retrying.id: "succeeded", stale.id: "succeeded", last.id: "dead",
                       busy.id: "running"}  # fmt: skip
     (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
-    headers = dict(message.headers())
+    headers = message.headers
     assert (headers["event-id"], headers["dlq-reason"], headers["attempts"]) == (
         last.id.encode(),
         b"retries_exhausted",
@@ -354,7 +339,7 @@ async def test_a_dead_event_whose_dlq_message_was_lost_is_published_again(
             lambda: bool(query(database, "SELECT 1 FROM events WHERE dlq_published_at IS NOT NULL"))
         )
     (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
-    headers = dict(message.headers())
+    headers = message.headers
     assert headers["dlq-reason"] == b"permanent_error"
     assert headers["dlq-error"] == b"boom"
     assert (headers["source-topic"], headers["source-partition"], headers["source-offset"]) == (
@@ -362,7 +347,7 @@ async def test_a_dead_event_whose_dlq_message_was_lost_is_published_again(
         b"2",
         b"41",
     )
-    assert json.loads(message.value())["id"] == event.id
+    assert json.loads(message.value)["id"] == event.id
 
 
 # -- leadership and gauges --------------------------------------------------------------------------

@@ -25,18 +25,17 @@ from eventsched.core.store import recovery
 from eventsched.core.store.pool import Database
 from eventsched.plugins.executor.retry import Failure, decide
 from tests.support import replay_handlers
+from tests.support.clients import query, read_topic
 from tests.support.execution import (
     attempt_rows,
     insert_events,
     new_events,
-    query,
-    read_topic,
     running_executor,
     saq_score,
-    wait_until,
 )
 from tests.support.ingest import RawMessage, produce
 from tests.support.servers import Names
+from tests.support.waiting import wait_until
 
 HANDLERS = "tests.support.replay_handlers"
 FAST_RETRY = {"base": "100ms", "factor": 2.0, "max": "1s", "jitter": 0.0}
@@ -108,7 +107,7 @@ async def test_replaying_a_dead_letter_runs_the_event_again_once_with_a_fresh_bu
 
         # The same letter twice in the DLQ (the reconciler may publish a death again).
         (letter,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, topics.dlq_topic)
-        copy = RawMessage(letter.value(), letter.key(), letter.headers(), 0)
+        copy = RawMessage(letter.value, letter.key, letter.header_list, 0)
         await trio.to_thread.run_sync(produce, kafka_bootstrap, topics.dlq_topic, [copy])
         assert await replay(settings, dry_run=True) == (
             "would re-run 1, would re-send 0, would skip 1 |1 event is scheduled, not dead"
@@ -207,7 +206,7 @@ async def test_each_letter_re_runs_its_own_death_once_and_decode_errors_are_re_s
         await wait_until(dead_and_published(database, event.id, 8))
     assert calls() == [(event.id, n) for n in range(1, 9)]
     resent = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, topics.topic)
-    assert [(m.value(), m.key()) for m in resent] == [(b"{oops", b"k-1")]
+    assert [(m.value, m.key) for m in resent] == [(b"{oops", b"k-1")]
 
 
 def _now() -> datetime:

@@ -27,18 +27,18 @@ import trio
 from confluent_kafka import Consumer, TopicPartition
 
 from eventsched.core.kafka import ensure_topics
+from tests.support.clients import FAST_GROUP_CONFIG, delete_queue_keys
 from tests.support.ingest import (
     count_rows,
-    delete_queue_keys,
     event_message,
     make_events,
     produce,
     rows_reach,
     running,
-    wait_until,
 )
 from tests.support.metrics import metric_value
-from tests.support.servers import FAST_GROUP_CONFIG, Names
+from tests.support.servers import Names
+from tests.support.waiting import wait_until
 
 STALL_TEXT = re.compile(r"consumer: no partitions assigned for \d+s")
 STALL_LABELS = {"role": "consumer", "reason": "unassigned"}
@@ -212,7 +212,7 @@ async def test_a_consumer_without_partitions_while_records_wait_is_not_ready_unt
         settings = make_settings(consumer=QUICK_WATCH)
         async with running(settings, ["consumer"]) as runtime:
             port = runtime.bound_port
-            assert port is not None
+            assert port is not None and port > 0  # a real loopback port, not 0
             body = await _wait_stalled(port)
             # The rebalance is over (the holder has the partition again) and the consumer
             # is still stalled.
@@ -253,7 +253,7 @@ async def test_a_spare_consumer_beside_a_member_that_keeps_up_stays_ready(
         settings = make_settings(consumer=QUICK_WATCH)
         async with running(settings, ["consumer"]) as runtime:
             port = runtime.bound_port
-            assert port is not None
+            assert port is not None and port > 0  # a real loopback port, not 0
             await _wait_readyz(port, 200)
             # New records keep arriving (so there is lag now and then) and the member keeps
             # committing them: well past the grace, the spare stays ready.
@@ -295,7 +295,7 @@ async def test_a_spare_consumer_stays_ready_with_nothing_to_read(
         await _member_owns(worker, {0})
         async with running(make_settings(consumer=QUICK_WATCH), ["consumer"]) as runtime:
             port = runtime.bound_port
-            assert port is not None
+            assert port is not None and port > 0  # a real loopback port, not 0
             await trio.sleep(7.0)
             status, body = await _readiness(port)
             assert status == 200, body
@@ -369,7 +369,7 @@ async def _wedged_group_fails_readyz(
     settings = make_settings(consumer=QUICK_WATCH, kafka={"consumer_group": group})
     async with running(settings, ["consumer"]) as runtime:
         port = runtime.bound_port
-        assert port is not None
+        assert port is not None and port > 0  # a real loopback port, not 0
         seen: list[tuple[int, dict[str, Any]]] = []
 
         async def verdict() -> bool:

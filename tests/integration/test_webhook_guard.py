@@ -14,18 +14,16 @@ from typing import Any
 import trio
 from structlog.testing import capture_logs
 
+from tests.support.clients import delete_queue_keys, query, read_topic
 from tests.support.execution import (
     all_finished,
     attempt_rows,
-    delete_queue_keys,
     insert_events,
     new_events,
-    query,
-    read_topic,
     running_executor,
-    wait_until,
 )
 from tests.support.servers import Names
+from tests.support.waiting import wait_until
 from tests.support.webhook import (
     QSECRET,
     SECRET,
@@ -94,7 +92,7 @@ async def test_through_the_executor_errors_rows_headers_and_logs_carry_no_secret
     }
     messages = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
     # The message key is the idempotency key, which insert_events sets to the event id.
-    published = {m.key().decode(): dict(m.headers())["dlq-error"].decode() for m in messages}
+    published = {m.key.decode(): m.headers["dlq-error"].decode() for m in messages}
 
     texts = [*rows.values(), *attempts.values(), *published.values(), repr(logs)]
     for text in texts:

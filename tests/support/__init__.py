@@ -1,4 +1,7 @@
-"""The test harness shared by the three tiers: server fixtures, clients, handlers, helpers.
+"""The test harness shared by the three tiers and bench/: server fixtures, clients, handlers,
+helpers.
 
-Test modules and conftests import from here; nothing here imports a test module or a conftest.
+Test modules, conftests and the benchmarks import from here; nothing here imports a test
+module, a conftest or bench/. Modules bench/ uses (clients, metrics, proc, settingsfile,
+journal) import no pytest.
 """

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 
 from eventsched.core.runtime.contracts import HandlerEvent, PermanentError
+from tests.support.journal import append_line
 
 # (event id, attempt) of every call, in call order (in-process tests only).
 CALLS: list[tuple[str, int]] = []
@@ -64,12 +65,7 @@ async def slow(event: HandlerEvent) -> None:
 def _journal(what: str, event: HandlerEvent) -> None:
     record = {"what": what, "event": event.id, "attempt": event.attempt}
     line = json.dumps({**record, "pid": os.getpid(), "t": time.time()})
-    # One small O_APPEND write per line: lines of concurrent processes never interleave.
-    fd = os.open(os.environ["TEST_HANDLER_JOURNAL"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
+    append_line(os.environ["TEST_HANDLER_JOURNAL"], line)
 
 
 async def journal(event: HandlerEvent) -> None:

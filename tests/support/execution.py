@@ -8,9 +8,7 @@ them with ``trio.to_thread.run_sync``.
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +18,6 @@ import psycopg
 import redis
 import trio
 import trio_asyncio
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from eventsched.core.domain.event import uuid7
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
@@ -31,6 +28,7 @@ from eventsched.core.runtime.health import Health
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store.pool import Database
 from eventsched.plugins.executor import Executor
+from tests.support.clients import query, status_counts
 from tests.support.servers import Names
 
 
@@ -78,17 +76,8 @@ def insert_events(dsn: str, events: Sequence[NewEvent], **columns: Any) -> None:
             copy.write_row(row)
 
 
-def query(dsn: str, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> list[Any]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute(sql, params).fetchall()
-
-
 def statuses(dsn: str) -> dict[str, str]:
     return {str(i): s for i, s in query(dsn, "SELECT id, status FROM events")}
-
-
-def status_counts(dsn: str) -> dict[str, int]:
-    return dict(query(dsn, "SELECT status, count(*) FROM events GROUP BY status"))
 
 
 @dataclass(frozen=True)
@@ -114,15 +103,6 @@ def attempt_rows(dsn: str) -> list[AttemptRow]:
     return [AttemptRow(*row) for row in rows]
 
 
-async def wait_until(
-    check: Callable[[], bool], *, limit: float = 20.0, interval: float = 0.1
-) -> None:
-    """Poll the blocking ``check`` (in a thread) until it is true."""
-    with trio.fail_after(limit):
-        while not await trio.to_thread.run_sync(check):  # noqa: ASYNC110  # state in other processes
-            await trio.sleep(interval)
-
-
 def all_finished(dsn: str, count: int) -> Callable[[], bool]:
     """A check: ``count`` events are succeeded or dead."""
 
@@ -131,38 +111,6 @@ def all_finished(dsn: str, count: int) -> Callable[[], bool]:
         return counts.get("succeeded", 0) + counts.get("dead", 0) >= count
 
     return check
-
-
-def read_topic(bootstrap: str, topic: str, *, timeout: float = 15.0) -> list[Any]:
-    """Every message of ``topic`` from the beginning (partition EOF marks the end)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        }
-    )
-    try:
-        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        done: set[int] = set()
-        messages = []
-        deadline = time.monotonic() + timeout
-        while len(done) < len(partitions):
-            assert time.monotonic() < deadline, f"{topic}: no EOF on {set(partitions) - done}"
-            for message in consumer.consume(1000, 0.2):
-                error = message.error()
-                if error is not None:
-                    assert error.code() == KafkaError._PARTITION_EOF, error.str()
-                    done.add(message.partition() or 0)
-                    continue
-                done.discard(message.partition() or 0)
-                messages.append(message)
-        return messages
-    finally:
-        consumer.close()
 
 
 def flush_redis(url: str) -> None:
@@ -179,17 +127,6 @@ def saq_score(url: str, queue: str, key: str) -> float | None:
     try:
         score = client.zscore(f"saq:{queue}:incomplete", f"saq:job:{queue}:{key}")
         return None if score is None else float(score)
-    finally:
-        client.close()
-
-
-def delete_queue_keys(url: str, queue: str) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        for pattern in (f"saq:{queue}:*", f"saq:job:{queue}:*", f"saq:abort:{queue}*"):
-            keys = list(client.scan_iter(match=pattern, count=5000))
-            for start in range(0, len(keys), 1000):
-                client.delete(*keys[start : start + 1000])
     finally:
         client.close()
 

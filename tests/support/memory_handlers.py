@@ -12,16 +12,12 @@ import asyncio
 import os
 
 from eventsched.core.runtime.contracts import HandlerEvent
+from tests.support.journal import append_line
 
 MB = 1024 * 1024
 
 
 async def record(event: HandlerEvent) -> None:
     blob = event.payload.get("blob", "")
-    line = f"{event.id} {event.attempt} {len(blob)}\n".encode()
-    fd = os.open(os.environ["TEST_CALLS_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    append_line(os.environ["TEST_CALLS_FILE"], f"{event.id} {event.attempt} {len(blob)}")
     await asyncio.sleep(float(os.environ.get("TEST_HANDLER_SLEEP", "0.05")))

@@ -1,10 +1,15 @@
-"""Running eventsched as a real child process and reading its JSON log lines."""
+"""Child processes: eventsched run as a real process, its JSON log lines, free ports.
+
+:class:`AppProcess` collects a child's output on a thread (tests read every line);
+bench/ keeps its children's logs in files and shares :data:`REPO` and :func:`free_port`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +19,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A loopback TCP port that nobody listened on a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class AppProcess:

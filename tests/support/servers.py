@@ -19,23 +19,31 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
 
+from eventsched.core.operations.devbrokers import KafkaBroker, RedisServer
 from eventsched.core.operations.devpostgres import PostgresServer
 from eventsched.core.runtime.settings import Settings, build_settings
 from eventsched.core.store import migrations
+from tests.support.clients import FAST_GROUP_CONFIG, delete_queue_keys
 
-# Tansu needs these for quick group joins (its defaults make a join take 20+ s).
-FAST_GROUP_CONFIG = {
-    "session.timeout.ms": 6000,
-    "heartbeat.interval.ms": 500,
-    "max.poll.interval.ms": 10000,
-}
+_Server = TypeVar("_Server", PostgresServer, RedisServer, KafkaBroker)
+
+
+@contextmanager
+def started(server: _Server) -> Iterator[_Server]:
+    """``server`` running until the block ends."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -49,12 +57,8 @@ def pg_admin_dsn(services_dir: Path) -> Iterator[str]:
     if dsn := os.environ.get("EVENTSCHED_TEST_POSTGRES_DSN"):
         yield dsn
         return
-    server = PostgresServer(services_dir / "pg", fast=True)
-    server.start()
-    try:
+    with started(PostgresServer(services_dir / "pg", fast=True)) as server:
         yield server.admin_conninfo()
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -62,14 +66,8 @@ def redis_url(services_dir: Path) -> Iterator[str]:
     if url := os.environ.get("EVENTSCHED_TEST_REDIS_URL"):
         yield url
         return
-    from eventsched.core.operations.devbrokers import RedisServer
-
-    server = RedisServer(services_dir / "redis", fast=True)
-    server.start()
-    try:
+    with started(RedisServer(services_dir / "redis", fast=True)) as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -77,14 +75,8 @@ def kafka_bootstrap(services_dir: Path) -> Iterator[str]:
     if bootstrap := os.environ.get("EVENTSCHED_TEST_KAFKA"):
         yield bootstrap
         return
-    from eventsched.core.operations.devbrokers import KafkaBroker
-
-    broker = KafkaBroker(services_dir / "kafka")
-    broker.start()
-    try:
+    with started(KafkaBroker(services_dir / "kafka")) as broker:
         yield broker.url
-    finally:
-        broker.stop()
 
 
 def _with_dbname(admin_dsn: str, dbname: str) -> str:
@@ -134,21 +126,30 @@ def names() -> Names:
     )
 
 
+def service_sections(
+    names: Names, database: str, redis_url: str, kafka_bootstrap: str
+) -> dict[str, dict[str, Any]]:
+    """The settings sections that point a role at this test's database, queue and topics."""
+    return {
+        "kafka": {
+            "bootstrap_servers": kafka_bootstrap,
+            "topic": names.topic,
+            "dlq_topic": names.dlq_topic,
+            "consumer_group": names.group,
+            "consumer_client": dict(FAST_GROUP_CONFIG),
+        },
+        "postgres": {"dsn": database},
+        "redis": {"url": redis_url, "queue": names.queue},
+    }
+
+
 @pytest.fixture
 def make_settings(database: str, redis_url: str, kafka_bootstrap: str, names: Names) -> Any:
     """Build Settings pointing at this test's database, queue and topics (plus overrides)."""
 
     def make(**sections: dict[str, Any]) -> Settings:
         raw: dict[str, Any] = {
-            "kafka": {
-                "bootstrap_servers": kafka_bootstrap,
-                "topic": names.topic,
-                "dlq_topic": names.dlq_topic,
-                "consumer_group": names.group,
-                "consumer_client": dict(FAST_GROUP_CONFIG),
-            },
-            "postgres": {"dsn": database},
-            "redis": {"url": redis_url, "queue": names.queue},
+            **service_sections(names, database, redis_url, kafka_bootstrap),
             "shutdown": {"grace": 5},
         }
         for section, values in sections.items():
@@ -174,7 +175,6 @@ def dlq_topic(kafka_bootstrap: str, names: Names) -> Names:
 def executor_state(redis_url: str, names: Names) -> Iterator[None]:
     """The test handlers' records start empty; this test's SAQ queue keys go afterwards."""
     from tests.support import exec_handlers
-    from tests.support.execution import delete_queue_keys
 
     exec_handlers.reset()
     yield
@@ -184,9 +184,19 @@ def executor_state(redis_url: str, names: Names) -> Iterator[None]:
 @pytest.fixture
 def own_postgres(tmp_path: Path) -> Iterator[PostgresServer]:
     """A PostgreSQL server of this test alone, so stopping it disturbs nobody."""
-    server = PostgresServer(tmp_path / "pg", fast=True)
-    server.start()
-    try:
+    with started(PostgresServer(tmp_path / "pg", fast=True)) as server:
         yield server
-    finally:
-        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of this test alone (its URL): FLUSHALL must not touch anyone else's keys."""
+    with started(RedisServer(tmp_path / "redis", fast=True)) as server:
+        yield server.url
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[KafkaBroker]:
+    """A Kafka-protocol broker of this test alone, so restarting it disturbs nobody."""
+    with started(KafkaBroker(tmp_path / "kafka")) as broker:
+        yield broker

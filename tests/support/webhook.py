@@ -30,6 +30,7 @@ from eventsched.core.runtime.contracts import (
 )
 from eventsched.core.runtime.settings import Settings, build_settings
 from eventsched.plugins.handlers import WebhookError
+from tests.support.proc import free_port
 
 BUILTIN = "eventsched.plugins.handlers"
 
@@ -196,10 +197,7 @@ def not_http() -> Iterator[NotHttp]:
 @pytest.fixture
 def closed_port() -> int:
     """A loopback port nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    return free_port()
 
 
 def payload_settings(*allowed: str, **webhook: Any) -> Any:

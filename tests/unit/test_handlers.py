@@ -24,6 +24,7 @@ from eventsched.core.runtime.contracts import (
 )
 from eventsched.core.runtime.errors import PluginError
 from eventsched.plugins.handlers import SimulatedFailure, Webhook, WebhookError
+from tests.support.proc import free_port
 from tests.support.webhook import (
     BUILTIN,
     Receiver,
@@ -208,9 +209,7 @@ async def test_webhook_timeouts_and_refused_connections_are_retried(receiver: Re
     )
     with pytest.raises(WebhookError, match=r"POST .*/slow: "):
         await call_webhook(slow, event())
-    with trio.socket.socket() as sock:  # a port with nobody listening
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listening
     refused = settings_with(webhooks={"default": f"http://127.0.0.1:{port}/"})
     with pytest.raises(WebhookError, match="ConnectError"):
         await call_webhook(refused, event())
