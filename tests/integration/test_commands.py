@@ -37,7 +37,16 @@ from eventsched.core.store.pool import Database
 from eventsched.core.store.recovery import Candidate
 from tests.support import command_handlers
 from tests.support.exec_handlers import read_journal
-from tests.support.execution import delete_queue_keys, executor_env, query, saq_score, wait_until
+from tests.support.execution import (
+    delete_queue_keys,
+    executor_env,
+    insert_events,
+    new_events,
+    query,
+    running_executor,
+    saq_score,
+    wait_until,
+)
 from tests.support.ingest import RawMessage, event_message, produce, running
 from tests.support.proc import AppProcess
 from tests.support.servers import Names
@@ -234,6 +243,22 @@ async def test_cancel_while_running_lets_the_attempt_finish_and_no_retry_follows
     assert [(n, outcome) for n, outcome, _, _ in attempts_of(database, succeeds)] == [
         (1, "succeeded")
     ]
+
+
+async def test_a_job_that_outlived_its_cancelled_event_runs_nothing(
+    make_settings: Any, database: str, redis_url: str, dlq_topic: Names
+) -> None:
+    # A job a worker had already taken when the cancel removed the others: its claim loses.
+    settings = settings_for(make_settings)
+    (event,) = new_events(1, due=time.time())
+    insert_events(database, [event], status="cancelled", finished_at=datetime.now(UTC))
+    async with running_executor(settings) as harness:
+        assert await harness.enqueue([event]) == 1
+        await wait_until(lambda: saq_score(redis_url, dlq_topic.queue, event.id) is None)
+        await trio.sleep(0.5)
+    assert command_handlers.STARTS == []
+    assert query(database, "SELECT count(*) FROM event_attempts") == [(0,)]
+    assert event_row(database, event.id)["status"] == "cancelled"
 
 
 def test_an_outcome_after_a_cancel_request_ends_cancelled_even_when_resent(database: str) -> None:

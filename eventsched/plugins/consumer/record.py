@@ -157,7 +157,8 @@ class Recorder:
         jobs = [
             self._job(row.event.id, row.event.execute_at)
             for row in rows
-            if row.event.idempotency_key in new_keys and str(row.event.id) not in synced
+            if row.event.idempotency_key in new_keys
+            and not (synced and str(row.event.id) in synced)
         ]
         for row in existing_rows:
             stored = existing.get(row.event.idempotency_key)
@@ -172,7 +173,7 @@ class Recorder:
                 continue
             if not stored.same:
                 self._conflict(row, stored.id)
-            if stored.status == "scheduled" and str(stored.id) not in synced:
+            if stored.status == "scheduled" and not (synced and str(stored.id) in synced):
                 jobs.append(self._job(stored.id, stored.execute_at))
         for row in later:
             first = first_by_key[row.event.idempotency_key]
@@ -257,7 +258,7 @@ def _hidden(
 ) -> list[CommandRow]:
     """The commands, each marked ``hide`` when its target is an event this batch inserted
     from a later message of the same partition (log order: the command came first)."""
-    if not new_rows:
+    if not commands or not new_rows:
         return [row for row, _ in commands]
     by_key = {row.event.idempotency_key: row for row in new_rows}
     by_id = {row.event.id: row for row in new_rows}
