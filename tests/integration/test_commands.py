@@ -396,6 +396,45 @@ async def test_reschedule_earlier_and_later_runs_once_at_the_new_time_never_the_
     assert len(starts(done)) == 1
 
 
+async def test_commands_on_a_retrying_event_act_on_its_next_attempt(
+    make_settings: Any, topics: Names, database: str, redis_url: str, kafka_bootstrap: str
+) -> None:
+    settings = make_settings(
+        executor={"concurrency": 4, "max_retries": 3,
+                  "retry_backoff": {"base": "4s", "factor": 1.0, "max": "4s", "jitter": 0.0}},
+        handlers={"default": HANDLER}, reconciler={"enabled": False},
+    )  # fmt: skip
+    sooner = ev(0.0, "sooner", fail_until=2)  # attempt 2 moved from +4 s to +1 s
+    never = ev(0.0, "never", fail_until=2)  # cancelled while it waits for attempt 2
+    await send(kafka_bootstrap, topics.topic, [event_message(x, 0) for x in (sooner, never)])
+    async with running(settings, ["consumer", "executor"]):
+        await wait_until(
+            lambda: {status(database, sooner), status(database, never)} == {"retrying"}
+        )
+        retry_keys = [f"{x.id}#2" for x in (sooner, never)]
+        assert all(saq_score(redis_url, topics.queue, key) for key in retry_keys)
+        due = round(time.time() + 1.0, 3)
+        await send(kafka_bootstrap, topics.topic, [
+            message(cmd("reschedule", key="sooner", at=datetime.fromtimestamp(due, UTC))),
+            message(cmd("cancel", key="never")),
+        ])  # fmt: skip
+        await wait_until(lambda: len(commands(database)) == 2)
+        assert saq_score(redis_url, topics.queue, retry_keys[0]) == pytest.approx(due, abs=0.001)
+        assert saq_score(redis_url, topics.queue, retry_keys[1]) is None
+        await wait_until(lambda: status(database, sooner) == "succeeded")
+        assert time.time() < due + 2.5  # well before the old retry time
+        await trio.sleep(max(0.0, due + 3.5 - time.time()))  # past the old retry time
+
+    assert [n for n, _ in starts(sooner)] == [1, 2]
+    ((_, second),) = [(n, t) for n, t in starts(sooner) if n == 2]
+    assert second >= due - AHEAD
+    assert attempts_of(database, sooner)[1][2] == pytest.approx(due, abs=0.001)
+    assert [n for n, _ in starts(never)] == [1]
+    row = event_row(database, never.id)
+    assert (row["status"], row["attempts"], row["finished"]) == ("cancelled", 1, True)
+    assert {r["result"] for r in commands(database).values()} == {"applied"}
+
+
 # -- retry ---------------------------------------------------------------------------------
 
 
