@@ -177,8 +177,8 @@ class Client(ClientBase):
         return self._command("reschedule", key_or_id, due)
 
     def retry(self, key_or_id: Target, *, at: datetime | None = None) -> uuid.UUID:
-        """Run a dead (or finished) event again at ``at`` (default: at once); returns the
-        command id."""
+        """Run a dead or cancelled event again at ``at`` (default: at once), with a fresh
+        attempt budget; returns the command id."""
         return self._command("retry", key_or_id, due_time(datetime.now(UTC), at, None))
 
     def close(self, timeout: float | None = None) -> None:

@@ -115,6 +115,7 @@ def test_status_reports_every_section(
     report = json.loads(result.stdout)
     assert report["events"]["by_status"] == {
         "scheduled": 2, "running": 0, "retrying": 0, "succeeded": 1, "dead": 0,
+        "cancelled": 0,
     }  # fmt: skip
     oldest = report["events"]["oldest_overdue"]
     assert oldest["id"] == str(overdue.id)

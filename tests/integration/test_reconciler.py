@@ -441,7 +441,9 @@ async def test_gauge_counts_stop_at_the_limit_and_read_the_estimate_above_it(
         stale = await counts(limit=10)
         await trio.to_thread.run_sync(analyze)  # ... now they see 20
         fresh = await counts(limit=10)
-    assert exact == {"scheduled": 20, "running": 0, "retrying": 0, "dead": 3, "succeeded": 20}
+    assert exact == {
+        "scheduled": 20, "running": 0, "retrying": 0, "dead": 3, "cancelled": 0, "succeeded": 20,
+    }  # fmt: skip
     # scheduled: counting stops at 10 and the estimate (~1) is lower, so the limit is the
     # answer; dead: 3, below the limit, exact.
     assert {s: stale[s] for s in indexed} == {

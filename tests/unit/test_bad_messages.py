@@ -1,7 +1,8 @@
 """The message corpus in tests/data/bad_messages: each value decodes to its documented outcome.
 
 The corpus and its renderer live in :mod:`tests.support.corpus` (the consumer's integration
-test replays it through Kafka); here it only goes through the pure decoder.
+test replays it through Kafka); here it only goes through the pure decoder the consumer uses (decode_message: events and
+commands).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from eventsched.core.domain.decode import DECODE_REASONS, decode_event
+from eventsched.core.domain.decode import DECODE_REASONS
+from eventsched.core.domain.event import Event
+from eventsched.core.domain.message import decode_message
 from eventsched.core.runtime.errors import DecodeError
 from tests.support.corpus import CORPUS_DIR, LIMITS, CorpusCase, load_corpus
 
@@ -22,11 +25,12 @@ CASES = load_corpus(NOW)
 
 def check(case: CorpusCase, now: datetime) -> None:
     if case.expect == "ok":
-        event = decode_event(case.value, now=now, limits=LIMITS, headers=case.headers)
+        event = decode_message(case.value, now=now, limits=LIMITS, headers=case.headers)
+        assert isinstance(event, Event)
         assert (event.shape, event.late) == (case.shape, case.late)
         return
     with pytest.raises(DecodeError) as info:
-        decode_event(case.value, now=now, limits=LIMITS, headers=case.headers)
+        decode_message(case.value, now=now, limits=LIMITS, headers=case.headers)
     assert info.value.reason == case.expect, info.value.detail
     detail = info.value.detail
     assert "\n" not in detail and 0 < len(detail) <= 200  # a one-liner, never the message

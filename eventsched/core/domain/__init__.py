@@ -9,6 +9,10 @@ Modules, lowest first:
 - :mod:`~eventsched.core.domain.jsonparse`: JSON parsing and the payload walk of the decoder;
 - :mod:`~eventsched.core.domain.decode`: incoming events: :func:`decode_event` validates a
   Kafka message value, rejections carry one of ``DECODE_REASONS``;
+- :mod:`~eventsched.core.domain.commands`: commands on events (cancel, reschedule, retry):
+  the schema-version 2 wire format, tombstones;
+- :mod:`~eventsched.core.domain.message`: an incoming message, an event or a command
+  (:func:`decode_message`, what the consumer calls);
 - :mod:`~eventsched.core.domain.deadletter`: the headers and the size budget of dead-letter
   copies;
 - :mod:`~eventsched.core.domain.handler`: the handler contract that user code implements

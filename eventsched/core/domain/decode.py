@@ -80,8 +80,8 @@ __all__ = ["DECODE_REASONS", "DecodeLimits", "decode_event"]
 # found by msgspec come in the message's field order). They are the values of the
 # `dlq-reason` header and of a metrics label: keep the set small and never rename one.
 DECODE_REASONS: Final[tuple[str, ...]] = (
-    "empty",  # tombstone (None) or zero-length value
-    "unsupported_schema",  # schema-version header present and not "1"
+    "empty",  # tombstone (None) without a key, or zero-length value
+    "unsupported_schema",  # schema-version header present and not "1" (or "2", see message)
     "too_large",  # value longer than max_message_bytes
     "invalid_utf8",  # value is not valid UTF-8
     "invalid_json",  # not JSON (syntax error, truncated, BOM, ...)
@@ -97,6 +97,7 @@ DECODE_REASONS: Final[tuple[str, ...]] = (
     "invalid_payload",  # not an object, NUL/lone surrogate, NaN/Infinity, huge number
     "too_old",  # due time further in the past than max_past
     "beyond_horizon",  # due time further in the future than horizon
+    "invalid_op",  # a command whose op is not cancel, reschedule, retry (or schedule)
 )
 
 

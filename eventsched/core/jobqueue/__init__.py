@@ -57,6 +57,7 @@ Modules, each depending only on those listed before it: :mod:`.scripts` (the Lua
 their key/argument contracts, the SAQ version guard), :mod:`.jobs` (the records passed
 around), :mod:`.budget` (the in-flight payload budget and heap trimming), :mod:`.batcher`
 (ordered, atomic state changes), :mod:`.store` (:class:`OnTimeQueue`, the on-time store),
+:mod:`.edits` (removing pending jobs, moving one to a new due time: commands on events),
 :mod:`.adapter` (:class:`JobQueue`, trio side), :mod:`.dispatcher` (claims for a worker's
 slots; it depends on the store, never the reverse) and :mod:`.worker` (:class:`OnTimeWorker`
 and its trio-side life cycle; it wires the dispatcher into the store). The package may import
@@ -66,6 +67,7 @@ errors, logging), never ``eventsched.plugins``.
 
 from eventsched.core.jobqueue.adapter import JobQueue
 from eventsched.core.jobqueue.budget import PayloadBudget, payload_bytes, trim_heap
+from eventsched.core.jobqueue.edits import Removed
 from eventsched.core.jobqueue.jobs import JobClaim, Orphans, PutBack, ScheduledJob
 from eventsched.core.jobqueue.scripts import TESTED_SAQ, TESTED_SAQ_RELEASE, check_saq_version
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
@@ -89,6 +91,7 @@ __all__ = [
     "Orphans",
     "PayloadBudget",
     "PutBack",
+    "Removed",
     "ScheduledJob",
     "check_saq_version",
     "drain_worker",

@@ -15,6 +15,7 @@ import trio_asyncio
 from redis import asyncio as aioredis
 from saq.job import Status
 
+from eventsched.core.jobqueue.edits import Removed, place_job, remove_jobs
 from eventsched.core.jobqueue.jobs import Orphans, ScheduledJob
 from eventsched.core.jobqueue.scripts import MARKER_CAS_LUA
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
@@ -96,6 +97,17 @@ class JobQueue:
     async def enqueue_many(self, jobs: Sequence[ScheduledJob]) -> int:
         """Enqueue ``jobs``; return how many were new (pending keys are skipped)."""
         return await self._call(self._queue.enqueue_scheduled, jobs)
+
+    async def remove_jobs(self, keys: Sequence[str]) -> Removed:
+        """Remove the pending jobs of these keys that no worker has taken, atomically (see
+        :func:`~eventsched.core.jobqueue.edits.remove_jobs`)."""
+        return await self._call(remove_jobs, self._queue, list(keys))
+
+    async def place_job(self, job: ScheduledJob) -> str:
+        """Move the pending job ``job.key`` to ``job.scheduled``, or add it if it is not
+        pending, atomically; a job a worker has taken is left alone (``taken``). See
+        :func:`~eventsched.core.jobqueue.edits.place_job`."""
+        return await self._call(place_job, self._queue, job)
 
     async def counts(self) -> dict[str, int]:
         """``queued`` (due, waiting for a slot), ``scheduled`` (not moved yet: not due, or due

@@ -178,3 +178,58 @@ for _, command in ipairs(cjson.decode(ARGV[1])) do
 end
 return 1
 """
+
+# Remove pending jobs that no worker has taken (a cancelled event's). KEYS = incomplete,
+# queued, then the job ids; ARGV = the job ids' keys (for the answer). A job scheduled
+# (score >= 1) or queued (score 0, in `queued`) is removed with its record; a job taken by
+# a worker (score 0, not in `queued`: claimed ahead or running) is left alone, the claim's
+# compare-and-set in PostgreSQL stops it. Returns {removed keys, taken keys}.
+REMOVE_LUA = """
+local removed = {}
+local taken = {}
+for i = 3, #KEYS do
+    local id = KEYS[i]
+    local score = redis.call('ZSCORE', KEYS[1], id)
+    if score then
+        if tonumber(score) >= 1 or redis.call('LREM', KEYS[2], 0, id) > 0 then
+            redis.call('ZREM', KEYS[1], id)
+            redis.call('DEL', id)
+            removed[#removed + 1] = ARGV[i - 2]
+        else
+            taken[#taken + 1] = ARGV[i - 2]
+        end
+    end
+end
+return {removed, taken}
+"""
+
+# Put one job at a new due time: move it if it is pending and no worker has taken it, add
+# it if it is not pending. KEYS = incomplete, queued, job id, abort id; ARGV = now, wake-up
+# channel, payload (the job's record with its new `scheduled`), score (exact decimal
+# string). A job taken by a worker is left alone (its claim reads the due time from
+# PostgreSQL: too early, it is put back at that time). Same due rule as ENQUEUE_LUA: a job
+# already due goes straight to `queued` with score 0. Returns 'moved', 'added', 'taken' or
+# 'aborting' (an abort of the key is in progress: nothing done, as for an enqueue).
+PLACE_LUA = """
+local score = redis.call('ZSCORE', KEYS[1], KEYS[3])
+local result = 'added'
+if score then
+    if tonumber(score) < 1 and redis.call('LREM', KEYS[2], 0, KEYS[3]) == 0 then
+        return 'taken'
+    end
+    result = 'moved'
+elseif redis.call('EXISTS', KEYS[4]) == 1 then
+    return 'aborting'
+end
+redis.call('SET', KEYS[3], ARGV[3])
+local scheduled = ARGV[4]
+if tonumber(scheduled) <= tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], 0, KEYS[3])
+    redis.call('RPUSH', KEYS[2], KEYS[3])
+    scheduled = '0'
+else
+    redis.call('ZADD', KEYS[1], scheduled, KEYS[3])
+end
+redis.call('PUBLISH', ARGV[2], scheduled)
+return result
+"""

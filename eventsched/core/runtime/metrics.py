@@ -68,6 +68,12 @@ CONSUMER_LAG = Gauge(
     ["partition"],
     registry=REGISTRY,
 )
+COMMANDS = Counter(
+    "eventsched_commands",
+    "Commands the consumer applied (cancel, reschedule, retry), by result",
+    ["op", "result"],  # applied | cancel_requested | not_applicable | refused | unknown_event
+    registry=REGISTRY,  # | repeated (the same command_id was applied before)
+)
 JOBS_SCHEDULED = Counter(
     "eventsched_jobs_scheduled", "SAQ jobs enqueued for recorded events", registry=REGISTRY
 )
@@ -80,7 +86,7 @@ DEPENDENCY_UP = Gauge(
 EXECUTIONS = Counter(
     "eventsched_executions",
     "Execution attempts by outcome",
-    ["type", "outcome"],  # succeeded | retried | dead | skipped_duplicate
+    ["type", "outcome"],  # succeeded | retried | dead | cancelled | skipped_duplicate
     registry=REGISTRY,
 )
 EXECUTION_DURATION = Histogram(

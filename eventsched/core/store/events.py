@@ -37,7 +37,7 @@ from eventsched.core.store.pool import Database
 
 T = TypeVar("T")
 
-STATUSES: Final = ("scheduled", "running", "retrying", "succeeded", "dead")
+STATUSES: Final = ("scheduled", "running", "retrying", "succeeded", "dead", "cancelled")
 
 # `%b`: arrays travel in binary; psycopg's text dumping of the same lists costs about ten
 # times more client CPU (docs/design-notes.md, "Binary arrays for the insert").
@@ -71,6 +71,7 @@ SELECT (SELECT count(*) FROM events WHERE status = 'scheduled'),
        (SELECT count(*) FROM events WHERE status = 'running'),
        (SELECT count(*) FROM events WHERE status = 'retrying'),
        (SELECT count(*) FROM events WHERE status = 'dead'),
+       (SELECT count(*) FROM events WHERE status = 'cancelled'),
        (SELECT greatest(reltuples, 0)::bigint FROM pg_class
          WHERE oid = to_regclass('events'))
 """
@@ -198,7 +199,7 @@ async def status_counts(db: Database) -> StatusCounts:
         cur = await conn.execute(_STATUS_COUNTS_SQL)
         row = await cur.fetchone()
         assert row is not None  # a SELECT of scalars always returns one row
-        scheduled, running, retrying, dead, estimate = (int(v or 0) for v in row)
+        scheduled, running, retrying, dead, cancelled, estimate = (int(v or 0) for v in row)
         estimated = estimate >= EXACT_COUNT_LIMIT
         if estimated:
             total = estimate
@@ -206,13 +207,14 @@ async def status_counts(db: Database) -> StatusCounts:
             cur = await conn.execute(_TOTAL_SQL)
             total_row = await cur.fetchone()
             total = int(total_row[0]) if total_row else 0
-        others = scheduled + running + retrying + dead
+        others = scheduled + running + retrying + dead + cancelled
         counts = {
             "scheduled": scheduled,
             "running": running,
             "retrying": retrying,
             "succeeded": max(0, total - others),
             "dead": dead,
+            "cancelled": cancelled,
         }
         return StatusCounts(counts, estimated)
 

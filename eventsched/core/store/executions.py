@@ -38,7 +38,9 @@ from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.store.pool import Database
 
 #: Statuses of an event (the CHECK constraint of ``events.status``).
-STATUSES: Final = ("scheduled", "running", "retrying", "succeeded", "dead")
+STATUSES: Final = ("scheduled", "running", "retrying", "succeeded", "dead", "cancelled")
+#: What :func:`finish_outcomes` answers for an outcome that was not this attempt's any more.
+DISCARDED: Final = ""
 #: Why an event went dead; the ``dlq-reason`` header and a metrics label.
 DEAD_REASONS: Final = ("retries_exhausted", "permanent_error", "no_handler")
 
@@ -249,7 +251,9 @@ class Outcome:
 
     event_id: str
     attempt: int
-    status: str  # succeeded | retrying | dead
+    # succeeded | retrying | dead; a failure (retrying or dead) of an attempt whose event got a
+    # cancel request while it ran is recorded as cancelled instead (see finish_outcomes)
+    status: str
     error: str | None
     finished: float  # epoch seconds
     next_attempt_at: float | None = None  # retrying only
@@ -276,8 +280,11 @@ class DeadEvent:
     kafka_offset: int | None
 
 
-# The last branch makes a re-sent outcome (after a lost answer) idempotent: the event is
-# already in the requested state with this attempt count.
+# A cancel command that reached the event while this attempt ran (cancel_requested_at) turns a
+# failure (retrying or dead) into `cancelled`: no retry follows and nothing goes to the DLQ;
+# a success stays a success. The last branch makes a re-sent outcome (after a lost answer)
+# idempotent: the event is already in the requested state (or cancelled from it) with this
+# attempt count.
 _FINISH_SQL: Final = """
 WITH req AS (
     SELECT * FROM json_to_recordset(%(req)s::json)
@@ -294,32 +301,37 @@ locked AS (
 ),
 done AS (
     UPDATE events e
-    SET status = l.status,
+    SET status = CASE WHEN l.status <> 'succeeded' AND e.cancel_requested_at IS NOT NULL
+                      THEN 'cancelled' ELSE l.status END,
         last_error = coalesce(l.error, e.last_error),
-        next_attempt_at = CASE WHEN l.status = 'retrying' THEN to_timestamp(l.next_at)
-                               ELSE e.next_attempt_at END,
-        finished_at = CASE WHEN l.status <> 'retrying' THEN to_timestamp(l.finished) END,
-        dead_reason = l.reason,
+        next_attempt_at = CASE WHEN l.status = 'retrying' AND e.cancel_requested_at IS NULL
+                               THEN to_timestamp(l.next_at) ELSE e.next_attempt_at END,
+        finished_at = CASE WHEN l.status <> 'retrying' OR e.cancel_requested_at IS NOT NULL
+                           THEN to_timestamp(l.finished) END,
+        dead_reason = CASE WHEN e.cancel_requested_at IS NULL THEN l.reason END,
         updated_at = now()
     FROM locked l
     WHERE e.id = l.id
-    RETURNING e.id, e.attempts, l.status, l.error, l.finished
+    RETURNING e.id, e.attempts, e.status, l.error, l.finished
 ),
 logged AS (
     UPDATE event_attempts a
     SET finished_at = to_timestamp(d.finished),
-        outcome = CASE d.status WHEN 'succeeded' THEN 'succeeded'
-                                WHEN 'retrying' THEN 'retried' ELSE 'dead' END,
+        outcome = CASE d.status WHEN 'succeeded' THEN 'succeeded' WHEN 'retrying' THEN 'retried'
+                                WHEN 'cancelled' THEN 'cancelled' ELSE 'dead' END,
         error = d.error
     FROM done d
     WHERE a.event_id = d.id AND a.attempt = d.attempts AND a.outcome IS NULL
 )
-SELECT d.id::text FROM done d
+SELECT d.id::text, d.status FROM done d
 UNION ALL
-SELECT r.id::text
+SELECT r.id::text, e.status
 FROM req r JOIN events e
     ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req))
-   AND e.status = r.status AND e.attempts = r.attempt
+   AND e.attempts = r.attempt
+   AND (e.status = r.status
+        OR (e.status = 'cancelled' AND r.status IN ('retrying', 'dead')
+            AND e.cancel_requested_at IS NOT NULL))
 WHERE NOT EXISTS (SELECT 1 FROM done d WHERE d.id = r.id)
 """
 
@@ -327,6 +339,13 @@ WHERE NOT EXISTS (SELECT 1 FROM done d WHERE d.id = r.id)
 def finish_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> list[bool]:
     """Record outcomes (one statement): event status + the attempt row. Per request, in
     order: True if recorded, False if the event was no longer this attempt's."""
+    return [bool(status) for status in finish_outcomes(conn, outcomes)]
+
+
+def finish_outcomes(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> list[str]:
+    """:func:`finish_batch`, telling per request the status recorded: the outcome's, or
+    ``cancelled`` for a failure after a cancel request; ``""`` (:data:`DISCARDED`) if the
+    event was no longer this attempt's."""
     req = _dumps(
         [
             {
@@ -342,8 +361,8 @@ def finish_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> 
         ]
     )
     cur = conn.execute(_FINISH_SQL, {"req": req})
-    recorded = {event_id for (event_id,) in cur.fetchall()}
-    return [o.event_id in recorded for o in outcomes]
+    recorded: dict[str, str] = dict(cur.fetchall())
+    return [recorded.get(o.event_id, DISCARDED) for o in outcomes]
 
 
 # -- heartbeats ------------------------------------------------------------------------------
@@ -383,7 +402,8 @@ async def check_schema(db: Database) -> None:
     """Raise :class:`DependencyError` unless the executor's columns exist (migrations ran)."""
     try:
         await db.fetchone(
-            "SELECT id, dead_reason, dlq_published_at, attempt_base FROM events LIMIT 0"
+            "SELECT id, dead_reason, dlq_published_at, attempt_base, cancel_requested_at"
+            " FROM events LIMIT 0"
         )
         await db.fetchone("SELECT event_id, attempt, worker_id FROM event_attempts LIMIT 0")
     except psycopg.errors.UndefinedTable as err:

@@ -141,11 +141,16 @@ locked AS (
 ),
 done AS (
     UPDATE events e
-    SET status = CASE WHEN e.attempts - e.attempt_base >= %(max)s THEN 'dead' ELSE 'retrying' END,
-        next_attempt_at = CASE WHEN e.attempts - e.attempt_base >= %(max)s THEN e.next_attempt_at
-                               ELSE now() END,
-        finished_at = CASE WHEN e.attempts - e.attempt_base >= %(max)s THEN now() END,
-        dead_reason = CASE WHEN e.attempts - e.attempt_base >= %(max)s
+    SET status = CASE WHEN e.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                      WHEN e.attempts - e.attempt_base >= %(max)s THEN 'dead'
+                      ELSE 'retrying' END,
+        next_attempt_at = CASE WHEN e.cancel_requested_at IS NOT NULL
+                                 OR e.attempts - e.attempt_base >= %(max)s
+                               THEN e.next_attempt_at ELSE now() END,
+        finished_at = CASE WHEN e.cancel_requested_at IS NOT NULL
+                             OR e.attempts - e.attempt_base >= %(max)s THEN now() END,
+        dead_reason = CASE WHEN e.cancel_requested_at IS NULL
+                            AND e.attempts - e.attempt_base >= %(max)s
                            THEN 'retries_exhausted' END,
         last_error = %(error)s,
         updated_at = now()
@@ -155,7 +160,8 @@ done AS (
 ),
 logged AS (
     UPDATE event_attempts a
-    SET outcome = CASE WHEN d.status = 'dead' THEN 'dead' ELSE 'retried' END,
+    SET outcome = CASE d.status WHEN 'dead' THEN 'dead' WHEN 'cancelled' THEN 'cancelled'
+                                ELSE 'retried' END,
         error = %(error)s,
         finished_at = now()
     FROM done d
@@ -168,7 +174,8 @@ SELECT id::text, status, attempts, next_at FROM done
 @dataclass(frozen=True, slots=True)
 class TakenOver:
     """A stale running attempt given up: the event now waits for attempt ``attempts + 1``
-    at ``next_attempt_at`` (``retrying``), or is ``dead``."""
+    at ``next_attempt_at`` (``retrying``), or is ``dead``, or ``cancelled`` (a cancel command
+    came while the attempt ran: no retry)."""
 
     event_id: str
     status: str
@@ -184,7 +191,8 @@ async def take_over(
     max_attempts: int,
     error: str,
 ) -> list[TakenOver]:
-    """CAS ``running -> retrying`` (or ``dead`` when no attempt is left) for attempts that
+    """CAS ``running -> retrying`` (``dead`` when no attempt is left, ``cancelled`` when a
+    cancel was requested) for attempts that
     are still running with no heartbeat for ``stale_after`` s and whose ``updated_at`` is
     still the one the caller saw (``Candidate.at``: no lease renewal since); their attempt
     rows get outcome ``retried``/``dead`` with ``error``. Events that moved on, or whose
@@ -289,9 +297,10 @@ SELECT (SELECT count(*) FROM (SELECT FROM events WHERE status = 'scheduled' LIMI
        (SELECT count(*) FROM (SELECT FROM events WHERE status = 'running' LIMIT %(limit)s) s),
        (SELECT count(*) FROM (SELECT FROM events WHERE status = 'retrying' LIMIT %(limit)s) s),
        (SELECT count(*) FROM (SELECT FROM events WHERE status = 'dead' LIMIT %(limit)s) s),
+       (SELECT count(*) FROM (SELECT FROM events WHERE status = 'cancelled' LIMIT %(limit)s) s),
        (SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'events'::regclass)
 """
-_INDEXED_STATUSES: Final = ("scheduled", "running", "retrying", "dead")
+_INDEXED_STATUSES: Final = ("scheduled", "running", "retrying", "dead", "cancelled")
 
 
 async def status_counts(db: Database, *, limit: int = GAUGE_EXACT_LIMIT) -> dict[str, int]:
@@ -301,11 +310,12 @@ async def status_counts(db: Database, *, limit: int = GAUGE_EXACT_LIMIT) -> dict
     the other statuses. ``eventsched status`` counts exactly instead (eventstore)."""
     row = await db.fetchone(_COUNTS_SQL, {"limit": limit})
     assert row is not None  # a SELECT without FROM returns one row
-    counts = dict(zip(_INDEXED_STATUSES, (int(v or 0) for v in row[:4]), strict=True))
+    n = len(_INDEXED_STATUSES)
+    counts = dict(zip(_INDEXED_STATUSES, (int(v or 0) for v in row[:n]), strict=True))
     for status, count in counts.items():
         if count >= limit:
             counts[status] = max(limit, await _estimated_rows(db, status))
-    live = int(row[4] or 0)
+    live = int(row[n] or 0)
     if live < limit:
         exact = await db.fetchone("SELECT count(*) FROM events WHERE status = 'succeeded'")
         counts["succeeded"] = int(exact[0]) if exact else 0

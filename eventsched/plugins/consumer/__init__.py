@@ -4,16 +4,21 @@ Per Kafka batch, in three steps; up to ``PARALLEL_BATCHES`` batches are in the f
 once (batch N+1 is decoded and scheduled while batch N is inserted), the inserts run one
 batch at a time in fetch order, and commits follow fetch order:
 
-1. *record*: decode every message (:func:`decode_event`); invalid ones go to the DLQ topic
-   with their original bytes, key and headers plus the reason headers; valid ones are
-   inserted into PostgreSQL with ONE statement (``ON CONFLICT (idempotency_key) DO
-   NOTHING``), then the keys that already existed are looked up.
+1. *record*: decode every message (:func:`decode_message`: an event or a command); invalid
+   ones go to the DLQ topic with their original bytes, key and headers plus the reason
+   headers; valid events are inserted into PostgreSQL with ONE statement (``ON CONFLICT
+   (idempotency_key) DO NOTHING``), then the keys that already existed are looked up.
 2. *schedule*: one pipelined enqueue of a SAQ job (the executor's contract,
    :func:`eventsched.core.domain.jobcontract.make_job`: key = event id, scheduled = due time) for
    every event of the batch whose row is still ``scheduled`` - new rows and rows a crashed
    run inserted but never enqueued (enqueueing a pending key again is a no-op).
 3. *commit*: the batch's offsets; batches that became durable while a commit was in flight
    are merged into the next commit.
+
+Commands (cancel, reschedule, retry; a tombstone with a key is a cancel) are applied in step
+1, in log order, right after the batch's INSERT and before the next batch's; in step 2,
+after the batch's own jobs, the changed events' jobs are removed or moved in Redis
+(:mod:`~eventsched.plugins.consumer.commands`).
 
 So an offset is committed only once everything before it is durable in PostgreSQL and
 Redis (and DLQ deliveries are acknowledged, or the refused copies kept in PostgreSQL); a
@@ -47,6 +52,7 @@ that no member commits reports itself stalled (``/readyz`` 503; see
 
 Modules: :mod:`~eventsched.plugins.consumer.role` (:class:`IngestConsumer`, the pipeline,
 stages 2 and 3, rebalances), :mod:`~eventsched.plugins.consumer.record` (stage 1),
+:mod:`~eventsched.plugins.consumer.commands` (commands on events),
 :mod:`~eventsched.plugins.consumer.deadletters` (the copies of bad messages),
 :mod:`~eventsched.plugins.consumer.dependencies` (waiting out a failing dependency),
 :mod:`~eventsched.plugins.consumer.partitions` (the lag gauge, the no-partitions stall).

@@ -1,7 +1,9 @@
 """Stage 1 of the consumer's pipeline, *record*: decode a Kafka batch, insert its valid
 events into PostgreSQL with one statement (``ON CONFLICT (idempotency_key) DO NOTHING``),
-look up the keys that already existed, send the bad messages' dead-letter copies, and
-build the SAQ jobs of the events still ``scheduled``.
+apply its commands (:mod:`~eventsched.plugins.consumer.commands`) in log order, look up the
+keys that already existed, send the bad messages' dead-letter copies, and build the SAQ
+jobs of the events still ``scheduled`` (those a command changed get theirs from the
+command's sync instead).
 
 Failures: PostgreSQL refusing the data of the batch (``RowsRejected``) is narrowed down by
 splitting the batch in halves; a single row still refused after ``consumer.max_retries``
@@ -15,22 +17,26 @@ Runs on the trio side (one task per batch in flight).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import trio
 
-from eventsched.core.domain.decode import DecodeLimits, decode_event
+from eventsched.core.domain.commands import Command
+from eventsched.core.domain.decode import DecodeLimits
 from eventsched.core.domain.event import Event
 from eventsched.core.domain.jobcontract import FIRST_ATTEMPT, make_job
+from eventsched.core.domain.message import decode_message
 from eventsched.core.jobqueue import ScheduledJob
 from eventsched.core.kafka import Batch, Record, TopicPartitionKey
 from eventsched.core.runtime.errors import DecodeError
 from eventsched.core.runtime.settings import ConsumerSettings
 from eventsched.core.store import events as eventstore
+from eventsched.core.store.commands import Applied, CommandRow
 from eventsched.core.store.events import IngestRow, RowsRejected, StoredEvent
 from eventsched.core.store.pool import Database
+from eventsched.plugins.consumer.commands import Commands, synced_ids
 from eventsched.plugins.consumer.deadletters import DeadLetterCopies, Invalid
 from eventsched.plugins.consumer.dependencies import DependencyRetry
 
@@ -56,6 +62,9 @@ class Recorded:
     duplicates: int
     invalid: int
     dlq_reasons: list[str] = field(default_factory=list)
+    #: The batch's commands as applied, in log order: their jobs are synced after the
+    #: batch's own jobs are enqueued (and dropped then, like the jobs).
+    commands: list[Applied] = field(default_factory=list)
 
 
 class Recorder:
@@ -68,10 +77,12 @@ class Recorder:
         db: Database,
         job_timeout: int,
         dead_letters: DeadLetterCopies,
+        commands: Commands,
         retrying: DependencyRetry,
         fetched_end: dict[TopicPartitionKey, int],
         log: Any,
     ) -> None:
+        self._commands = commands
         self._settings = settings
         self._db = db
         self._limits = DecodeLimits.from_settings(settings)
@@ -83,24 +94,34 @@ class Recorder:
         self._log = log
 
     async def record(self, batch: Batch, *, after: trio.Event, inserted: trio.Event) -> Recorded:
-        """Decode, then (once ``after`` is set) insert, look up duplicates and dead-letter;
-        sets ``inserted`` as soon as its INSERT is done."""
+        """Decode, then (once ``after`` is set) insert, apply commands, look up duplicates
+        and dead-letter; sets ``inserted`` as soon as its INSERT and commands are done (the
+        next batch's wait for it: log order)."""
         now = datetime.now(UTC)
         limits = self._limits
         rows: list[IngestRow] = []
         invalid: list[Invalid] = []
         first_by_key: dict[str, IngestRow] = {}
         later: list[IngestRow] = []  # same key as an earlier message of this batch
+        commands: list[tuple[CommandRow, Record]] = []
         for record in batch.records:
             try:
-                event = decode_event(
+                event = decode_message(
                     record.value,
                     now=now,
                     limits=limits,
                     headers=dict(record.headers) if record.headers else None,
+                    key=record.key,
+                    topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
                 )
             except DecodeError as err:
                 invalid.append(Invalid(record, err.reason, err.detail))
+                continue
+            if isinstance(event, Command):
+                command = CommandRow(event, record.topic, record.partition, record.offset)
+                commands.append((command, record))
                 continue
             row = IngestRow(event, record.topic, record.partition, record.offset)
             if event.idempotency_key in first_by_key:
@@ -112,10 +133,16 @@ class Recorder:
         await after.wait()
         try:
             new_keys, rejected = await self._insert(rows)
+            applied, refused = await self._commands.apply(
+                _hidden(commands, [r for r in rows if r.event.idempotency_key in new_keys]),
+                [record for _, record in commands],
+            )
         finally:
             inserted.set()  # on failure the pipeline is being torn down anyway
         for row, problem in rejected:
             invalid.append(Invalid(_record_of(batch, row), DB_REJECTED, problem))
+        invalid += [Invalid(r.record, DB_REJECTED, r.problem) for r in refused]
+        synced = synced_ids(applied)
         rejected_keys = {row.event.idempotency_key for row, _ in rejected}
         existing_rows = [
             row
@@ -131,6 +158,7 @@ class Recorder:
             self._job(row.event.id, row.event.execute_at)
             for row in rows
             if row.event.idempotency_key in new_keys
+            and not (synced and str(row.event.id) in synced)
         ]
         for row in existing_rows:
             stored = existing.get(row.event.idempotency_key)
@@ -145,7 +173,7 @@ class Recorder:
                 continue
             if not stored.same:
                 self._conflict(row, stored.id)
-            if stored.status == "scheduled":
+            if stored.status == "scheduled" and not (synced and str(stored.id) in synced):
                 jobs.append(self._job(stored.id, stored.execute_at))
         for row in later:
             first = first_by_key[row.event.idempotency_key]
@@ -169,6 +197,7 @@ class Recorder:
             duplicates=len(existing_rows) + len(later),
             invalid=len(invalid),
             dlq_reasons=delivered,
+            commands=applied,
         )
 
     async def _insert(
@@ -222,6 +251,32 @@ class Recorder:
     def _job(self, event_id: Any, execute_at: datetime) -> ScheduledJob:
         # The executor's job contract: first attempt, key = event id, due time in epoch s.
         return make_job(str(event_id), FIRST_ATTEMPT, execute_at.timestamp(), self._job_timeout)
+
+
+def _hidden(
+    commands: Sequence[tuple[CommandRow, Record]], new_rows: Sequence[IngestRow]
+) -> list[CommandRow]:
+    """The commands, each marked ``hide`` when its target is an event this batch inserted
+    from a later message of the same partition (log order: the command came first)."""
+    if not commands or not new_rows:
+        return [row for row, _ in commands]
+    by_key = {row.event.idempotency_key: row for row in new_rows}
+    by_id = {row.event.id: row for row in new_rows}
+    out: list[CommandRow] = []
+    for row, _ in commands:
+        c = row.command
+        if c.event_id is not None:
+            target = by_id.get(c.event_id)
+        else:
+            target = by_key.get(c.idempotency_key or "")
+        later = (
+            target is not None
+            and target.partition == row.partition
+            and row.offset is not None
+            and target.offset > row.offset
+        )
+        out.append(replace(row, hide=True) if later else row)
+    return out
 
 
 def _record_of(batch: Batch, row: IngestRow) -> Record:

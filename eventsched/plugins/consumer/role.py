@@ -1,7 +1,8 @@
 """The consumer role plugin: :class:`IngestConsumer` runs the batch pipeline (trio side):
 batches from the Kafka consumer adapter are recorded (:mod:`.record`), scheduled (one
-pipelined enqueue of their SAQ jobs) and committed in fetch order; the rebalance hook waits
-for the batches in flight.
+pipelined enqueue of their SAQ jobs, then the jobs of the events their commands changed,
+:mod:`.commands`) and committed in fetch order; the rebalance hook waits for the batches in
+flight.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from eventsched.core.kafka import (
 from eventsched.core.runtime import metrics
 from eventsched.core.runtime.contracts import RoleContext
 from eventsched.core.runtime.logs import get_logger
+from eventsched.core.store import commands as commandstore
 from eventsched.core.store import events as eventstore
+from eventsched.plugins.consumer.commands import Commands
 from eventsched.plugins.consumer.deadletters import DeadLetterCopies
 from eventsched.plugins.consumer.dependencies import DependencyRetry
 from eventsched.plugins.consumer.partitions import PartitionWatch
@@ -50,6 +53,7 @@ class _InFlight:
     ``inserted`` once its INSERT ran (the next batch's INSERT waits for it)."""
 
     inserted: trio.Event = field(default_factory=trio.Event)
+    #: Set once recorded and scheduled (its commands' jobs synced too).
     done: trio.Event = field(default_factory=trio.Event)
     result: Recorded | None = None
 
@@ -76,6 +80,13 @@ class IngestConsumer:
         self._committed: dict[TopicPartitionKey, int] = {}
         self._fetched_end: dict[TopicPartitionKey, int] = {}
         self._retrying = DependencyRetry(s, ctx.health, self._log)
+        self._commands = Commands(
+            db=self._db,
+            queue=self._queue,
+            job_timeout=saq_timeout(ctx.settings),
+            retrying=self._retrying,
+            log=self._log,
+        )
         self._recorder = Recorder(
             s,
             db=self._db,
@@ -90,6 +101,7 @@ class IngestConsumer:
                 retrying=self._retrying,
                 log=self._log,
             ),
+            commands=self._commands,
             retrying=self._retrying,
             fetched_end=self._fetched_end,
             log=self._log,
@@ -107,6 +119,7 @@ class IngestConsumer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_when_set, self.ctx.stopping, waiting)
                 await self._retrying(eventstore.check_schema, self._db)
+                await self._retrying(commandstore.check_schema, self._db)
                 await self._retrying(self._queue.ping)
                 nursery.cancel_scope.cancel()
         if self.ctx.stopping.is_set():
@@ -160,6 +173,7 @@ class IngestConsumer:
         slots = trio.Semaphore(PARALLEL_BATCHES)
         previous = _InFlight()
         previous.inserted.set()
+        previous.done.set()
         batches = consumer.batches()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._commit_all, committing, consumer)
@@ -191,6 +205,10 @@ class IngestConsumer:
                 added = await self._retrying(self._queue.enqueue_many, recorded.jobs)
                 metrics.JOBS_SCHEDULED.inc(added)
                 recorded.jobs = []  # scheduled: not needed while the commit waits
+            if recorded.commands:
+                # Redis follows the commands in log order: after the previous batch's.
+                await previous.done.wait()
+                await self._commands.sync(recorded.commands)
             current.result = recorded
             current.done.set()
         finally:
@@ -260,6 +278,10 @@ class IngestConsumer:
             invalid += recorded.invalid
             for reason in recorded.dlq_reasons:
                 metrics.DLQ_MESSAGES.labels(reason).inc()
+            for applied in recorded.commands:
+                result = applied.result if applied.fresh else commandstore.REPEATED
+                metrics.COMMANDS.labels(applied.command.op, result).inc()
+            recorded.commands = []
         if new:
             metrics.EVENTS_CONSUMED.labels("new").inc(new)
         if duplicates:

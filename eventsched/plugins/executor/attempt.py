@@ -129,9 +129,9 @@ class Attempts:
             key=lambda r: r.event_id,
             max_batch=MAX_BATCH,
         )
-        self.finishes: GroupCommit[Outcome, bool] = GroupCommit(
+        self.finishes: GroupCommit[Outcome, str] = GroupCommit(
             "finish",
-            executions.finish_batch,
+            executions.finish_outcomes,
             key=lambda o: o.event_id,
             max_batch=MAX_BATCH,
             after_batch=self._after_outcomes,
@@ -335,23 +335,30 @@ class Attempts:
             )  # fmt: skip
         # Metrics, retries and dead letters follow in _after_outcomes, as for write-behind.
 
-    def _after_outcomes(self, outcomes: Sequence[Outcome], recorded: Sequence[bool]) -> None:
+    def _after_outcomes(self, outcomes: Sequence[Outcome], recorded: Sequence[str]) -> None:
         """After a batch of outcomes committed (on the loop): count, log, enqueue retries
-        (one Redis call per batch, in a task), hand dead events to the DLQ publisher."""
+        (one Redis call per batch, in a task), hand dead events to the DLQ publisher. A
+        failure recorded as ``cancelled`` (a cancel command came while it ran) gets neither."""
         retries: list[ScheduledJob] = []
         counts: Counter[tuple[str, str]] = Counter()  # one inc() per label and status
-        for outcome, ok in zip(outcomes, recorded, strict=True):
+        for outcome, status in zip(outcomes, recorded, strict=True):
             self._leases.release(outcome.event_id, outcome.attempt)
-            if not ok:
+            if status == executions.DISCARDED:
                 # Someone else moved the event on (the reconciler took the attempt over).
                 self._log.warning(
                     "outcome_discarded", event_id=outcome.event_id, attempt=outcome.attempt,
                     outcome=outcome.status,
                 )  # fmt: skip
                 continue
-            status = outcome.status
             counts[outcome.label, "retried" if status == "retrying" else status] += 1
             if status == "succeeded":
+                continue
+            if status == "cancelled":
+                self._log.info(
+                    "attempt_failed_after_cancel", event_id=outcome.event_id,
+                    attempt=outcome.attempt, error=outcome.error,
+                    note="a cancel was requested while it ran: no retry",
+                )  # fmt: skip
                 continue
             if status == "retrying":
                 assert outcome.next_attempt_at is not None  # decide() sets it for retrying

@@ -403,7 +403,7 @@ class Reconciler:
             if t.status == "retrying":
                 assert t.next_attempt_at is not None  # set with status retrying
                 jobs.append(self._job_for(t.event_id, t.attempts + 1, t.next_attempt_at))
-            else:
+            elif t.status == "dead":
                 self._dead_letters.submit_nowait(t.event_id)
         added = await self._jobs.enqueue_many(jobs) if jobs else 0
         if added:
