@@ -173,6 +173,40 @@ async def test_an_event_with_attempts_shows_them(
 # -- commands -------------------------------------------------------------------------------
 
 
+async def test_a_cancel_through_the_api_is_applied_and_listed_in_the_history(
+    api_settings: Callable[..., Settings], database: str
+) -> None:
+    async with serving(api_settings(), ("consumer", "api")) as client:
+        scheduled = await client.post(
+            "/v1/events",
+            json={"type": "invoice.due", "payload": {}, "execute_at": in_(3600)},
+            headers={"Idempotency-Key": "cancel-me"},
+        )
+        assert scheduled.status_code == 202, scheduled.text
+        event_id = scheduled.json()["id"]
+        with trio.fail_after(30):
+            while (await client.get(f"/v1/events/{event_id}")).status_code == 404:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        cancel = await client.post(f"/v1/events/{event_id}/cancel")
+        assert cancel.status_code == 202, cancel.text
+        with trio.fail_after(30):
+            got = (await client.get(f"/v1/events/{event_id}")).json()
+            while got["status"] != "cancelled":
+                await trio.sleep(0.1)
+                got = (await client.get(f"/v1/events/{event_id}")).json()
+    (entry,) = got["history"]
+    assert entry["command_id"] == cancel.json()["command_id"]
+    assert (entry["op"], entry["result"], entry["status_before"]) == (
+        "cancel",
+        "applied",
+        "scheduled",
+    )
+    assert entry["requested_by"] == "writer" and entry["execute_at"] is None
+    assert datetime.fromisoformat(entry["applied_at"]) >= datetime.fromisoformat(
+        entry["created_at"]
+    )
+
+
 async def test_commands_go_to_the_topic_or_are_refused_by_status(
     api_settings: Callable[..., Settings], database: str, kafka_bootstrap: str, names: Names
 ) -> None:

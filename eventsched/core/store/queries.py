@@ -26,6 +26,7 @@ from eventsched.core.store.pool import Database
 
 __all__ = [
     "Attempt",
+    "CommandEntry",
     "EventKey",
     "EventRow",
     "EventSummary",
@@ -40,6 +41,8 @@ __all__ = [
 
 #: At most this many attempts of one event are returned (the newest ones).
 MAX_ATTEMPTS = 1000
+#: At most this many commands of one event are returned (the newest ones).
+MAX_HISTORY = 1000
 #: At most this many event types are counted in :func:`stats` (the most frequent ones).
 MAX_TYPES = 100
 
@@ -54,6 +57,21 @@ class Attempt:
     outcome: str | None
     error: str | None
     worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandEntry:
+    """One command applied to an event (a row of ``event_commands``)."""
+
+    command_id: uuid.UUID
+    op: str
+    requested_by: str
+    execute_at: datetime | None
+    created_at: datetime
+    applied_at: datetime
+    result: str
+    status_before: str | None
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +92,7 @@ class EventRow:
     finished_at: datetime | None
     dead_reason: str | None
     attempt_log: tuple[Attempt, ...]
+    history: tuple[CommandEntry, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +158,19 @@ FROM (SELECT * FROM event_attempts WHERE event_id = %s ORDER BY attempt DESC LIM
 ORDER BY attempt
 """
 
+# event_commands_event_id_idx (event_id, applied_at) serves it; newest first, then reversed.
+_HISTORY = """
+SELECT command_id, op, requested_by, execute_at, created_at, applied_at, result,
+       status_before, detail
+FROM (SELECT * FROM event_commands WHERE event_id = %s
+      ORDER BY applied_at DESC LIMIT %s) AS newest
+ORDER BY applied_at
+"""
+
 
 async def event_with_attempts(db: Database, event_id: uuid.UUID) -> EventRow | None:
-    """The event and its newest :data:`MAX_ATTEMPTS` attempts (oldest first), or None."""
+    """The event, its newest :data:`MAX_ATTEMPTS` attempts and :data:`MAX_HISTORY` applied
+    commands (oldest first), or None."""
 
     async def fn(conn: AsyncConnection[Any]) -> EventRow | None:
         cur = await conn.execute(_EVENT, (event_id,))
@@ -150,7 +179,11 @@ async def event_with_attempts(db: Database, event_id: uuid.UUID) -> EventRow | N
             return None
         cur = await conn.execute(_ATTEMPTS, (event_id, MAX_ATTEMPTS))
         attempts = tuple(Attempt(*a) for a in await cur.fetchall())
-        return EventRow(**dict(zip(_EVENT_COLUMNS, row, strict=True)), attempt_log=attempts)
+        cur = await conn.execute(_HISTORY, (event_id, MAX_HISTORY))
+        history = tuple(CommandEntry(*c) for c in await cur.fetchall())
+        return EventRow(
+            **dict(zip(_EVENT_COLUMNS, row, strict=True)), attempt_log=attempts, history=history
+        )
 
     return await db.run(fn)
 

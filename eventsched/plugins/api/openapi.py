@@ -137,9 +137,27 @@ def document(max_body_bytes: int, max_limit: int) -> dict[str, Any]:
             started_at=_TIME,
             finished_at=_NTIME,
             lateness_ms={"type": "number"},
-            outcome={"type": ["string", "null"], "enum": ["succeeded", "retried", "dead", None]},
+            outcome={
+                "type": ["string", "null"],
+                "enum": ["succeeded", "retried", "dead", "cancelled", None],
+            },
             error=_NSTR,
             worker_id={"type": "string"},
+        ),
+        "Command": _obj(
+            ["command_id", "op", "requested_by", "created_at", "applied_at", "result"],
+            command_id=_UUID,
+            op={"type": "string", "enum": ["cancel", "reschedule", "retry"]},
+            requested_by={"type": "string"},
+            execute_at=_NTIME,
+            created_at=_TIME,
+            applied_at=_TIME,
+            result={
+                "type": "string",
+                "enum": ["applied", "cancel_requested", "not_applicable", "refused"],
+            },
+            status_before=_NSTR,
+            detail={"type": "string"},
         ),
         "EventSummary": _obj(
             ["id", "idempotency_key", "type", "status", "execute_at", "attempt_count"],
@@ -167,8 +185,8 @@ def document(max_body_bytes: int, max_limit: int) -> dict[str, Any]:
                     attempts={"type": "array", "items": _ref("Attempt")},
                     history={
                         "type": "array",
-                        "items": {"type": "object"},
-                        "description": "commands applied to the event (empty for now)",
+                        "items": _ref("Command"),
+                        "description": "commands applied to the event, oldest first",
                     },
                 ),
             ]

@@ -17,9 +17,9 @@ from typing import Any, Final
 import msgspec
 
 from eventsched.core.domain.event import format_time
-from eventsched.core.store.queries import Attempt, EventRow, EventSummary, Stats
+from eventsched.core.store.queries import Attempt, CommandEntry, EventRow, EventSummary, Stats
 
-#: Every status an event can have; ``cancelled`` arrives with command application.
+#: Every status an event can have.
 STATUSES: Final = ("scheduled", "running", "retrying", "succeeded", "dead", "cancelled")
 
 
@@ -37,6 +37,20 @@ def attempt_json(a: Attempt) -> dict[str, Any]:
         "outcome": a.outcome,
         "error": a.error,
         "worker_id": a.worker_id,
+    }
+
+
+def history_json(c: CommandEntry) -> dict[str, Any]:
+    return {
+        "command_id": str(c.command_id),
+        "op": c.op,
+        "requested_by": c.requested_by,
+        "execute_at": _time(c.execute_at),
+        "created_at": _time(c.created_at),
+        "applied_at": _time(c.applied_at),
+        "result": c.result,
+        "status_before": c.status_before,
+        "detail": c.detail,
     }
 
 
@@ -58,8 +72,7 @@ def event_json(row: EventRow) -> dict[str, Any]:
         "finished_at": _time(row.finished_at),
         "payload": row.payload,
         "attempts": [attempt_json(a) for a in row.attempt_log],
-        # Commands applied to the event (cancel, reschedule, retry) will be listed here.
-        "history": [],
+        "history": [history_json(c) for c in row.history],
     }
 
 
