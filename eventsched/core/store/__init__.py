@@ -10,6 +10,7 @@
   events not yet in the DLQ, status counts for the gauges;
 * :mod:`.deadletters` - dead-letter copies the DLQ topic refused (kept, never dropped);
 * :mod:`.replay` - ``dlq replay``'s re-run of a dead event (compare-and-set);
+* :mod:`.selection` - ``events retry --status``: finished events selected by filter;
 * :mod:`.migrations` - golang-migrate compatible migrations (``sql/``);
 * :mod:`.leader` - one-at-a-time leadership through an advisory lock.
 
