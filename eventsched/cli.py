@@ -14,6 +14,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from eventsched.core.domain.commands import RETRYABLE
+from eventsched.core.domain.event import STATUSES
 from eventsched.core.runtime import bootstrap
 from eventsched.core.runtime.errors import (
     ConfigError,
@@ -354,6 +356,186 @@ def dlq_replay(state: State, reason: str | None, limit: int | None, dry_run: boo
 
     result = dlq_command.dlq_replay(state.settings, reason=reason, limit=limit, dry_run=dry_run)
     click.echo(dlq_command.render_replay(result))
+
+
+# -- events (eventsched.core.operations.events does the work, .eventviews prints) -----------
+
+
+class _OneLineUsage(click.Group):
+    """A group whose usage errors (an unknown option, a bad value) are one line, exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            _fail(2, f"error: {err.format_message()}")
+
+
+@cli.group(cls=_OneLineUsage)
+def events() -> None:
+    """Events in PostgreSQL: show, list; cancel, reschedule, retry (commands through Kafka).
+
+    ID is an event id; --key KEY names an event by its idempotency key instead. TIME is
+    RFC 3339 with an offset (2030-01-31T09:00:00Z); DURATION is 30s, 5m, 2h, 1d.
+    """
+
+
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+_KEYS = click.option("--key", "keys", multiple=True, help="An idempotency key (repeatable).")
+_AT = click.option("--at", default=None, help="Due at TIME (RFC 3339 with an offset).")
+_IN = click.option("--in", "in_", default=None, help="Due in DURATION from now: 30s, 5m, 2h.")
+
+
+def _events_command(name: str) -> Callable[[F], F]:
+    """An ``events`` subcommand with the settings, errors (exit 1/2) and its --json flag."""
+
+    def decorate(fn: F) -> F:
+        wrapped = _input_errors_exit_2(fn)
+        return events.command(name)(_JSON(pass_state(handle_errors(wrapped))))  # type: ignore[return-value]
+
+    return decorate
+
+
+@_events_command("show")
+@click.argument("event_id", metavar="[ID]", required=False)
+@click.option("--key", default=None, help="The idempotency key instead of an id.")
+def events_show(state: State, event_id: str | None, key: str | None, as_json: bool) -> None:
+    """One event: status, due time, payload and every attempt (exit 1 if unknown)."""
+    from eventsched.core.operations import events as ops
+    from eventsched.core.operations import eventviews as views
+    from eventsched.core.store import rowjson
+
+    row = ops.show_event(state.settings, event_id=event_id, key=key)
+    click.echo(views.to_json(rowjson.event_json(row)) if as_json else views.render_event(row))
+
+
+@_events_command("list")
+@click.option("--status", type=click.Choice(STATUSES), help="Only events in this status.")
+@click.option("--type", "type_", default=None, help="Only events of this type.")
+@click.option("--due-after", default=None, help="Due at or after TIME (RFC 3339).")
+@click.option("--due-before", default=None, help="Due before TIME (RFC 3339).")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+def events_list(
+    state: State,
+    status: str | None,
+    type_: str | None,
+    due_after: str | None,
+    due_before: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Events in due order (earliest first), without their payloads."""
+    from eventsched.core.operations import events as ops
+    from eventsched.core.operations import eventviews as views
+    from eventsched.core.store import rowjson
+
+    rows = ops.list_events(
+        state.settings, limit=limit, status=status, type_=type_,
+        due_after=ops.parse_time_option("--due-after", due_after),
+        due_before=ops.parse_time_option("--due-before", due_before),
+    )  # fmt: skip
+    if as_json:
+        click.echo(views.to_json([rowjson.summary_json(r) for r in rows]))
+    else:
+        click.echo(views.render_list(rows))
+
+
+def _send(state: State, op: Any, targets: list[Any], due: Any, as_json: bool) -> None:
+    """Send, print one line per target; exit 1 when some target was not sent."""
+    from eventsched.core.operations import events as ops
+    from eventsched.core.operations import eventviews as views
+
+    refused = 0
+    for result in ops.send_commands(state.settings, op, targets, execute_at=due):
+        refused += result.command_id is None
+        click.echo(views.command_line(result, as_json))
+    if refused:
+        sys.exit(1)
+
+
+@_events_command("cancel")
+@click.argument("event_ids", metavar="[ID]...", nargs=-1)
+@_KEYS
+def events_cancel(
+    state: State, event_ids: tuple[str, ...], keys: tuple[str, ...], as_json: bool
+) -> None:
+    """Cancel events that have not finished; prints each command id and "accepted"."""
+    from eventsched.core.operations import events as ops
+
+    _send(state, "cancel", ops.targets(state.settings, event_ids, keys), None, as_json)
+
+
+@_events_command("reschedule")
+@click.argument("event_id", metavar="[ID]", required=False)
+@click.option("--key", default=None, help="The idempotency key instead of an id.")
+@_AT
+@_IN
+def events_reschedule(
+    state: State,
+    event_id: str | None,
+    key: str | None,
+    at: str | None,
+    in_: str | None,
+    as_json: bool,
+) -> None:
+    """Move a scheduled or retrying event to a new due time (--at or --in)."""
+    from eventsched.core.operations import events as ops
+
+    ids, keys = ops.one_target(event_id, key)
+    due = ops.due_option(state.settings, "reschedule", at, in_, required=True)
+    _send(state, "reschedule", ops.targets(state.settings, ids, keys), due, as_json)
+
+
+@_events_command("retry")
+@click.argument("event_ids", metavar="[ID]...", nargs=-1)
+@_KEYS
+@_AT
+@_IN
+@click.option("--status", type=click.Choice(RETRYABLE), help="Retry by filter.")
+@click.option("--type", "type_", default=None, help="With --status: only this type.")
+@click.option("--since", default=None, help="With --status: only finished since TIME.")
+@click.option("--limit", type=click.IntRange(min=1), help="With --status: at most N events.")
+@click.option("--dry-run", is_flag=True, help="Print the count and the ids; send nothing.")
+@click.option("--yes", is_flag=True, help="Needed to retry more than 100 events by filter.")
+def events_retry(
+    state: State,
+    event_ids: tuple[str, ...],
+    keys: tuple[str, ...],
+    at: str | None,
+    in_: str | None,
+    status: str | None,
+    type_: str | None,
+    since: str | None,
+    limit: int | None,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Run dead or cancelled events again (at once, or --at/--in): by id or --key, or every
+    event of a filter (--status dead [--type T] [--since TIME] [--limit N]), oldest finish
+    first. By filter, the count is printed first; more than 100 events need --yes."""
+    from eventsched.core.operations import events as ops
+    from eventsched.core.operations import eventviews as views
+
+    due = ops.due_option(state.settings, "retry", at, in_, required=False)
+    if status is None:
+        ops.no_filter(type_=type_, since=since, limit=limit)
+        targets = ops.targets(state.settings, event_ids, keys)
+    else:
+        ops.no_targets(event_ids, keys)
+        since_time = ops.parse_time_option("--since", since)
+        selection = ops.select_for_retry(
+            state.settings, status=status, type_=type_, since=since_time, limit=limit
+        )
+        click.echo(views.selection_line(selection, dry_run, as_json))
+        targets = list(selection.events)
+        if not dry_run:
+            ops.check_bulk(len(targets), yes=yes)
+    if dry_run:
+        for target in targets:
+            click.echo(views.target_line(target, as_json))
+    else:
+        _send(state, "retry", targets, due, as_json)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from openapi_spec_validator import validate
 
+from eventsched.core.domain.event import STATUSES
 from eventsched.core.runtime.errors import ConfigError
 from eventsched.core.runtime.root import expand_roles
 from eventsched.core.runtime.settings import ApiSettings, ApiToken, build_settings
@@ -19,7 +20,7 @@ from eventsched.plugins.api.app import refusal
 from eventsched.plugins.api.auth import check_api_settings, is_loopback, load_tokens
 from eventsched.plugins.api.openapi import document
 from eventsched.plugins.api.schemas import ApiError, ScheduleRequest, decode_body
-from eventsched.plugins.api.views import STATUSES, decode_cursor, encode_cursor
+from eventsched.plugins.api.views import decode_cursor, encode_cursor
 
 TOKEN = "t" * 20
 

@@ -41,13 +41,16 @@ from eventsched.core.runtime.errors import DecodeError
 
 __all__ = [
     "COMMAND_SCHEMA_VERSION",
+    "FINISHED",
     "OPS",
+    "RETRYABLE",
     "Command",
     "Op",
     "command_headers",
     "encode_command",
     "is_command",
     "new_command",
+    "refusal",
     "tombstone_command",
 ]
 
@@ -61,6 +64,12 @@ TOMBSTONE: Final = "kafka-tombstone"
 # Command ids of tombstones: uuid5(this namespace, "<topic>/<partition>/<offset>").
 _TOMBSTONE_NAMESPACE: Final = uuid.UUID("0b4c6a3e-5d1f-4e8a-9c2b-7f3e1d5a6b90")
 _HEADERS: Final = (("content-type", b"application/json"), ("schema-version", b"2"))
+#: Statuses an event does not leave by itself; a cancel of one changes nothing.
+FINISHED: Final = frozenset({"succeeded", "dead", "cancelled"})
+#: Statuses a reschedule applies to.
+RESCHEDULABLE: Final = frozenset({"scheduled", "retrying"})
+#: Statuses a retry applies to.
+RETRYABLE: Final = ("dead", "cancelled")
 _ENCODER: Final = msgspec.json.Encoder()
 
 
@@ -128,6 +137,22 @@ def new_command(
         )
     except DecodeError as err:
         raise ValueError(str(err)) from None
+
+
+def refusal(op: Op, status: str) -> str | None:
+    """Why ``op`` does not apply to an event in ``status``, or None when it does.
+
+    The rules the consumer's compare-and-set enforces (a cancel of a running event applies:
+    its attempt finishes and no retry follows); senders that can see the status (the HTTP
+    API, ``eventsched events``) use this to refuse early with the same words.
+    """
+    if op == "cancel" and status in FINISHED:
+        return f"the event is {status}: a finished event cannot be cancelled"
+    if op == "reschedule" and status not in RESCHEDULABLE:
+        return f"the event is {status}: only a scheduled or retrying event can be rescheduled"
+    if op == "retry" and status not in RETRYABLE:
+        return f"the event is {status}: only a dead or cancelled event can be retried"
+    return None
 
 
 def encode_command(command: Command) -> bytes:

@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION: Final = 1
+#: Every status an event can have (the CHECK constraint of ``events.status``): scheduled ->
+#: running -> succeeded | retrying | dead | cancelled; cancelled and dead can be retried.
+STATUSES: Final = ("scheduled", "running", "retrying", "succeeded", "dead", "cancelled")
 MAX_TYPE_LENGTH: Final = 200
 MAX_KEY_LENGTH: Final = 512
 

@@ -8,10 +8,13 @@
   per round trip (the executor's claims and outcomes go through it);
 * :mod:`.recovery` - the reconciler's SQL: candidates, takeover of stale attempts, dead
   events not yet in the DLQ, status counts for the gauges;
+* :mod:`.queries` - the API's and the CLI's reads: one event with its attempts and
+  command history, keyset pages, counts, key lookups;
 * :mod:`.deadletters` - dead-letter copies the DLQ topic refused (kept, never dropped);
 * :mod:`.replay` - ``dlq replay``'s re-run of a dead event (compare-and-set);
 * :mod:`.commands` - commands on events (cancel, reschedule, retry): one compare-and-set
   each, recorded in ``event_commands`` (the consumer applies them);
+* :mod:`.selection` - ``events retry --status``: finished events selected by filter;
 * :mod:`.migrations` - golang-migrate compatible migrations (``sql/``);
 * :mod:`.leader` - one-at-a-time leadership through an advisory lock.
 

@@ -37,7 +37,6 @@ from eventsched.core.store.pool import Database
 
 T = TypeVar("T")
 
-STATUSES: Final = ("scheduled", "running", "retrying", "succeeded", "dead", "cancelled")
 
 # `%b`: arrays travel in binary; psycopg's text dumping of the same lists costs about ten
 # times more client CPU (docs/design-notes.md, "Binary arrays for the insert").

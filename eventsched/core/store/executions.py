@@ -37,8 +37,6 @@ import psycopg
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.store.pool import Database
 
-#: Statuses of an event (the CHECK constraint of ``events.status``).
-STATUSES: Final = ("scheduled", "running", "retrying", "succeeded", "dead", "cancelled")
 #: What :func:`finish_outcomes` answers for an outcome that was not this attempt's any more.
 DISCARDED: Final = ""
 #: Why an event went dead; the ``dlq-reason`` header and a metrics label.

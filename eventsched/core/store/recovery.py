@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from eventsched.core.store.executions import STATUSES, DeadEvent
+from eventsched.core.domain.event import STATUSES
+from eventsched.core.store.executions import DeadEvent
 from eventsched.core.store.pool import Database
 
 _EPOCH: Final = datetime(1, 1, 1, tzinfo=UTC)

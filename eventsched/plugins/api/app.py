@@ -34,9 +34,10 @@ from eventsched.core.domain.commands import (
     encode_command,
     new_command,
     parse_command,
+    refusal,
 )
 from eventsched.core.domain.decode import DecodeLimits, decode_event
-from eventsched.core.domain.event import format_time, parse_time
+from eventsched.core.domain.event import STATUSES, format_time, parse_time
 from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.kafka import KafkaProducer
 from eventsched.core.runtime import metrics
@@ -45,6 +46,7 @@ from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.redaction import redact
 from eventsched.core.store import queries
 from eventsched.core.store.pool import Database
+from eventsched.core.store.rowjson import event_json, stats_json, summary_json
 from eventsched.plugins.api.auth import ANONYMOUS, Caller, Tokens
 from eventsched.plugins.api.openapi import document
 from eventsched.plugins.api.schemas import (
@@ -59,14 +61,7 @@ from eventsched.plugins.api.schemas import (
     field_for_reason,
     invalid,
 )
-from eventsched.plugins.api.views import (
-    STATUSES,
-    decode_cursor,
-    encode_cursor,
-    event_json,
-    stats_json,
-    summary_json,
-)
+from eventsched.plugins.api.views import decode_cursor, encode_cursor
 
 log = get_logger(__name__)
 
@@ -77,7 +72,6 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 RETRY_AFTER: Final = "2"
 MAX_LIMIT: Final = 500
 DEFAULT_LIMIT: Final = 50
-_FINISHED: Final = frozenset({"succeeded", "dead", "cancelled"})
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _ENCODER: Final = msgspec.json.Encoder()
 
@@ -110,17 +104,6 @@ def json_response(
     body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
     return Response(_ENCODER.encode(body), status, headers, media_type="application/json")
-
-
-def refusal(op: Op, status: str) -> str | None:
-    """Why ``op`` cannot apply to an event in ``status`` (409), or None."""
-    if op == "cancel" and status in _FINISHED:
-        return f"the event is {status}: a finished event cannot be cancelled"
-    if op == "reschedule" and status not in ("scheduled", "retrying"):
-        return f"the event is {status}: only a scheduled or retrying event can be rescheduled"
-    if op == "retry" and status not in ("dead", "cancelled"):
-        return f"the event is {status}: only a dead or cancelled event can be retried"
-    return None
 
 
 def _unavailable(dependency: str, message: str) -> ApiError:

@@ -64,13 +64,14 @@ from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
+from eventsched.core.domain.event import STATUSES
 from eventsched.core.domain.jobcontract import FIRST_ATTEMPT
 from eventsched.core.jobqueue import JobQueue, ScheduledJob
 from eventsched.core.runtime import metrics
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.settings import Settings, require_postgres
-from eventsched.core.store import executions, recovery
+from eventsched.core.store import recovery
 from eventsched.core.store.executions import DeadEvent
 from eventsched.core.store.leader import LeaderLock, lock_key
 from eventsched.core.store.pool import Database
@@ -422,7 +423,7 @@ class Reconciler:
 
     async def refresh_gauges(self) -> None:
         counts = await recovery.status_counts(self._db)
-        for status in executions.STATUSES:
+        for status in STATUSES:
             metrics.EVENTS_BY_STATUS.labels(status).set(counts.get(status, 0))
         for state, count in (await self._jobs.counts()).items():
             metrics.QUEUE_JOBS.labels(state).set(count)
