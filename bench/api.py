@@ -34,17 +34,11 @@ import h11
 import trio
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from bench.common import (
-    BenchRun,
-    Role,
-    Stack,
-    _free_port,
-    log,
-    parse_args,
-    percentiles,
-    pyplot,
-    step,
-)
+from bench.report import pyplot
+from bench.run import BenchRun, log, parse_args, step
+from bench.stack import Role, Stack
+from bench.stats import percentiles
+from tests.support.proc import free_port
 
 TOKEN = "bench-token-0123456789abcdef"
 BODY = b'{"type": "bench.event", "payload": {"n": 1, "text": "hello"}, "delay_ms": 3600000}'
@@ -253,7 +247,7 @@ def main() -> None:
         args.duration, args.connections, args.rate = 2.0, 8, 50.0
     run = BenchRun("api", args)
     with Stack(run) as stack:
-        port = _free_port()
+        port = free_port()
         settings = stack.settings("api", api={"port": port})
         # write_toml writes scalars and lists of them; a token is a table.
         with settings.open("a") as f:
