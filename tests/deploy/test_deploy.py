@@ -47,7 +47,9 @@ PROMTAIL_CONFIG = OPS / "promtail" / "promtail.yml"
 TOPICS_SCRIPT = OPS / "kafka" / "create-topics.sh"
 
 # Each role's HTTP port inside its container (the app's per-role default).
-APP_PORTS = {"producer": 8080, "consumer": 8081, "executor": 8082}
+APP_PORTS = {"producer": 8080, "consumer": 8081, "executor": 8082, "api": 8085}
+# Ports an app serves besides its /metrics, /healthz, /readyz port.
+APP_EXTRA_PORTS = {"api": {"8084"}}
 APPS = tuple(APP_PORTS)
 INFRA = ("postgres", "redis", "kafka")
 ONE_SHOT = ("postgres-migrate", "kafka-init")
@@ -95,6 +97,7 @@ SCRAPE_JOBS = {
     "producer",
     "consumer",
     "executor",
+    "api",
     "postgres-exporter",
     "redis-exporter",
     "kafka-exporter",
@@ -644,7 +647,8 @@ def test_apps_can_be_scaled(services: dict[str, Any], app: str) -> None:
     assert ports, f"{app} publishes no port"
     for _, host, target in ports:
         assert len(host_port_set(host)) >= 2, f"{app}: fixed host port {host} prevents --scale"
-        assert target == str(APP_PORTS[app]), f"{app} listens on {APP_PORTS[app]}, not {target}"
+        listens = {str(APP_PORTS[app]), *APP_EXTRA_PORTS.get(app, ())}
+        assert target in listens, f"{app} listens on {sorted(listens)}, not {target}"
 
 
 @pytest.mark.parametrize("app", APPS)

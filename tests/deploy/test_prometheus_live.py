@@ -97,6 +97,9 @@ def stack() -> Iterator[Stack]:
         s.close()
 
 
+API_TOKEN = "live-test-token-0123456789"
+
+
 def _prometheus_config(tmp_path: Path, ports: dict[str, int]) -> Path:
     config = yaml.safe_load((OPS / "prometheus" / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = "1s"
@@ -192,10 +195,12 @@ def test_prometheus_scrapes_every_target_and_every_panel_has_data(
         "EVENTSCHED_EXECUTOR__SIMULATE__ERROR_RATE": "0.4",
         "EVENTSCHED_EXECUTOR__RETRY_BACKOFF__BASE": "100ms",
         "EVENTSCHED_RECONCILER__GAUGE_INTERVAL": "1s",
+        "EVENTSCHED_API__PORT": str(api_port := free_port()),
+        "EVENTSCHED_API__TOKENS": f'[{{name = "live", token = "{API_TOKEN}"}}]',
     }
     settings_file = _role_settings(tmp_path)
     ports: dict[str, int] = {}
-    for role in ("producer", "consumer", "executor"):
+    for role in ("producer", "consumer", "executor", "api"):
         port = free_port()
         ports[role] = port
         app = AppProcess(
@@ -236,6 +241,15 @@ def test_prometheus_scrapes_every_target_and_every_panel_has_data(
     for value in (b"not json", b"[1, 2]", b"{}"):
         bad.produce(names.topic, value=value)
     assert bad.flush(10) == 0
+
+    # Requests, so the api's request metrics have samples.
+    for _ in range(5):
+        stats = httpx.get(
+            f"http://127.0.0.1:{api_port}/v1/stats",
+            headers={"Authorization": f"Bearer {API_TOKEN}"},
+            timeout=10,
+        )
+        assert stats.status_code == 200, stats.text
 
     time.sleep(20)  # load: ~800 events, retries and dead events, 20 scrapes
 
