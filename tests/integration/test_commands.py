@@ -36,20 +36,19 @@ from eventsched.core.store.executions import Outcome
 from eventsched.core.store.pool import Database
 from eventsched.core.store.recovery import Candidate
 from tests.support import command_handlers
+from tests.support.clients import delete_queue_keys, query
 from tests.support.exec_handlers import read_journal
 from tests.support.execution import (
-    delete_queue_keys,
     executor_env,
     insert_events,
     new_events,
-    query,
     running_executor,
     saq_score,
-    wait_until,
 )
 from tests.support.ingest import RawMessage, event_message, produce, running
 from tests.support.proc import AppProcess
 from tests.support.servers import Names
+from tests.support.waiting import wait_until
 
 HANDLER = "tests.support.command_handlers:scripted"
 FAST_RETRY = {"base": "100ms", "factor": 2.0, "max": "1s", "jitter": 0.0}
