@@ -9,9 +9,6 @@ port of its own, the client is httpx on trio.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -28,11 +25,12 @@ from eventsched.core.domain.commands import COMMAND_SCHEMA_VERSION
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.runtime.settings import Settings
 from eventsched.plugins.api.openapi import document
+from tests.support.cli import assert_one_line_exit_2, offline
 from tests.support.clients import query, read_topic
 from tests.support.execution import NewEvent, insert_events, new_events
 from tests.support.ingest import running
 from tests.support.metrics import metric_value
-from tests.support.proc import REPO, AppProcess, free_port
+from tests.support.proc import AppProcess, free_port
 from tests.support.servers import Names
 
 WRITER = "writer-token-0123456789abcdef"
@@ -501,25 +499,6 @@ async def test_the_openapi_document_validates_and_names_every_route(
 # -- eventsched run --role api --------------------------------------------------------------
 
 
-def eventsched(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "EVENTSCHED_POSTGRES__DSN": f"postgresql://postgres@127.0.0.1:{free_port()}/none",
-        "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
-        **env,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "eventsched", *args],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -540,11 +519,8 @@ def eventsched(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     ids=["no-tokens", "none-on-public-host", "missing-token-file", "short-token"],
 )
 def test_run_role_api_refuses_to_start_with_one_line(env: dict[str, str], message: str) -> None:
-    result = eventsched("run", "--role", "api", "--port", "0", **env)
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-2000:]
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith(f"eventsched: error: {message}"), result.stderr
+    result = offline("run", "--role", "api", "--port", "0", **env)
+    assert_one_line_exit_2(result, message)
     assert result.stdout == ""
 
 

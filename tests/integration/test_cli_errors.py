@@ -9,44 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from eventsched.core.runtime.contracts import Handler, HandlerContext, handler_factory
-from tests.support.proc import REPO, free_port
-
-
-def eventsched(*args: str, timeout: float = 30.0, **env: str) -> subprocess.CompletedProcess[str]:
-    """``python -m eventsched ARGS`` with every dependency unreachable."""
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "EVENTSCHED_LOGGING__FORMAT": "json",
-        "EVENTSCHED_POSTGRES__DSN": f"postgresql://postgres@127.0.0.1:{free_port()}/none",
-        "EVENTSCHED_REDIS__URL": f"redis://127.0.0.1:{free_port()}/0",
-        "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
-        **env,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "eventsched", *args],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def assert_one_line_exit_2(result: subprocess.CompletedProcess[str], message: str) -> None:
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-2000:]
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.count("\n") == 1, result.stderr[-2000:]
-    assert result.stderr.startswith(f"eventsched: error: {message}"), result.stderr
-
+from tests.support.cli import assert_one_line_exit_2
+from tests.support.cli import offline as eventsched
 
 # -- send: the consumer's limits, checked before sending ------------------------------------
 
