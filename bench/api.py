@@ -1,8 +1,9 @@
 """The HTTP API: ``POST /v1/events`` throughput and latency, every event acknowledged.
 
 One api process (``python -m eventsched run --role api``) on the embedded stack; the
-harness is the client (raw HTTP/1.1 keep-alive connections with h11 on trio, in this
-process: a pooled client such as httpx costs more CPU per request than the api does). A 202
+harness is the client (raw HTTP/1.1 keep-alive connections on trio, in this process: the
+request's bytes are built once and answers are parsed minimally, since a pooled client such
+as httpx, or even h11 per request, costs a large share of what the api does). A 202
 means the broker acknowledged the event, so the count of 202s is the count of events in
 Kafka; the harness checks that against the topic's offsets at the end.
 
@@ -10,7 +11,11 @@ Kafka; the harness checks that against the topic's offsets at the end.
   ``--duration`` s; events/s = 202 answers / elapsed.
 * **latency at a fixed rate**: requests start on a fixed schedule of ``--rate`` per second
   (open loop: a slow answer does not delay the next request) for ``--duration`` s;
-  p50/p99/max of the request time as the client sees it.
+  p50/p99/max of the request time as the client sees it; a request refused or unanswered
+  within ``TIMEOUT`` counts as status 0.
+
+Cores used by the api, the client (this process), each server and the whole machine are
+measured per phase; ``--profile`` samples the api with py-spy during the closed loop.
 
 Both phases send events due an hour out with no idempotency key (no PostgreSQL read on the
 path). Numbers include the client's own cost: on a 2-core machine the client and the api
@@ -24,6 +29,7 @@ process share the CPUs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from collections import Counter
@@ -34,14 +40,18 @@ import h11
 import trio
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from bench.profiling import Profiler
 from bench.report import pyplot
 from bench.run import BenchRun, log, parse_args, step
+from bench.sampling import Sampler
 from bench.stack import Role, Stack
 from bench.stats import percentiles
 from tests.support.proc import free_port
 
 TOKEN = "bench-token-0123456789abcdef"
 BODY = b'{"type": "bench.event", "payload": {"n": 1, "text": "hello"}, "delay_ms": 3600000}'
+#: Seconds after which the open loop gives up on a request (status 0).
+TIMEOUT = 10.0
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
 
@@ -49,17 +59,21 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--connections", type=int, default=32, help="throughput clients")
     parser.add_argument("--rate", type=float, default=200.0, help="fixed-rate phase, per s")
+    parser.add_argument("--profile-seconds", type=float, default=8.0)
 
 
 class Connection:
-    """One keep-alive HTTP/1.1 connection speaking h11 on a trio stream: far less client
-    CPU per request than a pooled client, so the api, not the harness, is measured."""
+    """One keep-alive HTTP/1.1 connection on a trio stream. The request's bytes are built
+    once (h11 checks them); each answer is parsed just enough for its status line and
+    ``Content-Length``: a fraction of the client CPU of h11 or a pooled client, so the api,
+    not the harness, is measured."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.stream: trio.SocketStream | None = None
-        self.conn = h11.Connection(h11.CLIENT)
-        self.request = h11.Request(
+        self.buffer = b""
+        conn = h11.Connection(h11.CLIENT)
+        request = h11.Request(
             method="POST",
             target="/v1/events",
             headers=[
@@ -68,29 +82,35 @@ class Connection:
                 ("Content-Length", str(len(BODY))),
             ],
         )
+        self.request = b"".join(
+            conn.send(event) or b"" for event in (request, h11.Data(data=BODY), h11.EndOfMessage())
+        )
 
     async def post(self) -> int:
         """Send the event; the answer's status code."""
         if self.stream is None:
             self.stream = await trio.open_tcp_stream(self.host, self.port)
-        if self.conn.our_state is h11.DONE:
-            self.conn.start_next_cycle()
-        await self.stream.send_all(
-            self.conn.send(self.request) + self.conn.send(h11.Data(data=BODY))
-            + self.conn.send(h11.EndOfMessage())
-        )  # fmt: skip
-        status = 0
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await self.stream.receive_some(65536)
-                self.conn.receive_data(data)
-                if not data:
-                    raise ConnectionError("closed by the server")
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.EndOfMessage):
-                return status
+        await self.stream.send_all(self.request)
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            await self._receive()
+        head = self.buffer[:end].decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        length = 0
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        while len(self.buffer) < end + 4 + length:
+            await self._receive()
+        self.buffer = self.buffer[end + 4 + length :]
+        return status
+
+    async def _receive(self) -> None:
+        assert self.stream is not None
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise ConnectionError("closed by the server")
+        self.buffer += data
 
     async def aclose(self) -> None:
         if self.stream is not None:
@@ -143,7 +163,20 @@ async def open_loop(host: str, port: int, rate: float, duration: float) -> dict[
         if connection not in opened:
             opened.append(connection)
         began = time.perf_counter()
-        statuses[await connection.post()] += 1
+        status = 0
+        try:
+            with trio.move_on_after(TIMEOUT):
+                status = await connection.post()
+        except (OSError, trio.BrokenResourceError):
+            pass
+        if status == 0:
+            # A server that cannot keep up refuses connections beyond its backlog, or keeps
+            # a request past TIMEOUT: counted as status 0 (failed), its time included.
+            statuses[0] += 1
+            latencies.append((time.perf_counter() - began) * 1000)
+            starts.append(began - t0)
+            return
+        statuses[status] += 1
         latencies.append((time.perf_counter() - began) * 1000)
         starts.append(began - t0)
         idle.append(connection)
@@ -158,7 +191,8 @@ async def open_loop(host: str, port: int, rate: float, duration: float) -> dict[
             await trio.sleep_until(due)
             nursery.start_soon(one)
     for connection in opened:
-        await connection.aclose()
+        with contextlib.suppress(OSError, trio.BrokenResourceError):
+            await connection.aclose()
     return {
         "rate": rate,
         "requests": count,
@@ -218,6 +252,15 @@ def topic_messages(bootstrap: str, topic: str) -> int:
         consumer.close()
 
 
+def cpu_note(name: str, phase: dict[str, Any]) -> str:
+    """Cores each process used during a phase (api, client, servers, anything else)."""
+    cpu = phase["cpu"]
+    wall = cpu["wall_s"]
+    shares = {**cpu["cores"], "client": round(phase["client_cpu_s"] / wall, 2)}
+    text = ", ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+    return f"{name}, cores used: {text}; whole machine {cpu['machine_busy_cores']:.2f} of 2"
+
+
 def plot(path: Path, throughput: dict[str, Any], fixed: dict[str, Any]) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -246,30 +289,72 @@ def main() -> None:
     if args.quick:
         args.duration, args.connections, args.rate = 2.0, 8, 50.0
     run = BenchRun("api", args)
-    with Stack(run) as stack:
-        port = free_port()
-        settings = stack.settings("api", api={"port": port})
-        # write_toml writes scalars and lists of them; a token is a table.
-        with settings.open("a") as f:
-            f.write(f'\n[[default.api.tokens]]\nname = "bench"\ntoken = "{TOKEN}"\n')
-        api = stack.role("api", settings)
-        with step("api role starting"):
-            api.wait_ready()
-        before = topic_messages(stack.kafka, "events")
-        with step("warm-up (not measured): 4 connections, 1 s"):
-            # The producer's first message to each partition waits for metadata and a
-            # broker connection: seconds of latency that say nothing about the api.
-            warm_up = trio.run(closed_loop, "127.0.0.1", port, 4, 1.0)
-        with step(f"closed loop, {args.connections} connections, {args.duration:g} s"):
-            server = server_time(api)
-            throughput = trio.run(closed_loop, "127.0.0.1", port, args.connections, args.duration)
-            throughput["server_mean_ms"] = server_time(api, since=server)
-        with step(f"open loop, {args.rate:g}/s, {args.duration:g} s"):
-            server = server_time(api)
-            fixed = trio.run(open_loop, "127.0.0.1", port, args.rate, args.duration)
-            fixed["server_mean_ms"] = server_time(api, since=server)
-        acknowledged = sum(p["acknowledged"] for p in (warm_up, throughput, fixed))
-        in_topic = topic_messages(stack.kafka, "events") - before
+    sampler = Sampler().start()
+    profiler = Profiler(run)
+    try:
+        with Stack(run) as stack:
+            sampler.track_servers(stack.server_pids())
+            phases = measure(args, stack, sampler, profiler)
+            profile = profiler.finish()
+    finally:
+        sampler.stop()
+    warm_up, throughput, fixed, in_topic = phases
+    throughput["cpu"] = sampler.cpu_between("closed_start", "closed_end")
+    fixed["cpu"] = sampler.cpu_between("open_start", "open_end")
+    report(run, args, warm_up, throughput, fixed, in_topic, profile)
+
+
+def measure(
+    args: argparse.Namespace, stack: Stack, sampler: Sampler, profiler: Profiler
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]:
+    """Start the api, run the warm-up and both phases; the number of messages in the topic
+    that the three added."""
+    port = free_port()
+    settings = stack.settings("api", api={"port": port})
+    # write_toml writes scalars and lists of them; a token is a table.
+    with settings.open("a") as f:
+        f.write(f'\n[[default.api.tokens]]\nname = "bench"\ntoken = "{TOKEN}"\n')
+    api = stack.role("api", settings)
+    with step("api role starting"):
+        api.wait_ready()
+    sampler.track_cpu("api", api.pid)
+    before = topic_messages(stack.kafka, "events")
+    with step("warm-up (not measured): 4 connections, 1 s"):
+        # The producer's first message to each partition waits for metadata and a
+        # broker connection: seconds of latency that say nothing about the api.
+        warm_up = trio.run(closed_loop, "127.0.0.1", port, 4, 1.0)
+    with step(f"closed loop, {args.connections} connections, {args.duration:g} s"):
+        server = server_time(api)
+        if args.profile:
+            profiler.start("api", api.pid, min(args.profile_seconds, args.duration))
+        sampler.mark("closed_start")
+        client = time.process_time()
+        throughput = trio.run(closed_loop, "127.0.0.1", port, args.connections, args.duration)
+        throughput["client_cpu_s"] = round(time.process_time() - client, 3)
+        sampler.mark("closed_end")
+        throughput["server_mean_ms"] = server_time(api, since=server)
+    with step(f"open loop, {args.rate:g}/s, {args.duration:g} s"):
+        server = server_time(api)
+        sampler.mark("open_start")
+        client = time.process_time()
+        fixed = trio.run(open_loop, "127.0.0.1", port, args.rate, args.duration)
+        fixed["client_cpu_s"] = round(time.process_time() - client, 3)
+        sampler.mark("open_end")
+        fixed["server_mean_ms"] = server_time(api, since=server)
+    in_topic = topic_messages(stack.kafka, "events") - before
+    return warm_up, throughput, fixed, in_topic
+
+
+def report(
+    run: BenchRun,
+    args: argparse.Namespace,
+    warm_up: dict[str, Any],
+    throughput: dict[str, Any],
+    fixed: dict[str, Any],
+    in_topic: int,
+    profile: dict[str, Any],
+) -> None:
+    acknowledged = sum(p["acknowledged"] for p in (warm_up, throughput, fixed))
     log(f"acknowledged {acknowledged}, in the topic {in_topic}")
     t, f = throughput["latency_ms"], fixed["latency_ms"]
     table = [
@@ -299,12 +384,17 @@ def main() -> None:
         "fixed_rate": {k: v for k, v in fixed.items() if k != "latencies"},
         "acknowledged": acknowledged,
         "in_topic": in_topic,
+        "profile": profile,
     }
     notes = [
         f"every 202 is an event the broker acknowledged: {acknowledged} answered"
         f" (warm-up included), {in_topic} in the topic",
-        "client (h11 on trio) and api process share the machine; api mean ms is the"
+        "client (raw HTTP/1.1 on trio) and api process share the machine; api mean ms is the"
         " api's own time per POST (eventsched_api_request_duration_seconds)",
+        *(
+            cpu_note(name, phase)
+            for name, phase in (("closed loop", throughput), ("open loop", fixed))
+        ),
     ]
     run.finish(results, table, notes, plot=lambda p: plot(p, throughput, fixed))
 

@@ -92,14 +92,17 @@ class _Delivery:
 
     ``settle`` runs only on the producer thread (produce errors and delivery callbacks both
     happen there), so the counters need no lock; trio reads ``reports`` after ``done``.
+    A settled delivery joins ``ready`` (the worker's list, touched on its thread only); the
+    worker sets the ``done`` events of everything in it with one trio callback per loop
+    step (:meth:`_ProducerWorker.wake`), not one per message.
     """
 
-    def __init__(self, messages: Sequence[OutboundMessage], port: _TrioPort) -> None:
+    def __init__(self, messages: Sequence[OutboundMessage], ready: list[_Delivery]) -> None:
         self.messages = messages
         self.reports: list[DeliveryReport | None] = [None] * len(messages)
         self.remaining = len(messages)
         self.done = trio.Event()
-        self._port = port
+        self._ready = ready
 
     def settle(self, index: int, report: DeliveryReport) -> None:
         if self.reports[index] is not None:
@@ -107,7 +110,7 @@ class _Delivery:
         self.reports[index] = report
         self.remaining -= 1
         if self.remaining == 0:
-            self._port.post(self.done.set)
+            self._ready.append(self)
 
     def on_delivery(self, index: int, err: KafkaError | None, msg: Message) -> None:
         """librdkafka delivery callback (producer thread, inside poll/flush)."""
@@ -139,6 +142,12 @@ class _Delivery:
 
     def result(self) -> list[DeliveryReport]:
         return [report for report in self.reports if report is not None]
+
+
+def _set_all(events: list[trio.Event]) -> None:
+    """Trio thread: wake the senders of settled deliveries (cannot raise)."""
+    for event in events:
+        event.set()
 
 
 @dataclass(eq=False)
@@ -203,6 +212,8 @@ class _ProducerWorker:
         self._stopping = False
         # Deliveries with messages not reported yet (touched on this thread only).
         self._live: set[_Delivery] = set()
+        #: Deliveries settled since the last :meth:`wake` (touched on this thread only).
+        self.ready: list[_Delivery] = []
         # Why the client must be replaced (a reason label and words), or None.
         self._rebuild: tuple[str, str] | None = None
         self._last_rebuild = -self.REBUILD_INTERVAL
@@ -233,7 +244,17 @@ class _ProducerWorker:
                 self._producer.poll(0)
                 if self._rebuild is not None and not self._stopping:
                     self._maybe_rebuild()
+            self.wake()
+        self.wake()
         self._producer = None  # destroy the handle on this thread
+
+    def wake(self) -> None:
+        """Tell trio about every delivery settled since the last call: one callback (and
+        one wake-up of the trio thread) for all the reports one ``poll`` served."""
+        if self.ready:
+            events = [delivery.done for delivery in self.ready]
+            self.ready.clear()
+            self._port.post(_set_all, events)
 
     def _next_item(self) -> object:
         producer = self._producer
@@ -363,6 +384,7 @@ class _ProducerWorker:
                     delivery.settle(index, DeliveryReport(message.topic, None, None, reason))
                     return
                 producer.poll(self.FULL_QUEUE_POLL)
+                self.wake()
             except KafkaException as err:
                 code = _code(err)
                 first = err.args[0] if err.args else None
@@ -380,7 +402,9 @@ class _ProducerWorker:
 
     def flush(self, timeout: float) -> int:
         assert self._producer is not None
-        return self._producer.flush(timeout)
+        remaining = self._producer.flush(timeout)
+        self.wake()  # the reports flush served reach trio before flush's own answer
+        return remaining
 
     def close(self, timeout: float) -> int:
         """Flush within ``timeout``, purge the rest; returns how many were not delivered."""
@@ -394,6 +418,7 @@ class _ProducerWorker:
             # waiting send_many learns the outcome instead of hanging.
             producer.purge(in_queue=True, in_flight=True, blocking=True)
             producer.poll(0)
+        self.wake()
         return remaining
 
 
@@ -468,7 +493,7 @@ class KafkaProducer:
             raise DependencyError("kafka", "producer is closed")
         if not messages:
             return []
-        delivery = _Delivery(tuple(messages), self._port)
+        delivery = _Delivery(tuple(messages), self._worker.ready)
         self._pending.add(delivery)
         self._worker.inbox.put(_Produce(delivery))
         try:

@@ -403,10 +403,20 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 class RequestMetrics:
     """ASGI middleware: ``eventsched_api_requests_total{route,method,status}`` and
     ``eventsched_api_request_duration_seconds{route,method}``; ``route`` is the route's
-    template (``/v1/events/{id}``) or ``unmatched``, so the label sets stay bounded."""
+    template (``/v1/events/{id}``) or ``unmatched``, so the label sets stay bounded.
 
-    def __init__(self, app: ASGIApp) -> None:
+    ``direct`` maps (method, path) of routes without path parameters to their endpoint:
+    those requests skip Starlette's router and middleware stack (the hot
+    ``POST /v1/events``). The answer is the same: Starlette would match the same endpoint
+    first, and the endpoint (wrapped by :func:`_answers`) turns every exception into an
+    answer itself, so the middleware has nothing to do for it.
+    """
+
+    def __init__(self, app: ASGIApp, direct: Mapping[tuple[str, str], Endpoint]) -> None:
         self.app = app
+        self.direct = dict(direct)
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._timers: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -421,22 +431,43 @@ class RequestMetrics:
                 status = int(message["status"])
             await send(message)
 
+        route: str | None = None
         try:
-            await self.app(scope, receive, send_status)
+            endpoint = None
+            if not scope.get("root_path"):
+                endpoint = self.direct.get((scope["method"], scope["path"]))
+            if endpoint is None:
+                await self.app(scope, receive, send_status)
+            else:
+                route = scope["path"]  # a route without parameters: template == path
+                response = await endpoint(Request(scope, receive, send_status))
+                await response(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            if route is None:
+                route = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"] if scope["method"] in _METHODS else "other"
-            metrics.API_REQUESTS.labels(route, method, str(status)).inc()
-            metrics.API_REQUEST_DURATION.labels(route, method).observe(
-                time.perf_counter() - started
-            )
+            self._record(route, method, status, time.perf_counter() - started)
+
+    def _record(self, route: str, method: str, status: int, seconds: float) -> None:
+        # The labelled children are looked up once per label set (they never change).
+        counter = self._counters.get((route, method, status))
+        if counter is None:
+            counter = metrics.API_REQUESTS.labels(route, method, str(status))
+            self._counters[(route, method, status)] = counter
+        timer = self._timers.get((route, method))
+        if timer is None:
+            timer = metrics.API_REQUEST_DURATION.labels(route, method)
+            self._timers[(route, method)] = timer
+        counter.inc()
+        timer.observe(seconds)
 
 
 def build_app(config: ApiConfig, db: Database, producer: KafkaProducer) -> ASGIApp:
     """The API as an ASGI app (Starlette inside the metrics middleware)."""
     h = Handlers(config, db, producer)
+    schedule = _answers(h.schedule)
     routes = [
-        Route("/v1/events", _answers(h.schedule), methods=["POST"]),
+        Route("/v1/events", schedule, methods=["POST"]),
         Route("/v1/events", _answers(h.list_events), methods=["GET"]),
         Route("/v1/events/{id}", _answers(h.get_event), methods=["GET"]),
         Route("/v1/events/{id}/cancel", _answers(h.cancel), methods=["POST"]),
@@ -446,4 +477,4 @@ def build_app(config: ApiConfig, db: Database, producer: KafkaProducer) -> ASGIA
         Route("/v1/openapi.json", _answers(h.openapi), methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _not_found})
-    return RequestMetrics(app)
+    return RequestMetrics(app, direct={("POST", "/v1/events"): schedule})
