@@ -82,6 +82,17 @@ def ev(due_in: float, key: str, **payload: Any) -> Event:
     return new_event("cmd.test", payload, due, idempotency_key=key)
 
 
+def moved_to(redis_url: str, queue: str, key: str, due: float) -> bool:
+    """The job ``key`` waits in SAQ's schedule at ``due`` (epoch seconds, to the ms)."""
+    score = saq_score(redis_url, queue, key)
+    return score is not None and abs(score - due) <= 0.001
+
+
+def at_ms(unix_ms: int) -> datetime:
+    """The aware UTC datetime of a whole number of Unix milliseconds (no float rounding)."""
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=unix_ms)
+
+
 def cmd(op: Any, *, key: str | None = None, event_id: Any = None, at: Any = None) -> Command:
     return new_command(op, idempotency_key=key, event_id=event_id, execute_at=at, requested_by="t")
 
@@ -356,25 +367,30 @@ async def test_reschedule_earlier_and_later_runs_once_at_the_new_time_never_the_
         await wait_until(
             lambda: {status(database, x) for x in (earlier, later, stale)} == {"scheduled"}
         )
-        now = time.time()
-        new = {"earlier": now + 1.5, "later": now + 4.0, "stale": now + 4.0}
+        # Whole milliseconds: due times are kept to the millisecond (truncated), so a float
+        # of seconds could land 1 ms away from what PostgreSQL holds.
+        now_ms = time.time_ns() // 1_000_000
+        new_ms = {"earlier": now_ms + 1500, "later": now_ms + 4000, "stale": now_ms + 4000}
+        new = {key: ms / 1000 for key, ms in new_ms.items()}
         moves = [
-            cmd("reschedule", key="earlier", at=datetime.fromtimestamp(new["earlier"], UTC)),
-            cmd("reschedule", event_id=later.id, at=datetime.fromtimestamp(new["later"], UTC)),
-            cmd("reschedule", key="done", at=datetime.fromtimestamp(now + 5, UTC)),
+            cmd("reschedule", key="earlier", at=at_ms(new_ms["earlier"])),
+            cmd("reschedule", event_id=later.id, at=at_ms(new_ms["later"])),
+            cmd("reschedule", key="done", at=at_ms(now_ms + 5000)),
         ]
         await send(kafka_bootstrap, topics.topic, [message(m) for m in moves])
         query(
             database,
             "UPDATE events SET execute_at = to_timestamp(%s) WHERE id = %s RETURNING id",
-            [round(new["stale"], 3), str(stale.id)],
+            [new["stale"], str(stale.id)],
         )
         await wait_until(lambda: len(commands(database)) == 3)
-        assert saq_score(redis_url, topics.queue, str(earlier.id)) == pytest.approx(
-            new["earlier"], abs=0.001
-        )
-        assert saq_score(redis_url, topics.queue, str(later.id)) == pytest.approx(
-            new["later"], abs=0.001
+        # The jobs move in Redis right after the commands' PostgreSQL transaction.
+        await wait_until(
+            lambda: (
+                moved_to(redis_url, topics.queue, str(earlier.id), new["earlier"])
+                and moved_to(redis_url, topics.queue, str(later.id), new["later"])
+            ),
+            limit=5,
         )
         await wait_until(
             lambda: {status(database, x) for x in (earlier, later, stale)} == {"succeeded"},
@@ -382,7 +398,7 @@ async def test_reschedule_earlier_and_later_runs_once_at_the_new_time_never_the_
         )
 
     for event, key in ((earlier, "earlier"), (later, "later"), (stale, "stale")):
-        due = round(new[key], 3)
+        due = new[key]
         ((_, started),) = starts(event)
         assert started >= due - AHEAD, (key, started - due)
         ((n, outcome, scheduled_for, started_at),) = attempts_of(database, event)
@@ -412,14 +428,21 @@ async def test_commands_on_a_retrying_event_act_on_its_next_attempt(
         )
         retry_keys = [f"{x.id}#2" for x in (sooner, never)]
         assert all(saq_score(redis_url, topics.queue, key) for key in retry_keys)
-        due = round(time.time() + 1.0, 3)
+        due_ms = time.time_ns() // 1_000_000 + 1000
+        due = due_ms / 1000
         await send(kafka_bootstrap, topics.topic, [
-            message(cmd("reschedule", key="sooner", at=datetime.fromtimestamp(due, UTC))),
+            message(cmd("reschedule", key="sooner", at=at_ms(due_ms))),
             message(cmd("cancel", key="never")),
         ])  # fmt: skip
         await wait_until(lambda: len(commands(database)) == 2)
-        assert saq_score(redis_url, topics.queue, retry_keys[0]) == pytest.approx(due, abs=0.001)
-        assert saq_score(redis_url, topics.queue, retry_keys[1]) is None
+        # The jobs move in Redis right after the commands' PostgreSQL transaction.
+        await wait_until(
+            lambda: (
+                moved_to(redis_url, topics.queue, retry_keys[0], due)
+                and saq_score(redis_url, topics.queue, retry_keys[1]) is None
+            ),
+            limit=5,
+        )
         await wait_until(lambda: status(database, sooner) == "succeeded")
         assert time.time() < due + 2.5  # well before the old retry time
         await trio.sleep(max(0.0, due + 3.5 - time.time()))  # past the old retry time
