@@ -18,9 +18,11 @@ Modules, lowest first:
 - :mod:`~eventsched.core.domain.handler`: the handler contract that user code implements
   (public through :mod:`eventsched`);
 - :mod:`~eventsched.core.domain.jobcontract`: the job contract between the roles that enqueue
-  an event's job (consumer, reconciler, ``dlq replay``) and the executor that runs it.
+  an event's job (consumer, reconciler, ``dlq replay``) and the executor that runs it;
+- :mod:`~eventsched.core.domain.schedules`: recurring schedules (:class:`ScheduleSpec`), their
+  occurrences by the DST rules, the misfire policies and the occurrence keys.
 
-May import the standard library, msgspec, ``eventsched.core.runtime.errors``,
+May import the standard library, msgspec, cronsim (cron expressions, for schedules), ``eventsched.core.runtime.errors``,
 ``eventsched.core.runtime.settings`` (settings types, ``redact``) and
 ``eventsched.core.jobqueue``'s job type; nothing that talks to a server.
 """
