@@ -188,6 +188,13 @@ async def event_with_attempts(db: Database, event_id: uuid.UUID) -> EventRow | N
     return await db.run(fn)
 
 
+def filters(*conditions: tuple[str, object]) -> tuple[list[str], list[Any]]:
+    """The ``(SQL condition with one %s, value)`` pairs whose value is not None: their
+    conditions (to join with AND) and their parameters, in order."""
+    kept = [(sql, value) for sql, value in conditions if value is not None]
+    return [sql for sql, _ in kept], [value for _, value in kept]
+
+
 async def list_events(
     db: Database,
     *,
@@ -200,20 +207,12 @@ async def list_events(
 ) -> list[EventSummary]:
     """At most ``limit`` events in ``(execute_at, id)`` order, after the keyset position
     ``after``; ``due_after`` is inclusive, ``due_before`` exclusive."""
-    where: list[str] = []
-    params: list[Any] = []
-    if status is not None:
-        where.append("status = %s")
-        params.append(status)
-    if type_ is not None:
-        where.append("type = %s")
-        params.append(type_)
-    if due_after is not None:
-        where.append("execute_at >= %s")
-        params.append(due_after)
-    if due_before is not None:
-        where.append("execute_at < %s")
-        params.append(due_before)
+    where, params = filters(
+        ("status = %s", status),
+        ("type = %s", type_),
+        ("execute_at >= %s", due_after),
+        ("execute_at < %s", due_before),
+    )
     if after is not None:
         where.append("(execute_at, id) > (%s, %s)")
         params.extend(after)

@@ -18,7 +18,7 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from eventsched.core.store.pool import Database
-from eventsched.core.store.queries import EventKey
+from eventsched.core.store.queries import EventKey, filters
 
 __all__ = ["Selection", "finished_events"]
 
@@ -42,14 +42,9 @@ async def finished_events(
     """Events in ``status`` (of ``type_``, finished at or after ``finished_since``): their
     count and the first ``limit`` (all with None) by ``(finished_at, id)``, from one
     snapshot."""
-    where = ["status = %s"]
-    params: list[Any] = [status]
-    if type_ is not None:
-        where.append("type = %s")
-        params.append(type_)
-    if finished_since is not None:
-        where.append("finished_at >= %s")
-        params.append(finished_since)
+    where, params = filters(
+        ("status = %s", status), ("type = %s", type_), ("finished_at >= %s", finished_since)
+    )
     condition = " AND ".join(where)
     count_sql = f"SELECT count(*) FROM events WHERE {condition}"
     select_sql = (
