@@ -17,12 +17,14 @@ Kafka; the harness checks that against the topic's offsets at the end.
 Cores used by the api, the client (this process), each server and the whole machine are
 measured per phase; ``--profile`` samples the api with py-spy during the closed loop.
 
-Both phases send events due an hour out with no idempotency key (no PostgreSQL read on the
-path). Numbers include the client's own cost: on a 2-core machine the client and the api
+``--batch N`` sends N events per request to ``POST /v1/events/batch``: ``--rate`` stays in
+events per second and a 202 counts N events. Both phases send events due an hour out with
+no idempotency key (no PostgreSQL read on the path). Numbers include the client's own cost: on a 2-core machine the client and the api
 process share the CPUs.
 
     python -m bench.api                           # 10 s each, 32 connections, 200/s
     python -m bench.api --duration 30 --rate 500
+    python -m bench.api --batch 50 --rate 2000    # 50 events per POST /v1/events/batch
     python -m bench.api --quick                   # CI: 2 s each
 """
 
@@ -60,6 +62,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=32, help="throughput clients")
     parser.add_argument("--rate", type=float, default=200.0, help="fixed-rate phase, per s")
     parser.add_argument("--profile-seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="events per request: 1 = POST /v1/events, N > 1 = POST /v1/events/batch",
+    )
+
+
+def request_body(batch: int) -> tuple[str, bytes]:
+    """The target and body of every request: one event, or ``batch`` of them."""
+    if batch == 1:
+        return "/v1/events", BODY
+    return "/v1/events/batch", b'{"events": [' + b", ".join([BODY] * batch) + b"]}"
 
 
 class Connection:
@@ -68,22 +83,23 @@ class Connection:
     ``Content-Length``: a fraction of the client CPU of h11 or a pooled client, so the api,
     not the harness, is measured."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, batch: int = 1) -> None:
         self.host, self.port = host, port
         self.stream: trio.SocketStream | None = None
         self.buffer = b""
         conn = h11.Connection(h11.CLIENT)
+        target, body = request_body(batch)
         request = h11.Request(
             method="POST",
-            target="/v1/events",
+            target=target,
             headers=[
                 ("Host", f"{host}:{port}"),
                 *HEADERS.items(),
-                ("Content-Length", str(len(BODY))),
+                ("Content-Length", str(len(body))),
             ],
         )
         self.request = b"".join(
-            conn.send(event) or b"" for event in (request, h11.Data(data=BODY), h11.EndOfMessage())
+            conn.send(event) or b"" for event in (request, h11.Data(data=body), h11.EndOfMessage())
         )
 
     async def post(self) -> int:
@@ -117,13 +133,15 @@ class Connection:
             await self.stream.aclose()
 
 
-async def closed_loop(host: str, port: int, connections: int, duration: float) -> dict[str, Any]:
+async def closed_loop(
+    host: str, port: int, connections: int, duration: float, batch: int = 1
+) -> dict[str, Any]:
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
     deadline = trio.current_time() + duration
 
     async def client() -> None:
-        connection = Connection(host, port)
+        connection = Connection(host, port, batch)
         try:
             while trio.current_time() < deadline:
                 began = time.perf_counter()
@@ -141,17 +159,21 @@ async def closed_loop(host: str, port: int, connections: int, duration: float) -
         "connections": connections,
         "elapsed_s": round(elapsed, 3),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "acknowledged": statuses[202],
-        "events_per_s": round(statuses[202] / elapsed, 1),
+        "acknowledged": statuses[202] * batch,
+        "events_per_s": round(statuses[202] * batch / elapsed, 1),
         "latency_ms": percentiles(latencies),
         "latencies": latencies,
     }
 
 
-async def open_loop(host: str, port: int, rate: float, duration: float) -> dict[str, Any]:
-    """Requests on a fixed schedule; each takes an idle connection or opens one."""
+async def open_loop(
+    host: str, port: int, rate: float, duration: float, batch: int = 1
+) -> dict[str, Any]:
+    """Requests on a fixed schedule (``rate`` events/s: ``rate / batch`` requests/s); each
+    takes an idle connection or opens one."""
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
+    rate = rate / batch  # requests per second from here on
     count = math.floor(rate * duration)
     idle: list[Connection] = []
     opened: list[Connection] = []
@@ -159,7 +181,7 @@ async def open_loop(host: str, port: int, rate: float, duration: float) -> dict[
     t0 = time.perf_counter()
 
     async def one() -> None:
-        connection = idle.pop() if idle else Connection(host, port)
+        connection = idle.pop() if idle else Connection(host, port, batch)
         if connection not in opened:
             opened.append(connection)
         began = time.perf_counter()
@@ -194,11 +216,11 @@ async def open_loop(host: str, port: int, rate: float, duration: float) -> dict[
         with contextlib.suppress(OSError, trio.BrokenResourceError):
             await connection.aclose()
     return {
-        "rate": rate,
+        "rate": rate * batch,
         "requests": count,
         "connections": len(opened),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "acknowledged": statuses[202],
+        "acknowledged": statuses[202] * batch,
         "late_starts": late_starts,
         "latency_ms": percentiles(latencies),
         # (start s, ms) of the ten slowest: whether slow answers cluster in time
@@ -210,10 +232,11 @@ async def open_loop(host: str, port: int, rate: float, duration: float) -> dict[
     }
 
 
-def server_time(api: Role, since: tuple[float, float] | None = None) -> Any:
-    """The api's own POST time: (sum s, count) now, or the mean ms since ``since``."""
+def server_time(api: Role, batch: int, since: tuple[float, float] | None = None) -> Any:
+    """The api's own time per request: (sum s, count) now, or the mean ms since ``since``."""
     samples = api.metrics()
-    labels = 'method="POST",route="/v1/events"'
+    target, _ = request_body(batch)
+    labels = f'method="POST",route="{target}"'
     total = samples.get(f"eventsched_api_request_duration_seconds_sum{{{labels}}}", 0.0)
     count = samples.get(f"eventsched_api_request_duration_seconds_count{{{labels}}}", 0.0)
     if since is None:
@@ -322,25 +345,27 @@ def measure(
     with step("warm-up (not measured): 4 connections, 1 s"):
         # The producer's first message to each partition waits for metadata and a
         # broker connection: seconds of latency that say nothing about the api.
-        warm_up = trio.run(closed_loop, "127.0.0.1", port, 4, 1.0)
+        warm_up = trio.run(closed_loop, "127.0.0.1", port, 4, 1.0, args.batch)
     with step(f"closed loop, {args.connections} connections, {args.duration:g} s"):
-        server = server_time(api)
+        server = server_time(api, args.batch)
         if args.profile:
             profiler.start("api", api.pid, min(args.profile_seconds, args.duration))
         sampler.mark("closed_start")
         client = time.process_time()
-        throughput = trio.run(closed_loop, "127.0.0.1", port, args.connections, args.duration)
+        throughput = trio.run(
+            closed_loop, "127.0.0.1", port, args.connections, args.duration, args.batch
+        )
         throughput["client_cpu_s"] = round(time.process_time() - client, 3)
         sampler.mark("closed_end")
-        throughput["server_mean_ms"] = server_time(api, since=server)
+        throughput["server_mean_ms"] = server_time(api, args.batch, since=server)
     with step(f"open loop, {args.rate:g}/s, {args.duration:g} s"):
-        server = server_time(api)
+        server = server_time(api, args.batch)
         sampler.mark("open_start")
         client = time.process_time()
-        fixed = trio.run(open_loop, "127.0.0.1", port, args.rate, args.duration)
+        fixed = trio.run(open_loop, "127.0.0.1", port, args.rate, args.duration, args.batch)
         fixed["client_cpu_s"] = round(time.process_time() - client, 3)
         sampler.mark("open_end")
-        fixed["server_mean_ms"] = server_time(api, since=server)
+        fixed["server_mean_ms"] = server_time(api, args.batch, since=server)
     in_topic = topic_messages(stack.kafka, "events") - before
     return warm_up, throughput, fixed, in_topic
 
@@ -386,7 +411,9 @@ def report(
         "in_topic": in_topic,
         "profile": profile,
     }
+    target, _ = request_body(args.batch)
     notes = [
+        f"{args.batch} event(s) per request, POST {target}; latencies are per request",
         f"every 202 is an event the broker acknowledged: {acknowledged} answered"
         f" (warm-up included), {in_topic} in the topic",
         "client (raw HTTP/1.1 on trio) and api process share the machine; api mean ms is the"

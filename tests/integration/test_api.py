@@ -145,6 +145,90 @@ async def test_a_scheduled_event_is_recorded_by_the_consumer_and_shown(
     assert produced >= 2
 
 
+async def test_a_batch_is_recorded_by_the_consumer_and_known_keys_are_not_sent_again(
+    api_settings: Callable[..., Settings], database: str, topics: Names, kafka_bootstrap: str
+) -> None:
+    settings = api_settings()
+    async with serving(settings, ("consumer", "api")) as client:
+        first = await client.post(
+            "/v1/events",
+            json={
+                "type": "b",
+                "payload": {"n": 0},
+                "delay_ms": 3_600_000,
+                "idempotency_key": "batch-0",
+            },
+        )
+        assert first.status_code == 202, first.text
+        with trio.fail_after(30):
+            while (await client.get(f"/v1/events/{first.json()['id']}")).status_code == 404:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        events = [
+            {
+                "type": "b",
+                "payload": {"n": n},
+                "delay_ms": 3_600_000,
+                "idempotency_key": f"batch-{n}",
+            }
+            for n in range(50)
+        ]
+        events.append({"type": "b", "payload": {"keyless": True}, "execute_at": in_(7200)})
+        response = await client.post("/v1/events/batch", json={"events": events})
+        assert response.status_code == 202, response.text
+        answers = response.json()["events"]
+        assert [a["idempotency_key"] for a in answers[:50]] == [f"batch-{n}" for n in range(50)]
+        assert answers[0] == {**answers[0], "id": first.json()["id"], "already_known": True}
+        assert answers[0]["status"] == "scheduled"
+        assert all(a["already_known"] is False and "error" not in a for a in answers[1:])
+        assert answers[50]["idempotency_key"] == answers[50]["id"]  # keyless: the id is the key
+        with trio.fail_after(30):
+            while True:
+                (count,) = query(database, "SELECT count(*) FROM events WHERE type = 'b'")[0]
+                if count == 51:
+                    break
+                await trio.sleep(0.1)
+        recorded = dict(
+            query(database, "SELECT idempotency_key, id::text FROM events WHERE type = 'b'")
+        )
+        assert recorded == {a["idempotency_key"]: a["id"] for a in answers}
+    # batch-0 was published once (by the single POST), every other event once.
+    keys = [r.key for r in read_topic(kafka_bootstrap, topics.topic)]
+    assert sorted(keys) == sorted(k.encode() for k in recorded)
+
+
+async def test_a_batch_with_one_bad_event_publishes_nothing(
+    api_settings: Callable[..., Settings], topics: Names, kafka_bootstrap: str
+) -> None:
+    async with serving(api_settings()) as client:
+        good = {"type": "b", "payload": {}, "delay_ms": 1000}
+        for body, named in (
+            ({"events": [good, {**good, "delay_ms": -1}]}, {"events[1].delay_ms"}),
+            ({"events": [good, {"payload": {}, "delay_ms": 1}]}, {"events[1].type"}),
+            ({"events": [good, {**good, "extra": 1}]}, {"events[1].extra"}),
+            ({"events": [good, 7]}, {"events[1]"}),
+            (
+                {"events": [{**good, "idempotency_key": "k"}, {**good, "idempotency_key": "k"}]},
+                {"events[1].idempotency_key"},
+            ),
+            ({"events": []}, {"events"}),
+            ({"events": [good] * 501}, {"events"}),
+            ({"events": [good], "more": 1}, {"more"}),
+            ([good], {"body"}),
+        ):
+            response = await client.post("/v1/events/batch", json=body)
+            assert response.status_code == 422, (body, response.text)
+            assert fields(response) == named, response.text
+        keyed = await client.post(
+            "/v1/events/batch", json={"events": [good]}, headers={"Idempotency-Key": "k"}
+        )
+        assert keyed.status_code == 422 and fields(keyed) == {"Idempotency-Key"}
+        reader = await client.post(
+            "/v1/events/batch", json={"events": [good]}, headers=bearer(READER)
+        )
+        assert reader.status_code == 403
+    assert read_topic(kafka_bootstrap, topics.topic) == []
+
+
 async def test_an_event_with_attempts_shows_them(
     api_settings: Callable[..., Settings], database: str
 ) -> None:
@@ -391,6 +475,7 @@ async def test_a_broker_that_does_not_acknowledge_is_503_with_retry_after(
             ("/v1/events", {"type": "t", "payload": {}, "delay_ms": 1000}),
             ("/v1/events", {"type": "t", "payload": {}, "delay_ms": 1000, "idempotency_key": "k"}),
             (f"/v1/events/{scheduled.id}/cancel", None),
+            ("/v1/events/batch", {"events": [{"type": "t", "payload": {}, "delay_ms": 1000}]}),
         ):
             response = await client.post(path, json=body)
             assert response.status_code == 503, (path, response.text)
@@ -484,9 +569,10 @@ async def test_the_openapi_document_validates_and_names_every_route(
     async with serving(api_settings(), token="") as client:
         served = (await client.get("/v1/openapi.json")).json()
     validate(served)
-    assert served == json.loads(json.dumps(document(1_048_576, 500)))
+    assert served == json.loads(json.dumps(document(1_048_576, 500, 500)))
     assert set(served["paths"]) == {
         "/v1/events",
+        "/v1/events/batch",
         "/v1/events/{id}",
         "/v1/events/{id}/cancel",
         "/v1/events/{id}/reschedule",

@@ -29,7 +29,7 @@ def test_the_openapi_document_is_valid_openapi_3_1() -> None:
     # the rest of the unit tier need not pay at collection).
     from openapi_spec_validator import validate
 
-    doc = document(1_048_576, 500)
+    doc = document(1_048_576, 500, 500)
     assert doc["openapi"] == "3.1.0"
     validate(doc)
 

@@ -35,6 +35,7 @@ __all__ = [
     "event_by_key",
     "event_key",
     "event_with_attempts",
+    "events_by_keys",
     "list_events",
     "stats",
 ]
@@ -233,6 +234,16 @@ async def event_key(db: Database, event_id: uuid.UUID) -> EventKey | None:
         "SELECT id, idempotency_key, status, execute_at FROM events WHERE id = %s", (event_id,)
     )
     return None if row is None else EventKey(*row)
+
+
+async def events_by_keys(db: Database, keys: Sequence[str]) -> dict[str, EventKey]:
+    """The events recorded under any of these idempotency keys, by key (one query)."""
+    rows = await db.fetchall(
+        "SELECT id, idempotency_key, status, execute_at FROM events"
+        " WHERE idempotency_key = ANY(%s::text[])",
+        (list(keys),),
+    )
+    return {row[1]: EventKey(*row) for row in rows}
 
 
 async def event_by_key(db: Database, idempotency_key: str) -> EventKey | None:

@@ -36,10 +36,10 @@ from eventsched.core.domain.commands import (
     parse_command,
     refusal,
 )
-from eventsched.core.domain.decode import DecodeLimits, decode_event
+from eventsched.core.domain.decode import DecodeLimits
 from eventsched.core.domain.event import STATUSES, format_time, parse_time
-from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
-from eventsched.core.kafka import KafkaProducer
+from eventsched.core.domain.wire import kafka_key
+from eventsched.core.kafka import DeliveryReport, KafkaProducer, OutboundMessage
 from eventsched.core.runtime import metrics
 from eventsched.core.runtime.errors import DecodeError, DependencyError
 from eventsched.core.runtime.logs import get_logger
@@ -49,6 +49,14 @@ from eventsched.core.store.pool import Database
 from eventsched.core.store.rowjson import event_json, stats_json, summary_json
 from eventsched.plugins.api.auth import ANONYMOUS, Caller, Tokens
 from eventsched.plugins.api.openapi import document
+from eventsched.plugins.api.scheduling import (
+    MAX_BATCH,
+    MAX_BATCH_BYTES,
+    V1_HEADER_LIST,
+    accepted,
+    prepare,
+    prepare_batch,
+)
 from eventsched.plugins.api.schemas import (
     ApiError,
     CancelRequest,
@@ -152,11 +160,12 @@ class Handlers:
             raise ApiError(403, "forbidden", f"token {caller.name!r} is read-only")
         return caller
 
-    async def _body(self, request: Request) -> bytes:
+    async def _body(self, request: Request, *, batch: bool = False) -> bytes:
         limit = self.config.limits.max_message_bytes
-        too_large = ApiError(
-            413, "too_large", f"request body larger than {limit} bytes (consumer.max_message_bytes)"
-        )
+        what = "consumer.max_message_bytes"
+        if batch:
+            limit, what = max(limit, MAX_BATCH_BYTES), "a batch"
+        too_large = ApiError(413, "too_large", f"request body larger than {limit} bytes ({what})")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise too_large
@@ -197,6 +206,21 @@ class Handlers:
             log.warning("api_kafka_unavailable", error=report.error)
             raise _unavailable("kafka", "Kafka did not take the message; try again")
 
+    async def _produce_many(self, messages: Sequence[OutboundMessage]) -> list[DeliveryReport]:
+        """Publish many messages; their reports (503 only when none could be tried)."""
+        timeout = self.config.produce_timeout
+        try:
+            with trio.move_on_after(timeout) as waited:
+                return await self.producer.send_many(messages)
+        except DependencyError as err:
+            log.warning("api_kafka_unavailable", error=err.problem)
+            raise _unavailable("kafka", "Kafka is unavailable; try again") from None
+        assert waited.cancelled_caught  # send_many returned otherwise
+        log.warning("api_kafka_unavailable", error=f"no acknowledgement within {timeout:g}s")
+        raise _unavailable(
+            "kafka", f"the broker did not acknowledge within {timeout:g}s; try again"
+        )
+
     @staticmethod
     def _event_id(request: Request) -> uuid.UUID:
         try:
@@ -218,19 +242,8 @@ class Handlers:
                 )
             key = header_key
         now = datetime.now(UTC)
-        due = due_time(body.execute_at, body.delay_ms, now, required=True)
-        assert due is not None  # required=True
-        try:
-            event = new_event(body.type, body.payload, due, idempotency_key=key)
-        except ValueError as err:
-            raise invalid(_field_of(str(err))) from None
-        value = encode_event(event)
-        try:  # exactly what the consumer will run: nothing accepted here lands in the DLQ
-            decode_event(value, now=now, limits=self.config.limits, headers=_V1_HEADERS)
-        except DecodeError as err:
-            if err.reason == "too_large":
-                raise ApiError(413, "too_large", f"the event is too large: {err.detail}") from None
-            raise invalid(field_for_reason(err)) from None
+        prepared = prepare(body, key, now, self.config.limits)
+        event, value = prepared.event, prepared.value
         if key is not None:
             known = await self._read(queries.event_by_key, key)
             if known is not None:
@@ -245,7 +258,7 @@ class Handlers:
                     200,
                     {"Location": f"/v1/events/{known.id}"},
                 )
-        await self._produce(value, kafka_key(event), _V1_HEADER_LIST)
+        await self._produce(value, kafka_key(event), V1_HEADER_LIST)
         return json_response(
             {
                 "id": str(event.id),
@@ -256,6 +269,60 @@ class Handlers:
             202,
             {"Location": f"/v1/events/{event.id}"},
         )
+
+    async def schedule_batch(self, request: Request) -> Response:
+        self._caller(request, write=True)
+        if request.headers.get("idempotency-key") is not None:
+            raise invalid(
+                FieldError("Idempotency-Key", "not taken by a batch: give each event its key")
+            )
+        now = datetime.now(UTC)
+        prepared = prepare_batch(await self._body(request, batch=True), now, self.config.limits)
+        keys = [p.event.idempotency_key for p in prepared if p.keyed]
+        known = await self._read(queries.events_by_keys, keys) if keys else {}
+        fresh = [p for p in prepared if p.event.idempotency_key not in known]
+        reports = await self._produce_many(
+            [
+                OutboundMessage(self.config.topic, p.value, kafka_key(p.event), V1_HEADER_LIST)
+                for p in fresh
+            ]
+        )
+        answers: list[dict[str, Any]] = []
+        failed = 0
+        outcome = dict(zip((p.event.id for p in fresh), reports, strict=True))
+        for p in prepared:
+            was = known.get(p.event.idempotency_key)
+            if was is not None:
+                answers.append(
+                    {
+                        "id": str(was.id),
+                        "idempotency_key": was.idempotency_key,
+                        "execute_at": format_time(was.execute_at),
+                        "status": was.status,
+                        "already_known": True,
+                    }
+                )
+                continue
+            answer = accepted(p.event)
+            report = outcome[p.event.id]
+            if not report.ok:
+                failed += 1
+                answer["error"] = "too_large" if report.too_large else "not_acknowledged"
+            answers.append(answer)
+        if failed:
+            log.warning("api_kafka_unavailable", error=f"{failed} of a batch not acknowledged")
+            return json_response(
+                {
+                    "error": "kafka_unavailable",
+                    "message": f"{failed} of {len(prepared)} events were not acknowledged;"
+                    " send the batch again (events with an idempotency key are never"
+                    " scheduled twice)",
+                    "events": answers,
+                },
+                503,
+                {"Retry-After": RETRY_AFTER},
+            )
+        return json_response({"events": answers}, 202)
 
     async def cancel(self, request: Request) -> Response:
         return await self._command(request, "cancel")
@@ -365,11 +432,9 @@ class Handlers:
 
     @property
     def _document(self) -> dict[str, Any]:
-        return document(self.config.limits.max_message_bytes, MAX_LIMIT)
+        return document(self.config.limits.max_message_bytes, MAX_LIMIT, MAX_BATCH)
 
 
-_V1_HEADER_LIST: Final = kafka_headers()
-_V1_HEADERS: Final[Mapping[str, bytes | None]] = dict(_V1_HEADER_LIST)
 _OFFSET_AS_SPACE: Final = re.compile(r" (\d{2}:?\d{2})$")
 
 
@@ -383,15 +448,6 @@ def _query_time(text: str | None, name: str, errors: list[FieldError]) -> dateti
     except DecodeError as err:
         errors.append(FieldError(name, f"{err.detail} (RFC 3339 with an offset, e.g. ...Z)"))
         return None
-
-
-def _field_of(message: str) -> FieldError:
-    """The body field a ValueError of :func:`new_event` is about."""
-    reason = message.partition(":")[0]
-    if reason in ("invalid_type", "invalid_key", "invalid_timestamp"):
-        err = DecodeError(reason, message.partition(":")[2].strip())
-        return field_for_reason(err)
-    return FieldError("payload", message)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -468,6 +524,7 @@ def build_app(config: ApiConfig, db: Database, producer: KafkaProducer) -> ASGIA
     schedule = _answers(h.schedule)
     routes = [
         Route("/v1/events", schedule, methods=["POST"]),
+        Route("/v1/events/batch", _answers(h.schedule_batch), methods=["POST"]),
         Route("/v1/events", _answers(h.list_events), methods=["GET"]),
         Route("/v1/events/{id}", _answers(h.get_event), methods=["GET"]),
         Route("/v1/events/{id}/cancel", _answers(h.cancel), methods=["POST"]),

@@ -77,7 +77,7 @@ def _command(op: str, summary: str, body: dict[str, Any] | None) -> dict[str, An
 
 
 @lru_cache(maxsize=4)
-def document(max_body_bytes: int, max_limit: int) -> dict[str, Any]:
+def document(max_body_bytes: int, max_limit: int, max_batch: int) -> dict[str, Any]:
     """The OpenAPI document; ``max_body_bytes`` is consumer.max_message_bytes."""
     due = {
         "execute_at": {**_TIME, "description": "due time, RFC 3339 with an offset"},
@@ -113,6 +113,41 @@ def document(max_body_bytes: int, max_limit: int) -> dict[str, Any]:
             execute_at=_TIME,
             status=_STATUS,
             already_known={"type": "boolean"},
+        ),
+        "ScheduleBatchRequest": {
+            **_obj(
+                ["events"],
+                events={
+                    "type": "array",
+                    "items": _ref("ScheduleRequest"),
+                    "minItems": 1,
+                    "maxItems": max_batch,
+                },
+            ),
+            "additionalProperties": False,
+            "description": "all events are checked first: one bad event refuses the batch",
+        },
+        "BatchScheduled": _obj(
+            ["events"],
+            events={
+                "type": "array",
+                "description": "one answer per event, in the request's order",
+                "items": {
+                    "allOf": [
+                        _ref("Scheduled"),
+                        _obj(
+                            [],
+                            error={
+                                "type": "string",
+                                "enum": ["not_acknowledged", "too_large"],
+                                "description": "only in a 503: this event was not published",
+                            },
+                        ),
+                    ]
+                },
+            },
+            error={"type": "string"},
+            message={"type": "string"},
         ),
         "RescheduleRequest": {
             **_obj([], **due),
@@ -260,6 +295,24 @@ def document(max_body_bytes: int, max_limit: int) -> dict[str, Any]:
                     **_READ_ERRORS,
                 },
             },
+        },
+        "/v1/events/batch": {
+            "post": {
+                "operationId": "scheduleEvents",
+                "summary": f"Schedule up to {max_batch} events in one request",
+                "description": "Answered once the broker acknowledged every event. A 503"
+                " lists which events were not published; sending the batch again is safe"
+                " for events with an idempotency key.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ScheduleBatchRequest")}},
+                },
+                "responses": {
+                    "202": _json(_ref("BatchScheduled"), "every event is in Kafka or known"),
+                    **_WRITE_ERRORS,
+                    "503": _json(_ref("BatchScheduled"), "some events were not published"),
+                },
+            }
         },
         "/v1/events/{id}": {
             "get": {

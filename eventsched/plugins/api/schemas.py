@@ -116,6 +116,11 @@ def decode_body(raw: bytes, struct: type[StructT], *, optional: bool = False) ->
         raise invalid(FieldError("body", f"invalid JSON: {err}")) from None
     if not isinstance(obj, dict):
         raise invalid(FieldError("body", f"must be a JSON object, got {_kind(obj)}"))
+    return convert_object(obj, struct)
+
+
+def convert_object(obj: dict[str, Any], struct: type[StructT]) -> StructT:
+    """A decoded JSON object as ``struct``; 422 naming every bad field."""
     try:
         return msgspec.convert(obj, struct)
     except msgspec.ValidationError:
