@@ -74,7 +74,7 @@ def test_schedule_is_on_the_topic_as_the_consumer_decodes_it(
         {"invoice": 42},
         "invoice-42",
     )
-    assert event.execute_at == at.replace(microsecond=123000)
+    assert event.execute_at == at.replace(microsecond=124000)  # rounded up: never early
     assert record.key == b"invoice-42"
     assert record.headers == dict(kafka_headers())
     event, record = got[soon]
@@ -127,7 +127,7 @@ def test_cancel_reschedule_and_retry_are_commands_on_the_topic(
     ]
     due = [got[i][0].execute_at for i in sent]
     assert due[0] is None and due[3] is None
-    assert due[1] == due[4] == at.replace(microsecond=at.microsecond // 1000 * 1000)
+    assert due[1] == due[4] == at + timedelta(microseconds=-at.microsecond % 1000)  # rounded up
     assert due[2] is not None and due[2] > datetime.now(UTC) + timedelta(seconds=50)
     for command, record in got.values():
         assert command.requested_by == "tests"

@@ -367,7 +367,7 @@ async def test_reschedule_earlier_and_later_runs_once_at_the_new_time_never_the_
         await wait_until(
             lambda: {status(database, x) for x in (earlier, later, stale)} == {"scheduled"}
         )
-        # Whole milliseconds: due times are kept to the millisecond (truncated), so a float
+        # Whole milliseconds: due times are kept to the millisecond (rounded up), so a float
         # of seconds could land 1 ms away from what PostgreSQL holds.
         now_ms = time.time_ns() // 1_000_000
         new_ms = {"earlier": now_ms + 1500, "later": now_ms + 4000, "stale": now_ms + 4000}

@@ -157,8 +157,8 @@ def test_go_shape_maps_to_an_event() -> None:
         idempotency_key="6f1c2d3e-4b5a-4c6d-9e8f-0a1b2c3d4e5f",  # "" is Go's "not set"
         type="user.created",
         payload={"user_id": 42},
-        execute_at=datetime(2024, 5, 1, 13, 30, 0, 123_000, tzinfo=UTC),
-        created_at=datetime(2024, 5, 1, 11, 0, tzinfo=UTC),
+        execute_at=datetime(2024, 5, 1, 13, 30, 0, 124_000, tzinfo=UTC),  # due: rounded up
+        created_at=datetime(2024, 5, 1, 11, 0, tzinfo=UTC),  # a record: truncated
         late=False,
         shape="go",
     )
@@ -318,7 +318,9 @@ def test_format_time_writes_utc_milliseconds_with_z() -> None:
         format_time(datetime(2024, 5, 1))
 
 
-def test_decoded_timestamps_are_utc_milliseconds() -> None:
+def test_decoded_timestamps_are_utc_milliseconds_due_times_rounded_up() -> None:
+    # A due time is never rounded down (the job would start before the instant asked for);
+    # created_at is a record and is truncated.
     event = decode(
         compact(
             message(
@@ -327,8 +329,13 @@ def test_decoded_timestamps_are_utc_milliseconds() -> None:
             )
         )
     )
-    assert event.execute_at == datetime(2024, 5, 1, 12, 30, 0, 987_000, tzinfo=UTC)
+    assert event.execute_at == datetime(2024, 5, 1, 12, 30, 0, 988_000, tzinfo=UTC)
     assert event.created_at == datetime(2024, 5, 1, 11, 59, 59, tzinfo=UTC)
+    exact = decode(compact(message(execute_at="2024-05-01T12:30:00.987Z")))
+    assert exact.execute_at == datetime(2024, 5, 1, 12, 30, 0, 987_000, tzinfo=UTC)
+    last = compact(message(execute_at="9999-12-31T23:59:59.9995Z"))
+    with pytest.raises(DecodeError, match="out of range"):
+        decode_event(last, now=NOW, limits=DecodeLimits(max_past=1e12, horizon=1e12))
     assert event.execute_at.tzinfo is UTC and event.created_at.tzinfo is UTC
 
 

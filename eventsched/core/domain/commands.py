@@ -35,7 +35,7 @@ from typing import Any, Final, Literal, get_args
 import msgspec
 
 from eventsched.core.domain.decode import DecodeLimits, human, reason_for
-from eventsched.core.domain.event import check_key, format_time, short, utc_ms, uuid7
+from eventsched.core.domain.event import check_key, due_ms, format_time, short, utc_ms, uuid7
 from eventsched.core.domain.jsonparse import parse_json
 from eventsched.core.runtime.errors import DecodeError
 
@@ -260,7 +260,7 @@ def _validated(
     if op == "cancel" and execute_at is not None:
         raise DecodeError("invalid_field", "execute_at: a cancel has no due time")
     if execute_at is not None:
-        execute_at = utc_ms(execute_at, "execute_at")
+        execute_at = due_ms(execute_at, "execute_at")
         if limits is not None and now is not None:
             if (execute_at - now).total_seconds() > limits.horizon:
                 raise DecodeError(

@@ -21,8 +21,9 @@ Decisions worth knowing:
   accepted as RFC 3339 allows; msgspec also takes ``+0200`` without the colon). Years
   0 and 10000+, month 13 and times that leave years 1-9999 when converted to UTC are
   ``invalid_timestamp``. Fractions beyond microseconds (Go writes nanoseconds) are
-  rounded to microseconds by the parser, then every timestamp is truncated to milliseconds
-  and converted to UTC, so an :class:`Event` always holds UTC milliseconds.
+  rounded to microseconds by the parser, then every timestamp is converted to UTC and kept
+  to the millisecond, so an :class:`Event` always holds UTC milliseconds: the due time
+  rounded up (a job never starts before the instant asked for), ``created_at`` truncated.
 * ``idempotency_key: null`` counts as absent (and so does ``""`` in the Go shape, Go's zero
   value); in v1 an empty key is ``invalid_key``.
 * Go ``Payload``: a JSON object, or a string holding standard base64 (what Go writes for a
@@ -64,6 +65,7 @@ from eventsched.core.domain.event import (
     Shape,
     check_key,
     check_type,
+    due_ms,
     format_time,
     short,
     utc_ms,
@@ -283,7 +285,7 @@ def decode_event(
 
     # Skip the call when the timestamp is already UTC milliseconds (our producer's form).
     if execute_at.tzinfo is not UTC or execute_at.microsecond % 1000:
-        execute_at = utc_ms(execute_at, names.execute_at, obj[names.execute_at])
+        execute_at = due_ms(execute_at, names.execute_at, obj[names.execute_at])
     if created_at.tzinfo is not UTC or created_at.microsecond % 1000:
         created_at = utc_ms(created_at, names.created_at, obj[names.created_at])
 

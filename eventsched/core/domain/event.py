@@ -112,6 +112,21 @@ def utc_ms(dt: datetime, name: str, original: object = None) -> datetime:
     return dt - _SUB_MS[dt.microsecond % 1000]
 
 
+def due_ms(dt: datetime, name: str, original: object = None) -> datetime:
+    """A due time in UTC, rounded UP to milliseconds (a job never starts before the instant
+    it was asked for); DecodeError("invalid_timestamp") as :func:`utc_ms`, also for the last
+    millisecond of year 9999 rounded past it."""
+    dt = _utc(dt, name, original)
+    sub = dt.microsecond % 1000
+    if not sub:
+        return dt
+    try:
+        return dt + _SUB_MS[1000 - sub]
+    except OverflowError:
+        shown = short(dt.isoformat() if original is None else original)
+        raise DecodeError("invalid_timestamp", f"{name} is out of range: {shown}") from None
+
+
 # --- UUIDv7 ---------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from eventsched.core.domain.event import (
     Event,
     check_key,
     check_type,
+    due_ms,
     format_time,
     short,
     utc_ms,
@@ -58,7 +59,7 @@ def new_event(
     ``now`` (default: the clock) becomes ``created_at`` and the id's timestamp.
     """
     try:
-        due = utc_ms(execute_at, "execute_at")
+        due = due_ms(execute_at, "execute_at")
         if now is None:
             event_id = uuid7()  # monotonic; created_at is read back from it
             created_at = _EPOCH + (event_id.int >> 80) * _MILLISECOND
