@@ -1,14 +1,27 @@
 """The live terminal summary of `eventsched dev`: what flowed through each stage.
 
 Counts of this process come from the metrics registry (all roles share the process in dev
-mode); statuses and lateness percentiles come from PostgreSQL, the source of truth.
+mode: they are this run's); statuses and lateness percentiles come from PostgreSQL, the
+source of truth (statuses are totals over every run).
+
+Lateness (start - due, the last minute's attempts) is shown in three figures, because only
+one of them says how punctual the scheduler is:
+
+- **on time**: attempts of events recorded before their due time, due while this run was
+  up: the scheduler's own punctuality;
+- **overdue at ingest**: the event reached PostgreSQL after its due time (sent late, e.g.
+  ``send --in 500ms`` through a slow path, or a backlog in Kafka): it runs at once, and its
+  lateness is the sender's, not the executor's;
+- **catch-up**: due before this run started (downtime): run as soon as possible after a
+  restart.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import trio
 from rich.console import Console
@@ -20,17 +33,50 @@ from eventsched.core.runtime.logs import get_logger
 
 if TYPE_CHECKING:
     from eventsched.core.runtime.root import Runtime
+    from eventsched.core.store.pool import Database
 
 log = get_logger(__name__)
 
 STATUS_SQL = "SELECT status, count(*) FROM events GROUP BY status"
-# Lateness of attempts started in the last minute: enough for a live view, bounded cost.
+# Lateness of attempts started in the last minute (enough for a live view, bounded cost), by
+# kind (the module docstring); parameter: when this run started.
 LATENESS_SQL = """
-SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY lateness_ms),
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY lateness_ms),
+SELECT CASE WHEN e.recorded_at >= a.scheduled_for THEN 'overdue_at_ingest'
+            WHEN a.scheduled_for < %s THEN 'catch_up'
+            ELSE 'on_time' END AS kind,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY a.lateness_ms),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY a.lateness_ms),
        count(*)
-FROM event_attempts WHERE started_at > now() - interval '60 seconds'
+FROM event_attempts a JOIN events e ON e.id = a.event_id
+WHERE a.started_at > now() - interval '60 seconds'
+GROUP BY kind
 """
+LATENESS_KINDS: Final = ("on_time", "overdue_at_ingest", "catch_up")
+_KIND_NAMES: Final = {
+    "on_time": "on time",
+    "overdue_at_ingest": "overdue at ingest",
+    "catch_up": "catch-up",
+}
+
+
+@dataclass(frozen=True)
+class Lateness:
+    """Lateness of one kind of attempt over the last minute."""
+
+    p50_ms: float
+    p99_ms: float
+    count: int
+
+    def text(self) -> str:
+        return f"p50 {self.p50_ms:.1f} ms p99 {self.p99_ms:.1f} ms ({self.count} runs)"
+
+
+async def lateness_by_kind(db: Database, started: datetime) -> dict[str, Lateness]:
+    """The last minute's lateness, by kind (kinds without an attempt are left out)."""
+    return {
+        str(kind): Lateness(float(p50), float(p99), int(n))
+        for kind, p50, p99, n in await db.fetchall(LATENESS_SQL, (started,))
+    }
 
 
 def metric_total(name: str, **labels: str) -> float:
@@ -55,9 +101,7 @@ class Snapshot:
     dlq: int = 0
     retried: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
-    lateness_p50_ms: float | None = None
-    lateness_p99_ms: float | None = None
-    executed_last_minute: int = 0
+    lateness: dict[str, Lateness] = field(default_factory=dict)
     stopping: bool = False
 
     @property
@@ -66,20 +110,21 @@ class Snapshot:
 
     def line(self) -> str:
         st = self.statuses
-        lat = (
-            f"lateness p50 {self.lateness_p50_ms:.1f}ms p99 {self.lateness_p99_ms:.1f}ms"
-            if self.lateness_p50_ms is not None and self.lateness_p99_ms is not None
-            else "lateness -"
+        lat = "; ".join(
+            f"{_KIND_NAMES[kind]} {self.lateness[kind].text()}"
+            for kind in LATENESS_KINDS
+            if kind in self.lateness
         )
         roles = ",".join(
             f"{r}{'' if ok else f'({self._not_ready})'}" for r, ok in self.roles.items()
         )
         down = f" DOWN: {','.join(sorted(self.failing))}" if self.failing else ""
         return (
-            f"roles {roles}{down} | produced {self.produced} consumed {self.consumed} "
-            f"scheduled {st.get('scheduled', 0)} running {st.get('running', 0)} "
-            f"succeeded {st.get('succeeded', 0)} retried {self.retried} dead {st.get('dead', 0)} "
-            f"dlq {self.dlq} | {lat}"
+            f"roles {roles}{down} | this run: produced {self.produced} consumed "
+            f"{self.consumed} retried {self.retried} dlq {self.dlq} | in PostgreSQL: scheduled "
+            f"{st.get('scheduled', 0)} running {st.get('running', 0)} succeeded "
+            f"{st.get('succeeded', 0)} dead {st.get('dead', 0)} cancelled "
+            f"{st.get('cancelled', 0)} | lateness (1 min) {lat or '-'}"
         )
 
     def table(self) -> Table:
@@ -96,29 +141,28 @@ class Snapshot:
             table.add_row("down", "; ".join(f"{k}: {v}" for k, v in sorted(self.failing.items())))
         st = self.statuses
         rows: list[tuple[str, Any]] = [
-            ("produced", self.produced),
-            ("consumed", self.consumed),
-            ("scheduled", st.get("scheduled", 0)),
-            ("running", st.get("running", 0)),
-            ("succeeded", st.get("succeeded", 0)),
-            ("retried", self.retried),
-            ("dead", st.get("dead", 0)),
-            ("DLQ", self.dlq),
+            ("produced (this run)", self.produced),
+            ("consumed (this run)", self.consumed),
+            ("retried (this run)", self.retried),
+            ("DLQ (this run)", self.dlq),
+            ("scheduled (PostgreSQL)", st.get("scheduled", 0)),
+            ("running (PostgreSQL)", st.get("running", 0)),
+            ("succeeded (PostgreSQL)", st.get("succeeded", 0)),
+            ("dead (PostgreSQL)", st.get("dead", 0)),
+            ("cancelled (PostgreSQL)", st.get("cancelled", 0)),
         ]
         for name, value in rows:
             table.add_row(name, str(value))
-        if self.lateness_p50_ms is not None and self.lateness_p99_ms is not None:
+        for kind in LATENESS_KINDS:
+            figure = self.lateness.get(kind)
             table.add_row(
-                "lateness (1 min)",
-                f"p50 {self.lateness_p50_ms:.1f} ms  p99 {self.lateness_p99_ms:.1f} ms  ({self.executed_last_minute} runs)",
+                f"lateness, {_KIND_NAMES[kind]} (1 min)", "-" if figure is None else figure.text()
             )
-        else:
-            table.add_row("lateness (1 min)", "-")
         table.add_row("", "Ctrl-C stops everything")
         return table
 
 
-async def take_snapshot(runtime: Runtime, stack: dict[str, str]) -> Snapshot:
+async def take_snapshot(runtime: Runtime, stack: dict[str, str], started: datetime) -> Snapshot:
     snap = Snapshot(
         stack=stack,
         roles=dict(runtime.health.roles),
@@ -133,13 +177,7 @@ async def take_snapshot(runtime: Runtime, stack: dict[str, str]) -> Snapshot:
     if db is not None and "postgres" not in runtime.health.failures:
         try:
             snap.statuses = {str(s): int(n) for s, n in await db.fetchall(STATUS_SQL)}
-            row = await db.fetchone(LATENESS_SQL)
-            if row is not None and row[2]:
-                snap.lateness_p50_ms, snap.lateness_p99_ms, snap.executed_last_minute = (
-                    float(row[0]),
-                    float(row[1]),
-                    int(row[2]),
-                )
+            snap.lateness = await lateness_by_kind(db, started)
         except Exception:  # the summary is best effort; /readyz and logs report the outage
             pass
     return snap
@@ -150,15 +188,16 @@ async def live_summary(
 ) -> None:
     """Refresh a table in place on a TTY; print one plain line per interval otherwise."""
     stream = out if out is not None else sys.stdout
+    started = datetime.now(UTC)  # due before this: catch-up after downtime
     if stream.isatty():
         console = Console(file=stream)
         with Live(console=console, auto_refresh=False, transient=False) as live:
             while True:
-                live.update((await take_snapshot(runtime, stack)).table(), refresh=True)
+                live.update((await take_snapshot(runtime, stack, started)).table(), refresh=True)
                 await trio.sleep(interval)
     else:
         # Not a terminal: keep stdout machine-readable, one structured line per period.
         while True:
             await trio.sleep(interval * 5)
-            snap = await take_snapshot(runtime, stack)
+            snap = await take_snapshot(runtime, stack, started)
             log.info("dev_summary", summary=snap.line())
