@@ -9,6 +9,7 @@ from pathlib import Path
 import psutil
 import psycopg
 import redis
+from confluent_kafka.admin import AdminClient
 
 from tests.support.proc import AppProcess
 
@@ -39,7 +40,15 @@ def test_infra_only_starts_servers_writes_env_and_cleans_up(tmp_path: Path) -> N
             "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS",
         }
         with psycopg.connect(env["EVENTSCHED_POSTGRES__DSN"]) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
+            # Ready for roles started by hand: the schema is migrated ...
+            assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+        # ... and the topics exist with the configured partitions (no role creates them).
+        admin = AdminClient({"bootstrap.servers": env["EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS"]})
+        topics = admin.list_topics(timeout=10).topics
+        assert {name: len(topics[name].partitions) for name in ("events", "events-dlq")} == {
+            "events": 3,
+            "events-dlq": 3,
+        }
         client = redis.Redis.from_url(env["EVENTSCHED_REDIS__URL"])
         assert client.ping()
         client.close()

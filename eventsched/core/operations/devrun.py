@@ -3,7 +3,7 @@
 Starts the embedded servers (PostgreSQL, Redis, the Kafka-protocol broker) as children of
 this process, writes their addresses to ``<data dir>/env``, migrates, ensures the topics,
 then runs every role in this process with a live summary. ``--infra-only`` stops after the
-servers are up and waits. The servers are started from the main thread on purpose: their
+servers are up, migrated and have their topics, and waits. The servers are started from the main thread on purpose: their
 parent-death signal is tied to the thread that forked them (see devstack).
 """
 
@@ -22,7 +22,13 @@ from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.devstack import DevStack, DevStackInfo
 from eventsched.core.runtime.logs import configure_logging, get_logger
 from eventsched.core.runtime.root import Runtime
-from eventsched.core.runtime.settings import ROLES, load_settings, require_kafka, require_postgres
+from eventsched.core.runtime.settings import (
+    ROLES,
+    Settings,
+    load_settings,
+    require_kafka,
+    require_postgres,
+)
 from eventsched.core.store import migrations
 
 log = get_logger(__name__)
@@ -50,22 +56,15 @@ def run_dev(
     stack = DevStack(data_dir)
     info = stack.start()
     try:
+        # Schema and topics before anything is announced, with --infra-only too: roles
+        # started by hand against these servers find them ready (no role creates topics).
+        settings = load_settings(settings_path, environ={**os.environ, **info.as_env()})
+        _prepare(settings)
         env_file = stack.env_path
         _announce(info, env_file, interactive, stack.timings.get("total", 0.0))
         if infra_only:
             trio.run(_wait_for_stop, duration)
             return 0
-        settings = load_settings(settings_path, environ={**os.environ, **info.as_env()})
-        applied = migrations.up(require_postgres(settings), migrations.default_sql_dir())
-        log.info("migrated", applied=applied)
-        s = settings.kafka
-        for line in ensure_topics(
-            require_kafka(settings),
-            {s.topic: s.partitions, s.dlq_topic: s.partitions},
-            replication_factor=s.replication_factor,
-            config=dict(s.client),
-        ):
-            log.info("topics", result=line)
         runtime = Runtime(
             settings, list(ROLES), port=port, extra_tasks=_extra_tasks(info, duration)
         )
@@ -76,6 +75,21 @@ def run_dev(
             log_file.close()
         if interactive:
             print("eventsched dev: stopped.", flush=True)
+
+
+def _prepare(settings: Settings) -> None:
+    """Migrate the schema and create the topics (the broker keeps them in memory only, so
+    every start of the dev stack creates them anew)."""
+    applied = migrations.up(require_postgres(settings), migrations.default_sql_dir())
+    log.info("migrated", applied=applied)
+    s = settings.kafka
+    for line in ensure_topics(
+        require_kafka(settings),
+        {s.topic: s.partitions, s.dlq_topic: s.partitions},
+        replication_factor=s.replication_factor,
+        config=dict(s.client),
+    ):
+        log.info("topics", result=line)
 
 
 def _log_to(data_dir: Path, interactive: bool) -> TextIO | None:
