@@ -213,7 +213,9 @@ def topics_ensure(state: State) -> None:
 
 
 @cli.command()
-@click.option("--infra-only", is_flag=True, help="Start only the servers (migrated, topics created) and wait.")
+@click.option(
+    "--infra-only", is_flag=True, help="Start only the servers (migrated, topics created) and wait."
+)
 @click.option("--duration", default=None, help="Stop after this long (e.g. 30s, 5m).")
 @click.option(
     "--data-dir", type=click.Path(file_okay=False), default=None, help="Default: dev.data_dir."
