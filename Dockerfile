@@ -41,6 +41,10 @@ RUN pip install --no-deps --constraint constraints.txt . \
 
 FROM ${PYTHON_IMAGE} AS runtime
 
+# The commit the image is built from, for eventsched_build_info{commit}:
+#   docker build --build-arg EVENTSCHED_BUILD_COMMIT=$(git rev-parse --short HEAD) .
+ARG EVENTSCHED_BUILD_COMMIT=unknown
+
 LABEL org.opencontainers.image.title="eventsched" \
       org.opencontainers.image.description="Deferred-event scheduler: Kafka in, PostgreSQL log, on-time execution with SAQ on Redis" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -53,7 +57,8 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     EVENTSCHED_ENV=production \
     EVENTSCHED_SETTINGS=/app/config/settings.toml \
-    EVENTSCHED_SQL_DIR=/app/sql
+    EVENTSCHED_SQL_DIR=/app/sql \
+    EVENTSCHED_BUILD_COMMIT=${EVENTSCHED_BUILD_COMMIT}
 
 RUN groupadd --system --gid 10001 eventsched \
     && useradd --system --uid 10001 --gid eventsched --home-dir /app --no-create-home \

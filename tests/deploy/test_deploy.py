@@ -112,6 +112,7 @@ REQUIRED_ALERTS = {
     "EventschedDeadEvents",
     "EventschedDependencyDown",
     "EventschedTargetDown",
+    "EventschedOverdueNotExecuting",
 }
 
 

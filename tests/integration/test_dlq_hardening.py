@@ -184,7 +184,7 @@ async def test_consumer_dead_letter_delivery_failing_makes_readyz_503_until_it_d
             "client": {"bootstrap.servers": f"127.0.0.1:{dead_port}", "message.timeout.ms": 1500}
         },
     )
-    labels = {"role": "consumer", "reason": "dlq_failing"}
+    labels = {"role_name": "consumer", "reason": "dlq_failing"}
     broker = KafkaBroker(tmp_path / "dlq-broker", port=dead_port)
     try:
         async with running(settings, ["consumer"]) as runtime:
@@ -236,7 +236,7 @@ async def test_executor_dead_letter_delivery_failing_makes_readyz_503_until_it_d
             "client": {"bootstrap.servers": f"127.0.0.1:{dead_port}", "message.timeout.ms": 1500}
         },
     )
-    labels = {"role": "executor", "reason": "dlq_failing"}
+    labels = {"role_name": "executor", "reason": "dlq_failing"}
     (event,) = new_events(1, due=time.time())
     await trio.to_thread.run_sync(insert_events, database, [event])
     async with trio_asyncio.open_loop(), queue_client(settings.redis.url, topics.queue) as jobs:

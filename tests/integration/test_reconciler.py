@@ -376,7 +376,7 @@ async def test_one_reconciler_leads_at_a_time(database: str) -> None:
     assert lock_key("some-queue") != lock_key("other-queue")
 
 
-async def test_the_leader_publishes_status_and_queue_gauges(
+async def test_the_leader_publishes_status_queue_and_oldest_overdue_gauges(
     make_settings: Any, database: str
 ) -> None:
     settings = reconciling_settings(
@@ -386,6 +386,8 @@ async def test_the_leader_publishes_status_and_queue_gauges(
 
     def setup() -> None:
         insert_events(database, new_events(3, due=now + 3600))
+        # Overdue by two minutes and not in Redis (grace 1h: the reconciler leaves it).
+        insert_events(database, new_events(1, due=now - 120))
         insert_events(database, new_events(2, due=now - 60), status="succeeded")
         insert_events(database, new_events(1, due=now - 60), status="dead",
                       finished_at=_ts(now), dlq_published_at=_ts(now))  # fmt: skip
@@ -394,12 +396,16 @@ async def test_the_leader_publishes_status_and_queue_gauges(
     async with running_executor(settings) as harness:
         await harness.enqueue(new_events(4, due=now + 3600))
         with trio.fail_after(10):
-            while sample("eventsched_queue_jobs", state="scheduled") != 4:  # noqa: ASYNC110
+            while (  # noqa: ASYNC110
+                sample("eventsched_queue_jobs", state="scheduled") != 4
+                or sample("eventsched_oldest_overdue_seconds") == 0
+            ):
                 await trio.sleep(0.05)
         assert {s: sample("eventsched_events", status=s) for s in
                 ("scheduled", "running", "retrying", "succeeded", "dead")} == {
-            "scheduled": 3, "running": 0, "retrying": 0, "succeeded": 2, "dead": 1,
+            "scheduled": 4, "running": 0, "retrying": 0, "succeeded": 2, "dead": 1,
         }  # fmt: skip
+        assert 120 <= sample("eventsched_oldest_overdue_seconds") < 180
 
 
 async def test_gauge_counts_stop_at_the_limit_and_read_the_estimate_above_it(

@@ -3,7 +3,7 @@
 Specification: a consumer with no partitions assigned for ``consumer.unassigned_grace``,
 while records of its topic wait that no member of its group commits, is stalled:
 ``/readyz`` answers 503 with ``"stalled": ["consumer: no partitions assigned for Ns"]`` and
-``eventsched_role_stalled{role="consumer",reason="unassigned"}`` is 1, until partitions
+``eventsched_role_stalled{role_name="consumer",reason="unassigned"}`` is 1, until partitions
 arrive. A spare consumer (other members hold every partition and keep up) stays ready.
 
 The other members of the group are plain confluent-kafka consumers driven from a thread
@@ -41,7 +41,7 @@ from tests.support.servers import Names
 from tests.support.waiting import wait_until
 
 STALL_TEXT = re.compile(r"consumer: no partitions assigned for \d+s")
-STALL_LABELS = {"role": "consumer", "reason": "unassigned"}
+STALL_LABELS = {"role_name": "consumer", "reason": "unassigned"}
 # A short grace and a quick check, so that a stall shows within seconds. The grace stays
 # above the time a rebalance takes (Tansu completes a join in about half the session
 # timeout, 3 s here), during which nobody holds the partitions.
@@ -222,7 +222,7 @@ async def test_a_consumer_without_partitions_while_records_wait_is_not_ready_unt
             assert len(body["stalled"]) == 1 and STALL_TEXT.fullmatch(body["stalled"][0]), body
             assert body["dependencies"] == {"postgres": "ok", "redis": "ok", "kafka": "ok"}
             assert metric_value("eventsched_role_stalled", **STALL_LABELS) == 1
-            assert 'reason="unassigned",role="consumer"} 1.0' in await trio.to_thread.run_sync(
+            assert 'reason="unassigned",role_name="consumer"} 1.0' in await trio.to_thread.run_sync(
                 _metric_line, port
             )
             assert await trio.to_thread.run_sync(count_rows, database) == 0

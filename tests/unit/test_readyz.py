@@ -17,7 +17,7 @@ def test_a_stalled_role_makes_readyz_name_it_and_sets_the_metric() -> None:
     ready, body = health.readiness()
     assert not ready
     assert body["stalled"] == ["consumer: no partitions assigned for 42s"]
-    labels = {"role": "consumer", "reason": "unassigned"}
+    labels = {"role_name": "consumer", "reason": "unassigned"}
     assert metric_value("eventsched_role_stalled", **labels) == 1
     # Calling it again keeps the first instant; unstall clears readiness and the gauge.
     health.stall("consumer", "unassigned", "no partitions assigned")

@@ -83,7 +83,7 @@ class Health:
         ``what`` says what is wrong in words (``no partitions assigned``); ``since`` is the
         :func:`time.monotonic` instant it started (default: now, or the instant already
         recorded for this role and reason). ``/readyz`` answers 503 while any stall is set and
-        names it as ``"<role>: <what> for <N>s"``; ``eventsched_role_stalled{role,reason}``
+        names it as ``"<role>: <what> for <N>s"``; ``eventsched_role_stalled{role_name,reason}``
         is 1 meanwhile. Idempotent: call it on every check that still sees the problem."""
         key = (role, reason)
         known = self.stalls.get(key)

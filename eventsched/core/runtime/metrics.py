@@ -6,6 +6,10 @@ handlers, DLQ reasons from a fixed list of decode/execute reasons, partitions fr
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -13,6 +17,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -122,11 +127,28 @@ CLAIMS_NOT_DUE = Counter(
     "Jobs whose claim was refused because the event is not due yet (put back at its due time)",
     registry=REGISTRY,
 )
-ROLE_READY = Gauge("eventsched_role_ready", "1 once a role is ready", ["role"], registry=REGISTRY)
+# The label is `role_name`, not `role`: Prometheus scrape configs commonly attach a target
+# label `role` (ours do), which would turn an exposed `role` into `exported_role`.
+ROLE_READY = Gauge(
+    "eventsched_role_ready", "1 once a role is ready", ["role_name"], registry=REGISTRY
+)
 ROLE_STALLED = Gauge(
     "eventsched_role_stalled",
     "1 while a role is alive but not making progress, by reason (/readyz names it)",
-    ["role", "reason"],  # e.g. consumer/unassigned, consumer/dlq_failing, executor/dlq_failing
+    ["role_name", "reason"],  # e.g. consumer/unassigned, consumer/dlq_failing, executor/dlq_failing
+    registry=REGISTRY,
+)
+OLDEST_OVERDUE = Gauge(
+    "eventsched_oldest_overdue_seconds",
+    "How long the oldest scheduled event is past its due time (0: none overdue); refreshed by"
+    " the reconciler leader",
+    registry=REGISTRY,
+)
+BUILD_INFO = Gauge(
+    "eventsched_build_info",
+    "1, labelled with the running version and the commit it was built from"
+    " (EVENTSCHED_BUILD_COMMIT; unknown when not set)",
+    ["version", "commit"],
     registry=REGISTRY,
 )
 
@@ -161,3 +183,24 @@ API_REQUEST_DURATION = Histogram(
 def render() -> bytes:
     """The registry in Prometheus text format."""
     return generate_latest(REGISTRY)
+
+
+def configure_process(environ: Mapping[str, str] | None = None) -> None:
+    """Process-wide choices, made by the composition root of a service (not at import: a
+    program that only uses the client keeps prometheus_client as it had it):
+
+    - no ``<name>_created`` series: one more series per counter and histogram child that no
+      query here uses, stored by Prometheus like any other;
+    - ``eventsched_build_info``: the installed version and ``EVENTSCHED_BUILD_COMMIT``.
+    """
+    env = os.environ if environ is None else environ
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
+    BUILD_INFO.clear()
+    BUILD_INFO.labels(_package_version(), env.get("EVENTSCHED_BUILD_COMMIT") or "unknown").set(1)
+
+
+def _package_version() -> str:
+    try:
+        return version("eventsched")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"

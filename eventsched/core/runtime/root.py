@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import trio
 import trio_asyncio
 
-from eventsched.core.runtime import bootstrap
+from eventsched.core.runtime import bootstrap, metrics
 from eventsched.core.runtime.contracts import Resources, RoleContext, RoleFactory, load_role_factory
 from eventsched.core.runtime.errors import ConfigError, DependencyError, PluginError, describe
 from eventsched.core.runtime.health import Health, serve_http
@@ -109,6 +109,7 @@ class Runtime:
 
     async def run(self) -> RunResult:
         bootstrap.install()  # a no-op after the CLI's; needed where the runtime is embedded
+        metrics.configure_process()
         profiling = start_profiling(self.settings, self.roles)
         try:
             async with trio_asyncio.open_loop():

@@ -49,9 +49,9 @@ would vanish with the very FLUSHALL the reconciler must repair, and a pause long
 TTL makes two leaders. Leadership only saves duplicate work: every step above is safe to run
 twice.
 
-The leader also refreshes the ``eventsched_events{status}`` and ``eventsched_queue_jobs{state}``
-gauges every ``reconciler.gauge_interval`` (other processes clear theirs, so a dashboard
-sums or maxes without double counting).
+The leader also refreshes the ``eventsched_events{status}``, ``eventsched_queue_jobs{state}``
+and ``eventsched_oldest_overdue_seconds`` gauges every ``reconciler.gauge_interval`` (other
+processes clear theirs, or show 0, so a dashboard sums or maxes without double counting).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from eventsched.core.runtime import metrics
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.settings import Settings, require_postgres
-from eventsched.core.store import recovery
+from eventsched.core.store import events, recovery
 from eventsched.core.store.executions import DeadEvent
 from eventsched.core.store.leader import LeaderLock, lock_key
 from eventsched.core.store.pool import Database
@@ -191,6 +191,7 @@ class Reconciler:
                     if not leading:
                         metrics.EVENTS_BY_STATUS.clear()
                         metrics.QUEUE_JOBS.clear()
+                        metrics.OLDEST_OVERDUE.set(0)
                 now = trio.current_time()
                 if not leading:
                     await trio.sleep(self._interval)
@@ -427,3 +428,5 @@ class Reconciler:
             metrics.EVENTS_BY_STATUS.labels(status).set(counts.get(status, 0))
         for state, count in (await self._jobs.counts()).items():
             metrics.QUEUE_JOBS.labels(state).set(count)
+        overdue = await events.oldest_overdue(self._db)
+        metrics.OLDEST_OVERDUE.set(0.0 if overdue is None else overdue.overdue_seconds)
