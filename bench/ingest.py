@@ -208,8 +208,8 @@ def main() -> None:
         "server_work": work,
         "consumer_metrics": {
             "consumed": metric_sum(metrics, "eventsched_events_consumed_total"),
-            "batches": metrics.get("eventsched_consumer_batch_size_count", 0.0),
-            "batch_size_sum": metrics.get("eventsched_consumer_batch_size_sum", 0.0),
+            "batches": metrics.get("eventsched_consumer_batch_messages_count", 0.0),
+            "batch_size_sum": metrics.get("eventsched_consumer_batch_messages_sum", 0.0),
         },
         "profile": profile,
         "series": [(round(t - series[0][0], 3), c) for t, c in series] if series else [],

@@ -78,7 +78,7 @@ COUNTERS = frozenset(
 )
 HISTOGRAMS = frozenset(
     {
-        "eventsched_consumer_batch_size",
+        "eventsched_consumer_batch_messages",
         "eventsched_ingest_latency_seconds",
         "eventsched_execution_duration_seconds",
         "eventsched_execution_lateness_seconds",
@@ -86,7 +86,7 @@ HISTOGRAMS = frozenset(
 )
 GAUGES = frozenset(
     {
-        "eventsched_consumer_lag",
+        "eventsched_consumer_lag_messages",
         "eventsched_dependency_up",
         "eventsched_queue_jobs",
         "eventsched_events",
@@ -113,6 +113,8 @@ REQUIRED_ALERTS = {
     "EventschedDependencyDown",
     "EventschedTargetDown",
     "EventschedOverdueNotExecuting",
+    "EventschedLatenessBudgetFastBurn",
+    "EventschedLatenessBudgetSlowBurn",
 }
 
 

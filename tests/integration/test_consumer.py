@@ -532,7 +532,7 @@ def test_three_consumers_share_partitions_survive_a_leaver_and_shut_down_cleanly
             what="one partition each again",
         )
         time.sleep(1.0)
-        assert metric_sum(scrape(port), "eventsched_consumer_batch_size_count") == 0
+        assert metric_sum(scrape(port), "eventsched_consumer_batch_messages_count") == 0
         # (All stop together: Tansu often stalls a rebalance that follows a leave closely.)
         for app in members:
             app.proc.send_signal(signal.SIGTERM)

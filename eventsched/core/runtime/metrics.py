@@ -55,8 +55,8 @@ DLQ_MESSAGES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
-CONSUMER_BATCH_SIZE = Histogram(
-    "eventsched_consumer_batch_size",
+CONSUMER_BATCH_MESSAGES = Histogram(
+    "eventsched_consumer_batch_messages",
     "Messages per consumed batch",
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
     registry=REGISTRY,
@@ -67,8 +67,8 @@ INGEST_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
-CONSUMER_LAG = Gauge(
-    "eventsched_consumer_lag",
+CONSUMER_LAG_MESSAGES = Gauge(
+    "eventsched_consumer_lag_messages",
     "Messages behind the high watermark",
     ["partition"],
     registry=REGISTRY,

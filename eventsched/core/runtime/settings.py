@@ -149,7 +149,7 @@ class ConsumerSettings(_Section, frozen=True):
     # On a rebalance, how long the revoke hook waits for the batch in flight to be recorded
     # and committed before the partitions go (keep it well below max.poll.interval.ms).
     revoke_wait: Duration = Duration(5.0)
-    # How often the consumer_lag gauge is refreshed from the broker.
+    # How often the consumer_lag_messages gauge is refreshed from the broker.
     lag_interval: Duration = Duration(5.0)
     # A consumer with no partitions for this long, while records of its topic wait that no
     # member commits, is stalled: /readyz answers 503 (checked every lag_interval).

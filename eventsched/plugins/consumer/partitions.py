@@ -1,5 +1,5 @@
 """What the consumer watches about its partitions: the lag gauge
-(``eventsched_consumer_lag{partition}``) and the no-partitions stall (``unassigned``).
+(``eventsched_consumer_lag_messages{partition}``) and the no-partitions stall (``unassigned``).
 
 Both are trio tasks of the role; their broker queries run on worker threads of their own
 admin clients (one capacity limiter each).
@@ -45,7 +45,7 @@ class PartitionWatch:
         self._log = log
 
     async def refresh_lag(self, consumer: KafkaConsumer) -> None:
-        """Keep ``eventsched_consumer_lag{partition}`` current: end of the partition minus
+        """Keep ``eventsched_consumer_lag_messages{partition}`` current: end of the partition minus
         the next offset this consumer will commit.
 
         Deliberately not ``KafkaConsumer.lag()``: that asks the broker from the consumer
@@ -82,9 +82,9 @@ class PartitionWatch:
                     end = max(ends.get(key, 0), self._fetched_end.get(key, 0))
                     current[str(key[1])] = max(0, end - position)
             for partition, value in current.items():
-                metrics.CONSUMER_LAG.labels(partition).set(value)
+                metrics.CONSUMER_LAG_MESSAGES.labels(partition).set(value)
             for gone in shown - current.keys():
-                metrics.CONSUMER_LAG.remove(gone)
+                metrics.CONSUMER_LAG_MESSAGES.remove(gone)
             shown = set(current)
 
     # -- no partitions -----------------------------------------------------------------

@@ -188,7 +188,7 @@ class IngestConsumer:
                     self._in_flight += 1
                     if self._idle.is_set():
                         self._idle = trio.Event()
-                    metrics.CONSUMER_BATCH_SIZE.observe(len(batch))
+                    metrics.CONSUMER_BATCH_MESSAGES.observe(len(batch))
                     current = _InFlight()
                     await to_order.send(current)
                     nursery.start_soon(self._process, batch, previous, current, slots)
