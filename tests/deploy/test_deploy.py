@@ -301,12 +301,23 @@ def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from iter_panels(panel.get("panels") or [])
 
 
+#: The dashboards' data source variables and the provisioned uid each one defaults to (a
+#: panel queries ``${datasource}``; the tests read it as the provisioned Prometheus).
+DATASOURCE_VARIABLES = {"${datasource}": "prometheus", "${logs}": "loki"}
+
+
 def panel_targets(panel: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(datasource uid, target) for every query of a panel."""
+    """(datasource uid, target) for every query of a panel; a data source variable is read
+    as the provisioned uid it defaults to."""
     panel_ds = (panel.get("datasource") or {}).get("uid", "")
     for target in panel.get("targets") or []:
         uid = (target.get("datasource") or {}).get("uid", panel_ds)
-        yield uid, target
+        yield DATASOURCE_VARIABLES.get(uid, uid), target
+
+
+def datasource_uid(ref: Mapping[str, Any]) -> str:
+    uid = str(ref.get("uid", ""))
+    return DATASOURCE_VARIABLES.get(uid, uid)
 
 
 def dashboards() -> dict[str, dict[str, Any]]:
@@ -1035,12 +1046,41 @@ def test_every_panel_uses_a_provisioned_datasource() -> None:
         for panel in iter_panels(dash["panels"]):
             if panel["type"] == "row":
                 continue
-            assert panel["datasource"]["uid"] in provisioned, f"{name}: {panel['title']}"
+            assert datasource_uid(panel["datasource"]) in provisioned, f"{name}: {panel['title']}"
             for uid, _ in panel_targets(panel):
                 assert uid in provisioned, f"{name}: {panel['title']} uses {uid}"
         for variable in dash["templating"]["list"]:
             if variable["type"] == "query":
-                assert variable["datasource"]["uid"] in provisioned
+                assert datasource_uid(variable["datasource"]) in provisioned
+
+
+def test_dashboards_choose_their_data_sources_and_default_to_the_provisioned_ones() -> None:
+    provisioned = {s["type"]: s["uid"] for s in load_yaml(DATASOURCES)["datasources"]}
+    for name, dash in dashboards().items():
+        variables = {v["name"]: v for v in dash["templating"]["list"]}
+        for ref, uid in DATASOURCE_VARIABLES.items():
+            variable = variables[ref.strip("${}")]
+            assert variable["type"] == "datasource", name
+            assert provisioned[variable["query"]] == uid == variable["current"]["value"], name
+        for panel in iter_panels(dash["panels"]):
+            if panel["type"] in ("row", "flamegraph"):
+                continue
+            assert panel["datasource"]["uid"] in DATASOURCE_VARIABLES, f"{name}: {panel['title']}"
+
+
+def test_overview_metrics_follow_the_instance_and_type_variables() -> None:
+    dash = dashboards()["eventsched-overview.json"]
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["instance"]["definition"].startswith("label_values(up{")
+    assert variables["type"]["definition"] == "label_values(eventsched_executions_total, type)"
+    for panel in iter_panels(dash["panels"]):
+        for uid, target in panel_targets(panel):
+            if uid != "prometheus":
+                continue
+            for name, selector in re.findall(r"\b(eventsched_\w+)(\{[^}]*\})?", target["expr"]):
+                assert 'instance=~"$instance"' in selector, (panel["title"], target["expr"])
+                if name.startswith(("eventsched_executions", "eventsched_execution_duration")):
+                    assert 'type=~"$type"' in selector, (panel["title"], target["expr"])
 
 
 def test_every_query_is_non_empty() -> None:
@@ -1074,7 +1114,10 @@ def test_dashboard_promql_passes_promtool(tmp_path: Path) -> None:
                         }
                     )
         for variable in dash["templating"]["list"]:
-            if variable["type"] == "query" and variable["datasource"]["uid"] == "prometheus":
+            if (
+                variable["type"] == "query"
+                and datasource_uid(variable["datasource"]) == "prometheus"
+            ):
                 query = re.fullmatch(r"label_values\((.*),\s*\w+\)", variable["definition"])
                 assert query, variable["definition"]
                 rules.append(

@@ -145,7 +145,8 @@ def _panel_queries() -> Iterator[tuple[str, str, str]]:
         for panel in walk(dashboard["panels"]):
             for target in panel.get("targets") or []:
                 uid = (target.get("datasource") or panel.get("datasource") or {}).get("uid")
-                if uid == "prometheus" and target.get("expr"):
+                # ${datasource}: the dashboards' Prometheus variable (default: the provisioned one)
+                if uid in ("prometheus", "${datasource}") and target.get("expr"):
                     yield path.name, panel["title"], target["expr"]
 
 
@@ -153,7 +154,7 @@ def _substitute(expr: str, database: str) -> str:
     expr = re.sub(r"\$\{?__rate_interval\}?", "30s", expr)
     expr = re.sub(r"\$\{?__interval\}?", "5s", expr)
     expr = expr.replace("$database", database)
-    return re.sub(r"\$\{?(role|level|service)(:\w+)?\}?", ".*", expr)
+    return re.sub(r"\$\{?(role|level|service|instance|type)(:\w+)?\}?", ".*", expr)
 
 
 def _query(port: int, expr: str) -> list[Any]:
@@ -261,7 +262,9 @@ def test_prometheus_scrapes_every_target_and_every_panel_has_data(
 
     dbname = psycopg.conninfo.conninfo_to_dict(database)["dbname"]
     empty = []
-    for dashboard, title, expr in _panel_queries():
+    queries = list(_panel_queries())
+    assert len(queries) > 50, "the dashboards' Prometheus queries were not found"
+    for dashboard, title, expr in queries:
         if (dashboard, title) in EMPTY_BY_DESIGN:
             continue
         if not _query(ports["prometheus"], _substitute(expr, str(dbname))):
