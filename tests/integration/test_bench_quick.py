@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +21,89 @@ from tests.support.proc import REPO
 
 pytestmark = pytest.mark.slow
 
-
-def run_bench(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    """``python -m bench.<name> --quick ARGS`` from the repository root; it must exit 0."""
-    proc = subprocess.run(
-        [sys.executable, "-m", f"bench.{name}", "--quick", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+#: The scripts that take the harness's ``--out-dir`` and write their JSON and plot there;
+#: the others print one JSON line.
+HARNESSED = ("lateness", "throughput", "ingest", "e2e", "memory", "api")
+#: Seconds one quick run may take while the others run beside it.
+TIMEOUT = 300.0
 
 
-def run_quick(name: str, out_dir: Path, timeout: float = 150.0) -> dict[str, Any]:
-    proc = run_bench(name, "--out-dir", str(out_dir), timeout=timeout)
-    (path,) = out_dir.glob(f"{name}-*.json")
+class QuickRun:
+    """``python -m bench.<name> --quick`` from the repository root, output in files (a pipe
+    nobody reads while it runs could fill up)."""
+
+    def __init__(self, name: str, work: Path) -> None:
+        self.out_dir = work / name
+        self.out_dir.mkdir()
+        args = ["--out-dir", str(self.out_dir)] if name in HARNESSED else []
+        self._stdout = work / f"{name}.stdout"
+        self._stderr = work / f"{name}.stderr"
+        with self._stdout.open("wb") as out, self._stderr.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", f"bench.{name}", "--quick", *args],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
+
+    def stdout(self) -> str:
+        """Its output once it has exited 0."""
+        try:
+            self.proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"still running after {TIMEOUT:g} s: {self._tail()}") from None
+        assert self.proc.returncode == 0, self._tail()
+        return self._stdout.read_text()
+
+    def _tail(self) -> str:
+        return self._stderr.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="module")
+def quick_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, QuickRun]]:
+    """Every selected benchmark's quick run, all started at once.
+
+    Each brings its own stack and mostly waits (feeders at a fixed rate, due times, drains,
+    group joins): one after another they took ~110 s, side by side about as long as the
+    slowest. No test checks a number, only what happened, so sharing the cores is fine.
+    """
+    wanted = {
+        item.name.removeprefix("test_").removesuffix("_quick")
+        for item in request.session.items
+        if item.module is request.module
+    }
+    work = tmp_path_factory.mktemp("bench-quick")
+    runs = {name: QuickRun(name, work) for name in sorted(wanted)}
+    try:
+        yield runs
+    finally:
+        for run in runs.values():
+            if run.proc.poll() is None:
+                run.proc.kill()  # its servers and roles die with it (PDEATHSIG)
+                run.proc.wait()
+
+
+def run_quick(runs: dict[str, QuickRun], name: str) -> dict[str, Any]:
+    run = runs[name]
+    stdout = run.stdout()
+    (path,) = run.out_dir.glob(f"{name}-*.json")
     doc: dict[str, Any] = json.loads(path.read_text())
     assert doc["benchmark"] == name and doc["quick"] is True
     assert doc["machine"]["nproc"] >= 1 and doc["git"]["commit"]
     assert "plot_error" not in doc, doc.get("plot_error")
-    assert Path(doc["plot"]).is_file() and Path(doc["plot"]).parent == out_dir
+    assert Path(doc["plot"]).is_file() and Path(doc["plot"]).parent == run.out_dir
     # The summary table is printed for the log, and quick runs never touch RESULTS.md.
-    assert f"### {name} " in proc.stdout
+    assert f"### {name} " in stdout
     return dict(doc["results"])
 
 
-def test_lateness_quick(tmp_path: Path) -> None:
-    r = run_quick("lateness", tmp_path)
+def test_lateness_quick(quick_runs: dict[str, QuickRun]) -> None:
+    r = run_quick(quick_runs, "lateness")
     ours, stock = r["ours"], r["stock_saq"]
     fed = ours["fed"]["sent"]
     assert fed > 100
@@ -61,8 +116,8 @@ def test_lateness_quick(tmp_path: Path) -> None:
     assert stock["lateness_ms"]["min"] >= 0  # stock SAQ never starts early either
 
 
-def test_throughput_quick(tmp_path: Path) -> None:
-    r = run_quick("throughput", tmp_path)
+def test_throughput_quick(quick_runs: dict[str, QuickRun]) -> None:
+    r = run_quick(quick_runs, "throughput")
     count = r["count"]
     assert [d["processes"] for d in r["ours"]] == [1, 2]
     for d in r["ours"]:
@@ -74,8 +129,8 @@ def test_throughput_quick(tmp_path: Path) -> None:
     assert r["stock_saq"]["throughput_finished"]["per_s"] > 0
 
 
-def test_ingest_quick(tmp_path: Path) -> None:
-    r = run_quick("ingest", tmp_path)
+def test_ingest_quick(quick_runs: dict[str, QuickRun]) -> None:
+    r = run_quick(quick_runs, "ingest")
     count = r["count"]
     assert r["rows"] == r["jobs"] == r["committed"] == count
     assert r["rate_commit_per_s"] > 0 and r["rate_recorded_at_per_s"] > 0
@@ -83,8 +138,8 @@ def test_ingest_quick(tmp_path: Path) -> None:
     assert r["memory"]["hwm_mb"] > 0
 
 
-def test_e2e_quick(tmp_path: Path) -> None:
-    r = run_quick("e2e", tmp_path)
+def test_e2e_quick(quick_runs: dict[str, QuickRun]) -> None:
+    r = run_quick(quick_runs, "e2e")
     generated = r["generated"]
     assert generated > 100 and r["all_ran"]
     assert r["outcomes"] == {"succeeded": generated}
@@ -94,8 +149,8 @@ def test_e2e_quick(tmp_path: Path) -> None:
     assert all(r["memory"][role]["hwm_mb"] > 0 for role in ("producer", "consumer", "executor"))
 
 
-def test_memory_quick(tmp_path: Path) -> None:
-    r = run_quick("memory", tmp_path)
+def test_memory_quick(quick_runs: dict[str, QuickRun]) -> None:
+    r = run_quick(quick_runs, "memory")
     backlog, generated = r["backlog"], r["generated"]
     assert r["loaded"]["enqueued"] == backlog
     assert r["statuses"] == {"scheduled": backlog, "succeeded": generated}
@@ -105,28 +160,27 @@ def test_memory_quick(tmp_path: Path) -> None:
     assert r["rss_series"]["executor"][0]
 
 
-def run_json(name: str) -> dict[str, Any]:
-    """Run ``bench.<name> --quick`` (a script without the harness: it prints one JSON line)."""
-    proc = run_bench(name, timeout=120)
-    doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+def run_json(runs: dict[str, QuickRun], name: str) -> dict[str, Any]:
+    """The JSON line a script without the harness prints."""
+    doc: dict[str, Any] = json.loads(runs[name].stdout().strip().splitlines()[-1])
     assert doc["benchmark"] == name and doc["quick"] is True
     return doc
 
 
-def test_loop_quick() -> None:
-    doc = run_json("loop")
+def test_loop_quick(quick_runs: dict[str, QuickRun]) -> None:
+    doc = run_json(quick_runs, "loop")
     assert set(doc["us_per_wakeup"]) == {"asyncio", "trio-asyncio stock", "trio-asyncio batched"}
     assert all(v > 0 for v in doc["us_per_wakeup"].values())
 
 
-def test_pg_statements_quick() -> None:
-    doc = run_json("pg_statements")
+def test_pg_statements_quick(quick_runs: dict[str, QuickRun]) -> None:
+    doc = run_json(quick_runs, "pg_statements")
     assert [r["batch"] for r in doc["rows"]] == [1, 5]
     assert all(r["events"] == 40 and r["backend_cpu_us_per_event"] >= 0 for r in doc["rows"])
 
 
-def test_api_quick(tmp_path: Path) -> None:
-    r = run_quick("api", tmp_path)
+def test_api_quick(quick_runs: dict[str, QuickRun]) -> None:
+    r = run_quick(quick_runs, "api")
     assert r["acknowledged"] == r["in_topic"] > 0  # every 202 is an event in the topic
     closed, fixed = r["throughput"], r["fixed_rate"]
     assert closed["statuses"] == {"202": closed["acknowledged"]} and closed["events_per_s"] > 0

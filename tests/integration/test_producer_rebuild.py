@@ -41,9 +41,12 @@ from tests.support.waiting import wait_until
 def restart_empty(broker: KafkaBroker, topics: dict[str, int]) -> None:
     """Restart on the same port (everything is lost) and create the topics again.
 
+    Killed, not stopped: Tansu loses its state either way, and on SIGTERM it waits about
+    5 s for the connected clients (the producer under test) before it exits.
+
     Called on the test's main thread, blocking trio for a moment: the broker is forked
     with PDEATHSIG, so it must not be started from a short-lived worker thread."""
-    broker.stop()
+    broker.kill()
     broker.start()
     ensure_topics(broker.url, topics)
 

@@ -8,8 +8,10 @@ does.
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -73,10 +75,15 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+# How often a receiver's and a non-HTTP port's thread looks at its stop flag: what shutting
+# one down waits for at most, once per test that uses it.
+POLL = 0.005
+
+
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     server = Receiver()
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(POLL,), daemon=True)
     thread.start()
     try:
         yield server
@@ -123,12 +130,19 @@ async def on_asyncio(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     return result.unwrap()
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """httpx's default TLS context (certifi's CAs), built once: loading the CA bundle is most
+    of what making a client costs, and each call below makes one."""
+    return httpx.create_ssl_context()
+
+
 def context(settings: Settings, clients: list[httpx.AsyncClient] | None = None) -> HandlerContext:
     made = clients if clients is not None else []
 
     def client() -> httpx.AsyncClient:
         if not made:
-            made.append(httpx.AsyncClient())
+            made.append(httpx.AsyncClient(verify=_tls()))
         return made[0]
 
     return HandlerContext(settings, "handlers.default", client)
@@ -162,7 +176,7 @@ class NotHttp:
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
+        self.sock.settimeout(POLL)
         self.port: int = self.sock.getsockname()[1]
         self.accepted = 0
         self._stop = threading.Event()

@@ -48,9 +48,9 @@ _offsets = st.integers(min_value=-14 * 60, max_value=14 * 60).map(
 )
 
 
-# 100 examples: the codec's own property tests (test_events) cover its corners; this one checks
-# that what the client builds is what the consumer decodes.
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 50 examples a run: the codec's own property tests (test_events) cover its corners; this one
+# checks that what the client builds is what the consumer decodes.
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     type_=_types,
     payload=st.dictionaries(_text, _json, max_size=6),

@@ -5,6 +5,7 @@ reconciler lives in the executor's package, with the executor it serves)."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PLUGINS = Path(__file__).resolve().parents[2] / "eventsched" / "plugins"
@@ -12,9 +13,15 @@ ADAPTED = ("confluent_kafka", "saq", "redis", "psycopg", "psycopg_pool")
 ROLES = {"producer", "consumer", "executor", "api"}
 
 
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    """A module parsed once for the three tests (parsing is most of what they cost)."""
+    return ast.parse(path.read_text())
+
+
 def _imports(path: Path) -> set[str]:
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -85,7 +92,7 @@ def test_the_imports_match_docs_architecture() -> None:
         module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
         module = module.removesuffix(".__init__")
         part = _part(module)
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_tree(path)):
             if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith(
                 "eventsched"
             ):

@@ -118,7 +118,9 @@ async def test_a_refused_host_gives_the_same_error_for_closed_and_open_ports(
 async def test_an_allowed_host_gives_the_same_error_for_closed_and_non_http_ports(
     not_http: NotHttp, closed_port: int, receiver: Receiver
 ) -> None:
-    settings = payload_settings("127.0.0.1", timeout="300ms")
+    # The timeout is what the slow receiver (2 s) costs; the closed port and the non-HTTP one
+    # answer on loopback within milliseconds.
+    settings = payload_settings("127.0.0.1", timeout="150ms")
     closed = await failure(settings, f"http://127.0.0.1:{closed_port}/x")
     open_ = await failure(settings, f"http://127.0.0.1:{not_http.port}/x")
     slow = await failure(settings, f"{receiver.base}/slow")
