@@ -73,8 +73,8 @@ COPY config ./config
 
 USER 10001:10001
 
-# producer, consumer, executor (/metrics, /healthz, /readyz).
-EXPOSE 8080 8081 8082
+# producer, consumer, executor, api (/metrics, /healthz, /readyz); the HTTP API.
+EXPOSE 8080 8081 8082 8085 8084
 
 # `python -m eventsched` is the same entry as the `eventsched` console script;
 # compose passes the subcommand, e.g. command: ["run", "--role", "consumer"].
