@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from eventsched.core.domain.event import format_time
 from eventsched.core.domain.schedulefields import (
     format_local,
     materialised_after,
-    spec_fields,
     spec_from_fields,
 )
 from eventsched.core.domain.schedules import ScheduleSpec, next_occurrences, occurrence_key
@@ -30,7 +28,22 @@ from eventsched.core.operations.send import InputError
 from eventsched.core.runtime.errors import EventschedError
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store import schedules as store
-from eventsched.core.store.schedules import ScheduleRow
+from eventsched.core.store.schedules import ScheduleRow, row_json
+
+__all__ = [
+    "Deleted",
+    "ScheduleExists",
+    "SettingsSchedule",
+    "UnknownSchedule",
+    "add_schedule",
+    "delete_schedule",
+    "list_schedules",
+    "next_times",
+    "parse_spec",
+    "row_json",
+    "set_paused",
+    "show_schedule",
+]
 
 if TYPE_CHECKING:
     from eventsched.core.store.pool import Database
@@ -72,19 +85,6 @@ class Deleted:
     row: ScheduleRow
     #: Idempotency keys of the materialised occurrences a cancel was sent for.
     cancelled: list[str]
-
-
-def row_json(row: ScheduleRow) -> dict[str, Any]:
-    """A schedule as JSON: its name, keys, where it came from, its watermark."""
-    through = row.materialised_through
-    return {
-        "name": row.name,
-        **spec_fields(row.spec),
-        "source": row.source,
-        "created_at": format_time(row.created_at),
-        "updated_at": format_time(row.updated_at),
-        "materialised_through": None if through is None else format_time(through),
-    }
 
 
 def parse_spec(name: str, options: dict[str, Any]) -> ScheduleSpec:

@@ -21,7 +21,8 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
-from eventsched.core.domain.schedulefields import definition_hash
+from eventsched.core.domain.event import format_time
+from eventsched.core.domain.schedulefields import definition_hash, spec_fields
 from eventsched.core.domain.schedules import ScheduleSpec
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.store.pool import Database
@@ -35,6 +36,7 @@ __all__ = [
     "get",
     "insert",
     "list_schedules",
+    "row_json",
     "set_paused",
 ]
 
@@ -69,6 +71,20 @@ class AppliedSettings:
     updated: list[str]
     #: Settings schedules no longer in the file, deleted (with their watermark, for cancels).
     removed: list[ScheduleRow]
+
+
+def row_json(row: ScheduleRow) -> dict[str, Any]:
+    """A schedule as JSON (the API, ``schedules show --json``): its name, its keys, where it
+    came from, its watermark."""
+    through = row.materialised_through
+    return {
+        "name": row.name,
+        **spec_fields(row.spec),
+        "source": row.source,
+        "created_at": format_time(row.created_at),
+        "updated_at": format_time(row.updated_at),
+        "materialised_through": None if through is None else format_time(through),
+    }
 
 
 def _row(r: tuple[Any, ...]) -> ScheduleRow:
