@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from eventsched.core.domain.schedulefields import spec_from_fields
+from eventsched.core.domain.schedulefields import definition_hash, spec_from_fields
 from eventsched.core.domain.schedules import ScheduleSpec, occurrence_key
 from eventsched.core.kafka import KafkaProducer, ensure_topics
 from eventsched.core.operations import schedules as ops
@@ -191,8 +191,10 @@ def test_settings_schedules_are_applied_at_start(
 
 
 def _applied(database: str, schedules: dict[str, Any]) -> bool:
-    names = {r[0] for r in query(database, "SELECT name FROM schedules WHERE source = 'settings'")}
-    return names == set(schedules)
+    """The settings schedules in PostgreSQL are exactly these definitions."""
+    rows = query(database, "SELECT name, definition_hash FROM schedules WHERE source = 'settings'")
+    wanted = {n: definition_hash(spec_from_fields(n, f)) for n, f in schedules.items()}
+    return dict(rows) == wanted
 
 
 # -- pause, resume, misfire, delete --------------------------------------------------------

@@ -121,8 +121,12 @@ def _values(spec: ScheduleSpec) -> list[Any]:
 
 
 async def list_schedules(db: Database) -> list[ScheduleRow]:
-    """Every schedule, by name."""
-    rows = await db.fetchall(f"SELECT {_COLUMNS} FROM schedules ORDER BY name")
+    """Every schedule, by name (DependencyError while migration 000006 is not applied: the
+    schedule leader waits for it like for a server)."""
+    try:
+        rows = await db.fetchall(f"SELECT {_COLUMNS} FROM schedules ORDER BY name")
+    except psycopg.errors.UndefinedTable as err:
+        raise _no_table() from err
     return [_row(r) for r in rows]
 
 
@@ -220,6 +224,8 @@ async def apply_settings(db: Database, specs: Mapping[str, ScheduleSpec]) -> App
     try:
         return await db.run(fn)
     except psycopg.errors.UndefinedTable as err:
-        raise DependencyError(
-            "postgres", "table schedules missing: run eventsched migrate up"
-        ) from err
+        raise _no_table() from err
+
+
+def _no_table() -> DependencyError:
+    return DependencyError("postgres", "table schedules missing: run eventsched migrate up")
