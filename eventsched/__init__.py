@@ -9,7 +9,7 @@ What user code is written against:
 - the client that sends events and commands: :class:`Client`, :class:`AsyncClient`, their
   errors :class:`ClientError` and :class:`DeliveryError` (:mod:`eventsched.client`);
 - recurring schedules through the HTTP API: :class:`ScheduleClient`,
-  :class:`ScheduleApiError`;
+  :class:`AsyncScheduleClient`, :class:`ScheduleApiError`;
 - ``__version__``.
 
 Importing this package has no side effects: the trio-asyncio bootstrap that the runtime
@@ -21,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from eventsched.client import (
     AsyncClient,
+    AsyncScheduleClient,
     Client,
     ClientError,
     DeliveryError,
@@ -44,6 +45,7 @@ except PackageNotFoundError:  # a checkout on sys.path that was never installed
 
 __all__ = [
     "AsyncClient",
+    "AsyncScheduleClient",
     "Client",
     "ClientError",
     "DeliveryError",

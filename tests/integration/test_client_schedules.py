@@ -1,5 +1,6 @@
-""":class:`eventsched.ScheduleClient` against the api role (in this process) and PostgreSQL:
-every method, its errors, and the checks it makes before sending."""
+""":class:`eventsched.ScheduleClient` and :class:`eventsched.AsyncScheduleClient` against the
+api role (in this process) and PostgreSQL: every method, its errors, and the checks it makes
+before sending."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 import trio
 
-from eventsched import ScheduleApiError, ScheduleClient
+from eventsched import AsyncScheduleClient, ScheduleApiError, ScheduleClient
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.runtime.settings import Settings
 from tests.support.api import READER, WRITER, api_section, serving
@@ -63,3 +64,25 @@ async def test_every_method_through_the_api(settings: Settings, database: str) -
     async with serving(settings):
         url = f"http://127.0.0.1:{settings.api.port}"
         await trio.to_thread.run_sync(calls, url, database)
+
+
+async def test_the_async_client_on_trio(settings: Settings, database: str) -> None:
+    async with (
+        serving(settings),
+        AsyncScheduleClient(f"http://127.0.0.1:{settings.api.port}", WRITER) as client,
+    ):
+        await client.add("tick", type="t", every="1s", paused=True)
+        assert (await client.get("tick"))["paused"] is True
+        assert (await client.resume("tick"))["paused"] is False
+        assert (await client.pause("tick"))["paused"] is True
+        assert [s["name"] for s in await client.list_all()] == ["tick"]
+        after = datetime(2026, 1, 1, tzinfo=UTC)
+        assert await client.next("tick", 2, after=after) == [
+            after + timedelta(seconds=1),
+            after + timedelta(seconds=2),
+        ]
+        assert await client.delete("tick") == []
+        with pytest.raises(ScheduleApiError) as missing:
+            await client.delete("tick")
+        assert missing.value.status == 404
+    assert query(database, "SELECT count(*) FROM schedules") == [(0,)]
