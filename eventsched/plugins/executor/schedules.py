@@ -186,7 +186,10 @@ class ScheduleLeader:
             through = sent[-1] if sent else row.materialised_through
         else:
             through = step.through
-        if through is None:
+        if through is None or (not sent and not step.too_old and row.materialised_through):
+            # Nothing published: the watermark may stay where it is (no occurrence lies
+            # between it and the window), which spares a write per schedule and pass. A
+            # new schedule's first watermark is written, so that misfires count from it.
             return 0
         advanced = await store.advance(self._db, spec.name, row.revision, through)
         if not advanced and await store.get(self._db, spec.name) is None:
