@@ -1,6 +1,6 @@
 """The executor role plugin: :class:`Executor` builds the parts of the role and runs them
 (trio side): the group-commit services, the on-time worker, the lease keepers, the
-dead-letter publisher and the reconciler; the job function itself is
+dead-letter publisher, the reconciler and the schedule leader; the job function itself is
 :class:`~eventsched.plugins.executor.attempt.Attempts` (asyncio side).
 """
 
