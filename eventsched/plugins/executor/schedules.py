@@ -94,7 +94,6 @@ class ScheduleLeader:
             name="schedules",
         )
         self.passes = 0
-        self.applied = trio.Event()
 
     async def run(self) -> None:
         try:
@@ -135,7 +134,6 @@ class ScheduleLeader:
         now = datetime.now(UTC)
         for row in applied.removed:
             await self.cancel(materialised_after(row.spec, row.materialised_through, now), row.spec)
-        self.applied.set()
 
     async def _campaign(self, leading: bool) -> bool:
         try:
