@@ -8,6 +8,8 @@ What user code is written against:
   :func:`encode_event` (its Kafka value), :func:`kafka_key` and :func:`kafka_headers`;
 - the client that sends events and commands: :class:`Client`, :class:`AsyncClient`, their
   errors :class:`ClientError` and :class:`DeliveryError` (:mod:`eventsched.client`);
+- recurring schedules through the HTTP API: :class:`ScheduleClient`,
+  :class:`AsyncScheduleClient`, :class:`ScheduleApiError`;
 - ``__version__``.
 
 Importing this package has no side effects: the trio-asyncio bootstrap that the runtime
@@ -17,7 +19,15 @@ server library is imported (the client loads confluent-kafka when one is made).
 
 from importlib.metadata import PackageNotFoundError, version
 
-from eventsched.client import AsyncClient, Client, ClientError, DeliveryError
+from eventsched.client import (
+    AsyncClient,
+    AsyncScheduleClient,
+    Client,
+    ClientError,
+    DeliveryError,
+    ScheduleApiError,
+    ScheduleClient,
+)
 from eventsched.core.domain.event import Event
 from eventsched.core.domain.handler import (
     Handler,
@@ -35,6 +45,7 @@ except PackageNotFoundError:  # a checkout on sys.path that was never installed
 
 __all__ = [
     "AsyncClient",
+    "AsyncScheduleClient",
     "Client",
     "ClientError",
     "DeliveryError",
@@ -43,6 +54,8 @@ __all__ = [
     "HandlerContext",
     "HandlerEvent",
     "PermanentError",
+    "ScheduleApiError",
+    "ScheduleClient",
     "__version__",
     "encode_event",
     "handler_factory",

@@ -16,6 +16,7 @@ import click
 
 from eventsched.core.domain.commands import RETRYABLE
 from eventsched.core.domain.event import STATUSES
+from eventsched.core.domain.schedulefields import specs_from_settings
 from eventsched.core.runtime import bootstrap
 from eventsched.core.runtime.errors import (
     ConfigError,
@@ -26,6 +27,7 @@ from eventsched.core.runtime.errors import (
     PluginError,
 )
 from eventsched.core.runtime.settings import Settings, load_settings, validate_for_roles
+from eventsched.schedulescli import schedules_group
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,6 +65,7 @@ class State:
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = load_settings(self.settings_path)
+            specs_from_settings(self._settings)  # [schedules.<name>]: the domain's checks
             if self.command_logging:
                 # Operator commands print their results on stdout; their log lines (at
                 # logging.level) go to stderr, so the two never mix.
@@ -538,6 +541,16 @@ def events_retry(
             click.echo(views.target_line(target, as_json))
     else:
         _send(state, "retry", targets, due, as_json)
+
+
+cli.add_command(
+    schedules_group(
+        cls=_OneLineUsage,
+        pass_state=pass_state,
+        handle_errors=handle_errors,
+        input_errors=_input_errors_exit_2,
+    )
+)
 
 
 def main() -> None:

@@ -16,19 +16,25 @@ points must patch asyncio before anything imports it.
   per message;
 * :mod:`~eventsched.client.blocking`: :class:`Client` and the shared configuration;
 * :mod:`~eventsched.client.aio`: :class:`AsyncClient`;
-* :mod:`~eventsched.client.errors`: :class:`ClientError`, :class:`DeliveryError`.
+* :mod:`~eventsched.client.errors`: :class:`ClientError`, :class:`DeliveryError`;
+* :mod:`~eventsched.client.schedules`: :class:`ScheduleClient` and
+  :class:`AsyncScheduleClient`, recurring schedules through the HTTP API (``httpx``).
 """
 
 from eventsched.client.aio import AsyncClient
 from eventsched.client.blocking import DEFAULT_TIMEOUT, Client
 from eventsched.client.errors import ClientError, DeliveryError
 from eventsched.client.messages import ScheduleItem
+from eventsched.client.schedules import AsyncScheduleClient, ScheduleApiError, ScheduleClient
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "AsyncClient",
+    "AsyncScheduleClient",
     "Client",
     "ClientError",
     "DeliveryError",
+    "ScheduleApiError",
+    "ScheduleClient",
     "ScheduleItem",
 ]

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,24 +24,13 @@ from eventsched.core.domain.commands import COMMAND_SCHEMA_VERSION
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.runtime.settings import Settings
 from eventsched.plugins.api.openapi import document
+from tests.support.api import READER, WRITER, api_section, bearer, serving
 from tests.support.cli import assert_one_line_exit_2, offline
 from tests.support.clients import query, read_topic
 from tests.support.execution import NewEvent, insert_events, new_events
-from tests.support.ingest import running
 from tests.support.metrics import metric_value
 from tests.support.proc import AppProcess, free_port
 from tests.support.servers import Names
-
-WRITER = "writer-token-0123456789abcdef"
-READER = "reader-token-0123456789abcdef"
-TOKENS = [
-    {"name": "writer", "token": WRITER},
-    {"name": "reader", "token": READER, "read_only": True},
-]
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
@@ -54,25 +42,9 @@ def topics(kafka_bootstrap: str, names: Names) -> Names:
 @pytest.fixture
 def api_settings(make_settings: Callable[..., Settings], topics: Names) -> Callable[..., Settings]:
     def make(**sections: dict[str, Any]) -> Settings:
-        api = {"port": free_port(), "tokens": TOKENS, "produce_timeout": "5s"}
-        return make_settings(**{**sections, "api": {**api, **sections.get("api", {})}})
+        return make_settings(**{**sections, "api": api_section(**sections.get("api", {}))})
 
     return make
-
-
-@asynccontextmanager
-async def serving(
-    settings: Settings, roles: Sequence[str] = ("api",), token: str = WRITER
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with (
-        running(settings, roles),
-        httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{settings.api.port}",
-            headers=bearer(token) if token else {},
-            timeout=30,
-        ) as client,
-    ):
-        yield client
 
 
 def in_(seconds: float) -> str:
@@ -580,6 +552,11 @@ async def test_the_openapi_document_validates_and_names_every_route(
         "/v1/events/{id}/retry",
         "/v1/stats",
         "/v1/openapi.json",
+        "/v1/schedules",
+        "/v1/schedules/{name}",
+        "/v1/schedules/{name}/pause",
+        "/v1/schedules/{name}/resume",
+        "/v1/schedules/{name}/next",
     }
 
 

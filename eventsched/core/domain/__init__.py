@@ -20,9 +20,12 @@ Modules, lowest first:
 - :mod:`~eventsched.core.domain.jobcontract`: the job contract between the roles that enqueue
   an event's job (consumer, reconciler, ``dlq replay``) and the executor that runs it;
 - :mod:`~eventsched.core.domain.schedules`: recurring schedules (:class:`ScheduleSpec`), their
-  occurrences by the DST rules, the misfire policies and the occurrence keys.
+  occurrences by the DST rules, the misfire policies and the occurrence keys;
+  :mod:`~eventsched.core.domain.schedulefields`: schedules as the keys users write
+  (settings, API, CLI) and the schedule leader's plan.
 
 May import the standard library, msgspec, cronsim (cron expressions, for schedules), ``eventsched.core.runtime.errors``,
-``eventsched.core.runtime.settings`` (settings types, ``redact``) and
+``eventsched.core.runtime.settings`` (settings types, ``redact``), ``eventsched.core.runtime.units``
+(durations) and
 ``eventsched.core.jobqueue``'s job type; nothing that talks to a server.
 """

@@ -245,13 +245,15 @@ def due_occurrences(
 
     - ``run_all``: all of them, but at most ``misfire_limit``: the NEWEST ones (older ones
       are dropped for good; a later call does not catch them up either, since the caller
-      records the newest materialised occurrence);
+      records how far it materialised);
     - ``run_once``: only the latest of them;
     - ``skip``: none.
 
-    ``last_materialised`` is the newest occurrence already materialised; ``None`` means
-    none ever was, and then nothing counts as missed (a caller that wants a new schedule to
-    catch up since its creation passes the creation time). A paused schedule has none.
+    ``last_materialised`` is the newest occurrence already materialised, or any later
+    instant up to which every occurrence was (the schedule leader passes its watermark,
+    :func:`eventsched.core.domain.schedulefields.plan`); ``None`` means none ever was, and
+    then nothing counts as missed (a caller that wants a new schedule to catch up since its
+    creation passes the creation time). A paused schedule has none.
     """
     now = _aware(now, "now")
     last = None if last_materialised is None else _aware(last_materialised, "last_materialised")

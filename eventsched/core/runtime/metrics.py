@@ -122,6 +122,12 @@ RECONCILER_REQUEUED = Counter(
     ["reason"],  # overdue | retry_overdue | stale_running | redis_lost | taken_by_lost_worker
     registry=REGISTRY,
 )
+SCHEDULE_OCCURRENCES = Counter(
+    "eventsched_schedule_occurrences",
+    "Occurrences of recurring schedules the schedule leader handled, by result",
+    ["result"],  # published | failed (not acknowledged: again next pass) | too_old | cancelled
+    registry=REGISTRY,
+)
 CLAIMS_NOT_DUE = Counter(
     "eventsched_claims_not_due",
     "Jobs whose claim was refused because the event is not due yet (put back at its due time)",

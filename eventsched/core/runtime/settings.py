@@ -26,6 +26,12 @@ from eventsched.core.runtime.redaction import (
     compile_secret_paths,
     redact,
 )
+from eventsched.core.runtime.schedulesettings import (
+    SchedulerSettings,
+    ScheduleSettings,
+    check_scheduler,
+    convert_schedules,
+)
 from eventsched.core.runtime.units import ByteSize, Duration, parse_duration, parse_size
 
 #: The roles ``--role all`` and ``eventsched dev`` run.
@@ -259,6 +265,9 @@ class Settings(_Section, frozen=True):
     consumer: ConsumerSettings = ConsumerSettings()
     executor: ExecutorSettings = ExecutorSettings()
     reconciler: ReconcilerSettings = ReconcilerSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    # Schedule name -> its definition (eventsched.core.runtime.schedulesettings).
+    schedules: dict[str, ScheduleSettings] = {}
     api: ApiSettings = ApiSettings()
     plugins: PluginSettings = PluginSettings()
     # Event type -> "module:attr"; the key "default" applies to types with no entry.
@@ -354,16 +363,18 @@ def build_settings(raw: Mapping[str, Any], env_name: str = "development") -> Set
             )
         data[name] = _handler_keys(value) if name in _TYPE_KEYED else _lower_keys(value)
     data["env"] = env_name
+    schedules = convert_schedules(data.pop("schedules", {}))
     try:
         settings = msgspec.convert(data, Settings, dec_hook=_dec_hook)
     except msgspec.ValidationError as err:
         raise _config_error_from(err) from None
+    settings = msgspec.structs.replace(settings, schedules=schedules)
     _check(settings)
     return settings
 
 
 # Sections whose keys are event types (case-sensitive), not setting names.
-_TYPE_KEYED = frozenset({"handlers", "webhooks"})
+_TYPE_KEYED = frozenset({"handlers", "webhooks", "schedules"})
 
 
 def _handler_keys(value: Any) -> Any:
@@ -458,6 +469,7 @@ def _check(s: Settings) -> None:
     if s.reconciler.stale_after <= 0:
         raise ConfigError("reconciler.stale_after", "must be positive")
     _positive("reconciler.batch", s.reconciler.batch)
+    check_scheduler(s.scheduler, s.consumer.horizon)
     if s.shutdown.grace <= 0:
         raise ConfigError("shutdown.grace", "must be positive")
     if not 0 <= s.api.port <= 65535:

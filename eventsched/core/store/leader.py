@@ -26,17 +26,21 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 
-def lock_key(queue_name: str) -> int:
-    """The advisory lock id of the reconcilers serving ``queue_name`` (signed 64 bit)."""
-    digest = hashlib.blake2b(f"eventsched:reconciler:{queue_name}".encode(), digest_size=8)
+def lock_key(queue_name: str, duty: str = "reconciler") -> int:
+    """The advisory lock id of a duty (the reconciler, the schedule leader) of the
+    executors serving ``queue_name`` (signed 64 bit)."""
+    digest = hashlib.blake2b(f"eventsched:{duty}:{queue_name}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
 
 
 class LeaderLock:
     """A session-level ``pg_try_advisory_lock`` on a connection of its own (trio side)."""
 
-    def __init__(self, dsn: str, key: int, *, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, dsn: str, key: int, *, connect_timeout: float = 5.0, name: str = "reconciler"
+    ) -> None:
         self._dsn = dsn
+        self._name = name
         self.key = key
         self._connect_timeout = connect_timeout
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -69,7 +73,7 @@ class LeaderLock:
                 self._dsn,
                 autocommit=True,
                 connect_timeout=max(1, int(self._connect_timeout)),
-                application_name="eventsched-reconciler",
+                application_name=f"eventsched-{self._name}",
                 # A half-open connection would keep the lock (and block a new leader) until
                 # the server notices; keepalives bound that to ~25 s.
                 keepalives=1,
@@ -98,7 +102,7 @@ class LeaderLock:
                 try:
                     await self._query("SELECT pg_advisory_unlock(%s)", [self.key])
                 except DependencyError as err:
-                    log.warning("reconciler_unlock_failed", error=err.problem)
+                    log.warning("leader_unlock_failed", duty=self._name, error=err.problem)
             await self._drop()
 
     async def _drop(self) -> None:

@@ -533,5 +533,9 @@ def build_app(config: ApiConfig, db: Database, producer: KafkaProducer) -> ASGIA
         Route("/v1/stats", _answers(h.stats), methods=["GET"]),
         Route("/v1/openapi.json", _answers(h.openapi), methods=["GET"]),
     ]
+    # Imported here: the schedules module builds on this one's plumbing.
+    from eventsched.plugins.api.schedules import schedule_routes
+
+    routes += schedule_routes(h)
     app = Starlette(routes=routes, exception_handlers={HTTPException: _not_found})
     return RequestMetrics(app, direct={("POST", "/v1/events"): schedule})

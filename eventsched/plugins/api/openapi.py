@@ -9,6 +9,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from eventsched.plugins.api.scheduledoc import schedule_paths, schedule_schemas
+
 _TIME = {"type": "string", "format": "date-time"}
 _NTIME = {"type": ["string", "null"], "format": "date-time"}
 _NSTR = {"type": ["string", "null"]}
@@ -353,6 +355,8 @@ def document(max_body_bytes: int, max_limit: int, max_batch: int) -> dict[str, A
             }
         },
     }
+    schemas.update(schedule_schemas())
+    paths.update(schedule_paths(max_next=1000))
     return {
         "openapi": "3.1.0",
         "info": {
@@ -360,7 +364,8 @@ def document(max_body_bytes: int, max_limit: int, max_batch: int) -> dict[str, A
             "version": "1",
             "description": (
                 "Schedule deferred events, cancel, reschedule and retry them, read their"
-                f" state. Request bodies are limited to {max_body_bytes} bytes."
+                " state; manage recurring schedules."
+                f" Request bodies are limited to {max_body_bytes} bytes."
             ),
         },
         "servers": [{"url": "/"}],

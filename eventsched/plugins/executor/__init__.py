@@ -54,7 +54,9 @@ Modules:
 * :mod:`~eventsched.plugins.executor.deadletters` — dead events -> the DLQ topic;
 * :mod:`~eventsched.plugins.executor.reconciler` — the leader that repairs PostgreSQL/Redis
   drift, takes stale attempts over and republishes dead letters; it lives with the
-  executor it serves.
+  executor it serves;
+* :mod:`~eventsched.plugins.executor.schedules` — the schedule leader: applies
+  ``[schedules.<name>]`` at start and publishes recurring schedules' occurrences as events.
 
 Imports: ``eventsched.core`` (domain, jobqueue, kafka, runtime, store) only; never another
 role plugin, and never Kafka, Redis, SAQ or PostgreSQL client libraries directly.

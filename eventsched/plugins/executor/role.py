@@ -1,6 +1,6 @@
 """The executor role plugin: :class:`Executor` builds the parts of the role and runs them
 (trio side): the group-commit services, the on-time worker, the lease keepers, the
-dead-letter publisher and the reconciler; the job function itself is
+dead-letter publisher, the reconciler and the schedule leader; the job function itself is
 :class:`~eventsched.plugins.executor.attempt.Attempts` (asyncio side).
 """
 
@@ -17,6 +17,7 @@ import trio
 import trio_asyncio
 
 from eventsched.core.domain.jobcontract import EXECUTE_FUNCTION
+from eventsched.core.domain.schedulefields import specs_from_settings
 from eventsched.core.jobqueue import (
     OnTimeWorker,
     PayloadBudget,
@@ -33,6 +34,7 @@ from eventsched.plugins.executor.attempt import CLAIM_AHEAD, RECORD_PATIENCE, At
 from eventsched.plugins.executor.deadletters import DeadLetters
 from eventsched.plugins.executor.lease import Leases
 from eventsched.plugins.executor.reconciler import Reconciler
+from eventsched.plugins.executor.schedules import ScheduleLeader
 
 # One logger name for the whole role, as before it was split into modules.
 log = get_logger("eventsched.plugins.executor")
@@ -84,6 +86,9 @@ class Executor:
         )
         self.worker: OnTimeWorker | None = None
         self.reconciler: Reconciler | None = None
+        self.schedules = ScheduleLeader(
+            settings=s, db=self._db, producer=self._producer, specs=specs_from_settings(s)
+        )
 
     @staticmethod
     def check_settings(settings: Settings) -> None:
@@ -178,12 +183,16 @@ class Executor:
             reconciling = trio.CancelScope()
             if s.reconciler.enabled:
                 nursery.start_soon(self._reconcile, reconciling)
+            scheduling = trio.CancelScope()
+            if s.scheduler.enabled:
+                nursery.start_soon(self._lead_schedules, scheduling)
             self._log.info(
                 "executor_started", concurrency=s.executor_concurrency, queue=self._jobs.name
             )
             task_status.started()
             await self.ctx.stopping.wait()
             reconciling.cancel()  # intake stops: no more re-enqueues
+            scheduling.cancel()  # nor new occurrences
             self._log.info("executor_draining", running=len(self.leases.held))
             await drain_worker(worker)
             self._log.info("executor_drained")
@@ -193,6 +202,10 @@ class Executor:
         assert self.reconciler is not None  # built before this task starts
         with scope:
             await self.reconciler.run()
+
+    async def _lead_schedules(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self.schedules.run()
 
     async def _wait_for_dependencies(self) -> bool:
         """Ready means ready: wait until PostgreSQL (with our schema) and Redis answer."""
