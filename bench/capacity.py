@@ -56,11 +56,14 @@ QUEUE = "capacity"
 #: Seconds the roles are watched idle before the load (their fixed cost per second).
 IDLE_S = 5.0
 TABLES = ("events", "event_attempts", "event_commands", "dlq_undeliverable")
-#: The harness's own statements, left out of the statement counts.
+#: The harness's own statements (bench.stack, bench.stats, tests.support.clients and this
+#: module), left out of the statement counts; whitespace is collapsed before matching.
 HARNESS_SQL = re.compile(
-    r"pg_stat|pg_current_wal|pg_total_relation_size|pg_partition_tree|pg_database|"
-    r"pg_backend_pid|TRUNCATE|count\(\*\)|recorded_at\)|^COPY|a\.scheduled_for",
-    re.IGNORECASE,
+    r"^SELECT xact_commit|n_tup_hot_upd|^SELECT relname, seq_scan|^SELECT indexrelname|"
+    r"FROM pg_stat_wal|pg_current_wal_lsn|pg_total_relation_size|FROM pg_stat_statements|"
+    r"pg_stat_statements_reset|^TRUNCATE|^COPY|FROM event_attempts a JOIN events e|"
+    r"min\(recorded_at\)|^SELECT count\(\*\) FROM event_attempts$|"
+    r"^SELECT status, count\(\*\) FROM events GROUP BY status"
 )
 TRANSACTION_CONTROL = re.compile(r"^\s*(BEGIN|COMMIT|ROLLBACK|SET|SHOW|SELECT \$1)\b", re.I)
 
@@ -126,9 +129,9 @@ def statements(stack: Stack) -> list[dict[str, Any]]:
     )
     out = []
     for query, calls, nrows, wal in rows:
-        if HARNESS_SQL.search(query):
-            continue
         text = " ".join(query.split())
+        if HARNESS_SQL.search(text):
+            continue
         out.append(
             {
                 "query": text[:90],
@@ -426,6 +429,9 @@ def per_event(p: dict[str, Any]) -> dict[str, Any]:
         "pg_statements_data": (calls - control) / n,
         "pg_transactions": delta("pg.commits") / n,
         "pg_wal_bytes": delta("pg.wal_lsn") / n,
+        "pg_wal_full_page_images": delta("pg.wal_fpi") / n,
+        "pg_rows_updated": delta("pg.tup_updated") / n,
+        "pg_hot_update_share": delta("pg.tup_hot_updated") / max(1.0, delta("pg.tup_updated")),
         "pg_table_bytes": sizes,
         "pg_index_bytes": {t: delta(f"size.{t}.indexes") / n for t in TABLES},
         "redis_commands": sum(p["redis_calls"].values()) / n,
@@ -484,7 +490,16 @@ def table_rows(
             top,
         ],
         ["PostgreSQL transactions", f"{e['pg_transactions']:.3f}", "pg_stat_database xact_commit"],
-        ["PostgreSQL WAL", f"{e['pg_wal_bytes']:,.0f} B", "pg_current_wal_lsn() difference"],
+        [
+            "PostgreSQL WAL",
+            f"{e['pg_wal_bytes']:,.0f} B",
+            f"pg_current_wal_lsn() difference; {e['pg_wal_full_page_images']:.3f} full-page images per event",
+        ],
+        [
+            "PostgreSQL rows updated (dead tuples for vacuum)",
+            f"{e['pg_rows_updated']:.2f}",
+            f"{e['pg_hot_update_share']:.0%} of them HOT (no index entry)",
+        ],
         [
             "table + index bytes, event pending (no attempt)",
             f"{pend['events_bytes_per_event']:,.0f} B ({pend['events_index_bytes_per_event']:,.0f} B indexes)",

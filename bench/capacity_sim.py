@@ -19,7 +19,8 @@ Model: a fluid, discrete-time simulation (ticks of ``dt`` s) of the pipeline's q
 * Resources: each process has one core (one Python thread does the work); PostgreSQL has
   ``pg_cores``; each Redis shard one core (single-threaded). When everything shares one host
   (``host_cores``: the benchmark machine), the host's cores are shared max-min fairly
-  (water-filling) between what each process asks for and ``foreign_cores`` of other work.
+  (water-filling) between what each process asks for, after ``foreign_cores``: what other
+  work on the machine used meanwhile (measured in each window).
 * In a tick, each process handles what it wants scaled down by its tightest resource (its
   own core, PostgreSQL, its Redis shard): a bottleneck approximation, not a model of
   PostgreSQL's or Redis's internals. Sharded Redis is modelled (an event's work goes to the
@@ -68,7 +69,7 @@ class Deployment:
     pg_cores: float = 2.0
     #: All processes on one host with this many cores (None: each has its own).
     host_cores: float | None = None
-    #: Other work on that host, in cores it would take if it could.
+    #: Cores other work used on that host meanwhile (as measured: taken off the top).
     foreign_cores: float = 0.0
     #: Probability that an attempt fails and runs again.
     retry: float = 0.1
@@ -150,7 +151,9 @@ def step(state: State, d: Deployment, costs: Costs, dt: float, arrivals: float) 
         ask[f"redis{s}"], cap[f"redis{s}"] = redis / d.redis_shards, 1.0
     if d.host_cores is not None:
         names = list(ask)
-        shares = water_fill(d.host_cores, [min(ask[n], cap[n]) for n in names] + [d.foreign_cores])
+        shares = water_fill(
+            max(0.0, d.host_cores - d.foreign_cores), [min(ask[n], cap[n]) for n in names]
+        )
         cap = {n: min(cap[n], share) for n, share in zip(names, shares, strict=False)}
     scale = {n: min(1.0, cap[n] / ask[n]) if ask[n] > 0 else 1.0 for n in ask}
     # Redis work is spread evenly over the shards: the tightest shard limits everyone.
@@ -339,7 +342,7 @@ def check_table(points: Sequence[Point], costs: Costs) -> list[list[str]]:
 #: One billion events a day at 5x the mean at peak (docs/capacity.md): the deployment sized
 #: there, on dedicated machines.
 BILLION = Deployment(
-    partitions=48, consumers=6, executors=16, redis_shards=4, pg_cores=16.0, retry=0.1
+    partitions=48, consumers=6, executors=16, redis_shards=8, pg_cores=16.0, retry=0.1
 )
 THIS_MACHINE = Deployment(partitions=3, consumers=1, executors=1, host_cores=2.0, retry=0.1)
 
