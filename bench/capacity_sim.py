@@ -285,6 +285,19 @@ RECORD_POINTS = (
 )
 
 
+#: bench/RESULTS.md, bench.capacity (2026-12-03, machine shared with other sessions' tests):
+#: 100,000 events ingested by 1 then 2 consumers, 30,000 due at once drained by 1 then 2
+#: executors, with the CPU other processes used in each window.
+CAPACITY_POINTS = (
+    Point("consumers", "bench.capacity 81c45d9 16:55", (6_095, 15_004), (1.67, 1.42)),
+    Point("executors", "bench.capacity 81c45d9 16:55", (961, 1_633), (1.61, 1.47)),
+    Point("consumers", "bench.capacity 4c6860f 16:59", (9_614, 6_216), (1.54, 1.64)),
+    Point("executors", "bench.capacity 4c6860f 16:59", (1_398, 1_566), (1.54, 1.47)),
+    Point("consumers", "bench.capacity 7b8bde5 17:03", (13_278, 16_986), (1.46, 1.33)),
+    Point("executors", "bench.capacity 7b8bde5 17:03", (3_222, 2_488), (1.22, 1.24)),
+)
+
+
 def checked_rates(point: Point, costs: Costs, count: int = 30_000) -> tuple[float, float]:
     """The simulated rates of a point's two setups on this machine (2 cores, shared with
     the foreign load its windows measured)."""
@@ -347,6 +360,9 @@ BILLION = Deployment(
 THIS_MACHINE = Deployment(partitions=3, consumers=1, executors=1, host_cores=2.0, retry=0.1)
 
 
+COLOURS = {"consumer": "C0", "executor": "C1", "host": "C2", "postgres": "C3", "redis": "C4"}
+
+
 def sweep(costs: Costs, d: Deployment, rates: Sequence[float]) -> list[Steady]:
     return [run_steady(costs, d, r, seconds=10.0, dt=0.02) for r in rates]
 
@@ -379,7 +395,12 @@ def plot(path: Path, costs: Costs) -> dict[str, float]:
         runs = sweep(costs, d, rates)
         names = sorted({n for r in runs for n in r.utilisation})
         for name in names:
-            ax.plot(rates, [r.utilisation.get(name, 0.0) for r in runs], label=f"{name} (busiest)")
+            ax.plot(
+                rates,
+                [r.utilisation.get(name, 0.0) for r in runs],
+                color=COLOURS.get(name),
+                label=f"{name} (busiest)" if name != "host" else "host CPU",
+            )
         ax.plot(rates, [r.throughput / r.offered for r in runs], "k--", label="finished / offered")
         sat = saturation(costs, d, lo=rates[0], hi=top * 2)
         at = run_steady(costs, d, sat, seconds=10.0, dt=0.02).utilisation
@@ -411,10 +432,10 @@ def markdown(rows: Sequence[Sequence[str]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, action="append", default=[],
-                        help="a bench.capacity JSON whose 1 -> 2 points to check too")  # fmt: skip
+                        help="a bench.capacity JSON (bench/out/) whose 1 -> 2 points to check too")  # fmt: skip
     parser.add_argument("--plot", type=Path, default=Path(__file__).with_name("capacity.png"))
     args = parser.parse_args(argv)
-    points = list(RECORD_POINTS)
+    points = [*RECORD_POINTS, *CAPACITY_POINTS]
     for path in args.run:
         points += points_from_run(json.loads(path.read_text()))
     print(markdown(check_table(points, RECORDED)))
