@@ -244,7 +244,7 @@ def saturation(costs: Costs, d: Deployment, lo: float = 100.0, hi: float = 1e7) 
     for _ in range(30):
         mid = math.sqrt(lo * hi)
         r = run_steady(costs, d, mid, seconds=10.0, dt=0.02)
-        if r.throughput >= 0.98 * mid and r.backlog < 0.5 * mid:
+        if r.throughput >= 0.995 * mid and r.backlog < 0.5 * mid:
             lo = mid
         else:
             hi = mid
