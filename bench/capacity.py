@@ -12,6 +12,7 @@ Phases, on one embedded stack (PostgreSQL restarted once with ``pg_stat_statemen
    batch size each statement ran at), WAL bytes (``pg_current_wal_lsn()``), table + index
    bytes (``pg_total_relation_size`` over the table's partitions), Redis commands (``INFO
    commandstats``) and CPU (``INFO cpu``), Kafka bytes (the topic's records read back).
+   Then the same at each of ``--also-rates``: how the costs per event move with the load.
 2. **pending**: ``--pending`` events due hours out through ``bench.feeder backlog`` (the
    consumer's rows and enqueue path): Redis ``used_memory`` and PostgreSQL bytes per
    pending event.
@@ -26,7 +27,8 @@ CPU time and bytes per event stay meaningful on a machine other work shares (a p
 CPU time is its own); latencies do not, so none is reported, and each scaling rate is given
 with the CPU other processes used during its window.
 
-    python -m bench.capacity                   # full: 800 events/s for 25 s, then 2-4
+    python -m bench.capacity                   # full: 800 events/s for 25 s (also 200 and
+                                               # 2,000), then phases 2-4
     python -m bench.capacity --quick           # checks it runs (about a minute)
 """
 
@@ -73,6 +75,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-scaling", action="store_true", help="skip the 1 -> 2 points")
     parser.add_argument("--ingest-count", type=int, default=None, help="(100000; quick 2000)")
     parser.add_argument("--drain-count", type=int, default=None, help="(30000; quick 400)")
+    parser.add_argument(
+        "--also-rates",
+        default=None,
+        help="more pipeline rates, comma-separated: how the costs per event move with the "
+        "load (200,2000; quick none)",
+    )
     parser.add_argument("--concurrency", type=int, default=RECOMMENDED_CONCURRENCY)
     # The `log` handler's line per event is the handler's cost, not the scheduler's.
     parser.set_defaults(log_level="warning")
@@ -500,6 +508,23 @@ def table_rows(
     return rows
 
 
+def rate_rows(by_rate: dict[float, dict[str, Any]]) -> list[list[str]]:
+    """One row per pipeline rate: how the per-event costs move with the load."""
+    rows = []
+    for rate in sorted(by_rate):
+        e = by_rate[rate]
+        m = e["cpu_us_marginal"]
+        claims = [s["rows_per_call"] for s in e["top_statements"] if s["query"].startswith("WITH")]
+        rows.append([
+            f"at {rate:,.0f} events/s: CPU µs consumer / executor / PostgreSQL / Redis",
+            " / ".join(f"{m.get(k, 0):,.0f}" for k in ("consumer", "executor", "postgres", "redis")),
+            f"{e['pg_statements_data']:.3f} statements, {e['pg_wal_bytes']:,.0f} B WAL, "
+            f"{e['redis_commands']:.1f} Redis commands per event; executor statements of "
+            + " and ".join(f"{c:.0f}" for c in claims[:2]) + " events",
+        ])  # fmt: skip
+    return rows
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], add_args)
     quick = args.quick
@@ -514,6 +539,11 @@ def main() -> None:
                 enable_statements(stack)
             sampler.track_servers(stack.server_pids())
             p = pipeline(run, stack, sampler, rate, duration)
+            also = args.also_rates if args.also_rates is not None else ("" if quick else "200,2000")
+            by_rate = {
+                r: per_event(pipeline(run, stack, sampler, r, duration))
+                for r in (float(x) for x in also.split(",") if x.strip())
+            }
             pend = pending(stack, args.pending or (500 if quick else 50_000))
             api_r = api(stack, sampler, args.api_seconds or (1.0 if quick else 8.0))
             if not args.no_scaling:
@@ -529,6 +559,7 @@ def main() -> None:
         sampler.stop()
     e = per_event(p)
     table = table_rows(e, pend, api_r, scaling)
+    table += rate_rows({rate: e, **by_rate})
     cpu = p["cpu"]
     notes = [
         f"pipeline: producer role at {rate:,.0f} events/s for {duration:g} s (due 1-2 s out) → one consumer "
@@ -552,6 +583,7 @@ def main() -> None:
         "pending": pend,
         "api": api_r,
         "scaling": scaling,
+        "by_rate": by_rate,
     }
     run.finish(results, table, notes)
 
