@@ -567,7 +567,7 @@ def main() -> None:
         f"`simulate` with no sleep and {args.error_rate:.0%} failures, retried); {p['generated']:,} events, "
         f"{p['attempts']:,} attempts, outcomes {p['outcomes']}; window from before the producer started to the "
         f"last outcome ({cpu['wall_s']:.1f} s); {noise(cpu)}",
-        "the machine is shared with other sessions' test runs (load average 2-4 expected): CPU seconds and "
+        "the machine may be shared with other work (see the load average and the foreign cores): CPU seconds and "
         "bytes per event are each process's own and stay meaningful; latencies would not, and none is "
         "reported; the scaling rates carry their window's foreign CPU",
         "marginal CPU = window CPU minus the process's idle cores x window; idle cores: "

@@ -295,6 +295,8 @@ CAPACITY_POINTS = (
     Point("executors", "bench.capacity 4c6860f 16:59", (1_398, 1_566), (1.54, 1.47)),
     Point("consumers", "bench.capacity 7b8bde5 17:03", (13_278, 16_986), (1.46, 1.33)),
     Point("executors", "bench.capacity 7b8bde5 17:03", (3_222, 2_488), (1.22, 1.24)),
+    Point("consumers", "bench.capacity 1cf1914 17:12", (14_157, 18_348), (0.73, 1.14)),
+    Point("executors", "bench.capacity 1cf1914 17:12", (2_338, 3_378), (1.07, 0.89)),
 )
 
 
