@@ -49,7 +49,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-seconds", type=float, default=10.0)
 
 
-def preload(bootstrap: str, count: int) -> dict[str, Any]:
+def preload(bootstrap: str, count: int, topic: str = TOPIC) -> dict[str, Any]:
     """Produce ``count`` events (keys spread over the partitions), wait for every report."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1_000_000})
     errors: list[str] = []
@@ -68,7 +68,7 @@ def preload(bootstrap: str, count: int) -> dict[str, Any]:
         while True:
             try:
                 producer.produce(
-                    TOPIC,
+                    topic,
                     encode_event(event),
                     kafka_key(event),
                     headers=headers,
@@ -88,16 +88,18 @@ def preload(bootstrap: str, count: int) -> dict[str, Any]:
 class CommitWatcher:
     """Reads the consumer group's committed offsets without joining the group."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str = TOPIC, group: str = GROUP, partitions: int = 3
+    ) -> None:
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
-                "group.id": GROUP,
+                "group.id": group,
                 "enable.auto.commit": False,
                 **FAST_GROUP_CONFIG,
             }
         )
-        self._partitions = [TopicPartition(TOPIC, p) for p in range(3)]
+        self._partitions = [TopicPartition(topic, p) for p in range(partitions)]
 
     def committed(self) -> int:
         try:

@@ -310,6 +310,16 @@ class Stack:
                 out[server.name] = server.pid
         return out
 
+    def restart_server(self, name: str) -> None:
+        """Stop and start one server on its port and data (e.g. after ``ALTER SYSTEM``); its
+        pid changes, so track it in a sampler only afterwards."""
+        for server in self._stack.servers:
+            if server.name == name:
+                server.stop()
+                server.start()
+                return
+        raise KeyError(name)
+
     def sql(
         self, statement: str, params: Sequence[Any] | Mapping[str, Any] | None = None
     ) -> list[Any]:
