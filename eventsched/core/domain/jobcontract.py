@@ -61,8 +61,12 @@ def job_key(event_id: str, attempt: int) -> str:
 
 
 def saq_timeout(settings: Settings) -> int:
-    """SAQ job timeout (whole seconds) for executor jobs: ``job_timeout`` plus a margin."""
-    return math.ceil(settings.executor.job_timeout) + SAQ_TIMEOUT_MARGIN
+    """SAQ job timeout (whole seconds) for executor jobs: the longest handler timeout
+    (``executor.job_timeout`` or a type's ``timeout``) plus a margin."""
+    longest = max(
+        [settings.executor.job_timeout, *(t.timeout for t in settings.types.values() if t.timeout)]
+    )
+    return math.ceil(longest) + SAQ_TIMEOUT_MARGIN
 
 
 def make_job(event_id: str, attempt: int, scheduled: float, timeout: int) -> ScheduledJob:

@@ -17,6 +17,7 @@ import trio
 import trio_asyncio
 
 from eventsched.core.domain.jobcontract import EXECUTE_FUNCTION
+from eventsched.core.domain.policies import Policies
 from eventsched.core.jobqueue import (
     OnTimeWorker,
     PayloadBudget,
@@ -68,7 +69,8 @@ class Executor:
         self.leases = Leases(
             self._db,
             stale_after=float(s.reconciler.stale_after),
-            job_timeout=float(s.executor.job_timeout),
+            # The reaper of overdue handlers checks often enough for the shortest timeout.
+            job_timeout=min(Policies(s).timeouts()),
             record_patience=RECORD_PATIENCE,
             log=self._log,
         )
