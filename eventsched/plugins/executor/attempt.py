@@ -186,9 +186,14 @@ class Attempts:
 
     # -- the job function (asyncio side) --------------------------------------------------------
 
-    def job_for(self, event_id: str, attempt: int, scheduled: float) -> ScheduledJob:
-        """The job of an event's attempt: the job contract, with this role's SAQ timeout."""
-        return make_job(event_id, attempt, scheduled, self._saq_timeout)
+    def job_for(
+        self, event_id: str, attempt: int, scheduled: float, type_: str | None = None
+    ) -> ScheduledJob:
+        """The job of an event's attempt: the job contract, with this role's SAQ timeout
+        (and the type's lane, when the caller knows the type)."""
+        return make_job(
+            event_id, attempt, scheduled, self._saq_timeout, lane=self.policies.lane_of(type_)
+        )
 
     async def execute_event(
         self, ctx: JobContext, *, event_id: str, attempt: int | None = None
@@ -352,6 +357,7 @@ class Attempts:
         (one Redis call per batch, in a task), hand dead events to the DLQ publisher. A
         failure recorded as ``cancelled`` (a cancel command came while it ran) gets neither."""
         retries: list[ScheduledJob] = []
+        done_laned: list[str] = []  # succeeded events of laned types: drop their lane marks
         counts: Counter[tuple[str, str]] = Counter()  # one inc() per label and status
         for outcome, status in zip(outcomes, recorded, strict=True):
             self._leases.release(outcome.event_id, outcome.attempt)
@@ -364,6 +370,8 @@ class Attempts:
                 continue
             counts[outcome.label, "retried" if status == "retrying" else status] += 1
             if status == "succeeded":
+                if self.policies.lane_of(outcome.label):
+                    done_laned.append(outcome.event_id)
                 continue
             if status == "cancelled":
                 self._log.info(
@@ -374,9 +382,8 @@ class Attempts:
                 continue
             if status == "retrying":
                 assert outcome.next_attempt_at is not None  # decide() sets it for retrying
-                retries.append(
-                    self.job_for(outcome.event_id, outcome.attempt + 1, outcome.next_attempt_at)
-                )
+                at, label = outcome.next_attempt_at, outcome.label
+                retries.append(self.job_for(outcome.event_id, outcome.attempt + 1, at, label))
             else:
                 self.dead_letters.submit_nowait(outcome.event_id)
             self._log.info(
@@ -394,6 +401,7 @@ class Attempts:
             )
         for (label, status), n in counts.items():
             metrics.EXECUTIONS.labels(label, status).inc(n)
+        self._jobs.aio_queue.forget_lanes_nowait(done_laned)
         if retries:
             task = asyncio.ensure_future(self._enqueue_retries(retries))
             self.retrying.add(task)

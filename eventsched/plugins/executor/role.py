@@ -58,6 +58,9 @@ class Executor:
             if s.executor.inflight_bytes
             else None
         )
+        # Per-type limits and priorities: the claim serves each type's lane by them.
+        policies = Policies(s)
+        self._jobs.aio_queue.set_lanes(policies.lanes, policies.default.priority)
         self.dead_letters = DeadLetters(
             self._db,
             self._producer,
@@ -70,7 +73,7 @@ class Executor:
             self._db,
             stale_after=float(s.reconciler.stale_after),
             # The reaper of overdue handlers checks often enough for the shortest timeout.
-            job_timeout=min(Policies(s).timeouts()),
+            job_timeout=min(policies.timeouts()),
             record_patience=RECORD_PATIENCE,
             log=self._log,
         )
