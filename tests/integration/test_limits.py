@@ -239,6 +239,12 @@ async def test_two_executors_keep_the_limits_while_an_unlimited_type_stays_on_ti
     assert all(r.started_at >= r.scheduled_for for r in rows)  # none early
     late_c = [r.lateness_ms for r in c_rows]
     assert p99(late_c) < 50, sorted(late_c)[-5:]
+    # Why each waited: all but the first two of a waited for a lease, all but the first of
+    # b for a token (the first of each found the lane free); c was never held.
+    held = [(r.started_at, r.held_by) for r in a_rows]
+    assert [by for _, by in sorted(held)[2:]] == ["concurrency"] * 18
+    assert {r.held_by for r in sorted(b_rows, key=lambda r: r.started_at)[1:]} == {"rate"}
+    assert {r.held_by for r in c_rows} == {None}
 
 
 async def test_a_killed_executors_leases_return_when_they_expire(
@@ -273,6 +279,7 @@ async def test_a_killed_executors_leases_return_when_they_expire(
     lease = 2.0 + 5.0
     # Held while the dead process's leases were live, started as soon as they expired.
     assert claimed + lease - 0.1 <= row.started_at <= claimed + lease + 1.5
+    assert row.held_by == "concurrency"
 
 
 def statuses_of(dsn: str, events: Sequence[NewEvent]) -> set[str]:

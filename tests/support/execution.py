@@ -91,6 +91,7 @@ class AttemptRow:
     outcome: str | None
     error: str | None
     worker_id: str
+    held_by: str | None  # the limit of its type that held it back (migration 000007)
 
 
 def attempt_rows(dsn: str) -> list[AttemptRow]:
@@ -98,7 +99,8 @@ def attempt_rows(dsn: str) -> list[AttemptRow]:
         dsn,
         "SELECT event_id::text, attempt, extract(epoch FROM scheduled_for)::float8,"
         " extract(epoch FROM started_at)::float8, extract(epoch FROM finished_at)::float8,"
-        " lateness_ms, outcome, error, worker_id FROM event_attempts ORDER BY event_id, attempt",
+        " lateness_ms, outcome, error, worker_id, held_by FROM event_attempts"
+        " ORDER BY event_id, attempt",
     )
     return [AttemptRow(*row) for row in rows]
 

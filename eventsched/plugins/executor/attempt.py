@@ -207,8 +207,12 @@ class Attempts:
         except (ValueError, TypeError, AttributeError):
             self._log.error("job_with_bad_event_id", event_id=repr(event_id))
             return
+        # Held back by a limit of its type (the claim script said so), or free to run.
+        held = self._jobs.aio_queue.held_reason(ctx["job"].id) if "job" in ctx else ""
         # A claim asks for the first attempt with 0 (see ClaimRequest).
-        request = ClaimRequest(event_id, 0 if is_first_attempt(number) else number, started)
+        request = ClaimRequest(
+            event_id, 0 if is_first_attempt(number) else number, started, held or None
+        )
         claim = await self._patiently(self.claims, request, CLAIM_PATIENCE)
         if claim is None:
             return  # PostgreSQL unreachable: the reconciler re-enqueues the event
@@ -228,7 +232,10 @@ class Attempts:
             )  # fmt: skip
             raise PutBack(claim.scheduled_for)
         label = self.label(claim.type)
-        metrics.EXECUTION_LATENESS.observe(started - claim.scheduled_for)
+        if held:
+            metrics.EXECUTION_HELD.labels(label, held).observe(started - claim.scheduled_for)
+        else:
+            metrics.EXECUTION_LATENESS.observe(started - claim.scheduled_for)
         task = asyncio.current_task()
         assert task is not None  # SAQ runs job functions in a task
         # The claim set updated_at = now() no earlier than claim.sent: the lease starts
