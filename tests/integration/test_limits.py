@@ -1,5 +1,6 @@
-"""Per-type limits and priorities: lanes of the job queue (a real Redis), then executor
-processes that share them (real PostgreSQL, Redis and broker).
+"""Per-type policies: an executor using each type's handler, retries and timeout; limits and
+priorities as lanes of the job queue (a real Redis); executor processes sharing the limits
+(real PostgreSQL, Redis and broker).
 
 The queue-level tests call the claim script directly (``OnTimeQueue.claim``, as a worker's
 dispatcher does) with jobs already due, so each claim's answer is the specification: which
@@ -11,6 +12,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 import trio
@@ -29,12 +31,44 @@ from tests.support.execution import (
     insert_events,
     new_events,
     queue_client,
+    running_executor,
 )
 from tests.support.proc import AppProcess
 from tests.support.servers import Names
 from tests.support.waiting import wait_until
 
 HANDLERS = "tests.support.exec_handlers"
+
+
+async def test_each_type_runs_with_its_own_handler_retries_and_timeout(
+    make_settings: Any, database: str, dlq_topic: Names, executor_state: None
+) -> None:
+    no_backoff = {"base": "0s", "max": "0s", "jitter": 0}
+    settings = make_settings(
+        handlers={"default": f"{HANDLERS}:ok"},
+        types={
+            "strict": {"handler": f"{HANDLERS}:always_fails", "max_retries": 2,
+                       "retry_backoff": no_backoff},
+            "brief": {"handler": f"{HANDLERS}:slow", "timeout": "300ms", "max_retries": 1},
+        },
+    )  # fmt: skip
+    now = time.time()
+    strict = new_events(1, due=now, type="strict")
+    brief = new_events(1, due=now, type="brief", sleep=5)
+    plain = new_events(1, due=now, type="plain")
+    await trio.to_thread.run_sync(insert_events, database, strict + brief + plain)
+    async with running_executor(settings) as harness:
+        await harness.enqueue(strict + brief + plain)
+        await wait_until(all_finished(database, 3), limit=15)
+    rows = await trio.to_thread.run_sync(attempt_rows, database)
+    assert [(r.attempt, r.outcome, r.error) for r in rows_of(rows, strict)] == [
+        (1, "retried", "RuntimeError: always fails"),
+        (2, "dead", "RuntimeError: always fails"),  # its own max_retries, not executor's 3
+    ]
+    assert [(r.attempt, r.outcome, r.error) for r in rows_of(rows, brief)] == [
+        (1, "dead", "handler timed out after 0.3s"),  # its own timeout, not 5 minutes
+    ]
+    assert [(r.outcome, r.error) for r in rows_of(rows, plain)] == [("succeeded", None)]
 
 
 @pytest.fixture
@@ -287,3 +321,10 @@ def statuses_of(dsn: str, events: Sequence[NewEvent]) -> set[str]:
         dsn, "SELECT status FROM events WHERE id = ANY(%s::uuid[])", ([e.id for e in events],)
     )
     return {status for (status,) in rows}
+
+
+async def test_jobs_waiting_in_lanes_are_counted(jobs: JobQueue) -> None:
+    jobs.aio_queue.set_lanes([Lane("a", concurrency=1, lease=30.0)])
+    await jobs.enqueue_many(due_jobs("a", 3, lane="a"))
+    assert keys(await claim(jobs.aio_queue)) == ["a0"]
+    assert await jobs.counts() == {"queued": 0, "scheduled": 0, "active": 1, "lanes": 2}

@@ -94,7 +94,9 @@ class OnTimeQueue(RedisQueue):
         self._laned: dict[str, tuple[Lane, str]] = {}
 
     def set_lanes(self, lanes: Sequence[Lane], default_priority: int = 0) -> None:
-        """Claim through these lanes (every process of a queue must be given the same)."""
+        """Claim through these lanes (every process of a queue must be given the same).
+        Jobs waiting in a lane are handed out by :meth:`claim` only (an OnTimeWorker's
+        dispatcher), never by SAQ's own ``BLMOVE``."""
         self._lanes = {lane.name: lane for lane in lanes}
         self._lanes_arg = encode_lanes(lanes)
         self._default_priority = default_priority
@@ -558,13 +560,19 @@ class OnTimeQueue(RedisQueue):
     # -- cheap inspection ----------------------------------------------------------------------
 
     async def counts(self) -> dict[str, int]:
-        """queued / scheduled (not yet moved, overdue included) / active, in one round trip."""
+        """queued / scheduled (not yet moved, overdue included) / active, in one round trip;
+        with lanes set, also ``lanes``: due jobs waiting in them (for a slot, lease or token)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.llen(self._queued)
             pipe.llen(self._active)
             pipe.zcount(self._incomplete, 1, "+inf")
-            queued, active, scheduled = await pipe.execute()
-        return {"queued": int(queued), "scheduled": int(scheduled), "active": int(active)}
+            for lane in self._lanes:
+                pipe.zcard(self.lane_keys.ready(lane))
+            queued, active, scheduled, *laned = await pipe.execute()
+        counts = {"queued": int(queued), "scheduled": int(scheduled), "active": int(active)}
+        if self._lanes:
+            counts["lanes"] = sum(int(n) for n in laned)
+        return counts
 
     async def pending(self, keys: Sequence[str]) -> list[bool]:
         """For each key: is its job incomplete (scheduled, queued or active)?"""
