@@ -21,6 +21,7 @@ import trio_asyncio
 from eventsched.core.domain.jobcontract import make_job
 from eventsched.core.jobqueue import JobClaim, JobQueue, OnTimeQueue, ScheduledJob
 from eventsched.core.jobqueue.limits import Lane
+from tests.support.cli import assert_one_line_exit_2, offline
 from tests.support.clients import delete_queue_keys, query, status_counts
 from tests.support.execution import (
     AttemptRow,
@@ -38,6 +39,27 @@ from tests.support.servers import Names
 from tests.support.waiting import wait_until
 
 HANDLERS = "tests.support.exec_handlers"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"EVENTSCHED_TYPES__MAIL__RATE": "-1"},
+            "invalid setting types.mail.rate: must not be negative (0: no limit)",
+        ),
+        (
+            {"EVENTSCHED_TYPES__MAIL__HANDLER": "tests.support.nowhere:handler"},
+            "invalid plugin types.mail.handler",
+        ),
+    ],
+    ids=["bad-limit", "bad-handler"],
+)
+def test_a_bad_type_policy_stops_the_executor_with_exit_2(
+    env: dict[str, str], message: str
+) -> None:
+    result = offline("run", "--role", "executor", "--port", "0", **env)
+    assert_one_line_exit_2(result, message)
 
 
 async def test_each_type_runs_with_its_own_handler_retries_and_timeout(

@@ -92,10 +92,15 @@ class Executor:
 
     @staticmethod
     def check_settings(settings: Settings) -> None:
-        """Before anything connects (the runtime calls it): every ``[handlers]`` target
-        imports and has a handler's shape, else PluginError naming its key."""
+        """Before anything connects (the runtime calls it): every ``[handlers]`` and
+        ``[types]`` handler target imports and has a handler's shape, else PluginError
+        naming its key."""
         for type_, target in settings.handlers.items():
             check_handler(f"handlers.{type_}", target)
+        policies = Policies(settings)
+        for type_, own in settings.types.items():
+            if own.handler is not None:
+                check_handler(policies[type_].handler_key, own.handler)
 
     # -- life cycle (trio) -----------------------------------------------------------------------
 
