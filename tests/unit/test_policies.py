@@ -182,3 +182,10 @@ def test_bad_type_settings_name_the_key(tmp_path: Path, toml: str, message: str)
     with pytest.raises(ConfigError) as info:
         load_settings(path, environ={})
     assert str(info.value) == message
+
+
+def test_types_named_nowhere_share_the_default_policy(settings: Settings) -> None:
+    policies = Policies(settings)
+    assert policies["never.configured"] is policies.default  # no cache entry per type
+    assert policies["never.configured"].handler == resolve(settings, "never.configured").handler
+    assert policies["order.placed"].concurrency == 2

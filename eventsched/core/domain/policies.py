@@ -141,6 +141,10 @@ class Policies:
     def __getitem__(self, type_: str) -> TypePolicy:
         policy = self._cache.get(type_)
         if policy is None:
+            if type_ not in self._settings.types and type_ not in self._settings.handlers:
+                # Named nowhere: the default's policy (not cached per type: event types
+                # come from whoever produces events, without bound).
+                return self.default
             policy = self._cache[type_] = resolve(self._settings, type_)
         return policy
 
