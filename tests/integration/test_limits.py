@@ -34,6 +34,7 @@ from tests.support.execution import (
     queue_client,
     running_executor,
 )
+from tests.support.metrics import metric_value
 from tests.support.proc import AppProcess
 from tests.support.servers import Names
 from tests.support.waiting import wait_until
@@ -91,6 +92,31 @@ async def test_each_type_runs_with_its_own_handler_retries_and_timeout(
         (1, "dead", "handler timed out after 0.3s"),  # its own timeout, not 5 minutes
     ]
     assert [(r.outcome, r.error) for r in rows_of(rows, plain)] == [("succeeded", None)]
+
+
+async def test_a_wait_for_a_token_counts_as_held_not_late(
+    make_settings: Any, database: str, dlq_topic: Names, executor_state: None
+) -> None:
+    # Type "r": 4 starts per second, burst 1; 3 due at once: the first starts free, the
+    # other two wait 0.25 s and 0.5 s for their tokens.
+    settings = make_settings(
+        handlers={"default": f"{HANDLERS}:ok"}, types={"r": {"rate": 4, "burst": 1}}
+    )
+    late_before = metric_value("eventsched_execution_lateness_seconds_count")
+    count_before = metric_value("eventsched_execution_held_seconds_count", type="r", reason="rate")
+    held_before = metric_value("eventsched_execution_held_seconds_sum", type="r", reason="rate")
+    events = new_events(3, due=time.time() + 0.2, type="r")
+    await trio.to_thread.run_sync(insert_events, database, events)
+    async with running_executor(settings) as harness:
+        await harness.enqueue(events)
+        await wait_until(all_finished(database, 3), limit=10)
+    held_count = metric_value("eventsched_execution_held_seconds_count", type="r", reason="rate")
+    held_sum = metric_value("eventsched_execution_held_seconds_sum", type="r", reason="rate")
+    assert held_count - count_before == 2
+    assert held_sum - held_before == pytest.approx(0.25 + 0.5, abs=0.1)
+    assert metric_value("eventsched_execution_lateness_seconds_count") - late_before == 1
+    rows = await trio.to_thread.run_sync(attempt_rows, database)
+    assert sorted((r.held_by or "") for r in rows) == ["", "rate", "rate"]
 
 
 @pytest.fixture
