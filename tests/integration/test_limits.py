@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ import trio
 import trio_asyncio
 
 from eventsched.core.domain.jobcontract import make_job
+from eventsched.core.domain.policies import LEASE_MARGIN
 from eventsched.core.jobqueue import JobClaim, JobQueue, OnTimeQueue, ScheduledJob
 from eventsched.core.jobqueue.limits import Lane
 from tests.support.cli import assert_one_line_exit_2, offline
@@ -112,11 +114,14 @@ async def test_a_wait_for_a_token_counts_as_held_not_late(
         await wait_until(all_finished(database, 3), limit=10)
     held_count = metric_value("eventsched_execution_held_seconds_count", type="r", reason="rate")
     held_sum = metric_value("eventsched_execution_held_seconds_sum", type="r", reason="rate")
-    assert held_count - count_before == 2
-    assert held_sum - held_before == pytest.approx(0.25 + 0.5, abs=0.1)
     assert metric_value("eventsched_execution_lateness_seconds_count") - late_before == 1
-    rows = await trio.to_thread.run_sync(attempt_rows, database)
-    assert sorted((r.held_by or "") for r in rows) == ["", "rate", "rate"]
+    assert held_count - count_before == 2
+    rows = sorted(await trio.to_thread.run_sync(attempt_rows, database), key=lambda r: r.started_at)
+    assert [r.held_by for r in rows] == [None, "rate", "rate"]
+    waits = sum(r.started_at - r.scheduled_for for r in rows[1:])
+    assert held_sum - held_before == pytest.approx(waits, abs=0.005)
+    gaps = [later.started_at - earlier.started_at for earlier, later in pairwise(rows)]
+    assert min(gaps) >= 0.25 - 0.005, gaps  # one token every 0.25 s
 
 
 @pytest.fixture
@@ -298,8 +303,8 @@ async def test_two_executors_keep_the_limits_while_an_unlimited_type_stays_on_ti
         due = time.time() + 1.0
         a = new_events(20, due=due, type="a", sleep=0.3)
         b = new_events(30, due=due, type="b")
-        # c: 10 per second through the 6 s that a and b are saturated.
-        c = new_events(60, due=lambda i: due + i / 10, type="c")
+        # c: 30 per second through the 6 s that a and b are saturated (enough for a p99).
+        c = new_events(180, due=lambda i: due + i / 30, type="c")
         events = a + b + c
         await trio.to_thread.run_sync(insert_events, database, events)
         await enqueue_as_the_consumer(redis_url, names.queue, events)
@@ -316,8 +321,12 @@ async def test_two_executors_keep_the_limits_while_an_unlimited_type_stays_on_ti
     a_rows, b_rows, c_rows = rows_of(rows, a), rows_of(rows, b), rows_of(rows, c)
     assert max_overlap(a_rows) == 2  # never more, and the limit was what bounded them
     assert len({r.worker_id for r in a_rows + b_rows + c_rows}) == 2  # both processes served
+    # b: start k needs k + 1 tokens, and the bucket (1 at first) gains 5 per second from
+    # the due time on, so start k is no earlier than due + k / 5: the 30 are spread over
+    # 5.8 s (1 ms for the clock's and the timestamps' rounding).
     starts = sorted(r.started_at for r in b_rows)
-    assert starts[-1] - starts[0] >= 5.8 - 0.01  # 29 tokens at 5/s after the first
+    assert [s >= due + k / 5 - 0.001 for k, s in enumerate(starts)] == [True] * 30, starts
+    assert starts[-1] - due >= 5.8 - 0.001
     assert all(r.started_at >= r.scheduled_for for r in rows)  # none early
     late_c = [r.lateness_ms for r in c_rows]
     assert p99(late_c) < 50, sorted(late_c)[-5:]
@@ -332,7 +341,7 @@ async def test_two_executors_keep_the_limits_while_an_unlimited_type_stays_on_ti
 async def test_a_killed_executors_leases_return_when_they_expire(
     database: str, redis_url: str, kafka_bootstrap: str, names: Names, dlq_topic: Names
 ) -> None:
-    # Type a: 2 in flight, timeout 2 s, so a lease lasts 2 s + LEASE_MARGIN (5 s) = 7 s.
+    # Type a: 2 in flight, timeout 2 s, so a lease lasts 2 s + LEASE_MARGIN.
     env = limited_env(
         names, database, redis_url, kafka_bootstrap, EVENTSCHED_TYPES__A__TIMEOUT="2s"
     )
@@ -358,7 +367,7 @@ async def test_a_killed_executors_leases_return_when_they_expire(
         if second is not None:
             second.kill()
     (row,) = rows_of(await trio.to_thread.run_sync(attempt_rows, database), later)
-    lease = 2.0 + 5.0
+    lease = 2.0 + LEASE_MARGIN
     # Held while the dead process's leases were live, started as soon as they expired.
     assert claimed + lease - 0.1 <= row.started_at <= claimed + lease + 1.5
     assert row.held_by == "concurrency"

@@ -200,14 +200,17 @@ end
 local function serve_lane(lane)
     local state = redis.call('HMGET', lane.state, 'tokens', 'ts', 'blocked_at', 'reason')
     local blocked_at = tonumber(state[3]) or -1
-    local tokens = 0
-    if lane.rate > 0 then
-        tokens = tonumber(state[1]) or lane.burst
-        local ts = tonumber(state[2]) or clock
-        if clock > ts then
-            tokens = math.min(lane.burst, tokens + (clock - ts) * lane.rate)
+    -- The bucket as of `ts`: refilled up to the claimer's clock, and up to the due time
+    -- of a job claimed ahead of it (it starts then), so starts are 1/rate apart.
+    local tokens = tonumber(state[1]) or lane.burst
+    local ts = tonumber(state[2]) or clock
+    local function refill(t)
+        if t > ts then
+            tokens = math.min(lane.burst, tokens + (t - ts) * lane.rate)
+            ts = t
         end
     end
+    refill(clock)
     if lane.concurrency > 0 then
         redis.call('ZREMRANGEBYSCORE', lane.leases, '-inf', clock)
     end
@@ -223,10 +226,13 @@ local function serve_lane(lane)
             wake_at(tonumber(first[2]))
             break
         end
-        if lane.rate > 0 and tokens < 1 then
-            reason = 'rate'
-            wake_at(clock + (1 - tokens) / lane.rate + 0.001)
-            break
+        if lane.rate > 0 then
+            refill(tonumber(head[2]))
+            if tokens < 1 then
+                reason = 'rate'
+                wake_at(ts + (1 - tokens) / lane.rate + 0.001)
+                break
+            end
         end
         if remaining <= 0 then
             break
@@ -247,7 +253,7 @@ local function serve_lane(lane)
     end
     if lane.rate > 0 then
         redis.call('HSET', lane.state, 'tokens', string.format('%.6f', tokens),
-                   'ts', string.format('%.6f', math.max(clock, tonumber(state[2]) or clock)))
+                   'ts', string.format('%.6f', ts))
     end
     if reason then
         redis.call('HSET', lane.state, 'blocked_at', ARGV[1], 'reason', reason)
