@@ -14,7 +14,8 @@ claims everything else (no round trip of its own):
   put back (:func:`release_commands`, riding with the worker's state changes), and that
   wakes every dispatcher; a lease of a process that died expires by itself.
 * ``rate``: a token bucket (the lane's hash: ``tokens``, ``ts``), ``burst`` tokens at most,
-  refilled at ``rate`` per second by the claimer's clock; a start takes a token. A claim that
+  refilled at ``rate`` per second by the claimer's clock, or up to the due time of a job
+  claimed ahead of it (it starts then); a start takes a token. A claim that
   finds none returns when the next one is due, and the dispatcher wakes then.
 
 A lane out of leases or tokens is skipped: other lanes and ``queued`` are served in the same
