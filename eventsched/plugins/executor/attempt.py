@@ -119,9 +119,8 @@ class Attempts:
         #: The one HTTP client shared by every handler (None until a handler asks for it).
         self.http: httpx.AsyncClient | None = None
         self._handlers, self._default = self._load_handlers()
-        known = (set(s.handlers) | set(s.types) | set(s.producer.event_types) | set(s.webhooks)) - {
-            "default"
-        }
+        named = {*s.handlers, *s.types, *s.producer.event_types, *s.webhooks}
+        known = named - {"default"}
         self._labels = frozenset(known)
         # Metric children looked up once (labels() costs more than the observation).
         self._durations = {t: metrics.EXECUTION_DURATION.labels(t) for t in {*known, OTHER_TYPE}}
