@@ -21,6 +21,7 @@ import trio_asyncio
 
 from eventsched.core.domain.event import uuid7
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
+from eventsched.core.domain.policies import Policies
 from eventsched.core.jobqueue import JobQueue
 from eventsched.core.kafka import KafkaProducer
 from eventsched.core.runtime.contracts import Resources, RoleContext
@@ -91,6 +92,7 @@ class AttemptRow:
     outcome: str | None
     error: str | None
     worker_id: str
+    held_by: str | None  # the limit of its type that held it back (migration 000007)
 
 
 def attempt_rows(dsn: str) -> list[AttemptRow]:
@@ -98,7 +100,8 @@ def attempt_rows(dsn: str) -> list[AttemptRow]:
         dsn,
         "SELECT event_id::text, attempt, extract(epoch FROM scheduled_for)::float8,"
         " extract(epoch FROM started_at)::float8, extract(epoch FROM finished_at)::float8,"
-        " lateness_ms, outcome, error, worker_id FROM event_attempts ORDER BY event_id, attempt",
+        " lateness_ms, outcome, error, worker_id, held_by FROM event_attempts"
+        " ORDER BY event_id, attempt",
     )
     return [AttemptRow(*row) for row in rows]
 
@@ -143,10 +146,12 @@ class Harness:
     stopping: trio.Event
 
     async def enqueue(self, events: Sequence[NewEvent]) -> int:
-        """Enqueue the first attempt of each event, as the consumer does."""
+        """Enqueue the first attempt of each event, as the consumer does (marking the
+        events of types with a lane)."""
         timeout = saq_timeout(self.settings)
+        lane_of = Policies(self.settings).lane_of
         return await self.jobs.enqueue_many(
-            [make_job(e.id, 1, e.execute_at, timeout) for e in events]
+            [make_job(e.id, 1, e.execute_at, timeout, lane=lane_of(e.type)) for e in events]
         )
 
 

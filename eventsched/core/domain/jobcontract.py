@@ -61,12 +61,20 @@ def job_key(event_id: str, attempt: int) -> str:
 
 
 def saq_timeout(settings: Settings) -> int:
-    """SAQ job timeout (whole seconds) for executor jobs: ``job_timeout`` plus a margin."""
-    return math.ceil(settings.executor.job_timeout) + SAQ_TIMEOUT_MARGIN
+    """SAQ job timeout (whole seconds) for executor jobs: the longest handler timeout
+    (``executor.job_timeout`` or a type's ``timeout``) plus a margin."""
+    longest = max(
+        [settings.executor.job_timeout, *(t.timeout for t in settings.types.values() if t.timeout)]
+    )
+    return math.ceil(longest) + SAQ_TIMEOUT_MARGIN
 
 
-def make_job(event_id: str, attempt: int, scheduled: float, timeout: int) -> ScheduledJob:
-    """The SAQ job that runs ``attempt`` of an event at ``scheduled`` (epoch seconds)."""
+def make_job(
+    event_id: str, attempt: int, scheduled: float, timeout: int, *, lane: str = ""
+) -> ScheduledJob:
+    """The SAQ job that runs ``attempt`` of an event at ``scheduled`` (epoch seconds);
+    ``lane``: the event's queue lane (its type, when the type has limits or a priority of
+    its own: :mod:`eventsched.core.domain.policies`), marked for the event at enqueue."""
     kwargs: dict[str, Any] = {"event_id": event_id}
     if not is_first_attempt(attempt):
         kwargs["attempt"] = attempt
@@ -76,4 +84,5 @@ def make_job(event_id: str, attempt: int, scheduled: float, timeout: int) -> Sch
         scheduled=scheduled,
         kwargs=kwargs,
         timeout=timeout,
+        lane=lane,
     )

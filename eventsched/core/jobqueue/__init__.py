@@ -21,6 +21,15 @@ statuses, dedup, sweep, abort, worker info) and changes how jobs move:
   moved twice however many processes run the script; a mover (or its connection) dying
   mid-call loses nothing either: the script ran whole or not at all. SAQ's ``SETEX`` lock
   only throttled its polling; ``min_interval`` does that here, per process, in ms.
+* **Per-type limits in the same claim.** A job whose event type has a lane
+  (:mod:`.limits`: a concurrency limit, a rate limit or a priority of its own, across all
+  processes) waits, once due, in its lane instead of ``queued``; the claim script serves
+  lanes and ``queued`` by priority, each lane only while it has a free lease (concurrency)
+  and a token (rate), in the same atomic call. A lane that is full is skipped, so it holds
+  back no other work; a lease that frees wakes every dispatcher, a lease of a dead process
+  expires, and a claim that finds no token says when the next one is due. A job waiting in
+  a lane has score 0 like a queued one, so it cannot be moved twice either; it is never
+  claimed before it is due, and it stays in Redis until a claim takes it.
 * **Few round trips and event-loop callbacks per job.** Slots are long-lived tasks that run
   the function inline under ``asyncio.timeout``; a job's start and successful finish are
   recorded without waiting and ride along with the dispatcher's next claim
@@ -56,9 +65,10 @@ Trio side: :class:`JobQueue` wraps the asyncio side once with typed methods, and
 Modules, each depending only on those listed before it: :mod:`.scripts` (the Lua scripts and
 their key/argument contracts, the SAQ version guard), :mod:`.jobs` (the records passed
 around), :mod:`.budget` (the in-flight payload budget and heap trimming), :mod:`.batcher`
-(ordered, atomic state changes), :mod:`.store` (:class:`OnTimeQueue`, the on-time store),
-:mod:`.edits` (removing pending jobs, moving one to a new due time: commands on events),
-:mod:`.adapter` (:class:`JobQueue`, trio side), :mod:`.dispatcher` (claims for a worker's
+(ordered, atomic state changes), :mod:`.limits` (lanes: per-type limits and priorities,
+their keys), :mod:`.store` (:class:`OnTimeQueue`, the on-time store), :mod:`.edits`
+(removing pending jobs, moving one to a new due time: commands on events),
+:mod:`.orphans` (putting back jobs taken by workers that are gone), :mod:`.adapter` (:class:`JobQueue`, trio side), :mod:`.dispatcher` (claims for a worker's
 slots; it depends on the store, never the reverse) and :mod:`.worker` (:class:`OnTimeWorker`
 and its trio-side life cycle; it wires the dispatcher into the store). The package may import
 SAQ, redis, trio, trio-asyncio, msgspec and ``eventsched.core`` modules outside it (config,

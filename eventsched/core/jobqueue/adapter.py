@@ -17,6 +17,7 @@ from saq.job import Status
 
 from eventsched.core.jobqueue.edits import Removed, place_job, remove_jobs
 from eventsched.core.jobqueue.jobs import Orphans, ScheduledJob
+from eventsched.core.jobqueue.orphans import requeue_orphans
 from eventsched.core.jobqueue.scripts import MARKER_CAS_LUA
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
 from eventsched.core.runtime.errors import DependencyError
@@ -122,8 +123,8 @@ class JobQueue:
         self, keys: Sequence[str], stalled: Collection[tuple[str, str]] = ()
     ) -> Orphans:
         """Put back the jobs of these keys that were taken and given up (see
-        :meth:`OnTimeQueue.requeue_orphans`)."""
-        return await self._call(self._queue.requeue_orphans, list(keys), stalled)
+        :func:`~eventsched.core.jobqueue.orphans.requeue_orphans`)."""
+        return await self._call(requeue_orphans, self._queue, list(keys), stalled)
 
     async def live_active(self, keys: Sequence[str]) -> set[str]:
         """Of these job keys, those whose SAQ job is active on a worker still alive (its

@@ -216,6 +216,10 @@ class Dispatcher:
                 continue  # jobs wait in `queued` and slots (and budget) are free
             now = time.time()
             delay = self._max_wait
+            if result.wake_at is not None:
+                # A lane is out of tokens (or of leases: a lease released sooner wakes us
+                # through the wake-up channel): claim again when one is due.
+                delay = min(delay, max(result.wake_at - now, 0.0))
             if result.next_due is not None:
                 # At most one claim per `min_interval`: under load, jobs due a moment apart
                 # share a claim instead of each paying for a round trip.

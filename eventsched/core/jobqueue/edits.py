@@ -41,6 +41,9 @@ async def remove_jobs(queue: OnTimeQueue, keys: Sequence[str]) -> Removed:
         queue._incomplete,
         queue._queued,
         *(queue.job_id(key) for key in keys),
+        queue.lane_keys.lanes,
+        queue.job_id(""),
+        queue.lane_keys.prefix,
         *keys,
     )
     return Removed([k.decode() for k in removed], [k.decode() for k in taken])
@@ -62,5 +65,8 @@ async def place_job(queue: OnTimeQueue, job: ScheduledJob) -> str:
         queue.wakeup_channel,
         payload,
         repr(float(job.scheduled)),
+        queue.lane_keys.lanes,
+        queue.job_id(""),
+        queue.lane_keys.prefix,
     )
     return result.decode() if isinstance(result, bytes) else str(result)

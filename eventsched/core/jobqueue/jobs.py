@@ -70,6 +70,7 @@ class ScheduledJob:
     scheduled: float  # epoch seconds, sub-millisecond precision is kept
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     timeout: int = 60  # seconds before SAQ cancels the job and its sweep calls it stuck
+    lane: str = ""  # the event's lane (its type, if limited or prioritised; see limits.py)
 
 
 class PutBack(Exception):
@@ -90,11 +91,12 @@ class JobClaim:
     backlog: int  # jobs left in `queued` after claiming
     moved: int  # jobs moved from `incomplete` to `queued` by this call
     moved_ids: list[str]  # their ids, if asked for
+    wake_at: float | None = None  # when a lane blocked by a limit may start a job again
 
 
 @dataclasses.dataclass(slots=True)
 class Orphans:
-    """What :meth:`OnTimeQueue.requeue_orphans` did."""
+    """What :func:`~eventsched.core.jobqueue.orphans.requeue_orphans` did."""
 
     requeued: list[str] = dataclasses.field(default_factory=list)  # keys put back
     # (job id, owner) of jobs taken by a live worker and not started yet: pass them to the

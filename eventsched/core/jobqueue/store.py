@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -24,8 +24,9 @@ from saq.types import WorkerInfo
 from saq.utils import now
 
 from eventsched.core.jobqueue.batcher import Batcher, Command
-from eventsched.core.jobqueue.jobs import JobClaim, Orphans, ScheduledJob, job_dict, job_payload
-from eventsched.core.jobqueue.scripts import CLAIM_LUA, ENQUEUE_LUA, REQUEUE_ORPHAN_LUA, SWEEP_LUA
+from eventsched.core.jobqueue.jobs import JobClaim, ScheduledJob, job_dict, job_payload
+from eventsched.core.jobqueue.limits import Lane, LaneKeys, encode_lanes, event_of, release_commands
+from eventsched.core.jobqueue.scripts import CLAIM_LUA, ENQUEUE_LUA, SWEEP_LUA
 from eventsched.core.runtime.logs import get_logger
 
 if TYPE_CHECKING:
@@ -84,6 +85,32 @@ class OnTimeQueue(RedisQueue):
         self._claim_script: AsyncScript | None = None
         self.batcher = Batcher(redis)  # a worker's dispatcher carries its batches in claims
         self._job_source: JobSource | None = None
+        # Lanes: per-type limits and priorities (limits.py); set_lanes() configures them.
+        self.lane_keys = LaneKeys(self.namespace)
+        self._lanes: dict[str, Lane] = {}
+        self._lanes_arg = ""
+        self._default_priority = 0
+        # Job id -> (lane, held reason) of the jobs this process claimed from a lane.
+        self._laned: dict[str, tuple[Lane, str]] = {}
+
+    def set_lanes(self, lanes: Sequence[Lane], default_priority: int = 0) -> None:
+        """Claim through these lanes (every process of a queue must be given the same).
+        Jobs waiting in a lane are handed out by :meth:`claim` only (an OnTimeWorker's
+        dispatcher), never by SAQ's own ``BLMOVE``."""
+        self._lanes = {lane.name: lane for lane in lanes}
+        self._lanes_arg = encode_lanes(lanes)
+        self._default_priority = default_priority
+
+    def forget_lanes_nowait(self, event_ids: Sequence[str]) -> None:
+        """Drop the lane marks of events that are done (with the next batch)."""
+        if event_ids:
+            self.batcher.submit_nowait([("HDEL", self.lane_keys.lanes, *event_ids)])
+
+    def held_reason(self, job_id: str) -> str:
+        """Why a job this process claimed waited for its start: ``concurrency`` or
+        ``rate`` (held by its lane's limit), '' (free to run as soon as it was due)."""
+        laned = self._laned.get(job_id)
+        return laned[1] if laned else ""
 
     async def disconnect(self) -> None:
         # SAQ's version PUNSUBSCRIBEs its job-update multiplexer even if it never started,
@@ -135,7 +162,8 @@ class OnTimeQueue(RedisQueue):
                     job.scheduled,
                 )
                 for job in jobs
-            ]
+            ],
+            {event_of(job.key): job.lane for job in jobs if job.lane},
         )
 
     async def enqueue_jobs(self, jobs: Sequence[Job]) -> int:
@@ -150,18 +178,27 @@ class OnTimeQueue(RedisQueue):
             [(job.id, job.abort_id, self.serialize(job), job.scheduled) for job in jobs]
         )
 
-    async def _enqueue_entries(self, entries: Sequence[tuple[str, str, str | bytes, float]]) -> int:
+    async def _enqueue_entries(
+        self,
+        entries: Sequence[tuple[str, str, str | bytes, float]],
+        lanes: dict[str, str] | None = None,
+    ) -> int:
         # Chunks of one script call each (a call blocks Redis while it runs), all chunks in
-        # one pipeline (one round trip).
+        # one pipeline (one round trip). The events' lanes go first: a claim between the
+        # two sees a marked event with no job yet, never a job without its lane.
         if not entries:
             return 0
         if self._enqueue_many_script is None:
             self._enqueue_many_script = self.redis.register_script(ENQUEUE_LUA)
         now_arg = repr(time.time())
         async with self.redis.pipeline(transaction=False) as pipe:
+            if lanes:
+                pipe.hset(self.lane_keys.lanes, mapping=lanes)  # type: ignore[arg-type]  # redis-py's mapping type is invariant
             for start in range(0, len(entries), self._enqueue_chunk):
-                keys: list[str] = [self._incomplete, self._queued]
-                args: list[str | bytes] = [now_arg, self.wakeup_channel]
+                keys: list[str] = [self._incomplete, self._queued, self.lane_keys.lanes]
+                args: list[str | bytes] = [
+                    now_arg, self.wakeup_channel, self.job_id(""), self.lane_keys.prefix,
+                ]  # fmt: skip
                 for job_id, abort_id, payload, scheduled in entries[
                     start : start + self._enqueue_chunk
                 ]:
@@ -169,7 +206,7 @@ class OnTimeQueue(RedisQueue):
                     args += (payload, repr(float(scheduled)))
                 await self._enqueue_many_script(keys=keys, args=args, client=pipe)
             results = await pipe.execute()
-        return sum(int(r) for r in results)
+        return sum(int(r) for r in results[1 if lanes else 0 :])
 
     async def _enqueue(self, job: Job) -> Job | None:
         # SAQ's single-job path goes through the batch script too: same duplicate rule,
@@ -192,26 +229,28 @@ class OnTimeQueue(RedisQueue):
         """
         if self._claim_script is None:
             self._claim_script = self.redis.register_script(CLAIM_LUA)
-        at = time.time() if now is None else now
-        ids, payloads, next_due, backlog, moved, moved_list = await self._claim_script(
-            keys=[self._incomplete, self._queued, self._active, self._owners],
-            args=[
-                repr(at),
-                self.move_limit,
-                limit,
-                self.wakeup_channel,
-                int(moved_ids),
-                commands,
-                self.owner,
-            ],
-        )
+        clock = time.time()
+        at = clock if now is None else now
+        (ids, payloads, next_due, backlog, moved, moved_list, lanes, held, wake) = (
+            await self._claim_script(
+                keys=[self._incomplete, self._queued, self._active, self._owners,
+                      self.lane_keys.lanes],
+                args=[
+                    repr(at), self.move_limit, limit, self.wakeup_channel, int(moved_ids),
+                    commands, self.owner, self._lanes_arg, repr(clock), self.job_id(""),
+                    self.lane_keys.prefix, self._default_priority,
+                ],
+            )
+        )  # fmt: skip
         jobs: list[Job] = []
-        for job_id, payload in zip(ids, payloads, strict=True):
+        for job_id, payload, lane, reason in zip(ids, payloads, lanes, held, strict=True):
             job = self.deserialize(payload)
             if job is None:
                 # Its record vanished; the sweep removes the orphan id from `active`.
                 log.warning("claimed_job_without_record", job_id=job_id.decode())
                 continue
+            if lane and lane.decode() in self._lanes:
+                self._laned[job.id] = (self._lanes[lane.decode()], reason.decode())
             jobs.append(job)
         return JobClaim(
             jobs=jobs,
@@ -219,7 +258,14 @@ class OnTimeQueue(RedisQueue):
             backlog=int(backlog),
             moved=int(moved),
             moved_ids=[job_id.decode() for job_id in moved_list],
+            wake_at=None if wake is None else float(wake),
         )
+
+    def _unlease(self, job: Job) -> list[Command]:
+        """The commands that give back the lane lease of a job leaving `active`."""
+        laned = self._laned.pop(job.id, None)
+        lane = laned[0] if laned else None
+        return release_commands(self.lane_keys, lane, job.id, self.wakeup_channel)
 
     async def schedule(self, lock: int = 1) -> list[str]:
         """Stock-worker hook: move every due job now (``lock`` is ignored, none is needed)."""
@@ -251,6 +297,7 @@ class OnTimeQueue(RedisQueue):
         score = repr(float(at))
         await self.batcher.run(
             [
+                *self._unlease(job),
                 ("LREM", self._active, 1, job.id),
                 ("HDEL", self._owners, job.id),
                 ("LREM", self._queued, 1, job.id),
@@ -264,6 +311,7 @@ class OnTimeQueue(RedisQueue):
         commands: list[Command] = []
         for job in jobs:
             commands += [
+                *self._unlease(job),
                 ("LREM", self._active, 1, job.id),
                 ("HDEL", self._owners, job.id),
                 ("LPUSH", self._queued, job.id),
@@ -366,6 +414,7 @@ class OnTimeQueue(RedisQueue):
     def _finish_commands(self, job: Job) -> list[Command]:
         payload = self._text(job)
         commands: list[Command] = [
+            *self._unlease(job),
             ("LREM", self._active, 1, job.id),
             ("HDEL", self._owners, job.id),
             ("ZREM", self._incomplete, job.id),
@@ -385,6 +434,7 @@ class OnTimeQueue(RedisQueue):
         # a second time, so a retried scheduled job ran twice. Score 0 = already queued.
         delay = job.next_retry_delay()
         commands: list[Command] = [
+            *self._unlease(job),
             ("LREM", self._active, 1, job.id),
             ("HDEL", self._owners, job.id),
             ("LREM", self._queued, 1, job.id),
@@ -507,92 +557,22 @@ class OnTimeQueue(RedisQueue):
             pipe.expire(self._stats, ttl)
             await pipe.execute()
 
-    # -- jobs of workers that are gone -----------------------------------------------------------
-
-    async def requeue_orphans(
-        self, keys: Sequence[str], stalled: Collection[tuple[str, str]] = ()
-    ) -> Orphans:
-        """Of these (pending) job keys, put back into `queued` every job taken but given up:
-
-        * taken by a worker that is gone (its SAQ worker-info key expired) before it
-          finished the job: claimed ahead of its due time and waiting in a slot, or started;
-        * taken and never started, by a worker that is alive: its record was still QUEUED
-          on the previous call too (``stalled``: what that call returned as
-          :attr:`Orphans.stalled`) under the same owner — the claim's answer was lost on
-          its way (a connection cut during the call), so no slot ever got the job. A live
-          worker hands a job to a slot and records its start within milliseconds.
-
-        Only for jobs whose event PostgreSQL says was never claimed (the reconciler's
-        ``overdue`` / ``retry_overdue`` candidates, due more than ``grace`` ago): the job is
-        handed out again as if it had not been taken (its record QUEUED, its attempt
-        returned). If the owner still runs it after all (paused, or its start record was
-        lost), the PostgreSQL claim lets one of the two run it.
-        """
-        out = Orphans()
-        if not keys:
-            return out
-        ids = [self.job_id(key) for key in keys]
-        owners = await self.redis.hmget(self._owners, ids)
-        owned = [
-            (key, job_id, o.decode() if isinstance(o, bytes) else str(o))
-            for key, job_id, o in zip(keys, ids, owners, strict=True)
-            if o
-        ]
-        if not owned:
-            return out
-        workers = sorted({owner for _, _, owner in owned})
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for worker in workers:
-                pipe.exists(self.namespace(f"worker_info:{worker}"))
-            alive = dict(zip(workers, await pipe.execute(), strict=True))
-        records = await self.redis.mget([job_id for _, job_id, _ in owned])
-        previous = set(stalled)
-        for (key, job_id, owner), payload in zip(owned, records, strict=True):
-            job = self.deserialize(payload)
-            if job is None:
-                continue
-            if alive[owner]:
-                if job.status != Status.QUEUED:
-                    continue
-                if (job_id, owner) not in previous:
-                    out.stalled.add((job_id, owner))
-                    continue
-                why = "taken_never_started"
-            else:
-                why = "worker_lost"
-            if job.status == Status.ACTIVE:
-                job.attempts = max(0, job.attempts - 1)  # the start that never got anywhere
-            job.status = Status.QUEUED
-            job.started = 0
-            job.worker_id = None
-            job.touched = now()
-            moved = await self.redis.eval(
-                REQUEUE_ORPHAN_LUA,
-                5,
-                self._active,
-                self._owners,
-                self._queued,
-                self._incomplete,
-                job_id,
-                owner,
-                self._text(job),
-                self.wakeup_channel,
-            )
-            if moved:
-                out.requeued.append(key)
-                log.warning("taken_job_requeued", job_key=key, worker_id=owner, why=why)
-        return out
-
     # -- cheap inspection ----------------------------------------------------------------------
 
     async def counts(self) -> dict[str, int]:
-        """queued / scheduled (not yet moved, overdue included) / active, in one round trip."""
+        """queued / scheduled (not yet moved, overdue included) / active, in one round trip;
+        with lanes set, also ``lanes``: due jobs waiting in them (for a slot, lease or token)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.llen(self._queued)
             pipe.llen(self._active)
             pipe.zcount(self._incomplete, 1, "+inf")
-            queued, active, scheduled = await pipe.execute()
-        return {"queued": int(queued), "scheduled": int(scheduled), "active": int(active)}
+            for lane in self._lanes:
+                pipe.zcard(self.lane_keys.ready(lane))
+            queued, active, scheduled, *laned = await pipe.execute()
+        counts = {"queued": int(queued), "scheduled": int(scheduled), "active": int(active)}
+        if self._lanes:
+            counts["lanes"] = sum(int(n) for n in laned)
+        return counts
 
     async def pending(self, keys: Sequence[str]) -> list[bool]:
         """For each key: is its job incomplete (scheduled, queued or active)?"""

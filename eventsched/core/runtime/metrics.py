@@ -31,6 +31,8 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1,
     0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+# A wait for a lease or token lasts as long as the type's backlog: up to hours.
+HELD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 EVENTS_PRODUCED = Counter(
     "eventsched_events_produced",
@@ -103,8 +105,15 @@ EXECUTION_DURATION = Histogram(
 )
 EXECUTION_LATENESS = Histogram(
     "eventsched_execution_lateness_seconds",
-    "Execution start minus due time",
+    "Execution start minus due time, of attempts free to run when due (not held by a limit)",
     buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+EXECUTION_HELD = Histogram(
+    "eventsched_execution_held_seconds",
+    "Execution start minus due time, of attempts a limit of their type held back",
+    ["type", "reason"],  # reason: concurrency | rate
+    buckets=HELD_BUCKETS,
     registry=REGISTRY,
 )
 QUEUE_JOBS = Gauge(

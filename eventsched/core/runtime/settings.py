@@ -32,6 +32,7 @@ from eventsched.core.runtime.schedulesettings import (
     check_scheduler,
     convert_schedules,
 )
+from eventsched.core.runtime.typesettings import TypeSettings, check_types, convert_types
 from eventsched.core.runtime.units import ByteSize, Duration, parse_duration, parse_size
 
 #: The roles ``--role all`` and ``eventsched dev`` run.
@@ -274,6 +275,8 @@ class Settings(_Section, frozen=True):
     handlers: dict[str, str] = {}
     # Event type -> URL for the webhook handler; the key "default" applies to types with no entry.
     webhooks: dict[str, str] = {}
+    # Event type (or "default") -> its policy; see eventsched.core.runtime.typesettings.
+    types: dict[str, TypeSettings] = {}
     pyroscope: PyroscopeSettings = PyroscopeSettings()
     dev: DevSettings = DevSettings()
 
@@ -361,14 +364,18 @@ def build_settings(raw: Mapping[str, Any], env_name: str = "development") -> Set
             raise ConfigError(
                 name, f"unknown setting (from EVENTSCHED_{name.upper()} or a settings file)"
             )
-        data[name] = _handler_keys(value) if name in _TYPE_KEYED else _lower_keys(value)
+        if name == "types":  # typesettings.convert_types minds the case of its keys
+            data[name] = value
+        else:
+            data[name] = _handler_keys(value) if name in _TYPE_KEYED else _lower_keys(value)
     data["env"] = env_name
     schedules = convert_schedules(data.pop("schedules", {}))
+    types = convert_types(data.pop("types", {}), _dec_hook)
     try:
         settings = msgspec.convert(data, Settings, dec_hook=_dec_hook)
     except msgspec.ValidationError as err:
         raise _config_error_from(err) from None
-    settings = msgspec.structs.replace(settings, schedules=schedules)
+    settings = msgspec.structs.replace(settings, schedules=schedules, types=types)
     _check(settings)
     return settings
 
@@ -479,6 +486,7 @@ def _check(s: Settings) -> None:
     for type_, target in s.handlers.items():
         if ":" not in target:
             raise ConfigError(f"handlers.{type_}", f"expected 'module:attr', got {target!r}")
+    check_types(s.types)
     for type_, url in s.webhooks.items():
         if not url.startswith(("http://", "https://")):
             raise ConfigError(

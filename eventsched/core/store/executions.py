@@ -60,6 +60,9 @@ class ClaimRequest:
     # be `retrying` after n - 1 attempts).
     attempt: int
     started: float  # epoch seconds, the worker's clock when the job started
+    # The limit of the event type that held the job back after its due time ("concurrency"
+    # or "rate"), or None: it was free to run (event_attempts.held_by).
+    held_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,10 +134,11 @@ ClaimResult = Claimed | NotClaimed | NotDue
 # event and ~3,200 of running ones per outcome. Finish does the same for `running`.
 _CLAIM_SQL: Final = """
 WITH req AS (
-    SELECT * FROM json_to_recordset(%(req)s::json) AS r(id uuid, attempt int, started float8)
+    SELECT * FROM json_to_recordset(%(req)s::json)
+        AS r(id uuid, attempt int, started float8, held_by text)
 ),
 locked AS (
-    SELECT e.id, r.started,
+    SELECT e.id, r.started, r.held_by,
            CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
                 ELSE e.next_attempt_at END AS scheduled_for
     FROM events e JOIN req r ON r.id = e.id
@@ -153,13 +157,14 @@ claimed AS (
     FROM locked l
     WHERE e.id = l.id
     RETURNING e.id, e.attempts, e.type, e.payload, e.execute_at, l.scheduled_for, l.started,
-              e.attempt_base
+              e.attempt_base, l.held_by
 ),
 logged AS (
     INSERT INTO event_attempts
-        (event_id, attempt, scheduled_for, started_at, lateness_ms, worker_id)
+        (event_id, attempt, scheduled_for, started_at, lateness_ms, worker_id, held_by)
     SELECT c.id, c.attempts, c.scheduled_for, to_timestamp(c.started),
-           (c.started - extract(epoch FROM c.scheduled_for)::float8) * 1000, %(worker)s
+           (c.started - extract(epoch FROM c.scheduled_for)::float8) * 1000, %(worker)s,
+           c.held_by
     FROM claimed c
 )
 SELECT c.id::text, true, c.attempts, c.type, c.payload,
@@ -205,7 +210,12 @@ def claim_batch(
     ``ahead`` seconds, is refused (:class:`NotDue`). Requests must name distinct events
     (the group commit's ``key`` dedupes them).
     """
-    req = _dumps([{"id": r.event_id, "attempt": r.attempt, "started": r.started} for r in requests])
+    req = _dumps(
+        [
+            {"id": r.event_id, "attempt": r.attempt, "started": r.started, "held_by": r.held_by}
+            for r in requests
+        ]
+    )
     sent = time.monotonic()
     cur = conn.execute(_CLAIM_SQL, {"req": req, "worker": worker_id, "ahead": ahead})
     by_id: dict[str, ClaimResult] = {}
@@ -403,7 +413,9 @@ async def check_schema(db: Database) -> None:
             "SELECT id, dead_reason, dlq_published_at, attempt_base, cancel_requested_at"
             " FROM events LIMIT 0"
         )
-        await db.fetchone("SELECT event_id, attempt, worker_id FROM event_attempts LIMIT 0")
+        await db.fetchone(
+            "SELECT event_id, attempt, worker_id, held_by FROM event_attempts LIMIT 0"
+        )
     except psycopg.errors.UndefinedTable as err:
         raise DependencyError(
             "postgres", f"schema missing, run `eventsched migrate up`: {err}"

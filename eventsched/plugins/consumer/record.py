@@ -16,7 +16,7 @@ Runs on the trio side (one task per batch in flight).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -76,6 +76,7 @@ class Recorder:
         *,
         db: Database,
         job_timeout: int,
+        lane_of: Callable[[str], str],
         dead_letters: DeadLetterCopies,
         commands: Commands,
         retrying: DependencyRetry,
@@ -87,6 +88,7 @@ class Recorder:
         self._db = db
         self._limits = DecodeLimits.from_settings(settings)
         self._job_timeout = job_timeout
+        self._lane_of = lane_of  # an event type's queue lane (per-type limits, priority)
         self._dead_letters = dead_letters
         self._retrying = retrying
         # The end of what was fetched, per partition (for the lag gauge); updated here.
@@ -155,7 +157,7 @@ class Recorder:
             existing = await self._retrying(eventstore.lookup_existing, self._db, existing_rows)
 
         jobs = [
-            self._job(row.event.id, row.event.execute_at)
+            self._job(row.event.id, row.event.execute_at, row.event.type)
             for row in rows
             if row.event.idempotency_key in new_keys
             and not (synced and str(row.event.id) in synced)
@@ -174,7 +176,7 @@ class Recorder:
             if not stored.same:
                 self._conflict(row, stored.id)
             if stored.status == "scheduled" and not (synced and str(stored.id) in synced):
-                jobs.append(self._job(stored.id, stored.execute_at))
+                jobs.append(self._job(stored.id, stored.execute_at, row.event.type))
         for row in later:
             first = first_by_key[row.event.idempotency_key]
             if not _same_event(first.event, row.event):
@@ -248,9 +250,12 @@ class Recorder:
             offset=row.offset,
         )
 
-    def _job(self, event_id: Any, execute_at: datetime) -> ScheduledJob:
+    def _job(self, event_id: Any, execute_at: datetime, type_: str) -> ScheduledJob:
         # The executor's job contract: first attempt, key = event id, due time in epoch s.
-        return make_job(str(event_id), FIRST_ATTEMPT, execute_at.timestamp(), self._job_timeout)
+        return make_job(
+            str(event_id), FIRST_ATTEMPT, execute_at.timestamp(), self._job_timeout,
+            lane=self._lane_of(type_),
+        )  # fmt: skip
 
 
 def _hidden(

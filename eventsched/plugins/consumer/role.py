@@ -17,6 +17,7 @@ from typing import ClassVar, Final
 import trio
 
 from eventsched.core.domain.jobcontract import saq_timeout
+from eventsched.core.domain.policies import Policies
 from eventsched.core.kafka import (
     Batch,
     ClientKind,
@@ -91,6 +92,7 @@ class IngestConsumer:
             s,
             db=self._db,
             job_timeout=saq_timeout(ctx.settings),
+            lane_of=Policies(ctx.settings).lane_of,
             dead_letters=DeadLetterCopies(
                 db=self._db,
                 producer=self._producer,

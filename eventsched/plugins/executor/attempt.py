@@ -30,6 +30,7 @@ from eventsched.core.domain.jobcontract import (
     make_job,
     saq_timeout,
 )
+from eventsched.core.domain.policies import Policies, TypePolicy
 from eventsched.core.jobqueue import (
     REDIS_ERRORS,
     JobContext,
@@ -112,14 +113,14 @@ class Attempts:
         self._leases = leases
         # Payload bytes in flight (None: unbounded), settled once a claim tells the size.
         self._budget = budget
-        self._max_attempts = s.executor.max_retries
-        self._job_timeout = float(s.executor.job_timeout)
+        self.policies = Policies(s)
         self._saq_timeout = saq_timeout(s)
         self._rng = random.Random()
         #: The one HTTP client shared by every handler (None until a handler asks for it).
         self.http: httpx.AsyncClient | None = None
         self._handlers, self._default = self._load_handlers()
-        known = (set(s.handlers) | set(s.producer.event_types) | set(s.webhooks)) - {"default"}
+        named = {*s.handlers, *s.types, *s.producer.event_types, *s.webhooks}
+        known = named - {"default"}
         self._labels = frozenset(known)
         # Metric children looked up once (labels() costs more than the observation).
         self._durations = {t: metrics.EXECUTION_DURATION.labels(t) for t in {*known, OTHER_TYPE}}
@@ -147,14 +148,25 @@ class Attempts:
     # -- handlers ------------------------------------------------------------------------------
 
     def _load_handlers(self) -> tuple[dict[str, Handler], Handler | None]:
-        """Load every configured handler now: a bad one stops start-up (PluginError)."""
+        """Load every configured handler now (each type's, by its policy, and the default's):
+        a bad one stops start-up (PluginError)."""
+        loaded: dict[tuple[str, str], Handler] = {}
+
+        def load(policy: TypePolicy) -> Handler | None:
+            if policy.handler is None:
+                return None
+            where = (policy.handler_key, policy.handler)
+            if where not in loaded:
+                context = HandlerContext(self.settings, policy.handler_key, self._http_client)
+                loaded[where] = load_handler(policy.handler_key, policy.handler, context)
+            return loaded[where]
+
         handlers: dict[str, Handler] = {}
-        for type_, target in self.settings.handlers.items():
-            key = f"handlers.{type_}"
-            context = HandlerContext(self.settings, key, self._http_client)
-            handlers[type_] = load_handler(key, target, context)
-        default = handlers.pop("default", None)
-        return handlers, default
+        for type_ in {*self.settings.handlers, *self.settings.types} - {"default"}:
+            handler = load(self.policies[type_])
+            if handler is not None:
+                handlers[type_] = handler
+        return handlers, load(self.policies.default)
 
     def _http_client(self) -> httpx.AsyncClient:
         """The one HTTP client shared by every handler (asyncio side; created on first use)."""
@@ -173,9 +185,14 @@ class Attempts:
 
     # -- the job function (asyncio side) --------------------------------------------------------
 
-    def job_for(self, event_id: str, attempt: int, scheduled: float) -> ScheduledJob:
-        """The job of an event's attempt: the job contract, with this role's SAQ timeout."""
-        return make_job(event_id, attempt, scheduled, self._saq_timeout)
+    def job_for(
+        self, event_id: str, attempt: int, scheduled: float, type_: str | None = None
+    ) -> ScheduledJob:
+        """The job of an event's attempt: the job contract, with this role's SAQ timeout
+        (and the type's lane, when the caller knows the type)."""
+        return make_job(
+            event_id, attempt, scheduled, self._saq_timeout, lane=self.policies.lane_of(type_)
+        )
 
     async def execute_event(
         self, ctx: JobContext, *, event_id: str, attempt: int | None = None
@@ -189,8 +206,12 @@ class Attempts:
         except (ValueError, TypeError, AttributeError):
             self._log.error("job_with_bad_event_id", event_id=repr(event_id))
             return
+        # Held back by a limit of its type (the claim script said so), or free to run.
+        held = self._jobs.aio_queue.held_reason(ctx["job"].id) if "job" in ctx else ""
         # A claim asks for the first attempt with 0 (see ClaimRequest).
-        request = ClaimRequest(event_id, 0 if is_first_attempt(number) else number, started)
+        request = ClaimRequest(
+            event_id, 0 if is_first_attempt(number) else number, started, held or None
+        )
         claim = await self._patiently(self.claims, request, CLAIM_PATIENCE)
         if claim is None:
             return  # PostgreSQL unreachable: the reconciler re-enqueues the event
@@ -210,7 +231,10 @@ class Attempts:
             )  # fmt: skip
             raise PutBack(claim.scheduled_for)
         label = self.label(claim.type)
-        metrics.EXECUTION_LATENESS.observe(started - claim.scheduled_for)
+        if held:
+            metrics.EXECUTION_HELD.labels(label, held).observe(started - claim.scheduled_for)
+        else:
+            metrics.EXECUTION_LATENESS.observe(started - claim.scheduled_for)
         task = asyncio.current_task()
         assert task is not None  # SAQ runs job functions in a task
         # The claim set updated_at = now() no earlier than claim.sent: the lease starts
@@ -224,20 +248,18 @@ class Attempts:
             self._record_interrupted(claim, label)
             raise
         running.finished = time.monotonic()
+        policy = self.policies[claim.type]
         outcome = decide(
             event_id,
             claim.attempt,
             failure,
-            max_attempts=self._max_attempts,
+            max_attempts=policy.max_retries,
             now=time.time(),
-            delay=self._delay,
+            delay=lambda n: retry_delay(n, policy.retry_backoff, self._rng),
             label=label,
             base=claim.base,
         )
         await self._record(outcome)
-
-    def _delay(self, attempt: int) -> float:
-        return retry_delay(attempt, self.settings.executor.retry_backoff, self._rng)
 
     async def _run_handler(
         self, claim: Claimed, label: str, ctx: JobContext, running: Running
@@ -259,7 +281,7 @@ class Attempts:
             execute_at=datetime.fromtimestamp(claim.execute_at, UTC),
             attempt=claim.attempt,
         )
-        limit = self._handler_timeout(ctx)
+        limit = self._handler_timeout(ctx, self.policies[claim.type].timeout)
         began = time.perf_counter()
         # No asyncio.timeout here: under trio-asyncio every timer costs two trips through
         # the loop (queued, then popped, even when cancelled) and stays in its heap until it
@@ -292,13 +314,14 @@ class Attempts:
             running.task.uncancel()  # the handler swallowed our cancellation
         return None
 
-    def _handler_timeout(self, ctx: JobContext) -> float:
+    @staticmethod
+    def _handler_timeout(ctx: JobContext, timeout: float) -> float:
         # SAQ cancels the job at its own timeout (set by whoever enqueued it); ours must
         # fire first so the failure is recorded and retried rather than cut off.
         saq_limit = ctx["job"].timeout if "job" in ctx else 0
         if saq_limit:
-            return min(self._job_timeout, max(0.5 * saq_limit, saq_limit - 5.0))
-        return self._job_timeout
+            return min(timeout, max(0.5 * saq_limit, saq_limit - 5.0))
+        return timeout
 
     def _skipped(self, claim: NotClaimed, attempt: int) -> None:
         metrics.EXECUTIONS.labels(self.label(claim.type), "skipped_duplicate").inc()
@@ -340,6 +363,7 @@ class Attempts:
         (one Redis call per batch, in a task), hand dead events to the DLQ publisher. A
         failure recorded as ``cancelled`` (a cancel command came while it ran) gets neither."""
         retries: list[ScheduledJob] = []
+        done_laned: list[str] = []  # succeeded events of laned types: drop their lane marks
         counts: Counter[tuple[str, str]] = Counter()  # one inc() per label and status
         for outcome, status in zip(outcomes, recorded, strict=True):
             self._leases.release(outcome.event_id, outcome.attempt)
@@ -352,6 +376,8 @@ class Attempts:
                 continue
             counts[outcome.label, "retried" if status == "retrying" else status] += 1
             if status == "succeeded":
+                if self.policies.lane_of(outcome.label):
+                    done_laned.append(outcome.event_id)
                 continue
             if status == "cancelled":
                 self._log.info(
@@ -362,9 +388,8 @@ class Attempts:
                 continue
             if status == "retrying":
                 assert outcome.next_attempt_at is not None  # decide() sets it for retrying
-                retries.append(
-                    self.job_for(outcome.event_id, outcome.attempt + 1, outcome.next_attempt_at)
-                )
+                at, label = outcome.next_attempt_at, outcome.label
+                retries.append(self.job_for(outcome.event_id, outcome.attempt + 1, at, label))
             else:
                 self.dead_letters.submit_nowait(outcome.event_id)
             self._log.info(
@@ -382,6 +407,7 @@ class Attempts:
             )
         for (label, status), n in counts.items():
             metrics.EXECUTIONS.labels(label, status).inc(n)
+        self._jobs.aio_queue.forget_lanes_nowait(done_laned)
         if retries:
             task = asyncio.ensure_future(self._enqueue_retries(retries))
             self.retrying.add(task)
@@ -404,7 +430,7 @@ class Attempts:
             claim.event_id,
             claim.attempt,
             Failure("interrupted: the executor stopped before the handler finished"),
-            max_attempts=self._max_attempts,
+            max_attempts=self.policies[claim.type].max_retries,
             now=time.time(),
             delay=lambda _: 0.0,
             label=label,

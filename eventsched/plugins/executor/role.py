@@ -17,6 +17,7 @@ import trio
 import trio_asyncio
 
 from eventsched.core.domain.jobcontract import EXECUTE_FUNCTION
+from eventsched.core.domain.policies import Policies
 from eventsched.core.domain.schedulefields import specs_from_settings
 from eventsched.core.jobqueue import (
     OnTimeWorker,
@@ -59,6 +60,9 @@ class Executor:
             if s.executor.inflight_bytes
             else None
         )
+        # Per-type limits and priorities: the claim serves each type's lane by them.
+        policies = Policies(s)
+        self._jobs.aio_queue.set_lanes(policies.lanes, policies.default.priority)
         self.dead_letters = DeadLetters(
             self._db,
             self._producer,
@@ -70,7 +74,8 @@ class Executor:
         self.leases = Leases(
             self._db,
             stale_after=float(s.reconciler.stale_after),
-            job_timeout=float(s.executor.job_timeout),
+            # The reaper of overdue handlers checks often enough for the shortest timeout.
+            job_timeout=min(policies.timeouts()),
             record_patience=RECORD_PATIENCE,
             log=self._log,
         )
@@ -92,10 +97,15 @@ class Executor:
 
     @staticmethod
     def check_settings(settings: Settings) -> None:
-        """Before anything connects (the runtime calls it): every ``[handlers]`` target
-        imports and has a handler's shape, else PluginError naming its key."""
+        """Before anything connects (the runtime calls it): every ``[handlers]`` and
+        ``[types]`` handler target imports and has a handler's shape, else PluginError
+        naming its key."""
         for type_, target in settings.handlers.items():
             check_handler(f"handlers.{type_}", target)
+        policies = Policies(settings)
+        for type_, own in settings.types.items():
+            if own.handler is not None:
+                check_handler(policies[type_].handler_key, own.handler)
 
     # -- life cycle (trio) -----------------------------------------------------------------------
 
