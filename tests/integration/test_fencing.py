@@ -154,7 +154,10 @@ def test_postgres_down_longer_than_stale_after_runs_no_completed_handler_again(
     dsn = own_postgres.url
     migrations.up(dsn, migrations.default_sql_dir())
     journal_path = str(tmp_path / "journal")
+    # Eight slots, not the default one per CPU (two on CI): the 30 runs get under way in a
+    # few seconds instead of ten, and more of them are in flight when PostgreSQL goes.
     env = executor_env(names, dsn, redis_url, kafka_bootstrap, **FAST,
+                       EVENTSCHED_EXECUTOR__CONCURRENCY="8",
                        TEST_HANDLER_JOURNAL=journal_path)  # fmt: skip
     # Runs of 0.2 to 2.2 s: when PostgreSQL goes, some complete (their outcome waits to be
     # written), others are still running.
