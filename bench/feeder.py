@@ -45,12 +45,15 @@ _COLUMNS = "id, idempotency_key, type, payload, execute_at, created_at"
 Row = tuple[str, str, str, str, datetime, datetime]
 
 
-def _row(due_ms: int, n: int, created: datetime) -> tuple[Row, ScheduledJob]:
-    """A new event due at ``due_ms`` (epoch ms, exact in both PostgreSQL and the job)."""
+def _row(
+    due_ms: int, n: int, created: datetime, type_: str = EVENT_TYPE, lane: str = ""
+) -> tuple[Row, ScheduledJob]:
+    """A new event due at ``due_ms`` (epoch ms, exact in both PostgreSQL and the job);
+    ``lane``: its type's queue lane when the type has limits (as the consumer marks it)."""
     event_id = str(uuid7())
     due = _EPOCH + timedelta(milliseconds=due_ms)
-    row: Row = (event_id, event_id, EVENT_TYPE, json.dumps({"n": n}), due, created)
-    return row, make_job(event_id, 1, due_ms / 1000, JOB_TIMEOUT)
+    row: Row = (event_id, event_id, type_, json.dumps({"n": n}), due, created)
+    return row, make_job(event_id, 1, due_ms / 1000, JOB_TIMEOUT, lane=lane)
 
 
 async def _insert(conn: psycopg.AsyncConnection[Any], rows: Sequence[Row]) -> None:
@@ -94,6 +97,8 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
                     round((now + rng.uniform(args.delay_min, args.delay_max)) * 1000),
                     sent + i,
                     created,
+                    args.type,
+                    args.lane,
                 )
                 for i in range(due_count)
             ]
@@ -157,7 +162,13 @@ async def backlog(args: argparse.Namespace) -> dict[str, Any]:
         created = datetime.now(UTC)
         now = time.time()
         batch = [
-            _row(round((now + rng.uniform(args.delay_min, args.delay_max)) * 1000), n, created)
+            _row(
+                round((now + rng.uniform(args.delay_min, args.delay_max)) * 1000),
+                n,
+                created,
+                args.type,
+                args.lane,
+            )
             for n in range(start, min(args.count, start + chunk))
         ]
         await _insert(conn, [r for r, _ in batch])
@@ -193,6 +204,8 @@ def main() -> None:
     # from the consumer (each commit is an fsync with the dev stack's settings).
     parser.add_argument("--tick", type=float, default=0.1)
     parser.add_argument("--result", type=Path, required=True)
+    parser.add_argument("--type", default=EVENT_TYPE, help="event type (steady, backlog)")
+    parser.add_argument("--lane", default="", help="the type's lane if it has limits")
     args = parser.parse_args()
     run = {"steady": steady, "preload": preload, "backlog": backlog}[args.mode]
     result = asyncio.run(run(args))

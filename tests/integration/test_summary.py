@@ -13,13 +13,15 @@ from tests.support.clients import query
 from tests.support.execution import insert_events, new_events
 
 
-def attempt(dsn: str, event_id: str, scheduled_for: datetime, lateness_ms: float) -> None:
+def attempt(
+    dsn: str, event_id: str, scheduled_for: datetime, lateness_ms: float, held_by: str | None = None
+) -> None:
     started = scheduled_for + timedelta(milliseconds=lateness_ms)
     query(
         dsn,
         "INSERT INTO event_attempts (event_id, attempt, scheduled_for, started_at,"
-        " lateness_ms, worker_id) VALUES (%s, 1, %s, %s, %s, 'w')",
-        (event_id, scheduled_for, started, lateness_ms),
+        " lateness_ms, worker_id, held_by) VALUES (%s, 1, %s, %s, %s, 'w', %s)",
+        (event_id, scheduled_for, started, lateness_ms, held_by),
     )
 
 
@@ -43,6 +45,11 @@ async def test_lateness_is_split_into_on_time_overdue_at_ingest_and_catch_up(
     due = datetime.fromtimestamp(down.execute_at, UTC)
     insert_events(database, [down], recorded_at=due - timedelta(seconds=60))
     attempt(database, down.id, due, 44_891.0)
+    # Held by its type's rate limit for 1.2 s: the limit's wait, not lateness.
+    (held,) = new_events(1, due=(now - timedelta(seconds=3)).timestamp(), type="held")
+    due = datetime.fromtimestamp(held.execute_at, UTC)
+    insert_events(database, [held], recorded_at=due - timedelta(seconds=10))
+    attempt(database, held.id, due, 1_200.0, held_by="rate")
     # Started more than a minute ago: not in the live view at all.
     (old,) = new_events(1, due=(now - timedelta(minutes=5)).timestamp(), type="old")
     insert_events(database, [old], recorded_at=now - timedelta(minutes=6))
@@ -55,7 +62,8 @@ async def test_lateness_is_split_into_on_time_overdue_at_ingest_and_catch_up(
         finally:
             await db.close()
 
-    assert set(figures) == {"on_time", "overdue_at_ingest", "catch_up"}
+    assert set(figures) == {"on_time", "overdue_at_ingest", "catch_up", "held"}
+    assert figures["held"] == Lateness(1_200.0, 1_200.0, 1)
     on = figures["on_time"]
     assert on.count == 3 and on.p50_ms == 2.0 and 2.9 < on.p99_ms <= 3.0
     assert figures["overdue_at_ingest"] == Lateness(509.0, 509.0, 1)

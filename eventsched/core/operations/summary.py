@@ -13,7 +13,9 @@ one of them says how punctual the scheduler is:
   ``send --in 500ms`` through a slow path, or a backlog in Kafka): it runs at once, and its
   lateness is the sender's, not the executor's;
 - **catch-up**: due before this run started (downtime): run as soon as possible after a
-  restart.
+  restart;
+- **held**: waited for its type's concurrency or rate limit (``[types]``): the wait is the
+  limit's, not lateness.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ STATUS_SQL = "SELECT status, count(*) FROM events GROUP BY status"
 # Lateness of attempts started in the last minute (enough for a live view, bounded cost), by
 # kind (the module docstring); parameter: when this run started.
 LATENESS_SQL = """
-SELECT CASE WHEN e.recorded_at >= a.scheduled_for THEN 'overdue_at_ingest'
+SELECT CASE WHEN a.held_by IS NOT NULL THEN 'held'
+            WHEN e.recorded_at >= a.scheduled_for THEN 'overdue_at_ingest'
             WHEN a.scheduled_for < %s THEN 'catch_up'
             ELSE 'on_time' END AS kind,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY a.lateness_ms),
@@ -51,11 +54,12 @@ FROM event_attempts a JOIN events e ON e.id = a.event_id
 WHERE a.started_at > now() - interval '60 seconds'
 GROUP BY kind
 """
-LATENESS_KINDS: Final = ("on_time", "overdue_at_ingest", "catch_up")
+LATENESS_KINDS: Final = ("on_time", "overdue_at_ingest", "catch_up", "held")
 _KIND_NAMES: Final = {
     "on_time": "on time",
     "overdue_at_ingest": "overdue at ingest",
     "catch_up": "catch-up",
+    "held": "held by a limit",
 }
 
 
