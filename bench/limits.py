@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
-from bench.report import fmt_ms, verdict
+from bench.report import fmt_ms, plot_cdf, pyplot, verdict
 from bench.run import BenchRun, log, noise, parse_args
 from bench.sampling import Sampler
 from bench.stack import RECOMMENDED_CONCURRENCY, Stack
-from bench.stats import lateness_summary, read_attempts, wait_for_count
+from bench.stats import lateness_summary, rate_series, read_attempts, wait_for_count
 
 TARGET_P99_MS = 10.0
 TARGET_MAX_MS = 50.0
@@ -77,6 +78,26 @@ def feeder_args(stack: Stack, mode: str, type_: str, lane: str, **kw: float) -> 
     for key, value in kw.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return [mode, *args]
+
+
+def plot(
+    path: Path, lateness_ms: list[float], slow: list[float], rated: list[float], t0: float
+) -> None:
+    """The unlimited type's lateness CDF; the limited types' starts per second."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    plot_cdf(left, {FREE: lateness_ms}, f"{FREE} (no limits): start lateness", TARGET_P99_MS)
+    for label, starts in ((f"{SLOW} (concurrency 2)", slow), (f"{RATED} (5/s)", rated)):
+        xs, ys = rate_series(starts, t0)
+        right.plot(xs, ys, label=label)
+    right.set_xlabel("seconds since the unlimited feed started")
+    right.set_ylabel("starts per second")
+    right.set_title("limited types: starts per second")
+    right.grid(True, alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -228,7 +249,13 @@ def main() -> None:
         "target_met": met,
         "cpu": cpu,
     }
-    run.finish(results, rows, notes)
+    slow_starts = [s for s, _ in slow]
+    run.finish(
+        results,
+        rows,
+        notes,
+        plot=lambda p: plot(p, free.lateness_ms, slow_starts, rated, fed["started_at"]),
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 #: The scripts that take the harness's ``--out-dir`` and write their JSON and plot there;
 #: the others print one JSON line.
-HARNESSED = ("lateness", "throughput", "ingest", "e2e", "memory", "api")
+HARNESSED = ("lateness", "throughput", "ingest", "e2e", "memory", "api", "limits")
 #: Seconds one quick run may take while the others run beside it.
 TIMEOUT = 300.0
 
@@ -114,6 +114,16 @@ def test_lateness_quick(quick_runs: dict[str, QuickRun]) -> None:
     assert ours["memory"]["hwm_mb"] > 0
     assert stock["finished"] == fed and stock["lateness_ms"]["count"] == fed
     assert stock["lateness_ms"]["min"] >= 0  # stock SAQ never starts early either
+
+
+def test_limits_quick(quick_runs: dict[str, QuickRun]) -> None:
+    r = run_quick(quick_runs, "limits")
+    fed = r["fed"]["sent"]
+    assert fed > 100
+    assert r["lateness_ms"]["count"] == fed and r["lateness_ms"]["early"] == 0
+    # The limits held while the unlimited type ran beside them.
+    assert r["slow"]["attempts"] > 0 and r["slow"]["max_overlap"] <= 2
+    assert r["rated"]["attempts"] > 0 and r["rated"]["max_per_second"] <= 6
 
 
 def test_throughput_quick(quick_runs: dict[str, QuickRun]) -> None:
