@@ -85,6 +85,17 @@ class LeaderLock:
         self.held = bool(await self._query("SELECT pg_try_advisory_lock(%s)", [self.key]))
         return self.held
 
+    async def campaign(self, leading: bool) -> bool:
+        """One round of leadership: keep it (still held?) or try to take it. False when
+        PostgreSQL cannot answer (logged as ``leader_lock_unavailable`` with the duty)."""
+        try:
+            if leading:
+                return await self.still_held()
+            return await self.acquire()
+        except DependencyError as err:
+            log.warning("leader_lock_unavailable", duty=self._name, error=err.problem)
+            return False
+
     async def still_held(self) -> bool:
         """True while the session (and so the lock) is alive."""
         if not self.held or self._conn is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -36,13 +35,12 @@ from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.store import schedules as store
 from eventsched.plugins.api.app import Handlers, _answers, _query_time, _unavailable, json_response
-from eventsched.plugins.api.schemas import ApiError, FieldError, invalid
+from eventsched.plugins.api.schemas import ApiError, FieldError, invalid, json_object
 
 log = get_logger(__name__)
 
 #: ``GET .../next`` answers at most this many occurrences.
 MAX_NEXT: Final = 1000
-_DECODER: Final = msgspec.json.Decoder()
 # What stands in for a bad field while the others are checked (every error is listed).
 _STAND_INS: Final[dict[str, Any]] = {
     "type": "x",
@@ -176,14 +174,7 @@ def _not_found() -> ApiError:
 def _spec(raw: bytes) -> ScheduleSpec:
     """The body of ``POST /v1/schedules``: ``name`` and the keys of a schedule; 422 listing
     every bad field (each is checked with stand-ins for the others' bad values)."""
-    if not raw.strip():
-        raise invalid(FieldError("body", "a JSON object is required"))
-    try:
-        body = _DECODER.decode(raw)
-    except msgspec.DecodeError as err:
-        raise invalid(FieldError("body", f"invalid JSON: {err}")) from None
-    if not isinstance(body, dict):
-        raise invalid(FieldError("body", "must be a JSON object"))
+    body = json_object(raw)
     fields = {k: v for k, v in body.items() if k != "name"}
     errors = [FieldError(k, "unknown field") for k in fields if k not in FIELDS]
     fields = {k: v for k, v in fields.items() if k in FIELDS}

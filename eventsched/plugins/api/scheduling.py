@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-import msgspec
-
 from eventsched.core.domain.decode import DecodeLimits, decode_event
 from eventsched.core.domain.event import Event, format_time
 from eventsched.core.domain.wire import encode_event, kafka_headers, new_event
@@ -30,6 +28,7 @@ from eventsched.plugins.api.schemas import (
     due_time,
     field_for_reason,
     invalid,
+    json_object,
 )
 
 #: Events in one ``POST /v1/events/batch`` at most.
@@ -39,7 +38,6 @@ MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
 
 V1_HEADER_LIST: Final = kafka_headers()
 V1_HEADERS: Final[Mapping[str, bytes | None]] = dict(V1_HEADER_LIST)
-_DECODER: Final = msgspec.json.Decoder()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +83,7 @@ def field_of(message: str) -> FieldError:
 def prepare_batch(raw: bytes, now: datetime, limits: DecodeLimits) -> list[Prepared]:
     """Every event of a batch body ``{"events": [...]}``, or 422 naming each bad field as
     ``events[i].<field>`` (nothing of a batch with one bad event is published)."""
-    if not raw.strip():
-        raise invalid(FieldError("body", "a JSON object is required"))
-    try:
-        obj = _DECODER.decode(raw)
-    except msgspec.DecodeError as err:
-        raise invalid(FieldError("body", f"invalid JSON: {err}")) from None
-    if not isinstance(obj, dict):
-        raise invalid(FieldError("body", "must be a JSON object with an events array"))
+    obj = json_object(raw, "a JSON object with an events array")
     unknown = [FieldError(name, "unknown field") for name in obj if name != "events"]
     items = obj.get("events")
     if not isinstance(items, list):

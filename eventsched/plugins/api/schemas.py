@@ -106,17 +106,23 @@ def decode_body(raw: bytes, struct: type[StructT], *, optional: bool = False) ->
 
     ``optional``: an empty body means the struct's defaults.
     """
+    if optional and not raw.strip():
+        return msgspec.convert({}, struct)
+    return convert_object(json_object(raw), struct)
+
+
+def json_object(raw: bytes, what: str = "a JSON object") -> dict[str, Any]:
+    """A body that must hold a JSON object; 422 (field ``body``) for anything else.
+    ``what``: how the refusal names the object that was expected."""
     if not raw.strip():
-        if optional:
-            return msgspec.convert({}, struct)
-        raise invalid(FieldError("body", "a JSON object is required"))
+        raise invalid(FieldError("body", f"{what} is required"))
     try:
         obj = _DECODER.decode(raw)
     except msgspec.DecodeError as err:
         raise invalid(FieldError("body", f"invalid JSON: {err}")) from None
     if not isinstance(obj, dict):
-        raise invalid(FieldError("body", f"must be a JSON object, got {_kind(obj)}"))
-    return convert_object(obj, struct)
+        raise invalid(FieldError("body", f"must be {what}, got {_kind(obj)}"))
+    return obj
 
 
 def convert_object(obj: dict[str, Any], struct: type[StructT]) -> StructT:

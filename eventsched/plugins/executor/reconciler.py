@@ -184,7 +184,7 @@ class Reconciler:
         try:
             while True:
                 was_leading = leading
-                leading = await self._campaign(leading)
+                leading = await self.lock.campaign(leading)
                 if leading != was_leading:
                     log.info("reconciler_leader" if leading else "reconciler_follower",
                              lock_key=self.lock.key)  # fmt: skip
@@ -205,15 +205,6 @@ class Reconciler:
                 await trio.sleep_until(min(next_pass, next_gauges))
         finally:
             await self.lock.release()
-
-    async def _campaign(self, leading: bool) -> bool:
-        try:
-            if leading:
-                return await self.lock.still_held()
-            return await self.lock.acquire()
-        except DependencyError as err:
-            log.warning("reconciler_lock_unavailable", error=err.problem)
-            return False
 
     async def _safely(self, what: str, fn: Callable[[], Awaitable[object]]) -> None:
         try:

@@ -101,7 +101,7 @@ class ScheduleLeader:
             leading = False
             while True:
                 was_leading = leading
-                leading = await self._campaign(leading)
+                leading = await self.lock.campaign(leading)
                 if leading != was_leading:
                     log.info("schedule_leader" if leading else "schedule_follower",
                              lock_key=self.lock.key)  # fmt: skip
@@ -134,15 +134,6 @@ class ScheduleLeader:
         now = datetime.now(UTC)
         for row in applied.removed:
             await self.cancel(materialised_after(row.spec, row.materialised_through, now), row.spec)
-
-    async def _campaign(self, leading: bool) -> bool:
-        try:
-            if leading:
-                return await self.lock.still_held()
-            return await self.lock.acquire()
-        except DependencyError as err:
-            log.warning("schedule_lock_unavailable", error=err.problem)
-            return False
 
     async def materialise_once(self, now: datetime | None = None) -> int:
         """One pass over every schedule; returns how many occurrences were published."""
