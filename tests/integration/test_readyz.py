@@ -6,9 +6,12 @@ import time
 from pathlib import Path
 
 import httpx
+from confluent_kafka.admin import AdminClient
 
+from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.devpostgres import PostgresServer
 from tests.support.proc import AppProcess
+from tests.support.servers import Names
 
 
 def _poll_ready(port: int, want: int, timeout: float = 20.0) -> httpx.Response:
@@ -83,3 +86,41 @@ def test_a_role_started_while_redis_is_down_waits_for_it(tmp_path: Path) -> None
     finally:
         app.stop()
         server.stop()
+
+
+def test_a_role_whose_topics_are_missing_is_not_ready_and_creates_none(
+    kafka_bootstrap: str, names: Names
+) -> None:
+    """No client creates a topic by naming it (the dev broker made `events` with its own
+    partition count that way): /readyz names the command that creates them."""
+    app = AppProcess(
+        ["run", "--role", "producer", "--port", "0"],
+        env={
+            "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "EVENTSCHED_KAFKA__TOPIC": names.topic,
+            "EVENTSCHED_KAFKA__DLQ_TOPIC": names.dlq_topic,
+            "EVENTSCHED_PRODUCER__INTERVAL": "100ms",
+        },
+    )
+    try:
+        port = app.wait_event("http_listening")["port"]
+        deadline = time.monotonic() + 20
+        while True:  # past "not checked yet": the first check's answer
+            down = _poll_ready(port, 503).json()
+            problem = down["dependencies"]["kafka"]
+            if problem != "not checked yet" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert down["failing"] == ["kafka"]
+        assert names.topic in problem and names.dlq_topic in problem
+        assert "eventsched topics ensure" in problem
+        app.wait_event("producer_started", timeout=30)
+        # 20 sends in 2 s: with auto-creation, the first send's metadata request would have
+        # created the topic (it did on the dev broker).
+        time.sleep(2)
+        listed = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10)
+        assert not {names.topic, names.dlq_topic} & set(listed.topics)
+        ensure_topics(kafka_bootstrap, {names.topic: 1, names.dlq_topic: 1})
+        assert _poll_ready(port, 200).json()["dependencies"] == {"kafka": "ok"}
+    finally:
+        app.stop()

@@ -13,6 +13,7 @@ import pytest
 from eventsched.core.kafka import (
     CONSUMER_CLIENT_DEFAULTS,
     CONSUMER_DEFAULTS,
+    NO_AUTO_CREATE,
     PRODUCER_DEFAULTS,
     ClientKind,
     client_config,
@@ -54,6 +55,7 @@ def test_producer_lets_kafka_client_redirect_bootstrap_servers() -> None:
     )
     assert config == {
         **PRODUCER_DEFAULTS,
+        **NO_AUTO_CREATE,
         "bootstrap.servers": BOOTSTRAP,
         **CLIENT,
         "message.timeout.ms": 5,
@@ -70,6 +72,7 @@ def test_group_consumer_layers_defaults_client_consumer_client_then_own_keys() -
     assert config == {
         **CONSUMER_DEFAULTS,
         **CONSUMER_CLIENT_DEFAULTS,
+        **NO_AUTO_CREATE,
         **CLIENT,
         **CONSUMER_CLIENT,
         "bootstrap.servers": BOOTSTRAP,
@@ -85,7 +88,13 @@ def test_group_consumer_layers_defaults_client_consumer_client_then_own_keys() -
 def test_reader_takes_consumer_settings_without_the_role_defaults() -> None:
     own = {"group.id": "replay", "enable.auto.commit": False}
     config = config_from_settings(_settings(CLIENT, CONSUMER_CLIENT), ClientKind.READER, own)
-    assert config == {**CLIENT, **CONSUMER_CLIENT, "bootstrap.servers": BOOTSTRAP, **own}
+    assert config == {
+        **NO_AUTO_CREATE,
+        **CLIENT,
+        **CONSUMER_CLIENT,
+        "bootstrap.servers": BOOTSTRAP,
+        **own,
+    }
 
 
 def test_admin_pins_bootstrap_servers_and_ignores_consumer_settings() -> None:
@@ -96,8 +105,21 @@ def test_admin_pins_bootstrap_servers_and_ignores_consumer_settings() -> None:
         consumer_client=CONSUMER_CLIENT,
         own={"socket.timeout.ms": 2000},
     )
-    assert config == {**CLIENT, "bootstrap.servers": BOOTSTRAP, "socket.timeout.ms": 2000}
-    assert client_config(ClientKind.ADMIN, BOOTSTRAP) == {"bootstrap.servers": BOOTSTRAP}
+    assert config == {
+        **NO_AUTO_CREATE,
+        **CLIENT,
+        "bootstrap.servers": BOOTSTRAP,
+        "socket.timeout.ms": 2000,
+    }
+    assert client_config(ClientKind.ADMIN, BOOTSTRAP) == {
+        **NO_AUTO_CREATE,
+        "bootstrap.servers": BOOTSTRAP,
+    }
+
+
+@pytest.mark.parametrize("kind", list(ClientKind))
+def test_no_client_creates_a_topic_by_naming_it(kind: ClientKind) -> None:
+    assert client_config(kind, BOOTSTRAP)["allow.auto.create.topics"] is False
 
 
 def test_own_keys_win_over_every_setting() -> None:

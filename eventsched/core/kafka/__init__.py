@@ -25,6 +25,7 @@ from eventsched.core.kafka.admin import Admin, EmptyPartitions, check_broker, en
 from eventsched.core.kafka.clientconfig import (
     CONSUMER_CLIENT_DEFAULTS,
     CONSUMER_DEFAULTS,
+    NO_AUTO_CREATE,
     PRODUCER_DEFAULTS,
     ClientKind,
     client_config,
@@ -44,6 +45,7 @@ from eventsched.core.kafka.records import (
 __all__ = [
     "CONSUMER_CLIENT_DEFAULTS",
     "CONSUMER_DEFAULTS",
+    "NO_AUTO_CREATE",
     "PRODUCER_DEFAULTS",
     "Admin",
     "Batch",

@@ -106,23 +106,29 @@ async def check_broker(
     bootstrap: str,
     config: Mapping[str, Any] | None = None,
     *,
+    topics: Sequence[str] = (),
     request_timeout: float = 2.0,
     limiter: trio.CapacityLimiter | None = None,
 ) -> None:
-    """Readiness probe: the broker must answer a metadata request within ``request_timeout`` s.
+    """Readiness probe: the broker must answer a metadata request within ``request_timeout`` s
+    and list every one of ``topics`` (no client creates them: `eventsched topics ensure`).
 
     Runs in a thread (a fresh AdminClient each time, created and destroyed there); if the
     caller is cancelled the thread is abandoned and ends by itself within ``request_timeout``.
     Pass a ``limiter`` to keep probes off trio's default thread limiter.
 
     Raises:
-        DependencyError: no answer, or no broker in the answer.
+        DependencyError: no answer, no broker in the answer, or a topic missing.
     """
-    probe = functools.partial(_probe_broker, bootstrap, dict(config or {}), request_timeout)
+    probe = functools.partial(
+        _probe_broker, bootstrap, dict(config or {}), request_timeout, tuple(topics)
+    )
     await trio.to_thread.run_sync(probe, abandon_on_cancel=True, limiter=limiter)
 
 
-def _probe_broker(bootstrap: str, config: dict[str, Any], timeout: float) -> None:
+def _probe_broker(
+    bootstrap: str, config: dict[str, Any], timeout: float, topics: tuple[str, ...] = ()
+) -> None:
     admin = AdminClient(client_config(ClientKind.ADMIN, bootstrap, client=config))
     try:
         metadata = admin.list_topics(timeout=timeout)
@@ -130,6 +136,13 @@ def _probe_broker(bootstrap: str, config: dict[str, Any], timeout: float) -> Non
         raise DependencyError("kafka", f"broker {bootstrap}: {_describe(err)}") from err
     if not metadata.brokers:
         raise DependencyError("kafka", f"broker {bootstrap}: metadata lists no broker")
+    listed = {name for name, topic in metadata.topics.items() if topic.error is None}
+    missing = [name for name in topics if name not in listed]
+    if missing:
+        raise DependencyError(
+            "kafka",
+            f"topic {', '.join(missing)} does not exist: create it with `eventsched topics ensure`",
+        )
 
 
 def _partition_counts(admin: AdminClient, timeout: float) -> dict[str, int]:

@@ -68,11 +68,18 @@ class ClientKind(enum.Enum):
     ADMIN = "admin"
 
 
+#: No client of eventsched creates a topic by naming it. librdkafka lets a producer's (and an
+#: admin client's) metadata request create a missing topic on a broker that allows it, with
+#: the broker's default partition count (the dev broker made `events` with 4 partitions
+#: instead of kafka.partitions' 3 that way); topics come from `eventsched topics ensure` or
+#: the dev stack, and a role that finds one missing says so on /readyz.
+NO_AUTO_CREATE: Final[Mapping[str, Any]] = {"allow.auto.create.topics": False}
+
 _DEFAULTS: Final[Mapping[ClientKind, Mapping[str, Any]]] = {
-    ClientKind.PRODUCER: PRODUCER_DEFAULTS,
-    ClientKind.GROUP_CONSUMER: {**CONSUMER_DEFAULTS, **CONSUMER_CLIENT_DEFAULTS},
-    ClientKind.READER: {},
-    ClientKind.ADMIN: {},
+    ClientKind.PRODUCER: {**PRODUCER_DEFAULTS, **NO_AUTO_CREATE},
+    ClientKind.GROUP_CONSUMER: {**CONSUMER_DEFAULTS, **CONSUMER_CLIENT_DEFAULTS, **NO_AUTO_CREATE},
+    ClientKind.READER: NO_AUTO_CREATE,
+    ClientKind.ADMIN: NO_AUTO_CREATE,
 }
 _CONSUMER_KINDS: Final = frozenset({ClientKind.GROUP_CONSUMER, ClientKind.READER})
 

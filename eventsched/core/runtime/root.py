@@ -289,7 +289,10 @@ class Runtime:
     async def _kafka_check(self) -> None:
         from eventsched.core.kafka import check_broker
 
-        await check_broker(require_kafka(self.settings), dict(self.settings.kafka.client))
+        k = self.settings.kafka
+        await check_broker(
+            require_kafka(self.settings), dict(k.client), topics=(k.topic, k.dlq_topic)
+        )
 
 
 def _bad_setting(err: BaseException) -> ConfigError | PluginError | None:
