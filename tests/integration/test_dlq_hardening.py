@@ -205,6 +205,8 @@ async def test_consumer_dead_letter_delivery_failing_makes_readyz_503_until_it_d
             assert done.get(0, -1) < 0
 
             broker.start()  # blocks trio briefly; forked from the main thread on purpose
+            # The operator's part: no client creates a topic by naming it.
+            ensure_topics(broker.url, {topics.dlq_topic: 1})
 
             async def recovered() -> bool:
                 return not _stalled(runtime)
@@ -257,6 +259,7 @@ async def test_executor_dead_letter_delivery_failing_makes_readyz_503_until_it_d
             assert metric_value("eventsched_role_stalled", **labels) == 1
 
             broker.start()
+            ensure_topics(broker.url, {topics.dlq_topic: 1})  # no client creates topics
 
             async def published() -> bool:
                 rows = await trio.to_thread.run_sync(
