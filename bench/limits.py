@@ -29,6 +29,7 @@ from bench.run import BenchRun, log, noise, parse_args
 from bench.sampling import Sampler
 from bench.stack import RECOMMENDED_CONCURRENCY, Stack
 from bench.stats import lateness_summary, rate_series, read_attempts, wait_for_count
+from tests.support.execution import max_overlap
 
 TARGET_P99_MS = 10.0
 TARGET_MAX_MS = 50.0
@@ -48,16 +49,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency", type=int, default=RECOMMENDED_CONCURRENCY, help="executor slots (256)"
     )
-
-
-def max_overlap(intervals: list[tuple[float, float]]) -> int:
-    """The most intervals (start, end) that hold one instant (an end before a start at a tie)."""
-    edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    now = most = 0
-    for _, step in edges:
-        now += step
-        most = max(most, now)
-    return most
 
 
 def per_second(starts: list[float]) -> int:
@@ -199,7 +190,7 @@ def main() -> None:
 
     lat = lateness_summary(free.lateness_ms, free.early_by_timestamps)
     window = ended - fed["started_at"]
-    overlap = max_overlap([(s, e) for s, e in slow])
+    overlap = max_overlap(slow)
     rated_peak = per_second(rated)
     saturated = left.get(SLOW, 0) > 0 and left.get(RATED, 0) > 0
     ok = lat.get("count") == fed["sent"] and lat.get("early") == 0

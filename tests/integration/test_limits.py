@@ -32,6 +32,7 @@ from tests.support.execution import (
     attempt_rows,
     executor_env,
     insert_events,
+    max_overlap,
     new_events,
     queue_client,
     running_executor,
@@ -268,20 +269,6 @@ async def enqueue_as_the_consumer(redis_url: str, queue: str, events: Sequence[N
         )
 
 
-def max_overlap(rows: Sequence[AttemptRow]) -> int:
-    """The most attempts running at one instant (a finish before a start at the same
-    instant does not overlap)."""
-    edges = sorted(
-        [(r.started_at, 1) for r in rows] + [(r.finished_at or float("inf"), -1) for r in rows],
-        key=lambda edge: (edge[0], edge[1]),
-    )
-    running = most = 0
-    for _, step in edges:
-        running += step
-        most = max(most, running)
-    return most
-
-
 def p99(values: Sequence[float]) -> float:
     ordered = sorted(values)
     return ordered[max(0, -(-len(ordered) * 99 // 100) - 1)]
@@ -319,7 +306,9 @@ async def test_two_executors_keep_the_limits_while_an_unlimited_type_stays_on_ti
     rows = await trio.to_thread.run_sync(attempt_rows, database)
     assert len(rows) == len(events)  # one attempt each
     a_rows, b_rows, c_rows = rows_of(rows, a), rows_of(rows, b), rows_of(rows, c)
-    assert max_overlap(a_rows) == 2  # never more, and the limit was what bounded them
+    assert (
+        max_overlap((r.started_at, r.finished_at or float("inf")) for r in a_rows) == 2
+    )  # never more, and the limit was what bounded them
     assert len({r.worker_id for r in a_rows + b_rows + c_rows}) == 2  # both processes served
     # b: start k needs k + 1 tokens, and the bucket (1 at first) gains 5 per second from
     # the due time on, so start k is no earlier than due + k / 5: the 30 are spread over

@@ -8,7 +8,7 @@ them with ``trio.to_thread.run_sync``.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -93,6 +93,17 @@ class AttemptRow:
     error: str | None
     worker_id: str
     held_by: str | None  # the limit of its type that held it back (migration 000007)
+
+
+def max_overlap(intervals: Iterable[tuple[float, float]]) -> int:
+    """The most intervals (start, end) that hold one instant: the most attempts running at
+    once (an end and a start at the same instant do not overlap)."""
+    edges = sorted(edge for start, end in intervals for edge in ((start, 1), (end, -1)))
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
 
 
 def attempt_rows(dsn: str) -> list[AttemptRow]:

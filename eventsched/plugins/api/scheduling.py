@@ -102,7 +102,8 @@ def prepare_batch(raw: bytes, now: datetime, limits: DecodeLimits) -> list[Prepa
         try:
             if not isinstance(item, dict):
                 raise invalid(FieldError("body", "must be a JSON object"))
-            one = prepare(convert_object(item, ScheduleRequest), _key(item), now, limits)
+            body = convert_object(item, ScheduleRequest)
+            one = prepare(body, body.idempotency_key, now, limits)
         except ApiError as err:
             if err.status == 413:
                 raise ApiError(413, "too_large", f"{where}: {err.message}") from None
@@ -119,11 +120,6 @@ def prepare_batch(raw: bytes, now: datetime, limits: DecodeLimits) -> list[Prepa
     if errors:
         raise invalid(*errors)
     return prepared
-
-
-def _key(item: dict[str, Any]) -> str | None:
-    key = item.get("idempotency_key")
-    return key if isinstance(key, str) else None
 
 
 def _within(where: str, field: FieldError) -> FieldError:
