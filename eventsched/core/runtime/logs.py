@@ -1,4 +1,4 @@
-"""structlog configuration: JSON lines for containers (Loki/Promtail), console on a TTY.
+"""structlog configuration: JSON lines for containers (Alloy ships them to Loki), console on a TTY.
 
 Configured once by the composition root. Every line carries ``ts``, ``level``, ``event``,
 ``logger`` and the bound context (``role``, ``event_id``, ``partition``, ...). Secrets in
