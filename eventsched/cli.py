@@ -37,6 +37,27 @@ def _fail(code: int, message: str) -> NoReturn:
     sys.exit(code)
 
 
+def _dev_stack_hint(state: Any) -> None:
+    """After a command found no server: if a dev stack runs from this directory (its data
+    dir, ``dev.data_dir``) on other addresses than the command's settings, say which env
+    file to source (on stderr)."""
+    if not isinstance(state, State) or state._settings is None:
+        return
+    from eventsched.core.operations.devstack import env_file_hint
+
+    s = state.settings
+    hint = env_file_hint(
+        Path(s.dev.data_dir),
+        {
+            "EVENTSCHED_POSTGRES__DSN": s.postgres.dsn,
+            "EVENTSCHED_REDIS__URL": s.redis.url,
+            "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
+        },
+    )
+    if hint:
+        click.echo(f"eventsched: hint: {hint}", err=True)
+
+
 def handle_errors(fn: F) -> F:
     """Turn our errors into one clear line and the documented exit code."""
 
@@ -46,7 +67,11 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (ConfigError, PluginError) as err:
             _fail(2, f"error: {err}")
-        except (DependencyError, MigrationError, DevStackError) as err:
+        except DependencyError as err:
+            click.echo(f"eventsched: error: {err}", err=True)
+            _dev_stack_hint(args[0] if args else None)
+            sys.exit(1)
+        except (MigrationError, DevStackError) as err:
             _fail(1, f"error: {err}")
         except EventschedError as err:
             _fail(1, f"error: {err}")
@@ -316,6 +341,7 @@ def status(state: State, as_json: bool) -> None:
     else:
         click.echo(status_command.render_status(report))
     if not report.ok:
+        _dev_stack_hint(state)
         sys.exit(1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import psycopg
 import redis
 from confluent_kafka.admin import AdminClient
 
+from tests.support.cli import offline
 from tests.support.proc import AppProcess
 
 
@@ -52,6 +54,9 @@ def test_infra_only_starts_servers_writes_env_and_cleans_up(tmp_path: Path) -> N
         client = redis.Redis.from_url(env["EVENTSCHED_REDIS__URL"])
         assert client.ping()
         client.close()
+        ready = next(line for line in app.lines if line.get("event") == "dev_stack_ready")
+        assert ready["log_dir"] == str(data_dir / "logs")
+        assert ready["broker"].startswith("in memory only")
         children = _children(app.proc.pid)
         assert len(children) >= 3
         app.proc.send_signal(signal.SIGTERM)
@@ -103,3 +108,37 @@ def test_dev_runs_the_pipeline_end_to_end(tmp_path: Path) -> None:
     finally:
         app.kill()
     assert any(line.get("event") == "shutdown_complete" for line in app.lines)
+    # Not on a terminal, the live summary is a log line: the counts of this run, the totals
+    # from PostgreSQL, and the HTTP port, each named.
+    summaries = [line["summary"] for line in app.lines if line.get("event") == "dev_summary"]
+    assert summaries, "no summary line"
+    assert "this run: produced" in summaries[-1]
+    assert "PostgreSQL totals (every run): scheduled" in summaries[-1]
+    assert re.search(r"http http://127\.0\.0\.1:\d+ \(/metrics, /readyz\)", summaries[-1])
+
+
+def test_a_command_that_finds_no_server_names_the_running_stacks_env_file(
+    tmp_path: Path,
+) -> None:
+    """`status`, `dlq list`, `send` at other addresses than the running dev stack's: each
+    says which env file to source; once it is sourced, no hint."""
+    data_dir = tmp_path / "dev"
+    app = AppProcess(["dev", "--infra-only", "--data-dir", str(data_dir)])
+    hint = f"point this shell at it with: set -a; . {data_dir / 'env'}; set +a"
+    try:
+        app.wait_event("dev_stack_ready", timeout=60)
+        for args in (["status"], ["dlq", "list"]):
+            result = offline(*args, EVENTSCHED_DEV__DATA_DIR=str(data_dir))
+            assert result.returncode == 1, result.stderr
+            assert result.stderr.rstrip().endswith(hint), result.stderr
+        sourced = offline(
+            "status", EVENTSCHED_DEV__DATA_DIR=str(data_dir), **_read_env(data_dir / "env")
+        )
+        assert sourced.returncode == 0, sourced.stdout + sourced.stderr
+        assert "hint" not in sourced.stderr
+    finally:
+        app.kill()
+    # The stack is gone: the same failure, no hint.
+    result = offline("status", EVENTSCHED_DEV__DATA_DIR=str(data_dir))
+    assert result.returncode == 1
+    assert "hint" not in result.stderr

@@ -33,6 +33,14 @@ from eventsched.core.store import migrations
 
 log = get_logger(__name__)
 
+#: The dev broker (Tansu) keeps topics, messages and group offsets in memory only: said at
+#: start-up and in the live summary, so that nobody expects them back after a restart.
+BROKER_NOTE = (
+    "in memory only: topics, their messages (DLQ included) and committed offsets are lost "
+    "when eventsched dev stops; topics are created anew at every start, and PostgreSQL and "
+    "Redis keep their data"
+)
+
 
 def run_dev(
     settings_path: str | None,
@@ -61,13 +69,12 @@ def run_dev(
         settings = load_settings(settings_path, environ={**os.environ, **info.as_env()})
         _prepare(settings)
         env_file = stack.env_path
-        _announce(info, env_file, interactive, stack.timings.get("total", 0.0))
+        _announce(info, env_file, data_dir / "logs", interactive, stack.timings.get("total", 0.0))
         if infra_only:
             trio.run(_wait_for_stop, duration)
             return 0
-        runtime = Runtime(
-            settings, list(ROLES), port=port, extra_tasks=_extra_tasks(info, duration)
-        )
+        tasks = _extra_tasks(info, env_file, data_dir / "logs", duration)
+        runtime = Runtime(settings, list(ROLES), port=port, extra_tasks=tasks)
         return trio.run(runtime.run).exit_code
     finally:
         stack.stop()
@@ -101,19 +108,32 @@ def _log_to(data_dir: Path, interactive: bool) -> TextIO | None:
     return (logs / "eventsched.log").open("a", buffering=1)
 
 
-def _announce(info: DevStackInfo, env_file: Path, interactive: bool, seconds: float) -> None:
-    log.info("dev_stack_ready", env_file=str(env_file), seconds=round(seconds, 2), **info.as_env())
+def _announce(
+    info: DevStackInfo, env_file: Path, log_dir: Path, interactive: bool, seconds: float
+) -> None:
+    log.info(
+        "dev_stack_ready",
+        env_file=str(env_file),
+        log_dir=str(log_dir),
+        broker=BROKER_NOTE,
+        seconds=round(seconds, 2),
+        **info.as_env(),
+    )
     if interactive:
         print(f"eventsched dev: servers up in {seconds:.1f}s", flush=True)
         for key, value in info.as_env().items():
             print(f"  {key}={value}")
+        print(f"  logs: {log_dir}")
+        print(f"  the broker: {BROKER_NOTE}")
         print(f"  use them from another shell: set -a; . {env_file}; set +a", flush=True)
 
 
 def _extra_tasks(
-    info: DevStackInfo, duration: float | None
+    info: DevStackInfo, env_file: Path, log_dir: Path, duration: float | None
 ) -> list[Callable[[Runtime], Awaitable[None]]]:
-    from eventsched.core.operations.summary import live_summary
+    from eventsched.core.operations.summary import DevFacts, live_summary
+
+    facts = DevFacts(env_file=str(env_file), log_dir=str(log_dir))
 
     stack = {
         "postgres": info.postgres_dsn or "-",
@@ -122,7 +142,7 @@ def _extra_tasks(
     }
 
     async def summary(runtime: Runtime) -> None:
-        await live_summary(runtime, stack)
+        await live_summary(runtime, stack, facts=facts)
 
     async def stop_after(runtime: Runtime) -> None:
         assert duration is not None

@@ -42,6 +42,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ from eventsched.core.operations.devservers import (
 )
 from eventsched.core.runtime.errors import DevStackError
 
-__all__ = ["DevStack", "DevStackInfo"]
+__all__ = ["DevStack", "DevStackInfo", "env_file_hint", "running_stack_env"]
 
 _log = structlog.get_logger(__name__)
 
@@ -288,3 +289,42 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def running_stack_env(data_dir: Path) -> dict[str, str] | None:
+    """The settings a dev stack running on ``data_dir`` wrote to its env file, or None when
+    no stack runs there (no env file, or the pid in its lock file is gone: a stack killed
+    with ``kill -9`` leaves both files behind)."""
+    data_dir = Path(data_dir)
+    try:
+        pid = int((data_dir / "lock").read_text().strip() or "0")
+        text = (data_dir / "env").read_text()
+    except (OSError, ValueError):
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def env_file_hint(data_dir: Path, current: Mapping[str, str | None]) -> str | None:
+    """One line for a command that found no server: when a dev stack runs on ``data_dir``
+    and ``current`` (the command's EVENTSCHED_* connection settings) points elsewhere,
+    name the env file to source. None otherwise."""
+    stack = running_stack_env(data_dir)
+    if not stack:
+        return None
+    differ = sorted(key for key, value in stack.items() if current.get(key) != value)
+    if not differ:
+        return None
+    env_file = Path(data_dir) / "env"
+    return (
+        f"a dev stack is running from {data_dir}, on other servers than these settings "
+        f"({', '.join(differ)}); point this shell at it with: set -a; . {env_file}; set +a"
+    )

@@ -1,8 +1,11 @@
 """The live terminal summary of `eventsched dev`: what flowed through each stage.
 
-Counts of this process come from the metrics registry (all roles share the process in dev
-mode: they are this run's); statuses and lateness percentiles come from PostgreSQL, the
-source of truth (statuses are totals over every run).
+Two kinds of counts, and the summary names each: **this run**'s come from this process's
+metrics registry (all roles share the process in dev mode) and start at 0 on every start;
+**PostgreSQL totals** (events by status) count every event of every run on this data dir,
+since PostgreSQL keeps its data from one run to the next. Next to them: where the servers
+are, the HTTP port (``/metrics``, ``/readyz``), the log directory and the line that points
+another shell at the stack. The broker keeps everything in memory: the summary says so.
 
 Lateness (start - due, the last minute's attempts) is shown in three figures, because only
 one of them says how punctual the scheduler is:
@@ -93,9 +96,28 @@ def metric_total(name: str, **labels: str) -> float:
     return total
 
 
+#: What the broker of the dev stack loses when `eventsched dev` stops (memory only).
+BROKER_MEMORY_ONLY: Final = "in memory only: topics, DLQ and committed offsets end with this run"
+
+
+@dataclass(frozen=True)
+class DevFacts:
+    """Where a user of the dev stack looks: the env file to source, the log directory."""
+
+    env_file: str = ""
+    log_dir: str = ""
+
+    @property
+    def env_hint(self) -> str:
+        return f"set -a; . {self.env_file}; set +a" if self.env_file else ""
+
+
 @dataclass
 class Snapshot:
     stack: dict[str, str] = field(default_factory=dict)
+    facts: DevFacts = field(default_factory=DevFacts)
+    #: The HTTP port of /metrics, /healthz and /readyz (None until it is bound).
+    http_port: int | None = None
     roles: dict[str, bool] = field(default_factory=dict)
     failing: dict[str, str] = field(default_factory=dict)
     produced: int = 0
@@ -125,18 +147,29 @@ class Snapshot:
         down = f" DOWN: {','.join(sorted(self.failing))}" if self.failing else ""
         return (
             f"roles {roles}{down} | this run: produced {self.produced} consumed "
-            f"{self.consumed} retried {self.retried} dlq {self.dlq} | in PostgreSQL: scheduled "
-            f"{st.get('scheduled', 0)} running {st.get('running', 0)} succeeded "
-            f"{st.get('succeeded', 0)} dead {st.get('dead', 0)} cancelled "
-            f"{st.get('cancelled', 0)} | lateness (1 min) {lat or '-'}"
+            f"{self.consumed} retried {self.retried} dlq {self.dlq} | PostgreSQL totals "
+            f"(every run): scheduled {st.get('scheduled', 0)} running {st.get('running', 0)} "
+            f"succeeded {st.get('succeeded', 0)} dead {st.get('dead', 0)} cancelled "
+            f"{st.get('cancelled', 0)} | lateness (1 min) {lat or '-'} | {self._http()}"
         )
+
+    def _http(self) -> str:
+        if self.http_port is None:
+            return "http (not bound yet)"
+        return f"http http://127.0.0.1:{self.http_port} (/metrics, /readyz)"
 
     def table(self) -> Table:
         table = Table(title="eventsched dev", show_header=False, expand=False)
         table.add_column("what", style="bold")
         table.add_column("value")
         for name, url in self.stack.items():
-            table.add_row(name, url)
+            note = f"  ({BROKER_MEMORY_ONLY})" if name == "kafka" else ""
+            table.add_row(name, f"{url}{note}")
+        table.add_row(*self._http().split(" ", 1))
+        if self.facts.log_dir:
+            table.add_row("logs", self.facts.log_dir)
+        if self.facts.env_hint:
+            table.add_row("other shell", self.facts.env_hint)
         table.add_row(
             "roles",
             ", ".join(f"{r} {'ready' if ok else self._not_ready}" for r, ok in self.roles.items()),
@@ -145,15 +178,17 @@ class Snapshot:
             table.add_row("down", "; ".join(f"{k}: {v}" for k, v in sorted(self.failing.items())))
         st = self.statuses
         rows: list[tuple[str, Any]] = [
-            ("produced (this run)", self.produced),
-            ("consumed (this run)", self.consumed),
-            ("retried (this run)", self.retried),
-            ("DLQ (this run)", self.dlq),
-            ("scheduled (PostgreSQL)", st.get("scheduled", 0)),
-            ("running (PostgreSQL)", st.get("running", 0)),
-            ("succeeded (PostgreSQL)", st.get("succeeded", 0)),
-            ("dead (PostgreSQL)", st.get("dead", 0)),
-            ("cancelled (PostgreSQL)", st.get("cancelled", 0)),
+            ("this run", "counted by this process since it started"),
+            ("  produced", self.produced),
+            ("  consumed", self.consumed),
+            ("  retried", self.retried),
+            ("  sent to the DLQ", self.dlq),
+            ("PostgreSQL totals", "every event of every run on this data dir, by status"),
+            ("  scheduled", st.get("scheduled", 0)),
+            ("  running", st.get("running", 0)),
+            ("  succeeded", st.get("succeeded", 0)),
+            ("  dead", st.get("dead", 0)),
+            ("  cancelled", st.get("cancelled", 0)),
         ]
         for name, value in rows:
             table.add_row(name, str(value))
@@ -166,9 +201,13 @@ class Snapshot:
         return table
 
 
-async def take_snapshot(runtime: Runtime, stack: dict[str, str], started: datetime) -> Snapshot:
+async def take_snapshot(
+    runtime: Runtime, stack: dict[str, str], started: datetime, facts: DevFacts | None = None
+) -> Snapshot:
     snap = Snapshot(
         stack=stack,
+        facts=facts or DevFacts(),
+        http_port=runtime.bound_port,
         roles=dict(runtime.health.roles),
         failing=dict(runtime.health.failures),
         stopping=runtime.stopping.is_set(),
@@ -188,7 +227,12 @@ async def take_snapshot(runtime: Runtime, stack: dict[str, str], started: dateti
 
 
 async def live_summary(
-    runtime: Runtime, stack: dict[str, str], *, interval: float = 1.0, out: TextIO | None = None
+    runtime: Runtime,
+    stack: dict[str, str],
+    *,
+    facts: DevFacts | None = None,
+    interval: float = 1.0,
+    out: TextIO | None = None,
 ) -> None:
     """Refresh a table in place on a TTY; print one plain line per interval otherwise."""
     stream = out if out is not None else sys.stdout
@@ -197,11 +241,12 @@ async def live_summary(
         console = Console(file=stream)
         with Live(console=console, auto_refresh=False, transient=False) as live:
             while True:
-                live.update((await take_snapshot(runtime, stack, started)).table(), refresh=True)
+                snap = await take_snapshot(runtime, stack, started, facts)
+                live.update(snap.table(), refresh=True)
                 await trio.sleep(interval)
     else:
         # Not a terminal: keep stdout machine-readable, one structured line per period.
         while True:
             await trio.sleep(interval * 5)
-            snap = await take_snapshot(runtime, stack, started)
+            snap = await take_snapshot(runtime, stack, started, facts)
             log.info("dev_summary", summary=snap.line())
