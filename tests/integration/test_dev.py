@@ -40,7 +40,10 @@ def test_infra_only_starts_servers_writes_env_and_cleans_up(tmp_path: Path) -> N
             "EVENTSCHED_POSTGRES__DSN",
             "EVENTSCHED_REDIS__URL",
             "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS",
+            # Roles started by hand against the dev broker recover from a wedged group.
+            "EVENTSCHED_CONSUMER__REJOIN_AFTER",
         }
+        assert env["EVENTSCHED_CONSUMER__REJOIN_AFTER"] == "30s"
         with psycopg.connect(env["EVENTSCHED_POSTGRES__DSN"]) as conn:
             # Ready for roles started by hand: the schema is migrated ...
             assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)

@@ -5,6 +5,9 @@ while records of its topic wait that no member of its group commits, is stalled:
 ``/readyz`` answers 503 with ``"stalled": ["consumer: no partitions assigned for Ns"]`` and
 ``eventsched_role_stalled{role_name="consumer",reason="unassigned"}`` is 1, until partitions
 arrive. A spare consumer (other members hold every partition and keep up) stays ready.
+A consumer stalled in a group the broker wedged (Tansu) recovers with
+``consumer.rejoin_after``: it leaves, has the broker forget the group (offsets kept) and
+joins again.
 
 The other members of the group are plain confluent-kafka consumers driven from a thread
 (:class:`_Member`): one that holds its partitions without reading them stands for a member
@@ -27,7 +30,7 @@ import trio
 from confluent_kafka import Consumer, TopicPartition
 
 from eventsched.core.kafka import ensure_topics
-from tests.support.clients import FAST_GROUP_CONFIG, delete_queue_keys
+from tests.support.clients import FAST_GROUP_CONFIG, delete_queue_keys, query
 from tests.support.ingest import (
     count_rows,
     event_message,
@@ -327,82 +330,65 @@ async def test_a_spare_consumer_stays_ready_with_nothing_to_read(
 
 # -- (c) Tansu's wedged group ------------------------------------------------------------
 
-#: Seconds between the last members leaving and the consumer starting (it joins about a
-#: second later). Whether Tansu then wedges varies from try to try: with plain consumers
-#: and a 6 s session timeout, a join 5 s after two members left got no partitions for 20 s
-#: and more 3 times of 3, 3 s after 1 of 2, 8 s after 1 of 3, 0.5 s after 0 of 1; this
-#: test's first try wedged in about half of its runs. Hence several tries, a new group each.
-WEDGE_GAP = 4.5
+#: Seconds between the consumer's start and the departure of the member that holds every
+#: partition. Tansu (0.6) wedges the group when its leader leaves while another member is
+#: joining: the departed member stays the leader of the re-forming group, and every member
+#: that joins afterwards waits for its assignment, for good (a new member id included).
+#: Measured: 6 of 6 wedged with 0.5, 1 and 2 s.
+LEADER_LEAVES_AFTER = 1.0
 
 
-def test_readyz_catches_a_group_that_assigns_nothing_after_its_members_left(
+async def _wedge(holder: _Member) -> None:
+    """Call right after the consumer started: the holder (the group's leader) leaves while
+    the consumer joins."""
+    await trio.sleep(LEADER_LEAVES_AFTER)
+    await trio.to_thread.run_sync(holder.leave)
+
+
+async def test_readyz_catches_a_group_that_assigns_nothing_after_its_leader_left(
     make_settings: Any,
     kafka_bootstrap: str,
     names: Names,
     database: str,
     clean_queue: str,
 ) -> None:
-    """Tansu: after every member of a group has left, a member that joins a few seconds
-    later may get no partitions at all, for good. The records wait; /readyz must say so.
-
-    (A plain test running trio itself, so that the skip keeps its reason.)"""
+    """Tansu: the group's leader leaves while the consumer joins; the consumer gets no
+    partitions at all, and without ``consumer.rejoin_after`` (0, the default) it stays so.
+    The records wait; /readyz must say so."""
     ensure_topics(kafka_bootstrap, {names.topic: 3, names.dlq_topic: 1})
-    produce(kafka_bootstrap, names.topic, [event_message(e) for e in make_events(30)])
-    tries = 4
-    for attempt in range(tries):
-        group = f"{names.group}-{attempt}"
-        if trio.run(
-            _wedged_group_fails_readyz, make_settings, kafka_bootstrap, names.topic, group, database
-        ):
-            return
-    pytest.skip(f"Tansu assigned the partitions in all {tries} tries: no wedge to catch")
+    await trio.to_thread.run_sync(
+        produce, kafka_bootstrap, names.topic, [event_message(e) for e in make_events(30)]
+    )
+    holder = _Member(kafka_bootstrap, names.group, names.topic, commits=False)
+    try:
+        await _member_owns(holder, {0, 1, 2})
+        settings = watched(make_settings)
+        assert settings.consumer.rejoin_after == 0
+        async with running(settings, ["consumer"]) as runtime:
+            port = runtime.bound_port
+            assert port is not None and port > 0  # a real loopback port, not 0
+            await _wedge(holder)
+            seen: list[tuple[int, dict[str, Any]]] = []
 
+            async def verdict() -> bool:
+                seen.append(await _readiness(port))
+                rows = await trio.to_thread.run_sync(count_rows, database)
+                return bool(seen[-1][1].get("stalled")) or rows > 0
 
-async def _wedged_group_fails_readyz(
-    make_settings: Any, kafka_bootstrap: str, topic: str, group: str, database: str
-) -> bool:
-    """Two members join ``group`` and leave; WEDGE_GAP later the consumer joins. Returns
-    False when it got partitions (no wedge this time); asserts the stall when it got none."""
-    members = [_Member(kafka_bootstrap, group, topic, commits=False) for _ in range(2)]
-
-    async def all_hold() -> bool:
-        return all(member.owned() for member in members)
-
-    await wait_until(all_hold, limit=30)
-    for member in members:  # both at once
-        member.stop()
-    for member in members:
-        await trio.to_thread.run_sync(member.leave)
-    await trio.sleep(WEDGE_GAP)
-    settings = watched(make_settings, consumer_group=group)
-    async with running(settings, ["consumer"]) as runtime:
-        port = runtime.bound_port
-        assert port is not None and port > 0  # a real loopback port, not 0
-        seen: list[tuple[int, dict[str, Any]]] = []
-
-        async def verdict() -> bool:
-            seen.append(await _readiness(port))
-            rows = await trio.to_thread.run_sync(count_rows, database)
-            return bool(seen[-1][1].get("stalled")) or rows > 0
-
-        try:
             await wait_until(verdict, limit=40, interval=0.3)
-        except trio.TooSlowError:
-            raise AssertionError(
-                f"no partitions, no row and no stall in 40 s; last /readyz: {seen[-1:]}"
-            ) from None
-        status, body = seen[-1]
-        if not body.get("stalled"):
-            return False
-        assert status == 503
-        assert len(body["stalled"]) == 1 and STALL_TEXT.fullmatch(body["stalled"][0]), body
-        assert metric_value("eventsched_role_stalled", **STALL_LABELS) == 1
-        assert await trio.to_thread.run_sync(count_rows, database) == 0
-        # It stays stalled: the wedge does not end by itself within the test.
-        await trio.sleep(2.0)
-        status, body = await _readiness(port)
-        assert status == 503 and STALL_TEXT.fullmatch(body["stalled"][0]), body
-        return True
+            status, body = seen[-1]
+            if not body.get("stalled"):
+                pytest.skip("Tansu assigned the partitions: no wedge to catch")
+            assert status == 503
+            assert len(body["stalled"]) == 1 and STALL_TEXT.fullmatch(body["stalled"][0]), body
+            assert metric_value("eventsched_role_stalled", **STALL_LABELS) == 1
+            # It stays stalled: the wedge does not end by itself.
+            await trio.sleep(8.0)
+            status, body = await _readiness(port)
+            assert status == 503 and STALL_TEXT.fullmatch(body["stalled"][0]), body
+            assert await trio.to_thread.run_sync(count_rows, database) == 0
+    finally:
+        holder.leave()
 
 
 # -- "work is waiting" against the real broker ---------------------------------------------
@@ -462,3 +448,77 @@ def test_waiting_work_sees_records_inside_the_last_batch(
     assert waiting() == {0: (10, True), 1: (-1001, False)}
     produce(kafka_bootstrap, names.topic, [event_message(e, 1) for e in make_events(1)])
     assert waiting() == {0: (10, True), 1: (-1001, True)}
+
+
+# -- (d) the dev stack recovers from the wedge by itself -----------------------------------
+
+
+def _commit(bootstrap: str, group: str, topic: str, offsets: dict[int, int]) -> None:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        consumer.commit(
+            offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False
+        )
+    finally:
+        consumer.close()
+
+
+async def test_a_consumer_in_a_wedged_group_rejoins_and_keeps_the_committed_offsets(
+    make_settings: Any,
+    kafka_bootstrap: str,
+    names: Names,
+    database: str,
+    clean_queue: str,
+) -> None:
+    """The wedge of (c): the member that holds every partition (and leads the group) leaves
+    while the consumer is joining, and Tansu keeps it as the leader of the re-forming group,
+    so the consumer gets no partitions (a new member id alone does not help). With ``consumer.rejoin_after`` the consumer leaves, has the broker
+    forget the group (its committed offsets committed back) and joins again: it gets the
+    partitions and resumes at the committed offsets, reading nothing twice."""
+    ensure_topics(kafka_bootstrap, {names.topic: 3, names.dlq_topic: 1})
+    events = make_events(30)
+    await trio.to_thread.run_sync(
+        produce,
+        kafka_bootstrap,
+        names.topic,
+        [event_message(e, i % 3) for i, e in enumerate(events)],
+    )
+    # Records 0-3 of each partition were processed before: committed, never to be read again.
+    await trio.to_thread.run_sync(
+        _commit, kafka_bootstrap, names.group, names.topic, {0: 4, 1: 4, 2: 4}
+    )
+    holder = _Member(kafka_bootstrap, names.group, names.topic, commits=False)
+    try:
+        await _member_owns(holder, {0, 1, 2})
+        settings = make_settings(
+            consumer={**QUICK_WATCH, "rejoin_after": "2s"},
+            kafka={"consumer_client": GROUP_CONFIG},
+        )
+        async with running(settings, ["consumer"]) as runtime:
+            port = runtime.bound_port
+            assert port is not None and port > 0  # a real loopback port, not 0
+            await _wedge(holder)
+            seen: list[tuple[int, dict[str, Any]]] = []
+
+            async def stalled_or_rows() -> bool:
+                seen.append(await _readiness(port))
+                return bool(seen[-1][1].get("stalled")) or (
+                    await trio.to_thread.run_sync(count_rows, database) > 0
+                )
+
+            await wait_until(stalled_or_rows, limit=30, interval=0.2)
+            if not seen[-1][1].get("stalled"):
+                pytest.skip("Tansu assigned the partitions: no wedge to recover from")
+            assert await trio.to_thread.run_sync(count_rows, database) == 0
+            # The rejoin: 2 s after the stall, then a join (Tansu takes ~3 s).
+            await rows_reach(database, 18, limit=30)
+            await _wait_readyz(port, 200)
+            await trio.sleep(1.0)
+            # Exactly the records behind the committed offsets, none of those before them.
+            assert await trio.to_thread.run_sync(count_rows, database) == 18
+            rows = await trio.to_thread.run_sync(
+                query, database, "SELECT payload->>'n' FROM events ORDER BY 1"
+            )
+            assert sorted(int(n) for (n,) in rows) == list(range(12, 30))
+    finally:
+        holder.leave()

@@ -9,6 +9,7 @@ runs in trio and hops to a thread itself.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import time
 from collections.abc import Mapping, Sequence
@@ -245,6 +246,58 @@ class Admin:
     ) -> dict[int, tuple[int, bool]]:
         """Blocking: see :func:`waiting_work`."""
         return waiting_work(self._admin, self._config, group, topic, known_ends, empty, timeout)
+
+    def reset_group(self, group: str, timeout: float) -> dict[TopicPartitionKey, int] | None:
+        """Blocking: see :func:`reset_group`."""
+        return reset_group(self._admin, self._config, group, timeout)
+
+
+#: DeleteGroups answers that leave the group as it was: members are in it (Kafka refuses to
+#: delete such a group), or it is not there.
+_GROUP_KEPT: Final = frozenset({KafkaError.NON_EMPTY_GROUP, KafkaError.GROUP_ID_NOT_FOUND})
+
+
+def reset_group(
+    admin: AdminClient, config: Mapping[str, Any], group: str, timeout: float
+) -> dict[TopicPartitionKey, int] | None:
+    """Delete ``group``'s state on the broker and commit its offsets back: the way out of a
+    group the broker has wedged, for a member that has left it.
+
+    Tansu (the dev broker) can keep a member that left as the leader of a group that is
+    re-forming: every member that joins afterwards waits for that leader's assignment, which
+    never comes, and a new member id does not help; only deleting the group clears it.
+    Deleting also drops the committed offsets, so they are read first and committed again
+    (by a consumer that does not join). Kafka refuses to delete a group that has members
+    (``NON_EMPTY_GROUP``): then nothing changes. Returns the offsets committed back, or None
+    when the group was left as it was.
+
+    Between the deletion and the commit a member that joins finds no committed offset and
+    starts from ``auto.offset.reset``: records it reads again are recognised as duplicates
+    downstream. Raises DependencyError when the broker does not answer.
+    """
+    try:
+        listed = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
+        found = listed[group].result(timeout)
+        saved = [
+            TopicPartition(tp.topic, tp.partition, tp.offset)
+            for tp in found.topic_partitions or []
+            if tp.offset >= 0
+        ]
+        try:
+            admin.delete_consumer_groups([group], request_timeout=timeout)[group].result(timeout)
+        except KafkaException as err:
+            if _code(err) in _GROUP_KEPT:
+                return None
+            raise
+        if saved:
+            committer = Consumer({**config, "group.id": group, "enable.auto.commit": False})
+            try:
+                committer.commit(offsets=saved, asynchronous=False)
+            finally:
+                committer.close()
+    except (KafkaException, concurrent.futures.TimeoutError) as err:
+        raise DependencyError("kafka", f"cannot reset group {group}: {_describe(err)}") from err
+    return {(tp.topic, tp.partition): tp.offset for tp in saved}
 
 
 class EmptyPartitions:

@@ -33,6 +33,13 @@ from eventsched.core.store import migrations
 
 log = get_logger(__name__)
 
+#: Settings of every role run against the dev stack (its own, and, through the env file,
+#: those started by hand), unless the environment sets them. Tansu can wedge a consumer
+#: group after members leave (a member that left stays its leader, so nobody gets
+#: partitions): a consumer stalled that way rejoins after 30 s, having the broker forget
+#: the group (docs/operations.md, "The dev broker's consumer group").
+DEV_SETTINGS = {"EVENTSCHED_CONSUMER__REJOIN_AFTER": "30s"}
+
 #: The dev broker (Tansu) keeps topics, messages and group offsets in memory only: said at
 #: start-up and in the live summary, so that nobody expects them back after a restart.
 BROKER_NOTE = (
@@ -61,12 +68,15 @@ def run_dev(
             f"eventsched dev: starting PostgreSQL, Redis and the broker in {data_dir} ...",
             flush=True,
         )
-    stack = DevStack(data_dir)
+    dev_settings = {key: os.environ.get(key, value) for key, value in DEV_SETTINGS.items()}
+    stack = DevStack(data_dir, settings_env=dev_settings)
     info = stack.start()
     try:
         # Schema and topics before anything is announced, with --infra-only too: roles
         # started by hand against these servers find them ready (no role creates topics).
-        settings = load_settings(settings_path, environ={**os.environ, **info.as_env()})
+        settings = load_settings(
+            settings_path, environ={**os.environ, **dev_settings, **info.as_env()}
+        )
         _prepare(settings)
         env_file = stack.env_path
         _announce(info, env_file, data_dir / "logs", interactive, stack.timings.get("total", 0.0))

@@ -102,8 +102,12 @@ class DevStack:
         kafka: bool = True,
         fast: bool = False,
         start_timeout: float = 60.0,
+        settings_env: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
+        #: Further EVENTSCHED_* settings the env file carries (beyond the servers' addresses)
+        #: for every role started against this stack.
+        self.settings_env = dict(settings_env or {})
         self.fast = fast
         self.start_timeout = start_timeout
         self.postgres = PostgresServer(self.data_dir, fast=fast) if postgres else None
@@ -281,7 +285,8 @@ class DevStack:
     def _write_state(self, info: DevStackInfo) -> None:
         ports = {s.name: s.port for s in self.servers}
         _atomic_write(self.ports_path, json.dumps(ports, indent=2) + "\n")
-        lines = "".join(f"{key}={value}\n" for key, value in info.as_env().items())
+        pairs = {**self.settings_env, **info.as_env()}
+        lines = "".join(f"{key}={value}\n" for key, value in pairs.items())
         _atomic_write(self.env_path, lines)
 
 
@@ -320,7 +325,7 @@ def env_file_hint(data_dir: Path, current: Mapping[str, str | None]) -> str | No
     stack = running_stack_env(data_dir)
     if not stack:
         return None
-    differ = sorted(key for key, value in stack.items() if current.get(key) != value)
+    differ = sorted(key for key in current if key in stack and current[key] != stack[key])
     if not differ:
         return None
     env_file = Path(data_dir) / "env"

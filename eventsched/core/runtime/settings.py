@@ -161,6 +161,11 @@ class ConsumerSettings(_Section, frozen=True):
     # A consumer with no partitions for this long, while records of its topic wait that no
     # member commits, is stalled: /readyz answers 503 (checked every lag_interval).
     unassigned_grace: Duration = Duration(30.0)
+    # A consumer stalled that way (above) for this long leaves the group, has the broker
+    # forget the group's state (its committed offsets are committed back) and joins again;
+    # each further try waits twice as long, up to 8 times this. 0: never. For the dev
+    # broker, which can wedge a group (`eventsched dev` sets 30s); not needed with Kafka.
+    rejoin_after: Duration = Duration(0.0)
 
 
 class RetryBackoffSettings(_Section, frozen=True):
@@ -449,6 +454,8 @@ def _check(s: Settings) -> None:
         raise ConfigError("consumer.lag_interval", "must be positive")
     if s.consumer.unassigned_grace <= 0:
         raise ConfigError("consumer.unassigned_grace", "must be positive")
+    if s.consumer.rejoin_after < 0:
+        raise ConfigError("consumer.rejoin_after", "must be 0 (never) or positive")
     if s.executor.concurrency < 0:
         raise ConfigError("executor.concurrency", "must not be negative (0 means CPU count)")
     _positive("executor.max_retries", s.executor.max_retries)

@@ -136,30 +136,44 @@ class IngestConsumer:
                 "client.id": f"eventsched-consumer-{self._consumer_id}",
             },
         )
-        async with KafkaConsumer.open(
-            config,
-            [k.topic],
-            max_batch=s.max_batch,
-            poll_timeout=s.batch_timeout,
-            on_revoke=self._on_revoke,
-            hook_timeout=s.revoke_wait + 5.0,
-            close_timeout=min(10.0, self.settings.shutdown.grace),
-        ) as consumer:
-            self._retrying.consumer = consumer
-            task_status.started()
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._stop_intake_on_stopping, consumer)
-                    nursery.start_soon(self._partitions.refresh_lag, consumer)
-                    nursery.start_soon(self._partitions.watch_assignment, consumer)
-                    await self._pipeline(consumer)
-                    nursery.cancel_scope.cancel()
-            finally:
-                # Nothing is in flight any more (done or cancelled): the revoke hook that
-                # runs while the consumer closes must not wait for it.
-                self._in_flight = 0
-                self._idle.set()
-        self._log.info("consumer_stopped", **_stats(consumer))
+        started = False
+        while True:
+            # One Kafka consumer per pass; another pass only after a rejoin (the watch of
+            # the partitions decides it, see consumer.rejoin_after): a new member id, in a
+            # group the broker was made to forget.
+            rejoin = trio.Event()
+            async with KafkaConsumer.open(
+                config,
+                [k.topic],
+                max_batch=s.max_batch,
+                poll_timeout=s.batch_timeout,
+                on_revoke=self._on_revoke,
+                hook_timeout=s.revoke_wait + 5.0,
+                close_timeout=min(10.0, self.settings.shutdown.grace),
+            ) as consumer:
+                self._retrying.consumer = consumer
+                if not started:
+                    task_status.started()
+                    started = True
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._stop_intake_on_stopping, consumer)
+                        nursery.start_soon(_stop_intake_when_set, rejoin, consumer)
+                        nursery.start_soon(self._partitions.refresh_lag, consumer)
+                        nursery.start_soon(self._partitions.watch_assignment, consumer, rejoin)
+                        await self._pipeline(consumer)
+                        nursery.cancel_scope.cancel()
+                finally:
+                    # Nothing is in flight any more (done or cancelled): the revoke hook that
+                    # runs while the consumer closes must not wait for it.
+                    self._in_flight = 0
+                    self._idle.set()
+            self._log.info("consumer_stopped", **_stats(consumer))
+            if self.ctx.stopping.is_set() or not rejoin.is_set():
+                return
+            await self._partitions.reset_group()
+            if self.ctx.stopping.is_set():
+                return
 
     async def _stop_intake_on_stopping(self, consumer: KafkaConsumer) -> None:
         await self.ctx.stopping.wait()
@@ -299,6 +313,11 @@ class IngestConsumer:
         if scope.cancelled_caught:
             # Their commits will be refused as stale; the new owner reprocesses them.
             self._log.warning("revoke_before_batches_done", partitions=sorted(partitions))
+
+
+async def _stop_intake_when_set(event: trio.Event, consumer: KafkaConsumer) -> None:
+    await event.wait()
+    consumer.stop()
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
