@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import psycopg
 import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tests.support.cli import offline
@@ -145,3 +146,58 @@ def test_a_command_that_finds_no_server_names_the_running_stacks_env_file(
     result = offline("status", EVENTSCHED_DEV__DATA_DIR=str(data_dir))
     assert result.returncode == 1
     assert "hint" not in result.stderr
+
+
+def test_every_start_creates_the_topics_anew_on_the_memory_only_broker(tmp_path: Path) -> None:
+    """The broker forgets its topics and messages when the stack stops; the next start
+    creates both topics again (empty), while PostgreSQL keeps its rows."""
+    data_dir = tmp_path / "dev"
+
+    def start() -> tuple[AppProcess, dict[str, str]]:
+        app = AppProcess(["dev", "--infra-only", "--data-dir", str(data_dir)])
+        app.wait_event("dev_stack_ready", timeout=60)
+        return app, _read_env(data_dir / "env")
+
+    def ends(bootstrap: str) -> dict[str, int]:
+        """Messages on each topic (sum of its partitions' high watermarks)."""
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "dev-test-probe"})
+        try:
+            metadata = consumer.list_topics(timeout=10).topics
+            return {
+                name: sum(
+                    consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
+                    for p in metadata[name].partitions
+                )
+                for name in ("events", "events-dlq")
+            }
+        finally:
+            consumer.close()
+
+    app, env = start()
+    try:
+        producer = Producer({"bootstrap.servers": env["EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS"]})
+        producer.produce("events", b"not an event")
+        assert producer.flush(10) == 0
+        assert ends(env["EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS"])["events"] == 1
+        with psycopg.connect(env["EVENTSCHED_POSTGRES__DSN"], autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept_across_runs (n int)")
+        app.proc.send_signal(signal.SIGTERM)
+        assert app.wait(30) == 0
+    finally:
+        app.kill()
+
+    app, env = start()
+    try:
+        assert ends(env["EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS"]) == {"events": 0, "events-dlq": 0}
+        admin = AdminClient({"bootstrap.servers": env["EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS"]})
+        topics = admin.list_topics(timeout=10).topics
+        assert {name: len(topics[name].partitions) for name in ("events", "events-dlq")} == {
+            "events": 3,
+            "events-dlq": 3,
+        }
+        with psycopg.connect(env["EVENTSCHED_POSTGRES__DSN"]) as conn:
+            assert conn.execute("SELECT count(*) FROM kept_across_runs").fetchone() == (0,)
+        app.proc.send_signal(signal.SIGTERM)
+        assert app.wait(30) == 0
+    finally:
+        app.kill()
