@@ -30,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import TypeVar
 
 from saq.job import Job
 
@@ -39,6 +40,10 @@ from eventsched.core.jobqueue.edits import Removed
 from eventsched.core.jobqueue.jobs import Orphans, ScheduledJob
 from eventsched.core.jobqueue.limits import Lane, event_of
 from eventsched.core.runtime.errors import DependencyError
+from eventsched.core.runtime.logs import get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
 
 _JUMP_MULTIPLIER = 2862933555777941757
 _MASK64 = (1 << 64) - 1
@@ -83,6 +88,19 @@ def lane_share(lane: Lane, index: int, count: int) -> Lane:
         rate=lane.rate / count,
         burst=split(lane.burst),
     )
+
+
+class PartlyEnqueued(DependencyError):
+    """Some shards took their jobs, others did not answer (raised as their error)."""
+
+    def __init__(
+        self, error: DependencyError, failed: list[int], added: int, left_out: int
+    ) -> None:
+        super().__init__(error.dependency, error.problem)
+        self.error = error
+        self.failed = failed  # positions of the shards that did not answer
+        self.added = added  # new jobs on the shards that did
+        self.left_out = left_out  # jobs meant for the failed shards
 
 
 def shard_label(index: int, count: int) -> str:
@@ -155,18 +173,24 @@ class ShardedQueue:
         groups: dict[int, list[ScheduledJob]] = {}
         for job in jobs:
             groups.setdefault(shard_of(job.key, len(self.shards)), []).append(job)
-        # Every shard that answers gets its jobs, even if another is down; then the first
-        # failure is raised (a caller retries the whole call: enqueueing is idempotent).
+        # Every shard that answers gets its jobs, even if another is down; then the failure
+        # is raised (a caller retries the whole call: enqueueing is idempotent).
         added = 0
-        failed: DependencyError | None = None
+        failed: list[int] = []
+        error: DependencyError | None = None
+        left_out = 0
         for index, group in groups.items():
             try:
                 added += await self.shards[index].enqueue_many(group)
             except DependencyError as err:
-                failed = failed or err
-        if failed is not None:
-            raise failed
-        return added
+                failed.append(index)
+                error = error or err
+                left_out += len(group)
+        if error is None:
+            return added
+        if len(failed) == len(groups):
+            raise error
+        raise PartlyEnqueued(error, failed, added, left_out)
 
     async def remove_jobs(self, keys: Sequence[str]) -> Removed:
         """Remove these pending, untaken jobs from their events' shards; a key found on
@@ -198,38 +222,76 @@ class ShardedQueue:
         return await self.shards[home].place_job(job)
 
     # -- asked of every shard -----------------------------------------------------------------
+    #
+    # The reconciler's questions. With several shards a shard that does not answer is left
+    # out (logged) rather than failing the whole answer, so the other shards are still
+    # repaired: each answer says what it assumes of the silent shard. If no shard answers
+    # (or there is only one), the error is raised as from a JobQueue.
+
+    async def _each(self, ask: Callable[[JobQueue], Awaitable[T]]) -> list[T | None]:
+        """``ask`` every shard in turn; None for a shard that failed (see above)."""
+        answers: list[T | None] = []
+        first: DependencyError | None = None
+        for index, shard in enumerate(self.shards):
+            try:
+                answers.append(await ask(shard))
+            except DependencyError as err:
+                if len(self.shards) == 1:
+                    raise
+                first = first or err
+                log.warning("shard_unreachable", shard=index, error=err.problem)
+                answers.append(None)
+        if first is not None and all(a is None for a in answers):
+            raise first
+        return answers
+
+    def _homed_on(self, keys: Sequence[str], answers: Sequence[object | None]) -> set[str]:
+        """Of ``keys``, those whose event's shard did not answer."""
+        silent = {i for i, a in enumerate(answers) if a is None}
+        return {k for k in keys if shard_of(k, len(self.shards)) in silent} if silent else set()
 
     async def pending_keys(self, keys: Sequence[str]) -> set[str]:
-        """The subset of ``keys`` whose jobs are pending on any shard."""
-        found: set[str] = set()
-        for shard in self.shards:
-            wanted = [k for k in keys if k not in found]
-            if not wanted:
-                break
-            found |= await shard.pending_keys(wanted)
-        return found
+        """The subset of ``keys`` whose jobs are pending on any shard. Keys whose own shard
+        does not answer are counted as pending: they cannot be enqueued there now anyway."""
+        wanted = list(keys)
+        answers = await self._each(lambda shard: shard.pending_keys(wanted))
+        found = set().union(*(a for a in answers if a is not None))
+        return found | self._homed_on(wanted, answers)
 
     async def job_exists(self, key: str) -> bool:
         return bool(await self.pending_keys([key]))
 
     async def live_active(self, keys: Sequence[str]) -> set[str]:
-        """Of these job keys, those active on a live worker, on any shard."""
-        live: set[str] = set()
-        for shard in self.shards:
-            live |= await shard.live_active(keys)
-        return live
+        """Of these job keys, those active on a live worker, on any shard. Keys whose own
+        shard does not answer are counted as live: what cannot be seen is not taken over."""
+        wanted = list(keys)
+        answers = await self._each(lambda shard: shard.live_active(wanted))
+        live = set().union(*(a for a in answers if a is not None))
+        return live | self._homed_on(wanted, answers)
 
     async def requeue_orphans(
         self, keys: Sequence[str], stalled: Collection[tuple[str, str]] = ()
     ) -> Orphans:
-        """:meth:`JobQueue.requeue_orphans` on every shard (the ``stalled`` of one answer,
-        passed to the next call, holds job ids, which name their shard's queue alike)."""
+        """:meth:`JobQueue.requeue_orphans` on every shard that answers (the ``stalled`` of
+        one answer, passed to the next call, holds job ids, which name their shard's queue
+        alike)."""
+        wanted = list(keys)
         result = Orphans()
-        for shard in self.shards:
-            done = await shard.requeue_orphans(keys, stalled)
-            result.requeued += done.requeued
-            result.stalled |= done.stalled
+        for done in await self._each(lambda shard: shard.requeue_orphans(wanted, stalled)):
+            if done is not None:
+                result.requeued += done.requeued
+                result.stalled |= done.stalled
         return result
+
+    async def enqueue_reachable(self, jobs: Sequence[ScheduledJob]) -> int:
+        """:meth:`enqueue_many`, leaving out (logged) the jobs of a shard that does not
+        answer, when others did: the reconciler enqueues them on a later pass."""
+        try:
+            return await self.enqueue_many(jobs)
+        except PartlyEnqueued as err:
+            log.warning("shard_unreachable", shards=err.failed, error=err.error.problem,
+                        left_out=err.left_out)  # fmt: skip
+            return err.added
 
     async def counts(self) -> dict[str, int]:
         """The sum of every shard's :meth:`JobQueue.counts`."""

@@ -37,9 +37,11 @@ below then repair it, ``grace`` after each job's due time.
 With several shards (:mod:`eventsched.core.jobqueue.shards`) every shard has its own marker,
 and a shard that lost its data is restored alone: the leader walks the same candidates and
 enqueues only the events whose jobs live on that shard (by the id hash), so the other shards'
-jobs are neither touched nor delayed. A shard that cannot be reached is skipped in the
-marker check (logged); the other paths ask every shard whether a job is pending (a job left
-on the shard an older shard list gave it counts too), so their pass waits for it.
+jobs are neither touched nor delayed. The other paths ask every shard whether a job is
+pending (a job left on the shard an older shard list gave it counts too). A shard that
+cannot be reached is left out (logged): its marker is checked on a later pass, and the
+events whose jobs live there wait for it, while the other shards are repaired as usual
+(:class:`~eventsched.core.jobqueue.shards.ShardedQueue` says what each answer assumes).
 
 This covers Redis losing data (FLUSHALL, a restart without persistence), enqueues lost
 between PostgreSQL and Redis (consumer or executor crash), and workers killed mid-job. Every
@@ -305,7 +307,7 @@ class Reconciler:
         if missing:
             still = await recovery.still_waiting(self._db, reason, [c for c, _ in missing])
             missing = [(c, job) for c, job in missing if c.event_id in still]
-        added = await self._jobs.enqueue_many([job for _, job in missing]) if missing else 0
+        added = await self._jobs.enqueue_reachable([job for _, job in missing]) if missing else 0
         if added:
             metrics.RECONCILER_REQUEUED.labels(label).inc(added)
         return added
@@ -433,7 +435,7 @@ class Reconciler:
                 jobs.append(self._job_for(t.event_id, t.attempts + 1, t.next_attempt_at))
             elif t.status == "dead":
                 self._dead_letters.submit_nowait(t.event_id)
-        added = await self._jobs.enqueue_many(jobs) if jobs else 0
+        added = await self._jobs.enqueue_reachable(jobs) if jobs else 0
         if added:
             metrics.RECONCILER_REQUEUED.labels("stale_running").inc(added)
         return added
