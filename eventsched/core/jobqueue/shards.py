@@ -33,6 +33,7 @@ import hashlib
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeVar
 
+import trio
 from saq.job import Job
 
 from eventsched.core.jobqueue.adapter import JobQueue
@@ -139,10 +140,6 @@ class ShardedQueue:
     def count(self) -> int:
         return len(self.shards)
 
-    def shard_for(self, key: str) -> JobQueue:
-        """The shard of a job key's event."""
-        return self.shards[shard_of(key, len(self.shards))]
-
     def _by_shard(self, keys: Sequence[str]) -> dict[int, list[str]]:
         groups: dict[int, list[str]] = {}
         for key in keys:
@@ -173,19 +170,28 @@ class ShardedQueue:
         groups: dict[int, list[ScheduledJob]] = {}
         for job in jobs:
             groups.setdefault(shard_of(job.key, len(self.shards)), []).append(job)
-        # Every shard that answers gets its jobs, even if another is down; then the failure
-        # is raised (a caller retries the whole call: enqueueing is idempotent).
+        # The shards are asked in parallel (the time of one round trip, not one each). Every
+        # shard that answers gets its jobs, even if another is down; then the failure is
+        # raised (a caller retries the whole call: enqueueing is idempotent).
         added = 0
         failed: list[int] = []
         error: DependencyError | None = None
         left_out = 0
-        for index, group in groups.items():
+
+        async def enqueue(index: int, group: list[ScheduledJob]) -> None:
+            nonlocal added, error, left_out
             try:
-                added += await self.shards[index].enqueue_many(group)
+                new = await self.shards[index].enqueue_many(group)
             except DependencyError as err:
                 failed.append(index)
                 error = error or err
                 left_out += len(group)
+            else:
+                added += new  # after the await: `added += await ...` would read it before
+
+        async with trio.open_nursery() as nursery:
+            for index, group in groups.items():
+                nursery.start_soon(enqueue, index, group)
         if error is None:
             return added
         if len(failed) == len(groups):
