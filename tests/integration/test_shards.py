@@ -173,6 +173,48 @@ async def test_after_a_shard_is_added_jobs_on_their_old_shard_are_found_and_edit
             await after.close()
 
 
+# -- the consumer with a shard down ---------------------------------------------------------------
+
+
+def test_the_consumer_enqueues_on_the_shard_that_answers_and_retries_the_other(
+    make_settings: Any, tmp_path: Path, names: Names, database: str, kafka_bootstrap: str
+) -> None:
+    """Shard 1 is down while a batch arrives: shard 0's jobs are enqueued (and counted) at
+    once, the batch's offsets wait, and shard 1 gets its jobs once it is back."""
+    ensure_topics(kafka_bootstrap, {names.topic: 1, names.dlq_topic: 1})
+    with (
+        started(RedisServer(tmp_path / "s0", fast=True)) as first,
+        started(RedisServer(tmp_path / "s1", fast=True)) as second,
+    ):
+        urls = [first.url, second.url]
+        settings = sharded_settings(make_settings, urls)
+        now = datetime.now(UTC)
+        events = [new_event("t", {"n": i}, now + timedelta(minutes=10)) for i in range(40)]
+        home = {str(e.id): shard_of(str(e.id), 2) for e in events}
+        scheduled = sample("eventsched_jobs_scheduled_total")
+
+        async def run() -> None:
+            async with running(settings, ["consumer"]):
+                await trio.to_thread.run_sync(second.stop)
+                await trio.to_thread.run_sync(
+                    produce, kafka_bootstrap, names.topic, [event_message(e) for e in events]
+                )
+                on_0 = {i for i, s in home.items() if s == 0}
+                await wait_until(lambda: pending(urls[0], names.queue) == on_0, limit=15)
+                await wait_until(
+                    lambda: sample("eventsched_jobs_scheduled_total") == scheduled + len(on_0),
+                    limit=5,
+                )
+                await trio.to_thread.run_sync(second.start)
+                on_1 = {i for i, s in home.items() if s == 1}
+                await wait_until(lambda: pending(urls[1], names.queue) == on_1, limit=30)
+                await wait_until(
+                    lambda: sample("eventsched_jobs_scheduled_total") == scheduled + 40, limit=5
+                )
+
+        trio.run(run)
+
+
 # -- 5,000 events, two shards, two executors -----------------------------------------------------
 
 EVENTS = 5000

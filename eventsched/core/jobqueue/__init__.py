@@ -81,7 +81,7 @@ from eventsched.core.jobqueue.budget import PayloadBudget, payload_bytes, trim_h
 from eventsched.core.jobqueue.edits import Removed
 from eventsched.core.jobqueue.jobs import JobClaim, Orphans, PutBack, ScheduledJob
 from eventsched.core.jobqueue.scripts import TESTED_SAQ, TESTED_SAQ_RELEASE, check_saq_version
-from eventsched.core.jobqueue.shards import ShardedQueue, shard_of
+from eventsched.core.jobqueue.shards import PartlyEnqueued, ShardedQueue, shard_of
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
 from eventsched.core.jobqueue.worker import (
     JobContext,
@@ -101,6 +101,7 @@ __all__ = [
     "OnTimeQueue",
     "OnTimeWorker",
     "Orphans",
+    "PartlyEnqueued",
     "PayloadBudget",
     "PutBack",
     "Removed",
