@@ -4,8 +4,9 @@ its id hashes to.
 Covers the routing of enqueues and command edits, a shard added to a running system (jobs
 left on their old shard), 5,000 events through the consumer and two executor processes
 (one serving a subset of the shards) with every handler run counted, a FLUSHALL of one shard
-repaired by the reconciler while the other shard's events stay on time, the gauges per shard,
-``eventsched status`` and /readyz with a shard down.
+repaired by the reconciler while the other shard's events stay on time, limits divided
+among the shards, and a shard down: the consumer, the reconciler, the gauges per shard,
+``eventsched status`` and /readyz.
 """
 
 from __future__ import annotations
