@@ -30,6 +30,7 @@ from eventsched.core.jobqueue import ShardedQueue, shard_of
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.devbrokers import RedisServer
 from eventsched.core.operations.status import render_status, status
+from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.settings import Settings
 from tests.support import exec_handlers
 from tests.support.clients import query, status_counts
@@ -214,6 +215,35 @@ def test_the_consumer_enqueues_on_the_shard_that_answers_and_retries_the_other(
                 )
 
         trio.run(run)
+
+
+async def test_edits_of_events_on_a_shard_that_answers_go_on_while_another_is_down(
+    tmp_path: Path, names: Names
+) -> None:
+    far = time.time() + 600
+    events = new_events(40, due=far)
+    with (
+        started(RedisServer(tmp_path / "s0", fast=True)) as first,
+        started(RedisServer(tmp_path / "s1", fast=True)) as second,
+    ):
+        async with trio_asyncio.open_loop():
+            queue = ShardedQueue([first.url, second.url], names.queue, op_timeout=3.0)
+            await queue.connect()
+            try:
+                await queue.enqueue_many([make_job(e.id, 1, e.execute_at, 60) for e in events])
+                await trio.to_thread.run_sync(second.stop)
+                on_0 = [e.id for e in events if shard_of(e.id, 2) == 0]
+                on_1 = [e.id for e in events if shard_of(e.id, 2) == 1]
+                removed = await queue.remove_jobs(on_0[:2])
+                assert sorted(removed.removed) == sorted(on_0[:2])
+                # A cancel removes the next attempt's job too, usually not there: the other
+                # shards are asked for it, and the one that is down is skipped.
+                assert (await queue.remove_jobs([f"{on_0[3]}#2"])).removed == []
+                assert await queue.place_job(make_job(on_0[2], 1, far + 60, 60)) == "moved"
+                with pytest.raises(DependencyError, match=r"redis\[1\]"):
+                    await queue.remove_jobs(on_1[:1])  # its own shard must answer
+            finally:
+                await queue.close()
 
 
 # -- 5,000 events, two shards, two executors -----------------------------------------------------

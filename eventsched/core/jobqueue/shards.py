@@ -200,7 +200,9 @@ class ShardedQueue:
 
     async def remove_jobs(self, keys: Sequence[str]) -> Removed:
         """Remove these pending, untaken jobs from their events' shards; a key found on
-        none of them is looked for on the others (a job left there by an older shard list)."""
+        none of them is looked for on the others (a job left there by an older shard list).
+        Only the events' own shards must answer: a copy on a silent other shard is left to
+        the claim, whose compare-and-set in PostgreSQL refuses what was cancelled."""
         result = Removed()
         if not keys:
             return result
@@ -209,9 +211,9 @@ class ShardedQueue:
             result.removed += done.removed
             result.taken += done.taken
             rest = [k for k in group if k not in {*done.removed, *done.taken}]
-            for other, shard in enumerate(self.shards):
+            for other in range(len(self.shards)):
                 if rest and other != index:
-                    more = await shard.remove_jobs(rest)
+                    more = await self._elsewhere(other, rest)
                     result.removed += more.removed
                     result.taken += more.taken
                     rest = [k for k in rest if k not in {*more.removed, *more.taken}]
@@ -220,12 +222,23 @@ class ShardedQueue:
     async def place_job(self, job: ScheduledJob) -> str:
         """Have ``job`` pending on its event's shard at ``job.scheduled`` (see
         :meth:`JobQueue.place_job`); a pending copy on another shard (an older shard list)
-        is removed first, or, if a worker has taken it there, left alone (``taken``)."""
+        is removed first, or, if a worker has taken it there, left alone (``taken``). A copy
+        on a silent other shard stays: its claim finds the new due time in PostgreSQL and
+        puts it back until then, or runs the event once with this one."""
         home = shard_of(job.key, len(self.shards))
-        for index, shard in enumerate(self.shards):
-            if index != home and (await shard.remove_jobs([job.key])).taken:
+        for index in range(len(self.shards)):
+            if index != home and (await self._elsewhere(index, [job.key])).taken:
                 return "taken"
         return await self.shards[home].place_job(job)
+
+    async def _elsewhere(self, index: int, keys: list[str]) -> Removed:
+        """Remove copies of ``keys`` from a shard that is not their home; nothing (logged)
+        if that shard does not answer."""
+        try:
+            return await self.shards[index].remove_jobs(keys)
+        except DependencyError as err:
+            log.warning("shard_unreachable", shard=index, error=err.problem)
+            return Removed()
 
     # -- asked of every shard -----------------------------------------------------------------
     #
