@@ -91,6 +91,8 @@ GAUGES = frozenset(
         "eventsched_consumer_lag_messages",
         "eventsched_dependency_up",
         "eventsched_queue_jobs",
+        "eventsched_queue_shard_jobs",
+        "eventsched_queue_shard_up",
         "eventsched_events",
     }
 )

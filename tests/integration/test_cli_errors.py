@@ -87,6 +87,36 @@ def test_a_bad_role_plugin_exits_2_before_connecting() -> None:
     assert result.stdout == ""
 
 
+TWO_SHARDS = '["redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"]'
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"EVENTSCHED_REDIS__SHARDS": TWO_SHARDS},  # redis.url comes from the settings file
+            "invalid setting redis.shards: set either redis.url (one shard) or redis.shards, not both",
+        ),
+        (
+            {"EVENTSCHED_REDIS__URL": "", "EVENTSCHED_REDIS__SHARDS": TWO_SHARDS,
+             "EVENTSCHED_EXECUTOR__SHARDS": "[2]"},
+            "invalid setting executor.shards: 2 is not a shard: positions in redis.shards run"
+            " from 0 to 1",
+        ),
+        (
+            {"EVENTSCHED_REDIS__URL": "", "EVENTSCHED_REDIS__SHARDS": TWO_SHARDS,
+             "EVENTSCHED_TYPES__MAIL__CONCURRENCY": "1"},
+            "invalid setting types.mail.concurrency: must be at least the number of shards (2)",
+        ),
+    ],
+    ids=["url-and-shards", "executor-shard-out-of-range", "limit-below-the-shard-count"],
+)  # fmt: skip
+def test_bad_shard_settings_exit_2_before_connecting(env: dict[str, str], message: str) -> None:
+    result = eventsched("run", "--role", "executor", "--port", "0", **env)
+    assert_one_line_exit_2(result, message)
+    assert result.stdout == ""
+
+
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     with socket.socket() as sock:

@@ -22,11 +22,11 @@ import trio_asyncio
 from eventsched.core.domain.event import uuid7
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
 from eventsched.core.domain.policies import Policies
-from eventsched.core.jobqueue import JobQueue
+from eventsched.core.jobqueue import JobQueue, ShardedQueue
 from eventsched.core.kafka import KafkaProducer
 from eventsched.core.runtime.contracts import Resources, RoleContext
 from eventsched.core.runtime.health import Health
-from eventsched.core.runtime.settings import Settings
+from eventsched.core.runtime.settings import Settings, require_redis
 from eventsched.core.store.pool import Database
 from eventsched.plugins.executor import Executor
 from tests.support.clients import query, status_counts
@@ -151,7 +151,7 @@ class Harness:
 
     settings: Settings
     db: Database
-    jobs: JobQueue
+    jobs: ShardedQueue
     producer: KafkaProducer
     executor: Executor
     stopping: trio.Event
@@ -178,6 +178,17 @@ async def queue_client(url: str, queue: str) -> AsyncIterator[JobQueue]:
 
 
 @asynccontextmanager
+async def sharded_client(settings: Settings) -> AsyncIterator[ShardedQueue]:
+    """A connected ShardedQueue on the shards of ``settings`` (inside ``open_loop()``)."""
+    jobs = ShardedQueue(require_redis(settings), settings.redis.queue)
+    await jobs.connect()
+    try:
+        yield jobs
+    finally:
+        await jobs.close()
+
+
+@asynccontextmanager
 async def running_executor(settings: Settings, *, loop: bool = True) -> AsyncIterator[Harness]:
     """Run the executor role here until the block ends, then stop it gracefully."""
     if loop:
@@ -187,7 +198,7 @@ async def running_executor(settings: Settings, *, loop: bool = True) -> AsyncIte
     db = await Database.open(settings.postgres.dsn, max_size=4)
     try:
         async with (
-            queue_client(settings.redis.url, settings.redis.queue) as jobs,
+            sharded_client(settings) as jobs,
             KafkaProducer.open(
                 {"bootstrap.servers": settings.kafka.bootstrap_servers}, flush_timeout=5.0
             ) as producer,

@@ -64,7 +64,7 @@ def test_contract_env_keys_override() -> None:
     assert require_kafka(s) == "k1:9092,k2:9093"
     assert (s.kafka.topic, s.kafka.dlq_topic, s.kafka.partitions) == ("ev", "ev-dlq", 6)
     assert require_postgres(s) == "postgresql://u:pw@db:5432/x"
-    assert require_redis(s) == "redis://r:6379/1"
+    assert require_redis(s) == ("redis://r:6379/1",)
     assert s.http.port == 9000
     assert s.producer.interval == 0.5
     assert s.executor_concurrency == 7
@@ -149,7 +149,7 @@ def test_bad_values_name_the_key(env: dict[str, str], message: str) -> None:
         (
             {"EVENTSCHED_ENV": "production"},
             require_redis,
-            "invalid setting redis.url: required (set EVENTSCHED_REDIS__URL)",
+            "invalid setting redis.url: required (set EVENTSCHED_REDIS__URL, or redis.shards for several)",
         ),
         (
             {"EVENTSCHED_ENV": "production"},

@@ -68,7 +68,8 @@ around), :mod:`.budget` (the in-flight payload budget and heap trimming), :mod:`
 (ordered, atomic state changes), :mod:`.limits` (lanes: per-type limits and priorities,
 their keys), :mod:`.store` (:class:`OnTimeQueue`, the on-time store), :mod:`.edits`
 (removing pending jobs, moving one to a new due time: commands on events),
-:mod:`.orphans` (putting back jobs taken by workers that are gone), :mod:`.adapter` (:class:`JobQueue`, trio side), :mod:`.dispatcher` (claims for a worker's
+:mod:`.orphans` (putting back jobs taken by workers that are gone), :mod:`.adapter` (:class:`JobQueue`, trio side), :mod:`.shards` (:class:`ShardedQueue`: the queue
+over several Redis servers, an event's jobs on the shard its id hashes to), :mod:`.dispatcher` (claims for a worker's
 slots; it depends on the store, never the reverse) and :mod:`.worker` (:class:`OnTimeWorker`
 and its trio-side life cycle; it wires the dispatcher into the store). The package may import
 SAQ, redis, trio, trio-asyncio, msgspec and ``eventsched.core`` modules outside it (config,
@@ -80,6 +81,7 @@ from eventsched.core.jobqueue.budget import PayloadBudget, payload_bytes, trim_h
 from eventsched.core.jobqueue.edits import Removed
 from eventsched.core.jobqueue.jobs import JobClaim, Orphans, PutBack, ScheduledJob
 from eventsched.core.jobqueue.scripts import TESTED_SAQ, TESTED_SAQ_RELEASE, check_saq_version
+from eventsched.core.jobqueue.shards import PartlyEnqueued, ShardedQueue, shard_of
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
 from eventsched.core.jobqueue.worker import (
     JobContext,
@@ -99,14 +101,17 @@ __all__ = [
     "OnTimeQueue",
     "OnTimeWorker",
     "Orphans",
+    "PartlyEnqueued",
     "PayloadBudget",
     "PutBack",
     "Removed",
     "ScheduledJob",
+    "ShardedQueue",
     "check_saq_version",
     "drain_worker",
     "make_worker",
     "payload_bytes",
     "run_worker",
+    "shard_of",
     "trim_heap",
 ]

@@ -28,8 +28,8 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 
-def dependency_error(err: BaseException) -> DependencyError:
-    return DependencyError("redis", redact(str(err)) or type(err).__name__)
+def dependency_error(err: BaseException, dependency: str = "redis") -> DependencyError:
+    return DependencyError(dependency, redact(str(err)) or type(err).__name__)
 
 
 class JobQueue:
@@ -48,6 +48,7 @@ class JobQueue:
         connect_timeout: float = 5.0,
         op_timeout: float = 10.0,
         enqueue_chunk: int = 500,
+        dependency: str = "redis",
     ) -> None:
         # No socket timeout: redis-py 8 defaults to 5 s, and then sends every command via
         # `wait_for` (an extra task) and reads under a timer — a third of the worker's
@@ -62,6 +63,8 @@ class JobQueue:
         self._queue = OnTimeQueue(redis, name, ttl=ttl, enqueue_chunk=enqueue_chunk)
         self._op_timeout = op_timeout
         self.name = name
+        #: The name its errors and health checks go by (``redis[i]`` for a shard of several).
+        self.dependency = dependency
 
     @property
     def aio_queue(self) -> OnTimeQueue:
@@ -73,9 +76,11 @@ class JobQueue:
             with trio.fail_after(self._op_timeout):
                 result: T = await trio_asyncio.aio_as_trio(fn)(*args)
         except REDIS_ERRORS as err:
-            raise dependency_error(err) from err
+            raise dependency_error(err, self.dependency) from err
         except trio.TooSlowError as err:
-            raise DependencyError("redis", f"no answer within {self._op_timeout} s") from err
+            raise DependencyError(
+                self.dependency, f"no answer within {self._op_timeout} s"
+            ) from err
         return result
 
     async def connect(self) -> None:

@@ -39,7 +39,7 @@ from eventsched.core.runtime.settings import Settings, require_postgres, require
 from eventsched.core.store.executions import DEAD_REASONS
 
 if TYPE_CHECKING:
-    from eventsched.core.jobqueue import JobQueue
+    from eventsched.core.jobqueue import ShardedQueue
     from eventsched.core.store.pool import Database
 
 #: Characters of a DLQ value shown by ``dlq list``.
@@ -226,7 +226,7 @@ class _Reruns:
         self._settings = settings
         self._dry_run = dry_run
         self._db: Database | None = None
-        self._queue: JobQueue | None = None
+        self._queue: ShardedQueue | None = None
         self._would_rerun: set[str] = set()  # dry run: events an earlier letter re-runs
 
     async def rerun(self, event_id: str, attempts: int | None) -> str | None:
@@ -265,11 +265,11 @@ class _Reruns:
             ) from err
         return None
 
-    async def _connected_queue(self) -> JobQueue:
-        from eventsched.core.jobqueue import JobQueue
+    async def _connected_queue(self) -> ShardedQueue:
+        from eventsched.core.jobqueue import ShardedQueue
 
         if self._queue is None:
-            queue = JobQueue(
+            queue = ShardedQueue(
                 require_redis(self._settings), self._settings.redis.queue,
                 connect_timeout=SECTION_TIMEOUT,
             )  # fmt: skip

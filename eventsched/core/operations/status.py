@@ -156,15 +156,39 @@ async def _events_section(settings: Settings) -> dict[str, Any]:
 
 
 async def _queue_section(settings: Settings) -> dict[str, Any]:
-    from eventsched.core.jobqueue import JobQueue
+    """The queue's job counts, summed over the shards; with several shards, each shard's
+    too, and an error naming every shard that did not answer (the sums then leave it out)."""
+    from eventsched.core.jobqueue import ShardedQueue
+    from eventsched.core.jobqueue.shards import sum_counts
 
-    queue = JobQueue(require_redis(settings), settings.redis.queue, connect_timeout=SECTION_TIMEOUT)
+    queue = ShardedQueue(
+        require_redis(settings), settings.redis.queue, connect_timeout=SECTION_TIMEOUT
+    )
+    shards: list[dict[str, Any]] = []
+    answered: list[dict[str, int]] = []
+    errors: list[DependencyError] = []
     try:
-        await queue.connect()
-        counts = await queue.counts()
+        for index, shard in enumerate(queue.shards):
+            try:
+                await shard.connect()
+                counts = await shard.counts()
+            except DependencyError as err:
+                shards.append({"shard": index, "error": redact(str(err))})
+                errors.append(err)
+            else:
+                shards.append({"shard": index, **counts})
+                answered.append(counts)
     finally:
         await queue.close()
-    return {"name": settings.redis.queue, **counts}
+    if len(shards) == 1:
+        if errors:
+            raise errors[0]
+        return {"name": settings.redis.queue, **answered[0]}
+    section: dict[str, Any] = {"name": settings.redis.queue, **sum_counts(answered)}
+    section["shards"] = shards
+    if errors:
+        section["error"] = "; ".join(redact(str(err)) for err in errors)
+    return section
 
 
 async def _kafka_section_async(settings: Settings) -> dict[str, Any]:
@@ -229,11 +253,19 @@ def render_status(report: StatusReport) -> str:
             )
     queue = report.queue
     lines.append(f"QUEUE (Redis, SAQ queue {queue.get('name', '?')})")
-    if "error" in queue:
-        lines.append(f"  {queue['error']}")
-    else:
+    if "queued" in queue:
         for name in ("queued", "scheduled", "active"):
             lines.append(f"  {name:<10} {queue[name]:>12}")
+    for shard in queue.get("shards", ()):
+        if "error" in shard:
+            lines.append(f"  shard {shard['shard']}: down")
+        else:
+            counts = ", ".join(
+                f"{name} {shard[name]}" for name in ("queued", "scheduled", "active")
+            )
+            lines.append(f"  shard {shard['shard']}: {counts}")
+    if "error" in queue:
+        lines.append(f"  {queue['error']}")
     kafka = report.kafka
     lines.append("KAFKA")
     if "error" in kafka:

@@ -35,7 +35,7 @@ from eventsched.core.domain.handler import is_handler_factory
 from eventsched.core.runtime.errors import EventschedError, PluginError
 
 if TYPE_CHECKING:
-    from eventsched.core.jobqueue import JobQueue
+    from eventsched.core.jobqueue import ShardedQueue
     from eventsched.core.kafka import KafkaProducer
     from eventsched.core.runtime.health import Health
     from eventsched.core.runtime.settings import Settings
@@ -47,7 +47,7 @@ class Resources:
     """Adapters the runtime opened for the roles of this process (None when no role needs one)."""
 
     db: Database | None = None
-    queue: JobQueue | None = None
+    queue: ShardedQueue | None = None
     kafka_producer: KafkaProducer | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -56,7 +56,7 @@ class Resources:
             raise PluginError("resources", "db", "role did not declare 'postgres' in needs")
         return self.db
 
-    def require_queue(self) -> JobQueue:
+    def require_queue(self) -> ShardedQueue:
         if self.queue is None:
             raise PluginError("resources", "queue", "role did not declare 'redis' in needs")
         return self.queue

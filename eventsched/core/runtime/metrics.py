@@ -118,7 +118,19 @@ EXECUTION_HELD = Histogram(
 )
 QUEUE_JOBS = Gauge(
     "eventsched_queue_jobs", "SAQ jobs by state", ["state"], registry=REGISTRY
-)  # queued | scheduled | active
+)  # queued | scheduled | active (| lanes), summed over the shards
+QUEUE_SHARD_JOBS = Gauge(
+    "eventsched_queue_shard_jobs",
+    "SAQ jobs by shard (position in redis.shards) and state",
+    ["shard", "state"],
+    registry=REGISTRY,
+)
+QUEUE_SHARD_UP = Gauge(
+    "eventsched_queue_shard_up",
+    "1 if the reconciler leader's last gauge refresh could read the shard, else 0",
+    ["shard"],
+    registry=REGISTRY,
+)
 EVENTS_BY_STATUS = Gauge(
     "eventsched_events",
     "Events in PostgreSQL by status (exact up to 10,000 per status, estimated above)",

@@ -235,11 +235,14 @@ class Runtime:
                 )
                 self.health.add_check("postgres", resources.db.ping)
             if "redis" in self.needs:
-                from eventsched.core.jobqueue import JobQueue
+                from eventsched.core.jobqueue import ShardedQueue
 
-                resources.queue = JobQueue(require_redis(s), name=s.redis.queue)
-                self.health.add_check("redis", resources.queue.ping)
-                await self._until_connected("redis", resources.queue.connect)
+                resources.queue = ShardedQueue(require_redis(s), name=s.redis.queue)
+                # One check per shard: /readyz names the shard that is down.
+                for shard in resources.queue.shards:
+                    self.health.add_check(shard.dependency, shard.ping)
+                for shard in resources.queue.shards:
+                    await self._until_connected(shard.dependency, shard.connect)
             async with self._kafka_producer(resources):
                 if self.needs & {"kafka", "kafka_producer"}:
                     self.health.add_check("kafka", self._kafka_check)

@@ -11,6 +11,7 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -32,7 +33,12 @@ from eventsched.core.runtime.schedulesettings import (
     check_scheduler,
     convert_schedules,
 )
-from eventsched.core.runtime.typesettings import TypeSettings, check_types, convert_types
+from eventsched.core.runtime.typesettings import (
+    TypeSettings,
+    check_types,
+    convert_types,
+    type_key,
+)
 from eventsched.core.runtime.units import ByteSize, Duration, parse_duration, parse_size
 
 #: The roles ``--role all`` and ``eventsched dev`` run.
@@ -101,7 +107,9 @@ class PostgresSettings(_Section, frozen=True):
 
 
 class RedisSettings(_Section, frozen=True):
+    # One shard: `url`; several: `shards` (set one of the two). See eventsched.core.jobqueue.shards.
     url: str = ""
+    shards: tuple[str, ...] = ()
     queue: str = "eventsched"
 
 
@@ -205,6 +213,8 @@ class ExecutorSettings(_Section, frozen=True):
     webhook: WebhookSettings = WebhookSettings()
     # Payload bytes one process holds at once (0: no bound); see eventsched.core.jobqueue.budget.
     inflight_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
+    # The shards (0-based positions in redis.shards) this executor claims jobs from; empty: all.
+    shards: tuple[int, ...] = ()
 
 
 class ReconcilerSettings(_Section, frozen=True):
@@ -483,6 +493,7 @@ def _check(s: Settings) -> None:
     if s.reconciler.stale_after <= 0:
         raise ConfigError("reconciler.stale_after", "must be positive")
     _positive("reconciler.batch", s.reconciler.batch)
+    _check_shards(s)
     check_scheduler(s.scheduler, s.consumer.horizon)
     if s.shutdown.grace <= 0:
         raise ConfigError("shutdown.grace", "must be positive")
@@ -499,6 +510,51 @@ def _check(s: Settings) -> None:
             raise ConfigError(
                 f"webhooks.{type_}", f"expected an http:// or https:// URL, got {url!r}"
             )
+
+
+def _check_shards(s: Settings) -> None:
+    """``redis.shards`` and ``executor.shards``, and type limits that every shard can share."""
+    if s.redis.shards and s.redis.url:
+        raise ConfigError(
+            "redis.shards",
+            "set either redis.url (one shard) or redis.shards, not both (redis.url is set too)",
+        )
+    for i, url in enumerate(s.redis.shards):
+        _check_redis_url(f"redis.shards[{i}]", url)
+        if url in s.redis.shards[:i]:
+            raise ConfigError(f"redis.shards[{i}]", "the same URL as an earlier shard")
+    count = len(s.redis.shards) or 1
+    for i, index in enumerate(s.executor.shards):
+        if not 0 <= index < count:
+            raise ConfigError(
+                "executor.shards",
+                f"{index} is not a shard: positions in redis.shards run from 0 to {count - 1}",
+            )
+        if index in s.executor.shards[:i]:
+            raise ConfigError("executor.shards", f"shard {index} is named twice")
+    if count == 1:
+        return
+    # A limit is divided among the shards (eventsched.core.jobqueue.shards.lane_share): each
+    # needs a part of at least one.
+    for type_, t in s.types.items():
+        if t.concurrency and t.concurrency < count:
+            raise ConfigError(
+                type_key(type_, "concurrency"),
+                f"must be at least the number of shards ({count}): each shard gets a share",
+            )
+        if t.rate:
+            burst = t.burst or max(1, math.floor(t.rate))
+            if burst < count:
+                raise ConfigError(
+                    type_key(type_, "burst"),
+                    f"is {burst}{'' if t.burst else ' (by default: the rate)'}; it must be at "
+                    f"least the number of shards ({count}): each shard's bucket gets a share",
+                )
+
+
+def _check_redis_url(key: str, url: str) -> None:
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(key, "must start with redis://, rediss:// or unix://")
 
 
 def _check_webhook(w: WebhookSettings) -> None:
@@ -562,13 +618,17 @@ def _ambiguous_userinfo(url: str) -> bool:
     return "@" in userinfo or "/" in userinfo
 
 
-def require_redis(s: Settings) -> str:
+def require_redis(s: Settings) -> tuple[str, ...]:
+    """The URLs of the job queue's shards: ``redis.shards``, else ``redis.url`` alone."""
+    if s.redis.shards:
+        return s.redis.shards
     url = s.redis.url
     if not url:
-        raise ConfigError("redis.url", "required (set EVENTSCHED_REDIS__URL)")
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
-    return url
+        raise ConfigError(
+            "redis.url", "required (set EVENTSCHED_REDIS__URL, or redis.shards for several)"
+        )
+    _check_redis_url("redis.url", url)
+    return (url,)
 
 
 def require_kafka(s: Settings) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eventsched.core.domain.jobcontract import FIRST_ATTEMPT, job_key, make_job
-from eventsched.core.jobqueue import JobQueue, ScheduledJob
+from eventsched.core.jobqueue import ScheduledJob, ShardedQueue
 from eventsched.core.kafka import Record
 from eventsched.core.store import commands as commandstore
 from eventsched.core.store.commands import Applied, CommandRow
@@ -51,7 +51,7 @@ class Commands:
         self,
         *,
         db: Database,
-        queue: JobQueue,
+        queue: ShardedQueue,
         job_timeout: int,
         retrying: DependencyRetry,
         log: Any,

@@ -18,6 +18,7 @@ import trio
 
 from eventsched.core.domain.jobcontract import saq_timeout
 from eventsched.core.domain.policies import Policies
+from eventsched.core.jobqueue import PartlyEnqueued, ScheduledJob
 from eventsched.core.kafka import (
     Batch,
     ClientKind,
@@ -218,7 +219,7 @@ class IngestConsumer:
                 batch, after=previous.inserted, inserted=current.inserted
             )
             if recorded.jobs:
-                added = await self._retrying(self._queue.enqueue_many, recorded.jobs)
+                added = await self._retrying(self._enqueue, recorded.jobs)
                 metrics.JOBS_SCHEDULED.inc(added)
                 recorded.jobs = []  # scheduled: not needed while the commit waits
             if recorded.commands:
@@ -229,6 +230,16 @@ class IngestConsumer:
             current.done.set()
         finally:
             slots.release()
+
+    async def _enqueue(self, jobs: Sequence[ScheduledJob]) -> int:
+        """Enqueue a batch's jobs; the new ones on shards that answered are counted even
+        when another shard did not (the retry then finds them there and counts only the
+        rest)."""
+        try:
+            return await self._queue.enqueue_many(jobs)
+        except PartlyEnqueued as err:
+            metrics.JOBS_SCHEDULED.inc(err.added)
+            raise
 
     async def _in_fetch_order(
         self,

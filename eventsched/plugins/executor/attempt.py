@@ -34,10 +34,10 @@ from eventsched.core.domain.policies import Policies, TypePolicy
 from eventsched.core.jobqueue import (
     REDIS_ERRORS,
     JobContext,
-    JobQueue,
     PayloadBudget,
     PutBack,
     ScheduledJob,
+    ShardedQueue,
     payload_bytes,
 )
 from eventsched.core.runtime import metrics
@@ -99,7 +99,7 @@ class Attempts:
         self,
         settings: Settings,
         *,
-        jobs: JobQueue,
+        jobs: ShardedQueue,
         worker_id: str,
         dead_letters: DeadLetters,
         leases: Leases,
@@ -207,7 +207,7 @@ class Attempts:
             self._log.error("job_with_bad_event_id", event_id=repr(event_id))
             return
         # Held back by a limit of its type (the claim script said so), or free to run.
-        held = self._jobs.aio_queue.held_reason(ctx["job"].id) if "job" in ctx else ""
+        held = self._jobs.held_reason(ctx["job"]) if "job" in ctx else ""
         # A claim asks for the first attempt with 0 (see ClaimRequest).
         request = ClaimRequest(
             event_id, 0 if is_first_attempt(number) else number, started, held or None
@@ -407,7 +407,7 @@ class Attempts:
             )
         for (label, status), n in counts.items():
             metrics.EXECUTIONS.labels(label, status).inc(n)
-        self._jobs.aio_queue.forget_lanes_nowait(done_laned)
+        self._jobs.forget_lanes_nowait(done_laned)
         if retries:
             task = asyncio.ensure_future(self._enqueue_retries(retries))
             self.retrying.add(task)
@@ -415,7 +415,7 @@ class Attempts:
 
     async def _enqueue_retries(self, jobs: list[ScheduledJob]) -> None:
         try:
-            await self._jobs.aio_queue.enqueue_scheduled(jobs)
+            await self._jobs.aio_enqueue(jobs)
         except REDIS_ERRORS as err:
             # The events are `retrying` in PostgreSQL; the reconciler enqueues them after grace.
             self._log.warning(

@@ -34,6 +34,15 @@ restore, or a new leader finding one half done, starts it over. A loss while no 
 runs (or before a new leader's first pass) cannot be told from a first start: the paths
 below then repair it, ``grace`` after each job's due time.
 
+With several shards (:mod:`eventsched.core.jobqueue.shards`) every shard has its own marker,
+and a shard that lost its data is restored alone: the leader walks the same candidates and
+enqueues only the events whose jobs live on that shard (by the id hash), so the other shards'
+jobs are neither touched nor delayed. The other paths ask every shard whether a job is
+pending (a job left on the shard an older shard list gave it counts too). A shard that
+cannot be reached is left out (logged): its marker is checked on a later pass, and the
+events whose jobs live there wait for it, while the other shards are repaired as usual
+(:class:`~eventsched.core.jobqueue.shards.ShardedQueue` says what each answer assumes).
+
 This covers Redis losing data (FLUSHALL, a restart without persistence), enqueues lost
 between PostgreSQL and Redis (consumer or executor crash), and workers killed mid-job. Every
 re-enqueue uses the executor's key scheme, so a job that does exist is never doubled, and
@@ -50,7 +59,8 @@ TTL makes two leaders. Leadership only saves duplicate work: every step above is
 twice.
 
 The leader also refreshes the ``eventsched_events{status}``, ``eventsched_queue_jobs{state}``
-and ``eventsched_oldest_overdue_seconds`` gauges every ``reconciler.gauge_interval`` (other
+(summed over the shards; per shard ``eventsched_queue_shard_jobs{shard,state}`` and
+``eventsched_queue_shard_up{shard}``) and ``eventsched_oldest_overdue_seconds`` gauges every ``reconciler.gauge_interval`` (other
 processes clear theirs, or show 0, so a dashboard sums or maxes without double counting).
 """
 
@@ -66,7 +76,7 @@ import trio
 
 from eventsched.core.domain.event import STATUSES
 from eventsched.core.domain.jobcontract import FIRST_ATTEMPT
-from eventsched.core.jobqueue import JobQueue, ScheduledJob
+from eventsched.core.jobqueue import ScheduledJob, ShardedQueue, shard_of
 from eventsched.core.runtime import metrics
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
@@ -145,7 +155,7 @@ class Reconciler:
         *,
         settings: Settings,
         db: Database,
-        jobs: JobQueue,
+        jobs: ShardedQueue,
         dead_letters: DeadLetterSink,
         job_for: JobFor,  # the executor's job builder: same keys, kwargs and timeout
     ) -> None:
@@ -173,8 +183,10 @@ class Reconciler:
             connect_timeout=float(settings.postgres.connect_timeout),
         )
         self.passes = 0
-        self._seen_marker = False  # this process has seen the epoch marker in Redis
-        self._restore: _Restore | None = None  # a restore in progress
+        # Per shard (position in the shard list): this process has seen the epoch marker
+        # there; a restore of that shard in progress.
+        self._seen_marker: dict[int, bool] = {}
+        self._restores: dict[int, _Restore] = {}
 
     # -- leadership loop -----------------------------------------------------------------------
 
@@ -191,6 +203,8 @@ class Reconciler:
                     if not leading:
                         metrics.EVENTS_BY_STATUS.clear()
                         metrics.QUEUE_JOBS.clear()
+                        metrics.QUEUE_SHARD_JOBS.clear()
+                        metrics.QUEUE_SHARD_UP.clear()
                         metrics.OLDEST_OVERDUE.set(0)
                 now = trio.current_time()
                 if not leading:
@@ -266,9 +280,16 @@ class Reconciler:
         handle = functools.partial(self._requeue_page, reason, reason)
         return (await self._each_page(reason, age, handle)).total
 
-    async def _requeue_page(self, reason: str, label: str, page: list[Candidate]) -> int:
+    async def _requeue_page(
+        self, reason: str, label: str, page: list[Candidate], *, shard: int | None = None
+    ) -> int:
         """Enqueue the jobs of ``page`` that are not pending and whose event is still in
-        the state ``reason`` found it in; returns how many were added."""
+        the state ``reason`` found it in; returns how many were added. With ``shard``, only
+        the events whose jobs live on that shard (a restore of that shard)."""
+        if shard is not None:
+            page = [c for c in page if shard_of(c.event_id, self._jobs.count) == shard]
+            if not page:
+                return 0
         attempt_of = ATTEMPT_OF[reason]
         jobs = [self._job_for(c.event_id, attempt_of(c), c.at.timestamp()) for c in page]
         pending = await self._jobs.pending_keys([job.key for job in jobs])
@@ -286,7 +307,7 @@ class Reconciler:
         if missing:
             still = await recovery.still_waiting(self._db, reason, [c for c, _ in missing])
             missing = [(c, job) for c, job in missing if c.event_id in still]
-        added = await self._jobs.enqueue_many([job for _, job in missing]) if missing else 0
+        added = await self._jobs.enqueue_reachable([job for _, job in missing]) if missing else 0
         if added:
             metrics.RECONCILER_REQUEUED.labels(label).inc(added)
         return added
@@ -294,30 +315,46 @@ class Reconciler:
     # -- Redis lost its data: restore every pending job ------------------------------------------
 
     async def _restore_if_lost(self) -> int:
-        """Check the epoch marker; restore (part of) the queue if Redis lost its data."""
-        marker = await self._jobs.get_marker()
-        restore = self._restore
+        """Check every shard's epoch marker; restore (part of) a shard that lost its data."""
+        added = 0
+        for index in range(self._jobs.count):
+            try:
+                added += await self._restore_shard_if_lost(index)
+            except DependencyError as err:
+                # The others are checked (and restored) all the same.
+                log.warning("reconciler_pass_failed", step="restore", shard=index,
+                            error=str(err))  # fmt: skip
+        return added
+
+    async def _restore_shard_if_lost(self, index: int) -> int:
+        """Check one shard's epoch marker; restore (part of) it if it lost its data: the
+        scheduled and retrying events whose jobs live there, soonest first."""
+        shard = self._jobs.shards[index]
+        where = {"queue": self._jobs.name, "shard": index}
+        marker = await shard.get_marker()
+        restore = self._restores.get(index)
         if restore is not None and marker != restore.marker:
             restore = None  # lost again during the restore: start over
-            self._seen_marker = True
+            self._seen_marker[index] = True
         if restore is None:
-            if marker is None and not self._seen_marker:
+            if marker is None and not self._seen_marker.get(index):
                 # Never seen: a first start (or a loss before this leader's first pass).
-                await self._jobs.set_marker(MARKER_OK)
-                self._seen_marker = True
+                await shard.set_marker(MARKER_OK)
+                self._seen_marker[index] = True
                 return 0
             if marker is not None and not marker.startswith(MARKER_RESTORING):
-                self._seen_marker = True
+                self._seen_marker[index] = True
                 return 0
             # Gone since we saw it, or a restore that another leader left half done.
             restore = _Restore(f"{MARKER_RESTORING}{secrets.token_hex(8)}")
-            await self._jobs.set_marker(restore.marker)
+            await shard.set_marker(restore.marker)
             log.warning(
                 "redis_data_lost",
-                queue=self._jobs.name,
-                note="enqueuing every scheduled and retrying event again, soonest first",
+                **where,
+                note="enqueuing every scheduled and retrying event of the shard again,"
+                " soonest first",
             )
-        self._restore = restore
+        self._restores[index] = restore
         added = 0
         pages = 0
         while restore.reasons and pages < MAX_PAGES:
@@ -325,7 +362,7 @@ class Reconciler:
             paged = await self._each_page(
                 reason,
                 0.0,
-                functools.partial(self._requeue_page, reason, "redis_lost"),
+                functools.partial(self._requeue_page, reason, "redis_lost", shard=index),
                 after=restore.cursor,
                 max_pages=MAX_PAGES - pages,
             )
@@ -338,11 +375,11 @@ class Reconciler:
             else:
                 restore.cursor = paged.resume
         if not restore.reasons:
-            self._restore = None
-            if await self._jobs.set_marker(MARKER_OK, expect=restore.marker):
-                log.info("redis_restore_done", queue=self._jobs.name, enqueued=restore.restored)
+            del self._restores[index]
+            if await shard.set_marker(MARKER_OK, expect=restore.marker):
+                log.info("redis_restore_done", **where, enqueued=restore.restored)
             else:
-                log.warning("redis_data_lost_during_restore", queue=self._jobs.name)
+                log.warning("redis_data_lost_during_restore", **where)
         return added
 
     async def _take_over_stale(self) -> int:
@@ -398,7 +435,7 @@ class Reconciler:
                 jobs.append(self._job_for(t.event_id, t.attempts + 1, t.next_attempt_at))
             elif t.status == "dead":
                 self._dead_letters.submit_nowait(t.event_id)
-        added = await self._jobs.enqueue_many(jobs) if jobs else 0
+        added = await self._jobs.enqueue_reachable(jobs) if jobs else 0
         if added:
             metrics.RECONCILER_REQUEUED.labels("stale_running").inc(added)
         return added
@@ -417,7 +454,18 @@ class Reconciler:
         counts = await recovery.status_counts(self._db)
         for status in STATUSES:
             metrics.EVENTS_BY_STATUS.labels(status).set(counts.get(status, 0))
-        for state, count in (await self._jobs.counts()).items():
+        total: dict[str, int] = {}
+        for index, answer in enumerate(await self._jobs.shard_counts()):
+            up = not isinstance(answer, DependencyError)
+            metrics.QUEUE_SHARD_UP.labels(str(index)).set(1 if up else 0)
+            if isinstance(answer, DependencyError):
+                log.warning("shard_counts_failed", shard=index, error=answer.problem)
+                continue
+            for state, count in answer.items():
+                metrics.QUEUE_SHARD_JOBS.labels(str(index), state).set(count)
+                total[state] = total.get(state, 0) + count
+        # The total of the shards that answered (a shard down shows in eventsched_queue_shard_up).
+        for state, count in total.items():
             metrics.QUEUE_JOBS.labels(state).set(count)
         overdue = await events.oldest_overdue(self._db)
         metrics.OLDEST_OVERDUE.set(0.0 if overdue is None else overdue.overdue_seconds)

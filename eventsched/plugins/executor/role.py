@@ -26,6 +26,7 @@ from eventsched.core.jobqueue import (
     make_worker,
     run_worker,
 )
+from eventsched.core.jobqueue.shards import each_lane_share
 from eventsched.core.runtime.contracts import RoleContext, check_handler
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
@@ -39,6 +40,12 @@ from eventsched.plugins.executor.schedules import ScheduleLeader
 
 # One logger name for the whole role, as before it was split into modules.
 log = get_logger("eventsched.plugins.executor")
+
+
+def split_slots(concurrency: int, workers: int) -> list[int]:
+    """``concurrency`` slots shared out among ``workers`` as evenly as can be, at least one
+    each."""
+    return [max(1, concurrency // workers + (i < concurrency % workers)) for i in range(workers)]
 
 
 class Executor:
@@ -60,9 +67,16 @@ class Executor:
             if s.executor.inflight_bytes
             else None
         )
-        # Per-type limits and priorities: the claim serves each type's lane by them.
+        # Per-type limits and priorities: the claim serves each type's lane by them; with
+        # several shards each shard's claim enforces its share of a limit (shards.lane_share).
         policies = Policies(s)
-        self._jobs.aio_queue.set_lanes(policies.lanes, policies.default.priority)
+        shards = self._jobs.shards
+        for index, shard in enumerate(shards):
+            shard.aio_queue.set_lanes(
+                each_lane_share(policies.lanes, index, len(shards)), policies.default.priority
+            )
+        #: The shards this process claims jobs from (``executor.shards``; empty: all).
+        self.served: tuple[int, ...] = s.executor.shards or tuple(range(len(shards)))
         self.dead_letters = DeadLetters(
             self._db,
             self._producer,
@@ -89,7 +103,7 @@ class Executor:
             budget=self._budget,
             log=self._log,
         )
-        self.worker: OnTimeWorker | None = None
+        self.workers: list[OnTimeWorker] = []
         self.reconciler: Reconciler | None = None
         self.schedules = ScheduleLeader(
             settings=s, db=self._db, producer=self._producer, specs=specs_from_settings(s)
@@ -170,15 +184,22 @@ class Executor:
         # wants an int expiry).
         r = s.reconciler
         info_every = int(max(1, min(10, r.stale_after // 4, (r.grace - 1) // 2)))
-        self.worker = worker = make_worker(
-            self._jobs,
-            [(EXECUTE_FUNCTION, self.attempts.execute_event)],
-            concurrency=s.executor_concurrency,
-            claim_ahead=CLAIM_AHEAD,
-            id=self.worker_id,
-            timers={"worker_info": info_every},
-            payload_budget=self._budget,
-        )
+        # One worker per served shard; the process's slots and payload budget are shared
+        # out among them (the slots evenly: the id hash spreads events evenly).
+        self.workers = workers = [
+            make_worker(
+                self._jobs.shards[index],
+                [(EXECUTE_FUNCTION, self.attempts.execute_event)],
+                concurrency=slots,
+                claim_ahead=CLAIM_AHEAD,
+                id=self.worker_id,
+                timers={"worker_info": info_every},
+                payload_budget=self._budget,
+            )
+            for index, slots in zip(
+                self.served, split_slots(s.executor_concurrency, len(self.served)), strict=True
+            )
+        ]
         self.reconciler = Reconciler(
             settings=s,
             db=self._db,
@@ -187,7 +208,8 @@ class Executor:
             job_for=self.attempts.job_for,
         )
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_worker, worker)
+            for worker in workers:
+                await nursery.start(run_worker, worker)
             nursery.start_soon(self.leases.renew)
             nursery.start_soon(self.leases.reap)
             reconciling = trio.CancelScope()
@@ -197,14 +219,17 @@ class Executor:
             if s.scheduler.enabled:
                 nursery.start_soon(self._lead_schedules, scheduling)
             self._log.info(
-                "executor_started", concurrency=s.executor_concurrency, queue=self._jobs.name
-            )
+                "executor_started", concurrency=s.executor_concurrency, queue=self._jobs.name,
+                shards=list(self.served), of_shards=len(self._jobs.shards),
+            )  # fmt: skip
             task_status.started()
             await self.ctx.stopping.wait()
             reconciling.cancel()  # intake stops: no more re-enqueues
             scheduling.cancel()  # nor new occurrences
             self._log.info("executor_draining", running=len(self.leases.held))
-            await drain_worker(worker)
+            async with trio.open_nursery() as draining:
+                for worker in workers:
+                    draining.start_soon(drain_worker, worker)
             self._log.info("executor_drained")
             nursery.cancel_scope.cancel()
 
