@@ -125,6 +125,18 @@ def forecast_bars(fc: overview.Forecast, now: datetime) -> tuple[list[Bar], int]
     return bars(values), group
 
 
+def hour_values(hour: overview.LastHour, now: datetime) -> list[tuple[str, float]]:
+    """Attempts per minute for every minute of the last hour (none: 0), oldest first."""
+    first = (now - timedelta(hours=1)).replace(second=0, microsecond=0)
+    counts = {m.minute.astimezone(UTC): m.attempts for m in hour.minutes}
+    values = []
+    for i in range(61):
+        minute = first + timedelta(minutes=i)
+        n = counts.get(minute, 0)
+        values.append((f"{format_time(minute)[11:16]}Z: {n}", float(n)))
+    return values
+
+
 def _time(value: datetime | None) -> str:
     return "-" if value is None else format_time(value)
 
@@ -346,10 +358,7 @@ class Console:
         dead, undeliverable = await self.h._read(overview.dead_by_reason)
         forecast_chart, group = forecast_bars(fc, now)
         busiest = sorted(fc.minutes, key=lambda m: (-m[1], m[0]))[:10]
-        hour_chart = bars(
-            [(f"{format_time(m.minute)[11:16]}Z: {m.attempts}", float(m.attempts))
-             for m in hour.minutes]
-        )  # fmt: skip
+        hour_chart = bars(hour_values(hour, now))
         return self.render(
             request, "overview.html", session,
             stats=stats, statuses=STATUSES, hour=hour, hour_chart=hour_chart, forecast=fc,
