@@ -317,6 +317,14 @@ async def test_the_pages_show_counts_lateness_forecast_dead_letters_and_schedule
         shown = await client.get(paused.headers["location"])
         assert "schedule paused" in shown.text and "Resume" in shown.text
 
+        # Every page: the policy, and nothing inline for it to refuse.
+        for shown_page in (page, listed, by_reason, schedules, shown):
+            assert_secured(shown_page)
+            assert inline_scripts(shown_page.text) == []
+        one_event = await client.get(f"/ui/events/{dead[0].id}")
+        assert one_event.status_code == 200 and "20.0 ms" in one_event.text
+        assert inline_scripts(one_event.text) == [] and "w-1" in one_event.text
+
         static = await client.get("/ui/static/htmx.min.js")
         assert static.status_code == 200 and "javascript" in static.headers["content-type"]
         assert_secured(static)

@@ -86,7 +86,8 @@ def status_of(dsn: str, event_id: str) -> str:
 def scenario(base: str, dsn: str, seeded: dict[str, Any], shots: Path) -> list[str]:
     """The browser's part (blocking, in a worker thread); returns the screenshots taken."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     taken: list[str] = []
     with chromium() as driver:
@@ -103,6 +104,12 @@ def scenario(base: str, dsn: str, seeded: dict[str, Any], shots: Path) -> list[s
                 driver.set_window_size(size["width"], size["height"])
             taken.append(path.name)
 
+        def click(by: str, value: str) -> None:
+            """Click a link or a button and wait for the next page to replace this one."""
+            element = driver.find_element(by, value)
+            element.click()
+            WebDriverWait(driver, 30).until(staleness_of(element))
+
         def text(css: str) -> str:
             return str(driver.find_element(By.CSS_SELECTOR, css).text)
 
@@ -111,14 +118,14 @@ def scenario(base: str, dsn: str, seeded: dict[str, Any], shots: Path) -> list[s
         assert "/ui/login" in driver.current_url
         shot("01-login")
         driver.find_element(By.ID, "token").send_keys("wrong-token-0123456789")
-        driver.find_element(By.ID, "login").click()
+        click(By.ID, "login")
         assert "not one of" in text("#login-failed")
         driver.find_element(By.ID, "token").send_keys(WRITER)
-        driver.find_element(By.ID, "login").click()
+        click(By.ID, "login")
         assert driver.current_url == f"{base}/ui/events"  # back where it was going
 
         # The overview: counts, the last hour and the forecast.
-        driver.find_element(By.LINK_TEXT, "Overview").click()
+        click(By.LINK_TEXT, "Overview")
         summary = text("#forecast-summary")
         assert summary.startswith("400 events due in the next 6 h"), summary
         assert len(driver.find_elements(By.CSS_SELECTOR, "#forecast-chart rect")) > 300
@@ -130,18 +137,18 @@ def scenario(base: str, dsn: str, seeded: dict[str, Any], shots: Path) -> list[s
         shot("02-overview")
 
         # Find an event with the filters, cancel it.
-        driver.find_element(By.LINK_TEXT, "Events").click()
+        click(By.LINK_TEXT, "Events")
         Select(driver.find_element(By.ID, "f-status")).select_by_value("scheduled")
         driver.find_element(By.ID, "f-type").send_keys("invoice.due")
-        driver.find_element(By.ID, "apply").click()
+        click(By.ID, "apply")
         links = driver.find_elements(By.CSS_SELECTOR, "#events a.event-link")
         assert [a.text for a in links] == [e.id for e in seeded["invoices"]]
         shot("03-events-filtered")
         target = seeded["invoices"][2].id
-        driver.find_element(By.LINK_TEXT, target).click()
+        click(By.LINK_TEXT, target)
         assert text("#status") == "scheduled" and "invoice-2" in text("#fields")
         shot("04-event")
-        driver.find_element(By.ID, "cancel").click()
+        click(By.ID, "cancel")
         assert text("#notice").startswith("cancel sent")
 
         def cancelled() -> bool:
@@ -154,14 +161,14 @@ def scenario(base: str, dsn: str, seeded: dict[str, Any], shots: Path) -> list[s
         shot("05-event-cancelled")
 
         # Retry a dead one from the dead letters.
-        driver.find_element(By.LINK_TEXT, "Dead letters").click()
-        driver.find_element(By.LINK_TEXT, "retries_exhausted").click()
+        click(By.LINK_TEXT, "Dead letters")
+        click(By.LINK_TEXT, "retries_exhausted")
         shot("06-dead-letters")
         dead_id = seeded["dead"][0].id
-        driver.find_element(By.LINK_TEXT, dead_id).click()
+        click(By.LINK_TEXT, dead_id)
         assert text("#status") == "dead"
         assert len(driver.find_elements(By.CSS_SELECTOR, "#attempts tr")) == 4  # header + 3
-        driver.find_element(By.ID, "retry").click()
+        click(By.ID, "retry")
         assert text("#notice").startswith("retry sent")
 
         def retried() -> bool:
@@ -172,9 +179,9 @@ def scenario(base: str, dsn: str, seeded: dict[str, Any], shots: Path) -> list[s
         shot("07-event-retried")
 
         # Pause a schedule.
-        driver.find_element(By.LINK_TEXT, "Schedules").click()
+        click(By.LINK_TEXT, "Schedules")
         shot("08-schedules")
-        driver.find_element(By.XPATH, "//button[text()='Pause']").click()
+        click(By.XPATH, "//button[text()='Pause']")
         assert text("#notice") == "schedule paused."
 
         # Nothing went wrong in the page: no CSP violation, no script error.
@@ -188,7 +195,7 @@ def scenario(base: str, dsn: str, seeded: dict[str, Any], shots: Path) -> list[s
         ]
         assert problems == [], "\n".join(e["message"] for e in problems)
         # Logging out ends the session.
-        driver.find_element(By.XPATH, "//button[text()='Log out']").click()
+        click(By.XPATH, "//button[text()='Log out']")
         driver.get(f"{base}/ui/")
         assert "/ui/login" in driver.current_url
     assert status_of(dsn, target) == "cancelled" and status_of(dsn, dead_id) == "scheduled"
