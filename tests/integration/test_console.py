@@ -287,6 +287,12 @@ async def test_the_pages_show_counts_lateness_forecast_dead_letters_and_schedule
         assert re.search(
             r"<th><a href=\"/ui/events\?status=scheduled\">scheduled</a></th><td>8<", text
         )
+        by_type = re.search(r'id="by-type">(.*?)</table>', text)
+        assert by_type is not None
+        assert re.findall(r">([a-z.]+)</a></th><td>(\d+)<", by_type.group(1)) == [
+            ("test.event", "7"),
+            ("late", "1"),
+        ]  # pending only: not the dead console.test events
         assert "<b>7</b> events due in the next 2 h" in text
         assert "<b>1</b> scheduled events are already past due" in text
         assert len(re.findall(r"<rect ", page.text)) >= 2

@@ -156,6 +156,7 @@ def scenario(base: str, dsn: str, seeded: dict[str, Any], shots: Path) -> list[s
             return text("#status") == "cancelled"
 
         wait_for(cancelled, what="the cancel to be applied")
+        assert "applied, see the history" in text("#notice")
         assert "cancel" in text("#history") and "writer" in text("#history")
         assert driver.find_elements(By.ID, "cancel") == []
         shot("05-event-cancelled")

@@ -1,12 +1,15 @@
-"""The web console's reads beyond :mod:`.queries`: the last hour's attempts per minute, the
-forecast of due events per minute, dead events by reason.
+"""The web console's reads beyond :mod:`.queries` and :mod:`.events`: the last hour's attempts
+per minute, the forecast of due events per minute, pending events by type, dead events by
+reason.
 
 Read-only statements on the shared pool (trio coroutines; the pool runs them on the asyncio
 side through trio-asyncio); DependencyError when PostgreSQL cannot be reached. Each query is
 served by an index of ``sql/000001_init.up.sql``: the BRIN index on
 ``event_attempts.started_at`` (the last hour), the partial indexes on ``execute_at`` of
 scheduled events and on ``next_attempt_at`` of retrying ones (the forecast), the partial
-index of dead events (by reason).
+index of dead events (by reason), the three partial indexes of scheduled, retrying and
+running events (pending by type). None of them reads the succeeded events, nearly all of
+the table: the overview refreshes itself every few seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from eventsched.core.store.pool import Database
 
 #: The forecast looks at most this many hours ahead.
 MAX_FORECAST_HOURS: Final = 48
+#: At most this many types are counted by :func:`pending_by_type` (the most frequent).
+MAX_TYPES: Final = 100
 #: At most this many dead events of one reason are listed.
 MAX_DEAD_LISTED: Final = 500
 
@@ -107,10 +112,14 @@ SELECT coalesce(dead_reason, 'unknown'), count(*) FROM events WHERE status = 'de
 GROUP BY 1 ORDER BY 2 DESC, 1
 """
 _UNDELIVERABLE = "SELECT count(*) FROM dlq_undeliverable"
+_PENDING_BY_TYPE = """
+SELECT type, count(*) AS n FROM events WHERE status IN ('scheduled', 'retrying', 'running')
+GROUP BY type ORDER BY n DESC, type LIMIT %s
+"""
 _DEAD_OF_REASON = """
 SELECT id, idempotency_key, type, attempts, finished_at, last_error FROM events
 WHERE status = 'dead' AND coalesce(dead_reason, 'unknown') = %s
-ORDER BY finished_at NULLS FIRST, id LIMIT %s
+ORDER BY finished_at, id LIMIT %s
 """
 
 
@@ -161,6 +170,13 @@ async def dead_by_reason(db: Database) -> tuple[dict[str, int], int]:
         return reasons, int(row[0]) if row else 0
 
     return await db.run(fn)
+
+
+async def pending_by_type(db: Database) -> dict[str, int]:
+    """Events not finished yet (scheduled, retrying, running) per type, the
+    :data:`MAX_TYPES` most frequent types."""
+    rows = await db.fetchall(_PENDING_BY_TYPE, (MAX_TYPES,))
+    return {str(t): int(n) for t, n in rows}
 
 
 async def dead_of_reason(db: Database, reason: str, limit: int) -> list[DeadEvent]:

@@ -39,6 +39,7 @@ from eventsched.core.domain.event import STATUSES, format_time
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.redaction import redact
 from eventsched.core.runtime.units import parse_duration
+from eventsched.core.store import events as eventstore
 from eventsched.core.store import overview, queries
 from eventsched.core.store import schedules as schedule_store
 from eventsched.plugins.api.app import Handlers, _query_time
@@ -352,7 +353,12 @@ class Console:
             )
         hours = int(text)
         now = datetime.now(UTC)
-        stats = await self.h._read(queries.stats)
+        # Not queries.stats (GET /v1/stats): its exact counts scan the whole table, and
+        # this page refreshes itself; these are eventsched status's (succeeded estimated on
+        # a big table) and need no scan of the succeeded events.
+        counts = await self.h._read(eventstore.status_counts)
+        oldest = await self.h._read(eventstore.oldest_overdue)
+        by_type = await self.h._read(overview.pending_by_type)
         hour = await self.h._read(overview.last_hour)
         fc = await self.h._read(overview.forecast, hours)
         dead, undeliverable = await self.h._read(overview.dead_by_reason)
@@ -361,7 +367,7 @@ class Console:
         hour_chart = bars(hour_values(hour, now))
         return self.render(
             request, "overview.html", session,
-            stats=stats, statuses=STATUSES, hour=hour, hour_chart=hour_chart, forecast=fc,
+            counts=counts, oldest=oldest, by_type=by_type, statuses=STATUSES, hour=hour, hour_chart=hour_chart, forecast=fc,
             forecast_chart=forecast_chart, group=group, busiest=busiest, hours=hours,
             dead=dead, dead_total=sum(dead.values()), undeliverable=undeliverable,
         )  # fmt: skip
@@ -412,6 +418,7 @@ class Console:
             request, "event.html", session,
             row=row, possible=possible, notice=_NOTICES.get(request.query_params.get("sent", "")),
             command=command if _is_uuid(command) else None,
+            applied=any(str(c.command_id) == command for c in row.history),
             payload=_pretty(row.payload),
         )  # fmt: skip
 
