@@ -27,6 +27,7 @@ from tests.support.api import READER, WRITER, api_section
 from tests.support.clients import query, read_topic
 from tests.support.execution import NewEvent, insert_events, new_events
 from tests.support.ingest import running
+from tests.support.metrics import metric_value
 from tests.support.servers import Names
 
 
@@ -117,6 +118,26 @@ async def test_nothing_without_a_login_and_no_cookie_until_one(
         assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
         assert "not one of" in wrong.text
         assert not client.cookies
+
+
+async def test_without_auth_a_click_logs_in_and_the_session_is_this_process_s(
+    console_settings: Callable[..., Settings], database: str
+) -> None:
+    settings = console_settings(auth="none", tokens=[])
+    async with console(settings) as client:
+        bare = await client.get("/ui")
+        assert bare.status_code == 308 and bare.headers["location"] == "/ui/"
+        assert (await client.get("/ui/")).status_code == 303
+        form = await client.get("/ui/login")
+        assert 'name="token"' not in form.text
+        response = await client.post("/ui/login", data={"csrf": hidden(form.text, "csrf")})
+        assert response.status_code == 303 and "httponly" in response.headers["set-cookie"].lower()
+        page = await client.get("/ui/")
+        assert page.status_code == 200 and 'no auth (api.auth = "none")' in page.text
+        value = client.cookies[COOKIE]
+    async with console(console_settings(auth="none", tokens=[])) as client:
+        client.cookies.set(COOKIE, value, path="/ui/")
+        assert (await client.get("/ui/")).status_code == 303  # a restart ends it
 
 
 async def test_login_sets_a_signed_httponly_strict_cookie_without_the_token(
@@ -334,6 +355,12 @@ async def test_the_pages_show_counts_lateness_forecast_dead_letters_and_schedule
         static = await client.get("/ui/static/htmx.min.js")
         assert static.status_code == 200 and "javascript" in static.headers["content-type"]
         assert_secured(static)
+    # Counted like the API's requests, by the route's template.
+    for route, status in (("/ui/events/{id}", "200"), ("/ui/", "200"), ("/ui/", "422")):
+        counted = metric_value(
+            "eventsched_api_requests_total", route=route, method="GET", status=status
+        )
+        assert counted >= 1, route
 
 
 async def test_paging_walks_every_event_once(
