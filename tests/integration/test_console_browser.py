@@ -134,6 +134,15 @@ def scenario(base: str, dsn: str, seeded: dict[str, Any], shots: Path) -> list[s
         assert sum(float(b.get_attribute("height")) > 0 for b in hour_bars) == 40
         assert "2 dead events" in text("#dlq-size")
         assert driver.execute_script("return typeof window.htmx") == "object"
+        # The refresh htmx does every 15 s, now: the section comes back from the server.
+        driver.execute_script("document.getElementById('forecast-summary').id = 'old-summary'")
+        driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "htmx.ajax('GET', '/ui/?hours=6', {target: '#live', select: '#live',"
+            " swap: 'outerHTML'}).then(() => done(true));"
+        )
+        assert text("#forecast-summary").startswith("400 events due")
+        assert driver.find_elements(By.ID, "old-summary") == []
         shot("02-overview")
 
         # Find an event with the filters, cancel it.
