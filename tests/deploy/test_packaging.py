@@ -39,6 +39,14 @@ def test_the_wheel_ships_its_data_its_types_and_its_license(wheel: Path) -> None
     assert shipped_sql == {p.name for p in (REPO / "sql").glob("*.sql")}
     assert "eventsched/_data/settings.toml" in names
     assert "eventsched/py.typed" in names
+    # The web console's templates and static files (plugins/api/console.py reads them from
+    # beside the module): every one of the checkout's, htmx with its licence.
+    api = REPO / "eventsched" / "plugins" / "api"
+    for folder in ("templates", "static"):
+        shipped = {n for n in names if n.startswith(f"eventsched/plugins/api/{folder}/")}
+        expected = {f"eventsched/plugins/api/{folder}/{p.name}" for p in (api / folder).iterdir()}
+        assert shipped == expected, folder
+    assert "eventsched/plugins/api/static/htmx.LICENSE" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert wheel.name.startswith(f"eventsched-{version}-")
@@ -78,3 +86,20 @@ def test_a_wheel_install_migrates_a_fresh_database(
         env=env,
     )
     assert shown.stdout.strip() == wheel.name.split("-")[1]
+    # The console's templates load from the installed package (not from a checkout).
+    templates = _run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "from eventsched.plugins.api.console import STATIC, _environment\n"
+            "env = _environment()\n"
+            "for name in env.list_templates(): env.get_template(name)\n"
+            "print(len(env.list_templates()), (STATIC / 'htmx.min.js').is_file(),"
+            " env.loader.searchpath[0])",
+        ],
+        cwd=work,
+        env=env,
+    )
+    assert templates.returncode == 0, templates.stderr
+    count, htmx, where = templates.stdout.split()
+    assert int(count) >= 7 and htmx == "True" and where.startswith(str(venv)), templates.stdout

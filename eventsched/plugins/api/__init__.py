@@ -6,12 +6,14 @@ read their state.
 * :mod:`.schemas` - request bodies (msgspec structs) and error answers;
 * :mod:`.views` - how rows are shown, the list cursor;
 * :mod:`.auth` - bearer tokens and the start-up checks of ``[api]``;
-* :mod:`.openapi` - the OpenAPI 3.1 document.
+* :mod:`.openapi` - the OpenAPI 3.1 document;
+* :mod:`.console` - the web console at ``/ui/`` (Jinja2 templates and static files in
+  ``templates/`` and ``static/``), :mod:`.session` - its session cookie and CSRF tokens.
 
 Stateless: writes become Kafka messages on the events topic (schedule messages and the
 commands of :mod:`eventsched.core.domain.commands`) through the shared producer, reads come
 from PostgreSQL through :mod:`eventsched.core.store.queries`. May import
-``eventsched.core`` (domain, kafka, runtime, store) and starlette/hypercorn; never
+``eventsched.core`` (domain, kafka, runtime, store), starlette/hypercorn and jinja2; never
 confluent_kafka, saq, redis or psycopg directly, nor another role plugin.
 """
 

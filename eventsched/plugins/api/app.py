@@ -25,10 +25,11 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from eventsched.core.domain.commands import (
+    Command,
     Op,
     command_headers,
     encode_command,
@@ -347,6 +348,25 @@ class Handlers:
         else:
             retry = decode_body(raw, RetryRequest, optional=True)
             due = due_time(retry.execute_at, retry.delay_ms, now, required=False)
+        command = await self.send_command(caller, event_id, op, due, now=now)
+        return json_response(
+            {"command_id": str(command.command_id), "state": "accepted", "op": op}, 202
+        )
+
+    async def send_command(
+        self,
+        caller: Caller,
+        event_id: uuid.UUID,
+        op: Op,
+        due: datetime | None,
+        *,
+        now: datetime | None = None,
+    ) -> Command:
+        """Check ``op`` on the event and publish it (the write path of
+        ``POST /v1/events/{id}/<op>`` and of the web console's buttons): 422 for a due time
+        beyond the consumer's limits, 404 for an unknown event, 409 for a transition its
+        status refuses; returns once the broker acknowledged the command."""
+        now = now or datetime.now(UTC)
         probe = new_command(op, event_id=event_id, execute_at=due, requested_by=caller.name)
         try:  # the consumer's limits (a due time beyond the horizon), before any lookup
             parse_command(encode_command(probe), now=now, limits=self.config.limits)
@@ -366,9 +386,7 @@ class Handlers:
             requested_by=caller.name,
         )
         await self._produce(encode_command(command), command.kafka_key, command_headers())
-        return json_response(
-            {"command_id": str(command.command_id), "state": "accepted", "op": op}, 202
-        )
+        return command
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -522,7 +540,7 @@ def build_app(config: ApiConfig, db: Database, producer: KafkaProducer) -> ASGIA
     """The API as an ASGI app (Starlette inside the metrics middleware)."""
     h = Handlers(config, db, producer)
     schedule = _answers(h.schedule)
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/v1/events", schedule, methods=["POST"]),
         Route("/v1/events/batch", _answers(h.schedule_batch), methods=["POST"]),
         Route("/v1/events", _answers(h.list_events), methods=["GET"]),
@@ -537,5 +555,8 @@ def build_app(config: ApiConfig, db: Database, producer: KafkaProducer) -> ASGIA
     from eventsched.plugins.api.schedules import schedule_routes
 
     routes += schedule_routes(h)
+    from eventsched.plugins.api.console import console_routes
+
+    routes += console_routes(h)
     app = Starlette(routes=routes, exception_handlers={HTTPException: _not_found})
     return RequestMetrics(app, direct={("POST", "/v1/events"): schedule})

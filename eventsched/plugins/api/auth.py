@@ -41,6 +41,12 @@ class Tokens:
     def __init__(self, tokens: dict[str, tuple[str, bool]]) -> None:
         # digest -> (name, read_only)
         self._by_digest = [(_digest(token), name, ro) for token, (name, ro) in tokens.items()]
+        self._by_name = {name: (digest, Caller(name, ro)) for digest, name, ro in self._by_digest}
+
+    def by_name(self, name: str) -> tuple[bytes, Caller] | None:
+        """The digest of a token and its caller, by the token's name (the web console's
+        session keys are derived from the digest: :mod:`.session`)."""
+        return self._by_name.get(name)
 
     def check(self, authorization: str | None) -> Caller | None:
         """The caller of an ``Authorization: Bearer <token>`` header, or None."""

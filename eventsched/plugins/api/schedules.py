@@ -35,6 +35,7 @@ from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.store import schedules as store
 from eventsched.plugins.api.app import Handlers, _answers, _query_time, _unavailable, json_response
+from eventsched.plugins.api.auth import Caller
 from eventsched.plugins.api.schemas import ApiError, FieldError, invalid, json_object
 
 log = get_logger(__name__)
@@ -84,13 +85,18 @@ class ScheduleHandlers:
 
     async def _set_paused(self, request: Request, paused: bool) -> Response:
         caller = self.h._caller(request, write=True)
-        name = request.path_params["name"]
+        row = await self.set_paused(caller, request.path_params["name"], paused)
+        return json_response(store.row_json(row))
+
+    async def set_paused(self, caller: Caller, name: str, paused: bool) -> store.ScheduleRow:
+        """Pause or resume a schedule (``POST .../pause|resume`` and the web console's
+        buttons); 404 for an unknown name."""
         row = await self.h._read(store.set_paused, name, paused)
         if row is None:
             raise _not_found()
         log.info("schedule_paused" if paused else "schedule_resumed", schedule=name,
                  requested_by=caller.name)  # fmt: skip
-        return json_response(store.row_json(row))
+        return row
 
     async def delete(self, request: Request) -> Response:
         caller = self.h._caller(request, write=True)
