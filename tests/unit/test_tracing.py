@@ -168,6 +168,20 @@ SPANS = textwrap.dedent(
     assert publish.status.description == "boom" and execute.status.description == "handler failed"
     assert [l.context.trace_id for l in batch.links] == [int("1" * 32, 16)]
     assert batch.parent is None
+
+    # The client sends the application's current span, and nothing outside a span.
+    from eventsched.client.messages import event_message
+    from eventsched.core.domain.decode import DecodeLimits
+
+    def sent(**kw):
+        out = event_message("t", {}, at=None, delay=None, key=None, limits=DecodeLimits())
+        return dict(out.headers).get("traceparent")
+
+    assert sent() is None
+    with tracing.span("checkout") as app:
+        ctx = app.get_span_context()
+        flags = int(ctx.trace_flags)
+        assert sent() == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{flags:02x}".encode()
     print("ok")
     """
 )
