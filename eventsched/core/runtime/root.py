@@ -125,7 +125,11 @@ class Runtime:
         finally:
             if profiling:
                 stop_profiling()
-            tracing.shutdown()  # exports the spans still buffered
+            # Exports the spans still buffered: a few seconds at most when the collector is
+            # down (the exporter's retries), in a thread as any blocking call.
+            if tracing.configured():
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(tracing.shutdown)
 
     async def _run_in_loop(self) -> RunResult:
         drained = True

@@ -229,6 +229,11 @@ def _otlp_exporter(proto: str) -> Any:
     return HTTPSpanExporter()
 
 
+def configured() -> bool:
+    """Whether :func:`configure` installed a tracer provider (and :func:`shutdown` has work)."""
+    return _provider is not None
+
+
 def shutdown(timeout: float = 5.0) -> None:
     """Export the spans still buffered (at most ``timeout`` s); a no-op unless configured."""
     global _provider
