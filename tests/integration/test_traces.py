@@ -147,10 +147,17 @@ async def test_one_trace_spans_the_request_the_publish_the_attempts_and_the_webh
                 assert answer.status_code == 202, answer.text
                 ids[status] = answer.json()["id"]
             ok = await _finished(client, ids[200])
-            flaky = await _finished(client, ids[503])
+            await _finished(client, ids[503])
+            # A retry command (hours later, in real life) runs the dead event again in the
+            # trace it was published in: the consumer's job for it carries its traceparent.
+            retried = await client.post(f"/v1/events/{ids[503]}/retry")
+            assert retried.status_code == 202, retried.text
+            with trio.fail_after(30):
+                while (flaky := await _finished(client, ids[503]))["attempt_count"] < 4:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
     finally:
         delete_queue_keys(redis_url, names.queue)
-    assert (ok["status"], flaky["status"], flaky["attempt_count"]) == ("succeeded", "dead", 2)
+    assert (ok["status"], flaky["status"], flaky["attempt_count"]) == ("succeeded", "dead", 4)
     # The API shows the trace each event belongs to: the caller's.
     assert (ok["trace_id"], flaky["trace_id"]) == (ok_trace, flaky_trace)
 
@@ -184,14 +191,15 @@ async def test_one_trace_spans_the_request_the_publish_the_attempts_and_the_webh
     stored = dict(query(database, "SELECT id::text, traceparent FROM events"))
     assert stored[ids[200]] == _traceparent_of(publish)
 
-    # Both attempts of the failing event are children of its publish span: one trace.
+    # Every attempt of the failing event, before and after the retry command, is a child of
+    # its publish span: one trace.
     flaky_spans = _in_trace(finished, flaky_trace)
     flaky_publish = _one(flaky_spans, f"publish {names.topic}")
     attempts = sorted(
         (s for s in flaky_spans if s.name == "execute traced"),
         key=lambda s: s.attributes["eventsched.attempt"] if s.attributes else 0,
     )
-    assert [s.attributes["eventsched.attempt"] for s in attempts if s.attributes] == [1, 2]
+    assert [s.attributes["eventsched.attempt"] for s in attempts if s.attributes] == [1, 2, 3, 4]
     assert {_parent_of(s) for s in attempts} == {_id(flaky_publish)}
     assert all(s.status.status_code == StatusCode.ERROR for s in attempts)
     assert "HTTP 503" in (attempts[0].status.description or "")
@@ -206,6 +214,8 @@ async def test_one_trace_spans_the_request_the_publish_the_attempts_and_the_webh
             ("/200", _traceparent_of(execute), 1),
             ("/503", _traceparent_of(attempts[0]), 1),
             ("/503", _traceparent_of(attempts[1]), 2),
+            ("/503", _traceparent_of(attempts[2]), 3),
+            ("/503", _traceparent_of(attempts[3]), 4),
         ]
     )
 
