@@ -17,7 +17,7 @@ import click
 from eventsched.core.domain.commands import RETRYABLE
 from eventsched.core.domain.event import STATUSES
 from eventsched.core.domain.schedulefields import specs_from_settings
-from eventsched.core.runtime import bootstrap
+from eventsched.core.runtime import bootstrap, tracing
 from eventsched.core.runtime.errors import (
     ConfigError,
     DependencyError,
@@ -318,7 +318,12 @@ def send(
     from eventsched.core.operations.send import build_event, send_event
 
     event = build_event(state.settings, type_=type_, at=at, in_=in_, payload=payload, key=key)
-    send_event(state.settings, event)
+    # OTEL_* variables: the event's trace starts here (docs/observability.md).
+    tracing.configure("eventsched-cli")
+    try:
+        send_event(state.settings, event)
+    finally:
+        tracing.shutdown()
     click.echo(str(event.id))
 
 

@@ -28,6 +28,7 @@ from eventsched.core.domain.decode import DecodeLimits, decode_event
 from eventsched.core.domain.event import Event
 from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.runtime.errors import DecodeError
+from eventsched.core.runtime.tracing import current_traceparent, with_traceparent
 
 __all__ = [
     "Delay",
@@ -183,7 +184,9 @@ _builtin_type = type
 
 def _event_outgoing(event: Event, limits: DecodeLimits) -> Outgoing:
     value = encode_event(event)
-    headers = tuple(kafka_headers())
+    # The application's current span (OpenTelemetry set up by the application): the event's
+    # attempts become spans of its trace. Nothing is loaded or added otherwise.
+    headers = tuple(with_traceparent(kafka_headers(), current_traceparent()))
     _check(lambda now: decode_event(value, now=now, limits=limits, headers=dict(headers)))
     return Outgoing(event.id, kafka_key(event), value, headers)
 

@@ -102,7 +102,8 @@ def webhook(context: HandlerContext) -> Handler:
 
 
 class Webhook:
-    """HTTP POST of the event as JSON, with ``Idempotency-Key: <event id>``.
+    """HTTP POST of the event as JSON, with ``Idempotency-Key: <event id>`` (and the
+    attempt's W3C ``traceparent`` when the event belongs to a trace).
 
     URL: the payload's ``webhook_url`` if ``executor.webhook.allow_payload_url`` (off by
     default), else ``[webhooks]`` for the event type, else ``[webhooks] default``; none is a
@@ -192,6 +193,9 @@ class Webhook:
             "Idempotency-Key": event.id,
             "User-Agent": self._user_agent,
         }
+        if event.traceparent is not None:
+            # W3C Trace Context: the receiver's work joins the event's trace.
+            headers["traceparent"] = event.traceparent
         if guarded:
             status = await self._post_guarded(url, shown, self.body(event), headers)
             detail = f"POST {shown}: HTTP {status} {httpx.codes.get_reason_phrase(status)}"

@@ -31,6 +31,7 @@ import yaml
 
 from eventsched.core.runtime import metrics as app_metrics
 from eventsched.core.runtime import settings as config
+from eventsched.core.runtime import tracing
 from tests.support import alloy
 from tests.support.proc import REPO as ROOT
 
@@ -46,6 +47,7 @@ DATASOURCES = OPS / "grafana" / "provisioning" / "datasources" / "datasources.ym
 DASHBOARD_PROVIDERS = OPS / "grafana" / "provisioning" / "dashboards" / "dashboards.yml"
 LOKI_CONFIG = OPS / "loki" / "loki.yml"
 ALLOY_CONFIG = OPS / "alloy" / "config.alloy"
+TEMPO_CONFIG = OPS / "tempo" / "tempo.yml"
 TOPICS_SCRIPT = OPS / "kafka" / "create-topics.sh"
 
 # Each role's HTTP port inside its container (the app's per-role default).
@@ -458,6 +460,7 @@ def test_compose_declares_the_expected_services(services: dict[str, Any]) -> Non
         "loki",
         "alloy",
         "pyroscope",
+        "tempo",
         *EXPORTERS,
         "kafka-ui",
     }
@@ -493,6 +496,7 @@ def test_documented_ui_ports(services: dict[str, Any]) -> None:
         "loki": ("3100", "3100"),
         "alloy": ("12345", "12345"),
         "pyroscope": ("4040", "4040"),
+        "tempo": ("3200", "3200"),
         "postgres-exporter": ("9187", "9187"),
         "redis-exporter": ("9121", "9121"),
         "kafka-exporter": ("9308", "9308"),
@@ -823,6 +827,42 @@ def test_alloy_reads_the_json_file_logs_read_only(services: dict[str, Any]) -> N
         assert logging["driver"] == "json-file", name
         labels = set(logging["options"]["labels"].split(","))
         assert {"com.docker.compose.project", "com.docker.compose.service"} <= labels, name
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_apps_export_traces_to_tempo_under_their_role_name(
+    services: dict[str, Any], app: str
+) -> None:
+    env = environment_of(services[app])
+    assert tracing.wanted(env), f"{app}: its OTEL_* variables leave tracing off"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://tempo:4318"
+    assert tracing.protocol(env) == "http/protobuf"
+    assert env["OTEL_SERVICE_NAME"] == f"eventsched-{app}"
+    assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert 0.0 <= float(env["OTEL_TRACES_SAMPLER_ARG"]) <= 1.0
+
+
+def test_tempo_takes_otlp_on_the_compose_network_and_grafana_reads_it(
+    services: dict[str, Any],
+) -> None:
+    tempo = services["tempo"]
+    config = load_yaml(TEMPO_CONFIG)
+    otlp = config["distributor"]["receivers"]["otlp"]["protocols"]
+    assert otlp["http"]["endpoint"].endswith(":4318")  # OTEL_EXPORTER_OTLP_ENDPOINT's port
+    assert otlp["grpc"]["endpoint"].endswith(":4317")
+    assert config["server"]["http_listen_port"] == 3200
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in tempo["volumes"]}
+    assert mounts["/etc/tempo/tempo.yml"] == "./ops/tempo/tempo.yml"
+    assert tempo["command"] == ["-config.file=/etc/tempo/tempo.yml"]
+    storage = config["storage"]["trace"]
+    data = next(target for target, source in mounts.items() if source == "tempo-data")
+    for path in (storage["wal"]["path"], storage["local"]["path"]):
+        assert path.startswith(data + "/"), f"{path} is not on the tempo-data volume"
+    assert "/ready" in " ".join(tempo["healthcheck"]["test"])
+    sources = {d["uid"]: d for d in load_yaml(DATASOURCES)["datasources"]}
+    assert sources["tempo"]["type"] == "tempo"
+    assert sources["tempo"]["url"] == "http://tempo:3200"
+    assert depends_on_of(services["grafana"])["tempo"] == "service_healthy"
 
 
 # ------------------------------------------------------------------- Dockerfile

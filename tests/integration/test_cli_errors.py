@@ -117,6 +117,31 @@ def test_bad_shard_settings_exit_2_before_connecting(env: dict[str, str], messag
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        (
+            {"OTEL_TRACES_EXPORTER": "jaeger"},
+            "invalid setting OTEL_TRACES_EXPORTER: unknown exporter 'jaeger'",
+        ),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+            },
+            "invalid setting OTEL_EXPORTER_OTLP_PROTOCOL: unknown protocol 'http/json'",
+        ),
+    ],
+    ids=["exporter", "protocol"],
+)
+def test_a_bad_otel_variable_exits_2_naming_it(variables: dict[str, str], message: str) -> None:
+    result = eventsched("run", "--role", "consumer", "--port", "0", **variables)
+    assert_one_line_exit_2(result, message)
+    assert result.stdout == ""
+    sent = eventsched("send", "--type", "t", "--in", "5m", **variables)
+    assert_one_line_exit_2(sent, message)
+
+
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     with socket.socket() as sock:

@@ -136,11 +136,12 @@ def test_asyncio_timeouts_work_inside_trio_asyncio_when_the_bootstrap_came_first
 
 
 # An application that only sends events must not load what the roles run on; making a
-# client may load trio (eventsched.core.kafka), never these.
+# client may load trio (eventsched.core.kafka), never these. Nor OpenTelemetry: tracing is
+# off unless configured, and then costs nothing (core.runtime.tracing).
 CLIENT = _script(
     """
     import sys
-    forbidden = ("trio_asyncio", "saq", "psycopg", "psycopg_pool", "redis")
+    forbidden = ("trio_asyncio", "saq", "psycopg", "psycopg_pool", "redis", "opentelemetry")
     import eventsched.client
     from eventsched import AsyncClient, Client, ClientError, DeliveryError
     # asyncio too: the trio-asyncio bootstrap must be able to patch it afterwards.

@@ -36,6 +36,9 @@ class HandlerEvent:
     payload: Mapping[str, Any]
     execute_at: datetime
     attempt: int
+    #: W3C ``traceparent`` of this attempt's span (tracing on), else of the event's trace,
+    #: else None: a handler that calls other services passes it on (the webhook does).
+    traceparent: str | None = None
 
 
 Handler = Callable[[HandlerEvent], Awaitable[None]]

@@ -5,6 +5,7 @@
     ScheduledJob(key=job_key(event_id, n), function=EXECUTE_FUNCTION,
                  scheduled=<due time, epoch s>, kwargs={"event_id": "<uuid>"} for the first
                  attempt, {"event_id": "<uuid>", "attempt": n} for retry n >= 2,
+                 plus {"traceparent": "00-..."} when the event belongs to a trace,
                  timeout=saq_timeout(settings))
 
 Attempts are numbered from :data:`FIRST_ATTEMPT` (1). The first attempt's job carries no
@@ -70,14 +71,23 @@ def saq_timeout(settings: Settings) -> int:
 
 
 def make_job(
-    event_id: str, attempt: int, scheduled: float, timeout: int, *, lane: str = ""
+    event_id: str,
+    attempt: int,
+    scheduled: float,
+    timeout: int,
+    *,
+    lane: str = "",
+    traceparent: str | None = None,
 ) -> ScheduledJob:
     """The SAQ job that runs ``attempt`` of an event at ``scheduled`` (epoch seconds);
     ``lane``: the event's queue lane (its type, when the type has limits or a priority of
-    its own: :mod:`eventsched.core.domain.policies`), marked for the event at enqueue."""
+    its own: :mod:`eventsched.core.domain.policies`), marked for the event at enqueue;
+    ``traceparent``: the W3C trace context the attempt's span is a child of."""
     kwargs: dict[str, Any] = {"event_id": event_id}
     if not is_first_attempt(attempt):
         kwargs["attempt"] = attempt
+    if traceparent is not None:
+        kwargs["traceparent"] = traceparent
     return ScheduledJob(
         key=job_key(event_id, attempt),
         function=EXECUTE_FUNCTION,

@@ -36,7 +36,7 @@ from eventsched.core.kafka.bridge import (
     _TrioPort,
 )
 from eventsched.core.kafka.clientconfig import PRODUCER_DEFAULTS
-from eventsched.core.runtime import metrics
+from eventsched.core.runtime import metrics, tracing
 from eventsched.core.runtime.errors import ConfigError, DependencyError, EventschedError
 
 # One logger name for the whole adapter: its lines are found under one name.
@@ -422,6 +422,25 @@ class _ProducerWorker:
         return remaining
 
 
+def _publish_spans(
+    messages: Sequence[OutboundMessage],
+) -> tuple[list[OutboundMessage], list[tuple[int, Any]]]:
+    """Tracing on: a producer span for each message without a ``traceparent`` header, whose
+    context the message then carries (W3C Trace Context in a Kafka header); returns the
+    messages and (index, span) of the spans started."""
+    out: list[OutboundMessage] = []
+    spans: list[tuple[int, Any]] = []
+    for index, message in enumerate(messages):
+        if tracing.header_traceparent(message.headers) is None:
+            started = tracing.start_publish(message.topic)
+            if started is not None:
+                spans.append((index, started[0]))
+                headers = tracing.with_traceparent(message.headers or (), started[1])
+                message = OutboundMessage(message.topic, message.value, message.key, headers)
+        out.append(message)
+    return out, spans
+
+
 class KafkaProducer:
     """Trio adapter for a confluent-kafka Producer owned by one worker thread.
 
@@ -493,6 +512,9 @@ class KafkaProducer:
             raise DependencyError("kafka", "producer is closed")
         if not messages:
             return []
+        spans: list[tuple[int, Any]] = []
+        if tracing.loaded():
+            messages, spans = _publish_spans(messages)
         delivery = _Delivery(tuple(messages), self._worker.ready)
         self._pending.add(delivery)
         self._worker.inbox.put(_Produce(delivery))
@@ -500,6 +522,11 @@ class KafkaProducer:
             await delivery.done.wait()
         finally:
             self._pending.discard(delivery)
+            for index, started in spans:
+                report = delivery.reports[index]
+                where = {} if report is None else {"messaging.kafka.offset": report.offset}
+                error = "no delivery report" if report is None else report.error
+                tracing.end_publish(started, error, where)
         return delivery.result()
 
     @property

@@ -106,6 +106,8 @@ def render_event(row: EventRow) -> str:
         ("finished", _time(row.finished_at)),
         ("payload", json.dumps(row.payload, ensure_ascii=False)),
     ]
+    if row.trace_id is not None:  # its OpenTelemetry trace (docs/observability.md)
+        fields.insert(-1, ("trace", row.trace_id))
     lines = [f"{name:<13}{'-' if value is None else value}" for name, value in fields]
     lines.append("")
     if not row.attempt_log:

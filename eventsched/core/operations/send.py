@@ -14,6 +14,7 @@ from eventsched.core.domain.event import Event, parse_time
 from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.kafka import ClientKind, config_from_settings
 from eventsched.core.operations.oneshot import new_client
+from eventsched.core.runtime import tracing
 from eventsched.core.runtime.errors import DecodeError, DependencyError, EventschedError
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.runtime.units import parse_duration
@@ -138,8 +139,23 @@ def send_event(settings: Settings, event: Event, *, timeout: float = 15.0) -> tu
         settings, ClientKind.PRODUCER, own={"message.timeout.ms": int(timeout * 1000)}
     )
     producer = new_client(Producer, config)
+    with tracing.span(
+        f"publish {settings.kafka.topic}",
+        kind="producer",
+        attributes={"eventsched.event.id": str(event.id), "eventsched.event.type": event.type},
+    ):
+        traced = tracing.with_traceparent(kafka_headers(), tracing.current_traceparent())
+        return _send(settings, producer, event, [*traced], timeout)
+
+
+def _send(
+    settings: Settings,
+    producer: Producer,
+    event: Event,
+    headers: list[tuple[str, str | bytes | None]],
+    timeout: float,
+) -> tuple[int, int]:
     outcome: dict[str, Any] = {}
-    headers: list[tuple[str, str | bytes | None]] = [*kafka_headers()]
 
     def on_delivery(err: KafkaError | None, msg: Any) -> None:
         outcome["error"] = err

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import trio
 import trio_asyncio
 
-from eventsched.core.runtime import bootstrap, metrics
+from eventsched.core.runtime import bootstrap, metrics, tracing
 from eventsched.core.runtime.contracts import Resources, RoleContext, RoleFactory, load_role_factory
 from eventsched.core.runtime.errors import ConfigError, DependencyError, PluginError, describe
 from eventsched.core.runtime.health import Health, serve_http
@@ -110,6 +110,8 @@ class Runtime:
     async def run(self) -> RunResult:
         bootstrap.install()  # a no-op after the CLI's; needed where the runtime is embedded
         metrics.configure_process()
+        # OTEL_* variables: spans exported when they say so (a bad value exits 2 naming it).
+        tracing.configure("eventsched", {"eventsched.roles": ",".join(self.roles)})
         profiling = start_profiling(self.settings, self.roles)
         try:
             async with trio_asyncio.open_loop():
@@ -123,6 +125,11 @@ class Runtime:
         finally:
             if profiling:
                 stop_profiling()
+            # Exports the spans still buffered: a few seconds at most when the collector is
+            # down (the exporter's retries), in a thread as any blocking call.
+            if tracing.configured():
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(tracing.shutdown)
 
     async def _run_in_loop(self) -> RunResult:
         drained = True

@@ -59,7 +59,8 @@ WITH fresh AS (
 target AS (
     SELECT e.id, e.status, e.attempts,
            CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
-                ELSE e.next_attempt_at END AS due
+                ELSE e.next_attempt_at END AS due,
+           e.traceparent
     FROM events e
     WHERE e.id = coalesce(%(event_id)s::uuid,
                           (SELECT k.id FROM events k WHERE k.idempotency_key = %(key)s::text))
@@ -92,7 +93,7 @@ SELECT f.ok AND l.result IS NOT NULL, t.id::text, t.status,
        coalesce(c.status, t.status), coalesce(c.attempts, t.attempts),
        extract(epoch FROM coalesce(c.due, t.due))::float8,
        coalesce(l.result, (SELECT p.result FROM event_commands p WHERE p.command_id = %(cid)s)),
-       coalesce(l.applied_at, clock_timestamp())
+       coalesce(l.applied_at, clock_timestamp()), t.traceparent
 FROM fresh f
 LEFT JOIN target t ON true
 LEFT JOIN changed c ON true
@@ -174,6 +175,8 @@ class Applied:
     attempts: int
     due: float | None  # epoch s: when the event's next attempt is due (scheduled/retrying)
     applied_at: datetime
+    #: The event's trace (``events.traceparent``): the job the command places joins it.
+    traceparent: str | None = None
 
 
 def _params(row: CommandRow) -> dict[str, Any]:
@@ -198,7 +201,7 @@ async def _apply_one(conn: AsyncConnection[Any], row: CommandRow) -> Applied:
     cur = await conn.execute(_SQL[row.command.op], _params(row))
     found = await cur.fetchone()
     assert found is not None  # the final SELECT reads `fresh`, which has one row
-    fresh, event_id, before, status, attempts, due, result, applied_at = found
+    fresh, event_id, before, status, attempts, due, result, applied_at, traceparent = found
     return Applied(
         command=row.command,
         fresh=bool(fresh),
@@ -209,6 +212,7 @@ async def _apply_one(conn: AsyncConnection[Any], row: CommandRow) -> Applied:
         attempts=int(attempts or 0),
         due=due,
         applied_at=applied_at,
+        traceparent=traceparent,
     )
 
 

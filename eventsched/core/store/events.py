@@ -42,11 +42,11 @@ T = TypeVar("T")
 # times more client CPU (docs/design-notes.md, "Binary arrays for the insert").
 _INSERT_SQL: Final = """
 INSERT INTO events (id, idempotency_key, type, payload, execute_at, late,
-                    kafka_topic, kafka_partition, kafka_offset, created_at)
-SELECT id, key, type, payload::jsonb, execute_at, late, topic, part, off, created_at
+                    kafka_topic, kafka_partition, kafka_offset, created_at, traceparent)
+SELECT id, key, type, payload::jsonb, execute_at, late, topic, part, off, created_at, tp
 FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::bool[],
-            %b::text[], %b::int[], %b::bigint[], %b::timestamptz[])
-     AS t(id, key, type, payload, execute_at, late, topic, part, off, created_at)
+            %b::text[], %b::int[], %b::bigint[], %b::timestamptz[], %b::text[])
+     AS t(id, key, type, payload, execute_at, late, topic, part, off, created_at, tp)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING idempotency_key
 """
@@ -105,6 +105,8 @@ class IngestRow(NamedTuple):
     topic: str
     partition: int
     offset: int
+    #: The message's valid W3C ``traceparent`` header (core.runtime.tracing), if any.
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,7 @@ def _columns(rows: Sequence[IngestRow]) -> list[list[Any]]:
         [row.partition for row in rows],
         [row.offset for row in rows],
         [e.created_at for e in events],
+        [row.traceparent for row in rows],
     ]
 
 

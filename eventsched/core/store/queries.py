@@ -94,6 +94,8 @@ class EventRow:
     dead_reason: str | None
     attempt_log: tuple[Attempt, ...]
     history: tuple[CommandEntry, ...] = ()
+    #: The trace the event was published under (32 hex digits of ``events.traceparent``).
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +154,10 @@ _EVENT_COLUMNS = (
     "finished_at",
     "dead_reason",
 )
-_EVENT = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events WHERE id = %s"
+_EVENT = f"""
+SELECT {", ".join(_EVENT_COLUMNS)}, substr(traceparent, 4, 32) AS trace_id
+FROM events WHERE id = %s
+"""
 _ATTEMPTS = """
 SELECT attempt, scheduled_for, started_at, finished_at, lateness_ms, outcome, error, worker_id
 FROM (SELECT * FROM event_attempts WHERE event_id = %s ORDER BY attempt DESC LIMIT %s) newest
@@ -183,7 +188,9 @@ async def event_with_attempts(db: Database, event_id: uuid.UUID) -> EventRow | N
         cur = await conn.execute(_HISTORY, (event_id, MAX_HISTORY))
         history = tuple(CommandEntry(*c) for c in await cur.fetchall())
         return EventRow(
-            **dict(zip(_EVENT_COLUMNS, row, strict=True)), attempt_log=attempts, history=history
+            **dict(zip((*_EVENT_COLUMNS, "trace_id"), row, strict=True)),
+            attempt_log=attempts,
+            history=history,
         )
 
     return await db.run(fn)

@@ -42,6 +42,8 @@ class Candidate:
     event_id: str
     attempts: int
     at: datetime  # the ordering column: execute_at, next_attempt_at or updated_at
+    #: The event's trace (``events.traceparent``): its re-enqueued job joins it.
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,28 +57,28 @@ class Cursor:
 # Each query is served by its partial index (see sql/000001_init.up.sql).
 _OVERDUE_SQL: Final = {
     "overdue": """
-        SELECT id::text, attempts, execute_at FROM events
+        SELECT id::text, attempts, execute_at, traceparent FROM events
         WHERE status = 'scheduled' AND execute_at < now() - make_interval(secs => %(age)s)
           AND (execute_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY execute_at, id LIMIT %(limit)s""",
     "retry_overdue": """
-        SELECT id::text, attempts, next_attempt_at FROM events
+        SELECT id::text, attempts, next_attempt_at, traceparent FROM events
         WHERE status = 'retrying' AND next_attempt_at < now() - make_interval(secs => %(age)s)
           AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY next_attempt_at, id LIMIT %(limit)s""",
     # Restoring after Redis lost its data: every pending event, whatever its due time.
     "restore_scheduled": """
-        SELECT id::text, attempts, execute_at FROM events
+        SELECT id::text, attempts, execute_at, traceparent FROM events
         WHERE status = 'scheduled'
           AND (execute_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY execute_at, id LIMIT %(limit)s""",
     "restore_retrying": """
-        SELECT id::text, attempts, next_attempt_at FROM events
+        SELECT id::text, attempts, next_attempt_at, traceparent FROM events
         WHERE status = 'retrying'
           AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY next_attempt_at, id LIMIT %(limit)s""",
     "stale_running": """
-        SELECT id::text, attempts, updated_at FROM events
+        SELECT id::text, attempts, updated_at, traceparent FROM events
         WHERE status = 'running' AND updated_at < now() - make_interval(secs => %(age)s)
           AND (updated_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY updated_at, id LIMIT %(limit)s""",
@@ -97,7 +99,7 @@ async def candidates(
         _OVERDUE_SQL[reason],
         {"age": age, "at": after.at, "id": after.event_id, "limit": limit},
     )
-    return [Candidate(event_id, attempts, at) for event_id, attempts, at in rows]
+    return [Candidate(event_id, attempts, at, tp) for event_id, attempts, at, tp in rows]
 
 
 _STILL_SQL: Final = {

@@ -57,6 +57,7 @@ def event_json(row: EventRow) -> dict[str, Any]:
         "attempt_count": row.attempts,
         "last_error": row.last_error,
         "dead_reason": row.dead_reason,
+        "trace_id": row.trace_id,
         "created_at": _time(row.created_at),
         "recorded_at": _time(row.recorded_at),
         "updated_at": _time(row.updated_at),

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import wraps
@@ -41,7 +42,7 @@ from eventsched.core.domain.decode import DecodeLimits
 from eventsched.core.domain.event import STATUSES, format_time, parse_time
 from eventsched.core.domain.wire import kafka_key
 from eventsched.core.kafka import DeliveryReport, KafkaProducer, OutboundMessage
-from eventsched.core.runtime import metrics
+from eventsched.core.runtime import metrics, tracing
 from eventsched.core.runtime.errors import DecodeError, DependencyError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.redaction import redact
@@ -133,6 +134,21 @@ def _answers(endpoint: Endpoint) -> Endpoint:
             return json_response({"error": "internal", "message": "internal error"}, 500)
 
     return wrapper
+
+
+@contextmanager
+def _traced(request: Request, name: str) -> Iterator[Sequence[tuple[str, bytes]]]:
+    """The headers of the events a request publishes, inside a server span that continues
+    the caller's ``traceparent`` (tracing on: each message then gets a producer span of its
+    own); tracing off, the caller's valid ``traceparent`` travels with the events as it is."""
+    incoming = tracing.parse_traceparent(request.headers.get(tracing.TRACEPARENT))
+    if not tracing.loaded():
+        yield tracing.with_traceparent(V1_HEADER_LIST, incoming)
+        return
+    with tracing.span(
+        name, kind="server", parent=incoming, attributes={"http.route": request.url.path}
+    ):
+        yield V1_HEADER_LIST
 
 
 class Handlers:
@@ -259,7 +275,8 @@ class Handlers:
                     200,
                     {"Location": f"/v1/events/{known.id}"},
                 )
-        await self._produce(value, kafka_key(event), V1_HEADER_LIST)
+        with _traced(request, "schedule event") as headers:
+            await self._produce(value, kafka_key(event), headers)
         return json_response(
             {
                 "id": str(event.id),
@@ -282,12 +299,13 @@ class Handlers:
         keys = [p.event.idempotency_key for p in prepared if p.keyed]
         known = await self._read(queries.events_by_keys, keys) if keys else {}
         fresh = [p for p in prepared if p.event.idempotency_key not in known]
-        reports = await self._produce_many(
-            [
-                OutboundMessage(self.config.topic, p.value, kafka_key(p.event), V1_HEADER_LIST)
-                for p in fresh
-            ]
-        )
+        with _traced(request, "schedule events") as headers:
+            reports = await self._produce_many(
+                [
+                    OutboundMessage(self.config.topic, p.value, kafka_key(p.event), headers)
+                    for p in fresh
+                ]
+            )
         answers: list[dict[str, Any]] = []
         failed = 0
         outcome = dict(zip((p.event.id for p in fresh), reports, strict=True))

@@ -217,6 +217,11 @@ def document(max_body_bytes: int, max_limit: int, max_batch: int) -> dict[str, A
                     next_attempt_at=_NTIME,
                     last_error=_NSTR,
                     dead_reason=_NSTR,
+                    trace_id={
+                        **_NSTR,
+                        "description": "the OpenTelemetry trace the event was published"
+                        " under (32 hex digits), null when it came without one",
+                    },
                     recorded_at=_TIME,
                     finished_at=_NTIME,
                     attempts={"type": "array", "items": _ref("Attempt")},

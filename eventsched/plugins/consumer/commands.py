@@ -125,7 +125,9 @@ class Commands:
         the first attempt's (as after ``dlq replay``), a retrying one's the next attempt's."""
         assert done.event_id is not None and done.due is not None
         attempt = FIRST_ATTEMPT if done.status == "scheduled" else done.attempts + 1
-        return make_job(done.event_id, attempt, done.due, self._job_timeout)
+        return make_job(
+            done.event_id, attempt, done.due, self._job_timeout, traceparent=done.traceparent
+        )
 
 
 def synced_ids(applied: Sequence[Applied]) -> set[str]:

@@ -32,6 +32,7 @@ from eventsched.core.jobqueue import ScheduledJob
 from eventsched.core.kafka import Batch, Record, TopicPartitionKey
 from eventsched.core.runtime.errors import DecodeError
 from eventsched.core.runtime.settings import ConsumerSettings
+from eventsched.core.runtime.tracing import header_traceparent
 from eventsched.core.store import events as eventstore
 from eventsched.core.store.commands import Applied, CommandRow
 from eventsched.core.store.events import IngestRow, RowsRejected, StoredEvent
@@ -125,7 +126,10 @@ class Recorder:
                 command = CommandRow(event, record.topic, record.partition, record.offset)
                 commands.append((command, record))
                 continue
-            row = IngestRow(event, record.topic, record.partition, record.offset)
+            row = IngestRow(
+                event, record.topic, record.partition, record.offset,
+                header_traceparent(record.headers),
+            )  # fmt: skip
             if event.idempotency_key in first_by_key:
                 later.append(row)
             else:
@@ -157,7 +161,7 @@ class Recorder:
             existing = await self._retrying(eventstore.lookup_existing, self._db, existing_rows)
 
         jobs = [
-            self._job(row.event.id, row.event.execute_at, row.event.type)
+            self._job(row.event.id, row.event.execute_at, row.event.type, row.traceparent)
             for row in rows
             if row.event.idempotency_key in new_keys
             and not (synced and str(row.event.id) in synced)
@@ -176,7 +180,9 @@ class Recorder:
             if not stored.same:
                 self._conflict(row, stored.id)
             if stored.status == "scheduled" and not (synced and str(stored.id) in synced):
-                jobs.append(self._job(stored.id, stored.execute_at, row.event.type))
+                # The message's traceparent: a redelivery of the stored event's own message.
+                tp = row.traceparent if stored.same else None
+                jobs.append(self._job(stored.id, stored.execute_at, row.event.type, tp))
         for row in later:
             first = first_by_key[row.event.idempotency_key]
             if not _same_event(first.event, row.event):
@@ -250,11 +256,13 @@ class Recorder:
             offset=row.offset,
         )
 
-    def _job(self, event_id: Any, execute_at: datetime, type_: str) -> ScheduledJob:
+    def _job(
+        self, event_id: Any, execute_at: datetime, type_: str, traceparent: str | None
+    ) -> ScheduledJob:
         # The executor's job contract: first attempt, key = event id, due time in epoch s.
         return make_job(
             str(event_id), FIRST_ATTEMPT, execute_at.timestamp(), self._job_timeout,
-            lane=self._lane_of(type_),
+            lane=self._lane_of(type_), traceparent=traceparent,
         )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ from eventsched.core.kafka import (
     TopicPartitionKey,
     config_from_settings,
 )
-from eventsched.core.runtime import metrics
+from eventsched.core.runtime import metrics, tracing
 from eventsched.core.runtime.contracts import RoleContext
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.store import commands as commandstore
@@ -215,13 +215,25 @@ class IngestConsumer:
         self, batch: Batch, previous: _InFlight, current: _InFlight, slots: trio.Semaphore
     ) -> None:
         try:
-            recorded = await self._recorder.record(
-                batch, after=previous.inserted, inserted=current.inserted
-            )
-            if recorded.jobs:
-                added = await self._retrying(self._enqueue, recorded.jobs)
-                metrics.JOBS_SCHEDULED.inc(added)
-                recorded.jobs = []  # scheduled: not needed while the commit waits
+            # One span per batch, linked to each message's trace (tracing on only); each
+            # event's own trace continues in the executor from the traceparent it keeps.
+            with tracing.span(
+                "process events",
+                kind="consumer",
+                links=(tracing.header_traceparent(r.headers) or "" for r in batch.records),
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.operation.type": "process",
+                    "messaging.batch.message_count": len(batch.records),
+                },
+            ):
+                recorded = await self._recorder.record(
+                    batch, after=previous.inserted, inserted=current.inserted
+                )
+                if recorded.jobs:
+                    added = await self._retrying(self._enqueue, recorded.jobs)
+                    metrics.JOBS_SCHEDULED.inc(added)
+                    recorded.jobs = []  # scheduled: not needed while the commit waits
             if recorded.commands:
                 # Redis follows the commands in log order: after the previous batch's.
                 await previous.done.wait()

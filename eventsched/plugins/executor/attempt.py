@@ -40,7 +40,7 @@ from eventsched.core.jobqueue import (
     ShardedQueue,
     payload_bytes,
 )
-from eventsched.core.runtime import metrics
+from eventsched.core.runtime import metrics, tracing
 from eventsched.core.runtime.contracts import (
     Handler,
     HandlerContext,
@@ -144,6 +144,9 @@ class Attempts:
         self._write_behind_limit = max(MAX_BATCH, 2 * s.executor_concurrency)
         #: Retry enqueues in progress (the role waits for them before it stops).
         self.retrying: set[asyncio.Task[None]] = set()
+        # The trace of each event whose attempt runs or awaits its outcome (event id ->
+        # traceparent or None), for its retry's job; dropped with the outcome.
+        self._traces: dict[str, str | None] = {}
 
     # -- handlers ------------------------------------------------------------------------------
 
@@ -186,19 +189,31 @@ class Attempts:
     # -- the job function (asyncio side) --------------------------------------------------------
 
     def job_for(
-        self, event_id: str, attempt: int, scheduled: float, type_: str | None = None
+        self,
+        event_id: str,
+        attempt: int,
+        scheduled: float,
+        type_: str | None = None,
+        traceparent: str | None = None,
     ) -> ScheduledJob:
         """The job of an event's attempt: the job contract, with this role's SAQ timeout
-        (and the type's lane, when the caller knows the type)."""
+        (and the type's lane, when the caller knows the type; the event's trace context)."""
         return make_job(
-            event_id, attempt, scheduled, self._saq_timeout, lane=self.policies.lane_of(type_)
-        )
+            event_id, attempt, scheduled, self._saq_timeout, lane=self.policies.lane_of(type_),
+            traceparent=traceparent,
+        )  # fmt: skip
 
     async def execute_event(
-        self, ctx: JobContext, *, event_id: str, attempt: int | None = None
+        self,
+        ctx: JobContext,
+        *,
+        event_id: str,
+        attempt: int | None = None,
+        traceparent: str | None = None,
     ) -> None:
         """SAQ job function: run the attempt of an event that the job's ``attempt`` kwarg
-        names (absent: the first; see :func:`~eventsched.core.domain.jobcontract.attempt_of`)."""
+        names (absent: the first; see :func:`~eventsched.core.domain.jobcontract.attempt_of`);
+        ``traceparent``: the event's trace, which the attempt's span joins."""
         started = time.time()
         number = attempt_of(attempt)
         try:
@@ -241,12 +256,32 @@ class Attempts:
         # there (not at our submission, which may have waited for a connection).
         lease_start = claim.sent
         running = self._leases.hold(event_id, claim.attempt, lease_start, task)
-        try:
-            failure = await self._run_handler(claim, label, ctx, running)
-        except asyncio.CancelledError:
-            running.finished = time.monotonic()
-            self._record_interrupted(claim, label)
-            raise
+        parent = tracing.parse_traceparent(traceparent)
+        with tracing.span(
+            f"execute {claim.type}",
+            kind="consumer",
+            parent=parent,
+            attributes={
+                "eventsched.event.id": event_id,
+                "eventsched.event.type": claim.type,
+                "eventsched.attempt": claim.attempt,
+                "eventsched.lateness_s": round(started - claim.scheduled_for, 6),
+            },
+        ) as current:
+            # The event's trace for the retries: its own, or (none came with it) this
+            # first attempt's, so later attempts join one trace all the same.
+            own = tracing.current_traceparent()
+            if parent or own:
+                self._traces[event_id] = parent or own
+            try:
+                failure = await self._run_handler(claim, label, ctx, running, own or parent)
+            except asyncio.CancelledError:
+                running.finished = time.monotonic()
+                tracing.fail(current, "interrupted")
+                self._record_interrupted(claim, label)
+                raise
+            if failure is not None:
+                tracing.fail(current, failure.error)
         running.finished = time.monotonic()
         policy = self.policies[claim.type]
         outcome = decide(
@@ -262,7 +297,12 @@ class Attempts:
         await self._record(outcome)
 
     async def _run_handler(
-        self, claim: Claimed, label: str, ctx: JobContext, running: Running
+        self,
+        claim: Claimed,
+        label: str,
+        ctx: JobContext,
+        running: Running,
+        traceparent: str | None = None,
     ) -> Failure | None:
         if not running.lease_ok():
             # The claim took longer than the lease (PostgreSQL slow or unreachable).
@@ -280,6 +320,7 @@ class Attempts:
             payload=claim.payload,
             execute_at=datetime.fromtimestamp(claim.execute_at, UTC),
             attempt=claim.attempt,
+            traceparent=traceparent,
         )
         limit = self._handler_timeout(ctx, self.policies[claim.type].timeout)
         began = time.perf_counter()
@@ -352,6 +393,7 @@ class Attempts:
         recorded = await self._patiently(self.finishes, outcome, RECORD_PATIENCE)
         if recorded is None:
             self._leases.release(outcome.event_id, outcome.attempt)
+            self._traces.pop(outcome.event_id, None)
             self._log.error(
                 "outcome_not_recorded", event_id=outcome.event_id, attempt=outcome.attempt,
                 outcome=outcome.status, note="reconciler recovers it as stale running",
@@ -367,6 +409,7 @@ class Attempts:
         counts: Counter[tuple[str, str]] = Counter()  # one inc() per label and status
         for outcome, status in zip(outcomes, recorded, strict=True):
             self._leases.release(outcome.event_id, outcome.attempt)
+            traceparent = self._traces.pop(outcome.event_id, None)
             if status == executions.DISCARDED:
                 # Someone else moved the event on (the reconciler took the attempt over).
                 self._log.warning(
@@ -389,7 +432,9 @@ class Attempts:
             if status == "retrying":
                 assert outcome.next_attempt_at is not None  # decide() sets it for retrying
                 at, label = outcome.next_attempt_at, outcome.label
-                retries.append(self.job_for(outcome.event_id, outcome.attempt + 1, at, label))
+                retries.append(
+                    self.job_for(outcome.event_id, outcome.attempt + 1, at, label, traceparent)
+                )
             else:
                 self.dead_letters.submit_nowait(outcome.event_id)
             self._log.info(

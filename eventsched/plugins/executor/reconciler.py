@@ -117,7 +117,8 @@ ATTEMPT_OF: Final[dict[str, Callable[[Candidate], int]]] = {
     "retry_overdue": _next_attempt,
     "restore_retrying": _next_attempt,
 }
-JobFor = Callable[[str, int, float], ScheduledJob]
+# (event id, attempt, due time, event type or None, traceparent or None) -> its job
+JobFor = Callable[[str, int, float, str | None, str | None], ScheduledJob]
 
 
 class DeadLetterSink(Protocol):
@@ -291,7 +292,10 @@ class Reconciler:
             if not page:
                 return 0
         attempt_of = ATTEMPT_OF[reason]
-        jobs = [self._job_for(c.event_id, attempt_of(c), c.at.timestamp()) for c in page]
+        jobs = [
+            self._job_for(c.event_id, attempt_of(c), c.at.timestamp(), None, c.traceparent)
+            for c in page
+        ]
         pending = await self._jobs.pending_keys([job.key for job in jobs])
         if pending and reason in ("overdue", "retry_overdue"):
             # Pending, but maybe taken (ahead of its due time) by a worker that died before
@@ -408,7 +412,8 @@ class Reconciler:
         page = [c for c in page if self._expired_long_enough(c)]
         if not page:
             return 0
-        keys = [self._job_for(c.event_id, c.attempts, 0.0).key for c in page]
+        keys = [self._job_for(c.event_id, c.attempts, 0.0, None, None).key for c in page]
+        traces = {c.event_id: c.traceparent for c in page}
         live = await self.live_jobs(keys)
         stale: list[Candidate] = []
         for c, key in zip(page, keys, strict=True):
@@ -432,7 +437,11 @@ class Reconciler:
                         status=t.status)  # fmt: skip
             if t.status == "retrying":
                 assert t.next_attempt_at is not None  # set with status retrying
-                jobs.append(self._job_for(t.event_id, t.attempts + 1, t.next_attempt_at))
+                jobs.append(
+                    self._job_for(
+                        t.event_id, t.attempts + 1, t.next_attempt_at, None, traces.get(t.event_id)
+                    )
+                )
             elif t.status == "dead":
                 self._dead_letters.submit_nowait(t.event_id)
         added = await self._jobs.enqueue_reachable(jobs) if jobs else 0
