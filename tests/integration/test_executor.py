@@ -8,6 +8,7 @@ process where a signal or a kill is the point). Real PostgreSQL, Redis and broke
 from __future__ import annotations
 
 import json
+import random
 import signal
 import time
 from datetime import UTC, datetime
@@ -203,6 +204,64 @@ async def test_events_run_after_their_due_time_once_each(make_settings: Any, dat
         assert row.finished_at is not None and row.finished_at >= row.started_at
     assert sorted(exec_handlers.PER_EVENT.values()) == [1] * 60
     assert stats["claim"][1] >= 60 and stats["finish"][1] >= 60
+
+
+#: How much earlier than the handler's own first line the recorded start may be: the two are
+#: taken on one clock, a call apart (a loaded 2-core box may preempt in between).
+START_TOLERANCE = 0.002
+
+
+async def test_the_attempt_row_records_the_handlers_start_and_the_claim_apart(
+    make_settings: Any, database: str
+) -> None:
+    """``started_at`` and ``lateness_ms`` are the handler's invocation (what its first line
+    sees), not the claim: the claim (``claimed_at``) comes first, within the claim-ahead
+    window before the due time."""
+    settings = executor_settings(make_settings, "observe", executor={"concurrency": 10})
+    rng = random.Random(18)
+    start = time.time()
+    events = new_events(200, due=lambda i: start + 1.0 + 2.0 * rng.random())
+    await trio.to_thread.run_sync(insert_events, database, events)
+    async with running_executor(settings) as harness:
+        assert await harness.enqueue(events) == 200
+        await wait_until(all_finished(database, 200), limit=20)
+
+    rows = await trio.to_thread.run_sync(attempt_rows, database)
+    assert len(rows) == 200
+    for row in rows:
+        seen = exec_handlers.OBSERVED[row.event_id, row.attempt]
+        assert seen - START_TOLERANCE <= row.started_at <= seen + 1e-6  # to_timestamp: µs
+        assert row.started_at >= row.scheduled_for  # never early
+        assert row.lateness_ms == pytest.approx((row.started_at - row.scheduled_for) * 1000,
+                                                abs=0.002)  # fmt: skip
+        assert row.lateness_ms == pytest.approx((seen - row.scheduled_for) * 1000,
+                                                abs=START_TOLERANCE * 1000)  # fmt: skip
+        assert row.claimed_at is not None and row.claimed_at <= row.started_at
+        assert row.claimed_at >= row.scheduled_for - 0.011  # not before the claim-ahead window
+    # The claim's round trip is off the start: most claims are made before the due time.
+    ahead = sum(1 for r in rows if r.claimed_at is not None and r.claimed_at < r.scheduled_for)
+    assert ahead > len(rows) // 2, ahead
+
+
+async def test_the_handler_never_starts_before_its_due_time(
+    make_settings: Any, database: str
+) -> None:
+    """1,000 events due at random (millisecond) times over 4 s, 10 slots: the handler's first
+    line never runs before the due time, on the clock of the process that runs it."""
+    settings = executor_settings(make_settings, "observe", executor={"concurrency": 10})
+    rng = random.Random(7)
+    start = time.time()
+    events = new_events(1000, due=lambda i: start + 1.5 + 4.0 * rng.random())
+    await trio.to_thread.run_sync(insert_events, database, events)
+    async with running_executor(settings) as harness:
+        assert await harness.enqueue(events) == 1000
+        await wait_until(all_finished(database, 1000), limit=30)
+
+    seen = exec_handlers.OBSERVED
+    assert len(seen) == 1000
+    late_ms = sorted((seen[e.id, 1] - e.execute_at) * 1000 for e in events)
+    assert late_ms[0] >= 0, [x for x in late_ms if x < 0]
+    assert late_ms[len(late_ms) // 2] < 50  # on time (loosely: a shared 2-core test box)
 
 
 async def test_the_same_job_delivered_again_after_success_runs_nothing(

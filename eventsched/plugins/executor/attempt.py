@@ -39,6 +39,7 @@ from eventsched.core.jobqueue import (
     PutBack,
     ScheduledJob,
     payload_bytes,
+    wait_until,
 )
 from eventsched.core.runtime import metrics
 from eventsched.core.runtime.contracts import (
@@ -199,7 +200,7 @@ class Attempts:
     ) -> None:
         """SAQ job function: run the attempt of an event that the job's ``attempt`` kwarg
         names (absent: the first; see :func:`~eventsched.core.domain.jobcontract.attempt_of`)."""
-        started = time.time()
+        claimed = time.time()
         number = attempt_of(attempt)
         try:
             uuid.UUID(event_id)
@@ -210,7 +211,7 @@ class Attempts:
         held = self._jobs.aio_queue.held_reason(ctx["job"].id) if "job" in ctx else ""
         # A claim asks for the first attempt with 0 (see ClaimRequest).
         request = ClaimRequest(
-            event_id, 0 if is_first_attempt(number) else number, started, held or None
+            event_id, 0 if is_first_attempt(number) else number, claimed, held or None
         )
         claim = await self._patiently(self.claims, request, CLAIM_PATIENCE)
         if claim is None:
@@ -226,15 +227,11 @@ class Attempts:
             self._log.warning(
                 "job_came_early", event_id=event_id, job_attempt=number,
                 scheduled_for=claim.scheduled_for,
-                early_s=round(claim.scheduled_for - started, 3),
+                early_s=round(claim.scheduled_for - claimed, 3),
                 note="put back at the due time",
             )  # fmt: skip
             raise PutBack(claim.scheduled_for)
         label = self.label(claim.type)
-        if held:
-            metrics.EXECUTION_HELD.labels(label, held).observe(started - claim.scheduled_for)
-        else:
-            metrics.EXECUTION_LATENESS.observe(started - claim.scheduled_for)
         task = asyncio.current_task()
         assert task is not None  # SAQ runs job functions in a task
         # The claim set updated_at = now() no earlier than claim.sent: the lease starts
@@ -242,12 +239,23 @@ class Attempts:
         lease_start = claim.sent
         running = self._leases.hold(event_id, claim.attempt, lease_start, task)
         try:
+            # The claim was made up to CLAIM_AHEAD before the due time (the worker hands
+            # jobs out that early): the handler starts at the due time, never before.
+            await wait_until(claim.scheduled_for)
             failure = await self._run_handler(claim, label, ctx, running)
         except asyncio.CancelledError:
             running.finished = time.monotonic()
-            self._record_interrupted(claim, label)
+            self._record_interrupted(claim, label, running.started)
             raise
         running.finished = time.monotonic()
+        started = running.started
+        if started is not None:
+            # Lateness where an outsider sees it: the handler's invocation minus the due time.
+            late = started - claim.scheduled_for
+            if held:
+                metrics.EXECUTION_HELD.labels(label, held).observe(late)
+            else:
+                metrics.EXECUTION_LATENESS.observe(late)
         policy = self.policies[claim.type]
         outcome = decide(
             event_id,
@@ -258,6 +266,7 @@ class Attempts:
             delay=lambda n: retry_delay(n, policy.retry_backoff, self._rng),
             label=label,
             base=claim.base,
+            started=started,
         )
         await self._record(outcome)
 
@@ -287,6 +296,7 @@ class Attempts:
         # the loop (queued, then popped, even when cancelled) and stays in its heap until it
         # would have fired; :meth:`_reap` cancels overdue handlers from one periodic scan.
         running.deadline = time.monotonic() + limit
+        running.started = time.time()
         try:
             await Fenced(handler(event), running)
         except asyncio.CancelledError:
@@ -422,7 +432,7 @@ class Attempts:
                 "retry_enqueue_failed", jobs=[job.key for job in jobs], error=redact(str(err))
             )
 
-    def _record_interrupted(self, claim: Claimed, label: str) -> None:
+    def _record_interrupted(self, claim: Claimed, label: str, started: float | None) -> None:
         """The job is being cancelled (shutdown past its grace, SAQ's own timeout): record
         the attempt as failed (written behind, so the cancellation is not delayed; the
         executor flushes the writes before it stops) and retry at once."""
@@ -435,6 +445,7 @@ class Attempts:
             delay=lambda _: 0.0,
             label=label,
             base=claim.base,
+            started=started,
         )
         self.finishes.submit_nowait(outcome)
 

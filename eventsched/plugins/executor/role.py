@@ -175,6 +175,9 @@ class Executor:
             [(EXECUTE_FUNCTION, self.attempts.execute_event)],
             concurrency=s.executor_concurrency,
             claim_ahead=CLAIM_AHEAD,
+            # The job function claims the attempt in PostgreSQL as soon as the slot has the
+            # job, then waits for the due time: the claim's round trip is off the start.
+            function_waits=True,
             id=self.worker_id,
             timers={"worker_info": info_every},
             payload_budget=self._budget,
