@@ -104,7 +104,7 @@ def main() -> None:
     ]  # fmt: skip
     notes = [
         f"producer {p.rate:,.0f} events/s for {p.duration:g} s, due {p.delay_min:g}-{p.delay_max:g} s out; one process per role; "
-        f"executor concurrency {p.concurrency}, handler `log`, log level {args.log_level}; "
+        f"executor concurrency {p.concurrency}, handler `observed` (notes its start, logs), log level {args.log_level}; "
         f"PostgreSQL {'without fsync (--fast-stack)' if args.fast_stack else 'as `eventsched dev` (fsync on)'}",
         f"during the load: {noise(r['cpu_load'])}",
         f"target 5 (no growing lag, lateness p99 ≤ 25 ms): {verdict(met)}",

@@ -280,7 +280,7 @@ def main() -> None:
             f"{stock['memory'].get('hwm_mb', 0):.0f}", "", "",
         ])  # fmt: skip
     notes = [
-        f"{count:,} events due at one instant; executor concurrency {args.concurrency}, handler `log`, "
+        f"{count:,} events due at one instant; executor concurrency {args.concurrency}, handler `observed` (notes its start, logs), "
         f"log level {args.log_level}; PostgreSQL {'without fsync (--fast-stack)' if args.fast_stack else 'as `eventsched dev` (fsync on)'}",
     ]
     for d in ours:
