@@ -154,7 +154,7 @@ def test_claims_and_outcomes_read_only_the_events_of_their_batch(database: str, 
         if which == "claim":
             text = executions._CLAIM_SQL.replace("%(req)s", "$1").replace("%(worker)s", "$2")
             text = text.replace("%(ahead)s", "0.01")
-            args = [[{"id": scheduled[0].id, "attempt": 0, "started": now}], "w1"]
+            args = [[{"id": scheduled[0].id, "attempt": 0, "claimed": now}], "w1"]
         else:
             text = executions._FINISH_SQL.replace("%(req)s", "$1")
             args = [[{"id": running[0].id, "attempt": 1, "status": "succeeded", "error": None,
