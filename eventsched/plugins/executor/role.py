@@ -31,7 +31,12 @@ from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.settings import Settings, require_postgres
 from eventsched.core.store import executions
-from eventsched.plugins.executor.attempt import CLAIM_AHEAD, RECORD_PATIENCE, Attempts
+from eventsched.plugins.executor.attempt import (
+    AHEAD_SLOTS,
+    CLAIM_AHEAD,
+    RECORD_PATIENCE,
+    Attempts,
+)
 from eventsched.plugins.executor.deadletters import DeadLetters
 from eventsched.plugins.executor.lease import Leases
 from eventsched.plugins.executor.reconciler import Reconciler
@@ -173,7 +178,7 @@ class Executor:
         self.worker = worker = make_worker(
             self._jobs,
             [(EXECUTE_FUNCTION, self.attempts.execute_event)],
-            concurrency=s.executor_concurrency,
+            concurrency=s.executor_concurrency + AHEAD_SLOTS,
             claim_ahead=CLAIM_AHEAD,
             # The job function claims the attempt in PostgreSQL as soon as the slot has the
             # job, then waits for the due time: the claim's round trip is off the start.
