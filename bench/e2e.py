@@ -33,7 +33,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delay-min", type=float, default=None, help="s (2; quick 1)")
     parser.add_argument("--delay-max", type=float, default=None, help="s (10; quick 1.5)")
     parser.add_argument(
-        "--concurrency", type=int, default=RECOMMENDED_CONCURRENCY, help="executor slots (256)"
+        "--concurrency",
+        type=int,
+        default=RECOMMENDED_CONCURRENCY,
+        help="executor handler slots (64)",
     )
     parser.add_argument("--profile-seconds", type=float, default=20.0)
 

@@ -1,7 +1,7 @@
 """Per-type limits beside unlimited work: the on-time target holds for a type without limits
 while two limited types are saturated in the same executor.
 
-One executor process (``executor.concurrency`` 256) with two limited types:
+One executor process (``executor.concurrency`` 64) with two limited types:
 
 * ``bench.slow``: ``concurrency = 2`` across all executors, handler ``simulate`` (50 ms, no
   failures): ``--slow-count`` events (3,000: about 75 s of work) due at once;
@@ -47,7 +47,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slow-count", type=int, default=None, help="(3000; quick 800)")
     parser.add_argument("--rated-count", type=int, default=None, help="(400; quick 120)")
     parser.add_argument(
-        "--concurrency", type=int, default=RECOMMENDED_CONCURRENCY, help="executor slots (256)"
+        "--concurrency",
+        type=int,
+        default=RECOMMENDED_CONCURRENCY,
+        help="executor handler slots (64)",
     )
 
 

@@ -43,9 +43,10 @@ PYTHON = sys.executable
 OBSERVE_HANDLER = "bench.observe:observed"
 #: Stock SAQ's slots, as in the peers' table (one worker process, concurrency 10).
 PEER_CONCURRENCY = 10
-#: Our executor's slots in the benchmarks: what config/settings.toml recommends for load
-#: (each job waits a few ms for its PostgreSQL claim: rate x latency, 256 at 1,000/s).
-RECOMMENDED_CONCURRENCY = 256
+#: Our executor's handler slots in the benchmarks: the default, which config/settings.toml
+#: recommends for handlers up to ~40 ms at 1,000/s (the claim and the wait for the due time
+#: use slots of their own).
+RECOMMENDED_CONCURRENCY = 64
 
 
 def clean_env(extra: Mapping[str, str]) -> dict[str, str]:

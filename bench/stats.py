@@ -89,6 +89,8 @@ class Attempts:
     recorded_minus_observed_ms: list[float] = field(default_factory=list)
     observed: int = 0
     unobserved: int = 0  # attempt rows with an outcome whose handler left no observation
+    # scheduled_for - claimed_at (ms), every row: > 0 when the claim came before the due time.
+    claim_lead_ms: list[float] = field(default_factory=list)
 
 
 def read_attempts(stack: Stack, where: str = "TRUE") -> Attempts:
@@ -96,7 +98,8 @@ def read_attempts(stack: Stack, where: str = "TRUE") -> Attempts:
         "SELECT extract(epoch FROM a.scheduled_for)::float8, extract(epoch FROM a.started_at)::float8,"
         " extract(epoch FROM a.finished_at)::float8, a.lateness_ms, coalesce(a.outcome, 'none'),"
         " a.started_at < a.scheduled_for, extract(epoch FROM e.updated_at)::float8,"
-        " a.event_id::text, a.attempt"
+        " a.event_id::text, a.attempt,"
+        " extract(epoch FROM a.scheduled_for - a.claimed_at)::float8 * 1000"
         f" FROM event_attempts a JOIN events e ON e.id = a.event_id WHERE {where}"
     )
     seen = stack.observed()
@@ -124,6 +127,7 @@ def read_attempts(stack: Stack, where: str = "TRUE") -> Attempts:
         recorded_minus_observed_ms=[o[2] for o in observed],
         observed=len(observed),
         unobserved=unobserved,
+        claim_lead_ms=[r[9] for r in rows if r[9] is not None],
     )
 
 
