@@ -33,6 +33,7 @@ from tests.support.execution import (
     attempt_rows,
     executor_env,
     insert_events,
+    max_overlap,
     new_events,
     queue_client,
     running_executor,
@@ -262,6 +263,31 @@ async def test_the_handler_never_starts_before_its_due_time(
     late_ms = sorted((seen[e.id, 1] - e.execute_at) * 1000 for e in events)
     assert late_ms[0] >= 0, [x for x in late_ms if x < 0]
     assert late_ms[len(late_ms) // 2] < 50  # on time (loosely: a shared 2-core test box)
+
+
+async def test_concurrency_bounds_the_handlers_running_at_once_not_the_claims(
+    make_settings: Any, database: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """``executor.concurrency`` handlers run at once, however many jobs are claimed ahead
+    of their due time and wait for it (those use slots of their own); the rest wait for a
+    handler slot, never starting early."""
+    journal_path = str(tmp_path / "journal")
+    monkeypatch.setenv("TEST_HANDLER_JOURNAL", journal_path)
+    settings = executor_settings(make_settings, "journal", executor={"concurrency": 2})
+    events = new_events(8, due=time.time() + 1.0, sleep=0.2)
+    await trio.to_thread.run_sync(insert_events, database, events)
+    async with running_executor(settings) as harness:
+        assert await harness.enqueue(events) == 8
+        await wait_until(all_finished(database, 8), limit=15)
+
+    journal = exec_handlers.read_journal(journal_path)
+    starts = {str(x["event"]): float(str(x["t"])) for x in journal if x["what"] == "start"}
+    ends = {str(x["event"]): float(str(x["t"])) for x in journal if x["what"] == "done"}
+    assert len(starts) == len(ends) == 8
+    assert max_overlap((starts[e], ends[e]) for e in starts) == 2
+    assert min(starts.values()) >= events[0].execute_at  # never early
+    # Four rounds of two 0.2 s handlers: the last pair starts about 0.6 s after the due time.
+    assert max(starts.values()) - events[0].execute_at >= 0.55
 
 
 async def test_the_same_job_delivered_again_after_success_runs_nothing(
