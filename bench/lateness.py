@@ -135,6 +135,7 @@ def run_ours(
         "recorded_minus_observed_ms": percentiles(attempts.recorded_minus_observed_ms),
         "unobserved": attempts.unobserved,
         "claim_lead_ms": percentiles(attempts.claim_lead_ms),
+        "claimed_ahead_lateness_ms": percentiles(attempts.claimed_ahead_lateness_ms),
         "lateness_by_second": lateness_timeline(
             attempts.scheduled, attempts.lateness_ms, fed["started_at"]
         ),
@@ -313,6 +314,13 @@ def main() -> None:
         "claim ahead of the due time (ms) min / p50 / p99",
         f"{fmt_ms(lead.get('min'))} / {fmt_ms(lead.get('p50'))} / {fmt_ms(lead.get('p99'))}",
         "-", "", "> 0: claimed before due", "",
+    ])  # fmt: skip
+    lead_late = ours["claimed_ahead_lateness_ms"]
+    rows.append([
+        "lateness of those claimed ahead (ms): count / p50 / p99 / max",
+        f"{lead_late.get('count', 0):,} / {fmt_ms(lead_late.get('p50'))} / "
+        f"{fmt_ms(lead_late.get('p99'))} / {fmt_ms(lead_late.get('max'))}",
+        "-", "", "", "",
     ])  # fmt: skip
     rows.append(
         [

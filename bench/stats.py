@@ -91,6 +91,9 @@ class Attempts:
     unobserved: int = 0  # attempt rows with an outcome whose handler left no observation
     # scheduled_for - claimed_at (ms), every row: > 0 when the claim came before the due time.
     claim_lead_ms: list[float] = field(default_factory=list)
+    # Lateness at the handler of the attempts claimed before their due time (the claim's
+    # round trip was hidden; what is left is the wait's wake-up and the process's stalls).
+    claimed_ahead_lateness_ms: list[float] = field(default_factory=list)
 
 
 def read_attempts(stack: Stack, where: str = "TRUE") -> Attempts:
@@ -104,6 +107,7 @@ def read_attempts(stack: Stack, where: str = "TRUE") -> Attempts:
     )
     seen = stack.observed()
     observed: list[tuple[float, float, float]] = []  # (handler lateness, recorded, diff)
+    ahead: list[float] = []
     unobserved = 0
     early = 0
     for r in rows:
@@ -113,6 +117,8 @@ def read_attempts(stack: Stack, where: str = "TRUE") -> Attempts:
             early += bool(r[5])
             continue
         observed.append(((t - r[0]) * 1000, r[3], (r[1] - t) * 1000))
+        if r[9] is not None and r[9] > 0:
+            ahead.append((t - r[0]) * 1000)
         early += bool(r[5]) or t < r[0]
     return Attempts(
         scheduled=[r[0] for r in rows if (r[7], r[8]) in seen],
@@ -128,6 +134,7 @@ def read_attempts(stack: Stack, where: str = "TRUE") -> Attempts:
         observed=len(observed),
         unobserved=unobserved,
         claim_lead_ms=[r[9] for r in rows if r[9] is not None],
+        claimed_ahead_lateness_ms=ahead,
     )
 
 
