@@ -413,7 +413,7 @@ async def test_permanent_errors_go_dead_at_once(
     settings = make_settings(
         executor={"concurrency": 4}, handlers=handlers, reconciler={"enabled": False}
     )
-    (event,) = new_events(1, due=time.time())
+    (event,) = new_events(1, due=time.time() + 1.0)  # claimed ahead of its due time
     await trio.to_thread.run_sync(insert_events, database, [event])
     async with running_executor(settings) as harness:
         await harness.enqueue([event])
@@ -423,6 +423,8 @@ async def test_permanent_errors_go_dead_at_once(
         )
     rows = await trio.to_thread.run_sync(attempt_rows, database)
     assert [(r.attempt, r.outcome, r.error) for r in rows] == [(1, "dead", error)]
+    # Given up at (or after) the due time, even with no handler to invoke: never early.
+    assert rows[0].started_at >= rows[0].scheduled_for and rows[0].lateness_ms >= 0
     (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
     assert message.headers["dlq-reason"] == reason.encode()
 

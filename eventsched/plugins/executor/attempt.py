@@ -281,6 +281,9 @@ class Attempts:
     async def _run_handler(
         self, claim: Claimed, label: str, ctx: JobContext, running: Running
     ) -> Failure | None:
+        # The attempt's start, at or after its due time; the handler's invocation below
+        # replaces it (an attempt that fails before that records when it was given up).
+        running.started = time.time()
         if not running.lease_ok():
             # The claim took longer than the lease (PostgreSQL slow or unreachable).
             return Failure(f"lease lost before the handler started ({self._leases.lease:g}s)")
