@@ -33,7 +33,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delay-min", type=float, default=None, help="s (2; quick 1)")
     parser.add_argument("--delay-max", type=float, default=None, help="s (10; quick 1.5)")
     parser.add_argument(
-        "--concurrency", type=int, default=RECOMMENDED_CONCURRENCY, help="executor slots (256)"
+        "--concurrency",
+        type=int,
+        default=RECOMMENDED_CONCURRENCY,
+        help="executor handler slots (64)",
     )
     parser.add_argument("--profile-seconds", type=float, default=20.0)
 
@@ -104,7 +107,7 @@ def main() -> None:
     ]  # fmt: skip
     notes = [
         f"producer {p.rate:,.0f} events/s for {p.duration:g} s, due {p.delay_min:g}-{p.delay_max:g} s out; one process per role; "
-        f"executor concurrency {p.concurrency}, handler `log`, log level {args.log_level}; "
+        f"executor concurrency {p.concurrency}, handler `observed` (notes its start, logs), log level {args.log_level}; "
         f"PostgreSQL {'without fsync (--fast-stack)' if args.fast_stack else 'as `eventsched dev` (fsync on)'}",
         f"during the load: {noise(r['cpu_load'])}",
         f"target 5 (no growing lag, lateness p99 ≤ 25 ms): {verdict(met)}",

@@ -1,14 +1,14 @@
 """Per-type limits beside unlimited work: the on-time target holds for a type without limits
 while two limited types are saturated in the same executor.
 
-One executor process (``executor.concurrency`` 256) with two limited types:
+One executor process (``executor.concurrency`` 64) with two limited types:
 
 * ``bench.slow``: ``concurrency = 2`` across all executors, handler ``simulate`` (50 ms, no
   failures): ``--slow-count`` events (3,000: about 75 s of work) due at once;
-* ``bench.rated``: ``rate = 5`` starts/s, ``burst = 1``, handler ``log``: ``--rated-count``
+* ``bench.rated``: ``rate = 5`` starts/s, ``burst = 1``, handler ``bench.observe:observed`` (notes its start, logs): ``--rated-count``
   events (400: 80 s) due at once;
 
-both due 1 s after they are loaded, then ``bench.event`` (no limits, handler ``log``) fed at
+both due 1 s after they are loaded, then ``bench.event`` (no limits, handler ``bench.observe:observed`` (notes its start, logs)) fed at
 ``--rate`` events/s for ``--duration`` s, due 2-10 s out, as in ``bench.lateness``. Lateness of
 ``bench.event`` is read from its attempt rows; the limited types are checked from theirs: at
 most 2 ``bench.slow`` attempts overlap, ``bench.rated`` starts at most 5 a second (plus its
@@ -47,7 +47,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slow-count", type=int, default=None, help="(3000; quick 800)")
     parser.add_argument("--rated-count", type=int, default=None, help="(400; quick 120)")
     parser.add_argument(
-        "--concurrency", type=int, default=RECOMMENDED_CONCURRENCY, help="executor slots (256)"
+        "--concurrency",
+        type=int,
+        default=RECOMMENDED_CONCURRENCY,
+        help="executor handler slots (64)",
     )
 
 
@@ -219,9 +222,9 @@ def main() -> None:
          "> 0 each (saturated)", verdict(saturated)],
     ]  # fmt: skip
     notes = [
-        f"{FREE}: {rate:,.0f}/s for {duration:g} s, due 2-10 s out, handler `log`; {SLOW}:"
+        f"{FREE}: {rate:,.0f}/s for {duration:g} s, due 2-10 s out, handler `observed` (notes its start, logs); {SLOW}:"
         f" {slow_count:,} due at once, concurrency {SLOW_CONCURRENCY}, handler `simulate` 50 ms;"
-        f" {RATED}: {rated_count:,} due at once, rate {RATED_RATE:g}/s burst 1, handler `log`;"
+        f" {RATED}: {rated_count:,} due at once, rate {RATED_RATE:g}/s burst 1, handler `observed` (notes its start, logs);"
         f" one executor, concurrency {args.concurrency}; PostgreSQL as `eventsched dev`",
         f"over {window:.0f} s: {SLOW} {len(slow):,} attempts started, {RATED} {len(rated):,}"
         f" ({len(rated) / max(window, 1):.2f}/s)",

@@ -49,7 +49,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delay-min", type=float, default=None)
     parser.add_argument("--delay-max", type=float, default=None)
     parser.add_argument(
-        "--concurrency", type=int, default=RECOMMENDED_CONCURRENCY, help="executor slots (256)"
+        "--concurrency",
+        type=int,
+        default=RECOMMENDED_CONCURRENCY,
+        help="executor handler slots (64)",
     )
     parser.add_argument("--profile-seconds", type=float, default=20.0)
 
@@ -180,7 +183,7 @@ def main() -> None:
         f"target 1's run over the backlog: feeder {p.rate:,.0f} events/s for {p.duration:g} s, due {p.delay_min:g}-{p.delay_max:g} s out, "
         f"one executor (as `bench.lateness`); CPU cores: {alone_servers}; {noise(alone['cpu'])}",
         f"then the whole pipeline at the same rate (producer, consumer and broker share the cores too); executor concurrency {p.concurrency}, "
-        f"handler `log`; PostgreSQL {'without fsync (--fast-stack)' if args.fast_stack else 'as `eventsched dev` (fsync on)'}",
+        f"handler `observed` (notes its start, logs); PostgreSQL {'without fsync (--fast-stack)' if args.fast_stack else 'as `eventsched dev` (fsync on)'}",
         f"during the pipeline run: {noise(r['cpu_load'])}",
         f"target 4 (RSS ≤ 100 MB with the backlog, target 1 still holds): {verdict(met)}",
     ]

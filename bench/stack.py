@@ -28,6 +28,8 @@ from typing import Any, Self
 
 import psycopg
 
+from bench.observe import ENV as OBSERVE_ENV
+from bench.observe import read_observed
 from bench.run import BenchRun, log
 from eventsched.core.operations.devservers import die_with_parent_hook
 from tests.support.clients import query
@@ -36,13 +38,15 @@ from tests.support.proc import REPO, free_port
 from tests.support.settingsfile import write_settings
 
 PYTHON = sys.executable
-#: Handler of every benchmark event: logs one line and succeeds.
-LOG_HANDLER = "eventsched.plugins.handlers:log"
+#: Handler of every benchmark event: notes when it was invoked (its first line, for the
+#: lateness figures), logs one line and succeeds.
+OBSERVE_HANDLER = "bench.observe:observed"
 #: Stock SAQ's slots, as in the peers' table (one worker process, concurrency 10).
 PEER_CONCURRENCY = 10
-#: Our executor's slots in the benchmarks: what config/settings.toml recommends for load
-#: (each job waits a few ms for its PostgreSQL claim: rate x latency, 256 at 1,000/s).
-RECOMMENDED_CONCURRENCY = 256
+#: Our executor's handler slots in the benchmarks: the default, which config/settings.toml
+#: recommends for handlers up to ~40 ms at 1,000/s (the claim and the wait for the due time
+#: use slots of their own).
+RECOMMENDED_CONCURRENCY = 64
 
 
 def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -257,6 +261,8 @@ class Stack:
         self.dir = run.workdir / "stack"
         self.logdir = run.workdir / "logs"
         self.logdir.mkdir(parents=True, exist_ok=True)
+        #: Where every role's handler notes its invocations (:mod:`bench.observe`).
+        self.observe_file = run.workdir / "observed.txt"
         self.kafka_enabled = kafka
         self.children: list[Child] = []
         self._stack: Any = None
@@ -325,6 +331,10 @@ class Stack:
     ) -> list[Any]:
         return query(self.dsn, statement, params)
 
+    def observed(self) -> dict[tuple[str, int], float]:
+        """(event id, attempt) -> when the handler observed its start (epoch seconds)."""
+        return read_observed(self.observe_file)
+
     def redis(self) -> Any:
         import redis
 
@@ -376,7 +386,7 @@ class Stack:
         level = self.run.args.log_level if name.startswith("executor") else "info"
         base: dict[str, dict[str, Any]] = {
             "kafka": {"partitions": 3},
-            "handlers": {"default": LOG_HANDLER},
+            "handlers": {"default": OBSERVE_HANDLER},
             "executor": {"concurrency": RECOMMENDED_CONCURRENCY},
             "logging": {"format": "json", "level": level},
             "shutdown": {"grace": "10s"},
@@ -389,7 +399,8 @@ class Stack:
         return write_settings(self.run.workdir / f"{name}.toml", base)
 
     def role(self, role: str, settings_file: Path, index: int = 0) -> Role:
-        child = Role(role, settings_file, clean_env(self.env), self.logdir, index)
+        env = clean_env({**self.env, OBSERVE_ENV: str(self.observe_file)})
+        child = Role(role, settings_file, env, self.logdir, index)
         self.children.append(child)
         return child
 

@@ -1,7 +1,8 @@
 """Statistics of a run: percentiles, rates, throughput, lateness, server work per event.
 
-Numbers come from the system's own records: lateness from ``event_attempts``
-(``lateness_ms`` and ``started_at >= scheduled_for``), throughput from ``finished_at``,
+Lateness is the handler's: the time its first line observed (:mod:`bench.observe`) minus
+the attempt's due time (``event_attempts.scheduled_for``); what the executor recorded
+(``lateness_ms``, ``started_at``) is read beside it. Throughput comes from ``finished_at``,
 server work from PostgreSQL's and Redis's counters (:meth:`bench.stack.Stack.server_stats`).
 """
 
@@ -11,7 +12,7 @@ import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bench.run import log
@@ -68,34 +69,72 @@ def throughput(finished: Sequence[float]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Attempts:
-    """The ``event_attempts`` rows of a run, as columns (epoch seconds)."""
+    """The ``event_attempts`` rows of a run, as columns (epoch seconds); the lateness columns
+    hold the attempts whose handler was observed (``observed``), in row order."""
 
     scheduled: list[float]
     started: list[float]
     finished: list[float]
+    # At the handler: its first line's time minus scheduled_for (ms).
     lateness_ms: list[float]
     outcomes: Counter[str]
-    early_by_timestamps: int  # started_at < scheduled_for
+    # Observed before scheduled_for by the handler, or recorded so (started_at < scheduled_for).
+    early_by_timestamps: int
     pg_updated: list[float]  # events.updated_at of succeeded events (outcome commit time)
-    service_ms: list[float]  # finished_at - started_at: claim round trip + handler
+    service_ms: list[float]  # finished_at - started_at: the handler and its bookkeeping
+    # As the executor recorded it: event_attempts.lateness_ms, same rows as lateness_ms.
+    recorded_lateness_ms: list[float] = field(default_factory=list)
+    # Recorded start minus observed start (ms): <= 0, and close to 0, if started_at is the
+    # handler's invocation.
+    recorded_minus_observed_ms: list[float] = field(default_factory=list)
+    observed: int = 0
+    unobserved: int = 0  # attempt rows with an outcome whose handler left no observation
+    # scheduled_for - claimed_at (ms), every row: > 0 when the claim came before the due time.
+    claim_lead_ms: list[float] = field(default_factory=list)
+    # Lateness at the handler of the attempts claimed before their due time (the claim's
+    # round trip was hidden; what is left is the wait's wake-up and the process's stalls).
+    claimed_ahead_lateness_ms: list[float] = field(default_factory=list)
 
 
 def read_attempts(stack: Stack, where: str = "TRUE") -> Attempts:
     rows = stack.sql(
         "SELECT extract(epoch FROM a.scheduled_for)::float8, extract(epoch FROM a.started_at)::float8,"
         " extract(epoch FROM a.finished_at)::float8, a.lateness_ms, coalesce(a.outcome, 'none'),"
-        " a.started_at < a.scheduled_for, extract(epoch FROM e.updated_at)::float8"
+        " a.started_at < a.scheduled_for, extract(epoch FROM e.updated_at)::float8,"
+        " a.event_id::text, a.attempt,"
+        " extract(epoch FROM a.scheduled_for - a.claimed_at)::float8 * 1000"
         f" FROM event_attempts a JOIN events e ON e.id = a.event_id WHERE {where}"
     )
+    seen = stack.observed()
+    observed: list[tuple[float, float, float]] = []  # (handler lateness, recorded, diff)
+    ahead: list[float] = []
+    unobserved = 0
+    early = 0
+    for r in rows:
+        t = seen.get((r[7], r[8]))
+        if t is None:
+            unobserved += r[4] != "none"
+            early += bool(r[5])
+            continue
+        observed.append(((t - r[0]) * 1000, r[3], (r[1] - t) * 1000))
+        if r[9] is not None and r[9] > 0:
+            ahead.append((t - r[0]) * 1000)
+        early += bool(r[5]) or t < r[0]
     return Attempts(
-        scheduled=[r[0] for r in rows],
+        scheduled=[r[0] for r in rows if (r[7], r[8]) in seen],
         started=[r[1] for r in rows],
         finished=[r[2] for r in rows if r[2] is not None],
-        lateness_ms=[r[3] for r in rows],
+        lateness_ms=[o[0] for o in observed],
         outcomes=Counter(r[4] for r in rows),
-        early_by_timestamps=sum(1 for r in rows if r[5]),
+        early_by_timestamps=early,
         pg_updated=[r[6] for r in rows if r[4] == "succeeded"],
         service_ms=[(r[2] - r[1]) * 1000 for r in rows if r[2] is not None],
+        recorded_lateness_ms=[o[1] for o in observed],
+        recorded_minus_observed_ms=[o[2] for o in observed],
+        observed=len(observed),
+        unobserved=unobserved,
+        claim_lead_ms=[r[9] for r in rows if r[9] is not None],
+        claimed_ahead_lateness_ms=ahead,
     )
 
 

@@ -48,7 +48,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=None, help="events (100000; quick 800)")
     parser.add_argument("--executors", default="1,2", help="executor process counts to run")
     parser.add_argument(
-        "--concurrency", type=int, default=RECOMMENDED_CONCURRENCY, help="slots per executor (256)"
+        "--concurrency",
+        type=int,
+        default=RECOMMENDED_CONCURRENCY,
+        help="handler slots per executor (64)",
     )
     parser.add_argument(
         "--saq-concurrency", type=int, default=PEER_CONCURRENCY, help="stock SAQ worker slots (10)"
@@ -280,7 +283,7 @@ def main() -> None:
             f"{stock['memory'].get('hwm_mb', 0):.0f}", "", "",
         ])  # fmt: skip
     notes = [
-        f"{count:,} events due at one instant; executor concurrency {args.concurrency}, handler `log`, "
+        f"{count:,} events due at one instant; executor concurrency {args.concurrency}, handler `observed` (notes its start, logs), "
         f"log level {args.log_level}; PostgreSQL {'without fsync (--fast-stack)' if args.fast_stack else 'as `eventsched dev` (fsync on)'}",
     ]
     for d in ours:

@@ -8,6 +8,7 @@ process where a signal or a kill is the point). Real PostgreSQL, Redis and broke
 from __future__ import annotations
 
 import json
+import random
 import signal
 import time
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from tests.support.execution import (
     attempt_rows,
     executor_env,
     insert_events,
+    max_overlap,
     new_events,
     queue_client,
     running_executor,
@@ -153,7 +155,7 @@ def test_claims_and_outcomes_read_only_the_events_of_their_batch(database: str, 
         if which == "claim":
             text = executions._CLAIM_SQL.replace("%(req)s", "$1").replace("%(worker)s", "$2")
             text = text.replace("%(ahead)s", "0.01")
-            args = [[{"id": scheduled[0].id, "attempt": 0, "started": now}], "w1"]
+            args = [[{"id": scheduled[0].id, "attempt": 0, "claimed": now}], "w1"]
         else:
             text = executions._FINISH_SQL.replace("%(req)s", "$1")
             args = [[{"id": running[0].id, "attempt": 1, "status": "succeeded", "error": None,
@@ -203,6 +205,89 @@ async def test_events_run_after_their_due_time_once_each(make_settings: Any, dat
         assert row.finished_at is not None and row.finished_at >= row.started_at
     assert sorted(exec_handlers.PER_EVENT.values()) == [1] * 60
     assert stats["claim"][1] >= 60 and stats["finish"][1] >= 60
+
+
+#: How much earlier than the handler's own first line the recorded start may be: the two are
+#: taken on one clock, a call apart (a loaded 2-core box may preempt in between).
+START_TOLERANCE = 0.002
+
+
+async def test_the_attempt_row_records_the_handlers_start_and_the_claim_apart(
+    make_settings: Any, database: str
+) -> None:
+    """``started_at`` and ``lateness_ms`` are the handler's invocation (what its first line
+    sees), not the claim: the claim (``claimed_at``) comes first, within the claim-ahead
+    window before the due time."""
+    settings = executor_settings(make_settings, "observe", executor={"concurrency": 10})
+    rng = random.Random(18)
+    start = time.time()
+    events = new_events(200, due=lambda i: start + 1.0 + 2.0 * rng.random())
+    await trio.to_thread.run_sync(insert_events, database, events)
+    async with running_executor(settings) as harness:
+        assert await harness.enqueue(events) == 200
+        await wait_until(all_finished(database, 200), limit=20)
+
+    rows = await trio.to_thread.run_sync(attempt_rows, database)
+    assert len(rows) == 200
+    for row in rows:
+        seen = exec_handlers.OBSERVED[row.event_id, row.attempt]
+        assert seen - START_TOLERANCE <= row.started_at <= seen + 1e-6  # to_timestamp: µs
+        assert row.started_at >= row.scheduled_for  # never early
+        assert row.lateness_ms == pytest.approx((row.started_at - row.scheduled_for) * 1000,
+                                                abs=0.002)  # fmt: skip
+        assert row.lateness_ms == pytest.approx((seen - row.scheduled_for) * 1000,
+                                                abs=START_TOLERANCE * 1000)  # fmt: skip
+        assert row.claimed_at is not None and row.claimed_at <= row.started_at
+        assert row.claimed_at >= row.scheduled_for - 0.011  # not before the claim-ahead window
+    # The claim's round trip is off the start: most claims are made before the due time.
+    ahead = sum(1 for r in rows if r.claimed_at is not None and r.claimed_at < r.scheduled_for)
+    assert ahead > len(rows) // 2, ahead
+
+
+async def test_the_handler_never_starts_before_its_due_time(
+    make_settings: Any, database: str
+) -> None:
+    """1,000 events due at random (millisecond) times over 4 s, 10 slots: the handler's first
+    line never runs before the due time, on the clock of the process that runs it."""
+    settings = executor_settings(make_settings, "observe", executor={"concurrency": 10})
+    rng = random.Random(7)
+    start = time.time()
+    events = new_events(1000, due=lambda i: start + 1.5 + 4.0 * rng.random())
+    await trio.to_thread.run_sync(insert_events, database, events)
+    async with running_executor(settings) as harness:
+        assert await harness.enqueue(events) == 1000
+        await wait_until(all_finished(database, 1000), limit=30)
+
+    seen = exec_handlers.OBSERVED
+    assert len(seen) == 1000
+    late_ms = sorted((seen[e.id, 1] - e.execute_at) * 1000 for e in events)
+    assert late_ms[0] >= 0, [x for x in late_ms if x < 0]
+    assert late_ms[len(late_ms) // 2] < 50  # on time (loosely: a shared 2-core test box)
+
+
+async def test_concurrency_bounds_the_handlers_running_at_once_not_the_claims(
+    make_settings: Any, database: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """``executor.concurrency`` handlers run at once, however many jobs are claimed ahead
+    of their due time and wait for it (those use slots of their own); the rest wait for a
+    handler slot, never starting early."""
+    journal_path = str(tmp_path / "journal")
+    monkeypatch.setenv("TEST_HANDLER_JOURNAL", journal_path)
+    settings = executor_settings(make_settings, "journal", executor={"concurrency": 2})
+    events = new_events(8, due=time.time() + 1.0, sleep=0.2)
+    await trio.to_thread.run_sync(insert_events, database, events)
+    async with running_executor(settings) as harness:
+        assert await harness.enqueue(events) == 8
+        await wait_until(all_finished(database, 8), limit=15)
+
+    journal = exec_handlers.read_journal(journal_path)
+    starts = {str(x["event"]): float(str(x["t"])) for x in journal if x["what"] == "start"}
+    ends = {str(x["event"]): float(str(x["t"])) for x in journal if x["what"] == "done"}
+    assert len(starts) == len(ends) == 8
+    assert max_overlap((starts[e], ends[e]) for e in starts) == 2
+    assert min(starts.values()) >= events[0].execute_at  # never early
+    # Four rounds of two 0.2 s handlers: the last pair starts about 0.6 s after the due time.
+    assert max(starts.values()) - events[0].execute_at >= 0.55
 
 
 async def test_the_same_job_delivered_again_after_success_runs_nothing(
@@ -328,7 +413,7 @@ async def test_permanent_errors_go_dead_at_once(
     settings = make_settings(
         executor={"concurrency": 4}, handlers=handlers, reconciler={"enabled": False}
     )
-    (event,) = new_events(1, due=time.time())
+    (event,) = new_events(1, due=time.time() + 1.0)  # claimed ahead of its due time
     await trio.to_thread.run_sync(insert_events, database, [event])
     async with running_executor(settings) as harness:
         await harness.enqueue([event])
@@ -338,6 +423,8 @@ async def test_permanent_errors_go_dead_at_once(
         )
     rows = await trio.to_thread.run_sync(attempt_rows, database)
     assert [(r.attempt, r.outcome, r.error) for r in rows] == [(1, "dead", error)]
+    # Given up at (or after) the due time, even with no handler to invoke: never early.
+    assert rows[0].started_at >= rows[0].scheduled_for and rows[0].lateness_ms >= 0
     (message,) = await trio.to_thread.run_sync(read_topic, kafka_bootstrap, dlq_topic.dlq_topic)
     assert message.headers["dlq-reason"] == reason.encode()
 

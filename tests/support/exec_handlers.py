@@ -19,11 +19,14 @@ from tests.support.journal import append_line
 # (event id, attempt) of every call, in call order (in-process tests only).
 CALLS: list[tuple[str, int]] = []
 PER_EVENT: Counter[str] = Counter()
+# (event id, attempt) -> time.time() on the first line of ``observe`` (in-process tests only).
+OBSERVED: dict[tuple[str, int], float] = {}
 
 
 def reset() -> None:
     CALLS.clear()
     PER_EVENT.clear()
+    OBSERVED.clear()
 
 
 def _record(event: HandlerEvent) -> None:
@@ -32,6 +35,12 @@ def _record(event: HandlerEvent) -> None:
 
 
 async def ok(event: HandlerEvent) -> None:
+    _record(event)
+
+
+async def observe(event: HandlerEvent) -> None:
+    """Notes the time on its first line (as an outside observer of the executor would)."""
+    OBSERVED[event.id, event.attempt] = time.time()
     _record(event)
 
 

@@ -93,6 +93,7 @@ class AttemptRow:
     error: str | None
     worker_id: str
     held_by: str | None  # the limit of its type that held it back (migration 000007)
+    claimed_at: float | None  # when the attempt was claimed (migration 000009)
 
 
 def max_overlap(intervals: Iterable[tuple[float, float]]) -> int:
@@ -111,7 +112,8 @@ def attempt_rows(dsn: str) -> list[AttemptRow]:
         dsn,
         "SELECT event_id::text, attempt, extract(epoch FROM scheduled_for)::float8,"
         " extract(epoch FROM started_at)::float8, extract(epoch FROM finished_at)::float8,"
-        " lateness_ms, outcome, error, worker_id, held_by FROM event_attempts"
+        " lateness_ms, outcome, error, worker_id, held_by,"
+        " extract(epoch FROM claimed_at)::float8 FROM event_attempts"
         " ORDER BY event_id, attempt",
     )
     return [AttemptRow(*row) for row in rows]

@@ -26,7 +26,7 @@ def test_defaults_match_the_documented_contract() -> None:
     assert s.producer.interval == 2.0
     assert s.executor.max_retries == 3
     assert s.shutdown.grace == 10.0
-    assert s.executor_concurrency >= 1
+    assert s.executor_concurrency == 64  # the default (0): handlers in flight per process
 
 
 def test_environment_section_then_extra_file_then_env_vars(tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ def test_contract_env_keys_override() -> None:
         ),
         (
             {"EVENTSCHED_EXECUTOR__CONCURRENCY": "-1"},
-            "invalid setting executor.concurrency: must not be negative (0 means CPU count)",
+            "invalid setting executor.concurrency: must not be negative (0 means 64)",
         ),
         (
             {"EVENTSCHED_EXECUTOR__SIMULATE__ERROR_RATE": "1.5"},

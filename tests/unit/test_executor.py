@@ -73,3 +73,25 @@ def test_decide(attempt: int, failure: Failure | None, status: str, reason: str 
     assert outcome.next_attempt_at == (100.0 + attempt * 10.0 if status == "retrying" else None)
     assert outcome == Outcome("e", attempt, status, None if failure is None else failure.error,
                               100.0, outcome.next_attempt_at, reason)  # fmt: skip
+
+
+def test_wait_until_returns_at_the_due_time_never_before() -> None:
+    """The slot's wait for the due time, on the wall clock (a real asyncio loop: the loop's
+    timers round to milliseconds, the last stretch is spun through)."""
+    import asyncio
+    import time
+
+    from eventsched.core.jobqueue import wait_until
+
+    async def waits() -> list[float]:
+        rng = random.Random(3)
+        late = []
+        for _ in range(40):
+            due = time.time() + rng.uniform(-0.001, 0.004)
+            await wait_until(due)
+            late.append(time.time() - due)
+        return late
+
+    late = asyncio.run(waits())
+    assert min(late) >= 0
+    assert sorted(late)[len(late) // 2] < 0.05  # loosely: a shared machine

@@ -40,7 +40,9 @@ Clocks: scores are float epoch seconds as written by the enqueuer (``repr`` of a
 nothing is rounded); movers compare them with their *local* ``time.time()``, passed to the
 script. On one host every clock agrees; across hosts they must be NTP-synchronised, and a
 worker whose clock lags the mover's still never starts a job early: it sleeps the rest of
-the way before calling the job function (``OnTimeWorker._before_process``).
+the way (:func:`wait_until`, on its own clock) before calling the job function
+(``OnTimeWorker._before_process``), or the job function does (``function_waits``: the
+executor claims the attempt in PostgreSQL first, then waits).
 
 Re-enqueueing: a job key is deduplicated only while it is *incomplete* (scheduled, queued or
 active) — SAQ's own rule. Once finished, the same key can be enqueued again at once (the
@@ -64,7 +66,7 @@ Trio side: :class:`JobQueue` wraps the asyncio side once with typed methods, and
 
 Modules, each depending only on those listed before it: :mod:`.scripts` (the Lua scripts and
 their key/argument contracts, the SAQ version guard), :mod:`.jobs` (the records passed
-around), :mod:`.budget` (the in-flight payload budget and heap trimming), :mod:`.batcher`
+around), :mod:`.timing` (waiting for a due time, never early), :mod:`.budget` (the in-flight payload budget and heap trimming), :mod:`.batcher`
 (ordered, atomic state changes), :mod:`.limits` (lanes: per-type limits and priorities,
 their keys), :mod:`.store` (:class:`OnTimeQueue`, the on-time store), :mod:`.edits`
 (removing pending jobs, moving one to a new due time: commands on events),
@@ -83,6 +85,7 @@ from eventsched.core.jobqueue.jobs import JobClaim, Orphans, PutBack, ScheduledJ
 from eventsched.core.jobqueue.scripts import TESTED_SAQ, TESTED_SAQ_RELEASE, check_saq_version
 from eventsched.core.jobqueue.shards import PartlyEnqueued, ShardedQueue, shard_of
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
+from eventsched.core.jobqueue.timing import wait_until
 from eventsched.core.jobqueue.worker import (
     JobContext,
     OnTimeWorker,
@@ -114,4 +117,5 @@ __all__ = [
     "run_worker",
     "shard_of",
     "trim_heap",
+    "wait_until",
 ]

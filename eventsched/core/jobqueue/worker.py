@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from eventsched.core.jobqueue.adapter import JobQueue, dependency_error
 from eventsched.core.jobqueue.dispatcher import Dispatcher
 from eventsched.core.jobqueue.jobs import PutBack
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
+from eventsched.core.jobqueue.timing import wait_until
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.redaction import redact
 
@@ -60,6 +60,11 @@ class OnTimeWorker(Worker[Context]):
     round trip and ``min_interval`` from the start time while the claim takes less.
     ``payload_budget``: jobs are handed to slots only while it has room (see
     :mod:`eventsched.core.jobqueue.budget`); a job's bytes are released when it ends.
+    ``function_waits``: the job function is called as soon as the slot has the job (up to
+    ``claim_ahead`` before its due time) and waits for the due time itself
+    (:func:`~eventsched.core.jobqueue.timing.wait_until`), so that it can do its own
+    preparation (the executor's PostgreSQL claim) before the due time; by default the slot
+    waits before calling it.
     """
 
     SIGNALS: list[signal.Signals] = []  # noqa: RUF012  # saq.Worker declares it this way
@@ -73,9 +78,11 @@ class OnTimeWorker(Worker[Context]):
         min_interval: float = 0.002,
         claim_ahead: float = 0.01,
         payload_budget: PayloadBudget | None = None,
+        function_waits: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(queue, functions, **kwargs)
+        self._function_waits = function_waits
         self.queue: OnTimeQueue = queue
         queue.owner = self.id
         self._dispatcher = Dispatcher(
@@ -244,12 +251,10 @@ class OnTimeWorker(Worker[Context]):
 
     async def _before_process(self, ctx: Context) -> None:
         job = ctx.get("job")
-        if job is not None:
+        if job is not None and not self._function_waits:
             # Never early, whatever the mover's clock said: the due time is compared with
             # the clock of the process that runs (and records) the job.
-            early = float(job.scheduled) - time.time()
-            if early > 0:
-                await asyncio.sleep(early)
+            await wait_until(float(job.scheduled))
         await super()._before_process(ctx)
 
     # -- stopping ----------------------------------------------------------------------------

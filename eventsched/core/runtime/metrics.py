@@ -105,13 +105,13 @@ EXECUTION_DURATION = Histogram(
 )
 EXECUTION_LATENESS = Histogram(
     "eventsched_execution_lateness_seconds",
-    "Execution start minus due time, of attempts free to run when due (not held by a limit)",
+    "Handler invocation minus due time, of attempts free to run when due (not held by a limit)",
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 EXECUTION_HELD = Histogram(
     "eventsched_execution_held_seconds",
-    "Execution start minus due time, of attempts a limit of their type held back",
+    "Handler invocation minus due time, of attempts a limit of their type held back",
     ["type", "reason"],  # reason: concurrency | rate
     buckets=HELD_BUCKETS,
     registry=REGISTRY,

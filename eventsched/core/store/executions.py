@@ -59,7 +59,9 @@ class ClaimRequest:
     # 0: the first delivery (the event must be `scheduled`); n >= 2: retry n (the event must
     # be `retrying` after n - 1 attempts).
     attempt: int
-    started: float  # epoch seconds, the worker's clock when the job started
+    # Epoch seconds, the worker's clock when the job asked for the claim (at most the
+    # claim-ahead window before the due time; event_attempts.claimed_at).
+    claimed: float
     # The limit of the event type that held the job back after its due time ("concurrency"
     # or "rate"), or None: it was free to run (event_attempts.held_by).
     held_by: str | None = None
@@ -107,7 +109,7 @@ class NotDue:
 
 ClaimResult = Claimed | NotClaimed | NotDue
 
-# A claim is refused while the attempt's due time is later than `greatest(now(), started) +
+# A claim is refused while the attempt's due time is later than `greatest(now(), claimed) +
 # ahead`: early by PostgreSQL's clock AND by the worker's, beyond the claim-ahead window.
 # Either clock saying "due" is enough, so clock skew between hosts cannot make a due job
 # bounce between queue and claim. The last column carries the due time of a refused claim
@@ -115,8 +117,10 @@ ClaimResult = Claimed | NotClaimed | NotDue
 # the pre-lock snapshot there, hence the repeated due test.
 #
 # The third branch recognises our own earlier claim of the same request (same worker, same
-# start time): it committed but the answer was lost with the connection. Re-sending a claim
-# after a connection error is therefore safe. `lateness_ms` uses the exact float start time.
+# claim time): it committed but the answer was lost with the connection. Re-sending a claim
+# after a connection error is therefore safe. The attempt row's `started_at` and
+# `lateness_ms` hold the claim's values until the outcome statement writes the handler's
+# start (:func:`finish_outcomes`): the claim adds no statement of its own for them.
 #
 # `e.id = ANY(ARRAY(SELECT id FROM req))` repeats the join condition as an index condition
 # (an init plan): the planner guesses 100 rows for json_to_recordset whatever the batch
@@ -135,10 +139,10 @@ ClaimResult = Claimed | NotClaimed | NotDue
 _CLAIM_SQL: Final = """
 WITH req AS (
     SELECT * FROM json_to_recordset(%(req)s::json)
-        AS r(id uuid, attempt int, started float8, held_by text)
+        AS r(id uuid, attempt int, claimed float8, held_by text)
 ),
 locked AS (
-    SELECT e.id, r.started, r.held_by,
+    SELECT e.id, r.claimed, r.held_by,
            CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
                 ELSE e.next_attempt_at END AS scheduled_for
     FROM events e JOIN req r ON r.id = e.id
@@ -147,7 +151,7 @@ locked AS (
       AND (r.attempt = 0 OR (r.attempt > 0 AND e.attempts = r.attempt - 1))
       AND CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
                ELSE e.next_attempt_at END
-          <= greatest(now(), to_timestamp(r.started)) + make_interval(secs => %(ahead)s)
+          <= greatest(now(), to_timestamp(r.claimed)) + make_interval(secs => %(ahead)s)
     ORDER BY e.id
     FOR UPDATE OF e
 ),
@@ -156,14 +160,15 @@ claimed AS (
     SET status = 'running', attempts = e.attempts + 1, updated_at = now()
     FROM locked l
     WHERE e.id = l.id
-    RETURNING e.id, e.attempts, e.type, e.payload, e.execute_at, l.scheduled_for, l.started,
+    RETURNING e.id, e.attempts, e.type, e.payload, e.execute_at, l.scheduled_for, l.claimed,
               e.attempt_base, l.held_by
 ),
 logged AS (
     INSERT INTO event_attempts
-        (event_id, attempt, scheduled_for, started_at, lateness_ms, worker_id, held_by)
-    SELECT c.id, c.attempts, c.scheduled_for, to_timestamp(c.started),
-           (c.started - extract(epoch FROM c.scheduled_for)::float8) * 1000, %(worker)s,
+        (event_id, attempt, scheduled_for, claimed_at, started_at, lateness_ms, worker_id,
+         held_by)
+    SELECT c.id, c.attempts, c.scheduled_for, to_timestamp(c.claimed), to_timestamp(c.claimed),
+           (c.claimed - extract(epoch FROM c.scheduled_for)::float8) * 1000, %(worker)s,
            c.held_by
     FROM claimed c
 )
@@ -181,7 +186,7 @@ SELECT r.id::text, a.id IS NOT NULL, e.attempts, e.type,
              AND (r.attempt = 0 OR e.attempts = r.attempt - 1)
              AND CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
                       ELSE e.next_attempt_at END
-                 > greatest(now(), to_timestamp(r.started)) + make_interval(secs => %(ahead)s)
+                 > greatest(now(), to_timestamp(r.claimed)) + make_interval(secs => %(ahead)s)
             THEN extract(epoch FROM CASE WHEN e.status = 'scheduled' AND e.attempts = 0
                                          THEN e.execute_at
                                          ELSE e.next_attempt_at END)::float8
@@ -192,7 +197,7 @@ LEFT JOIN events e ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req))
 LEFT JOIN event_attempts a
     ON a.event_id = r.id AND a.event_id = ANY(ARRAY(SELECT id FROM req))
    AND a.attempt = e.attempts AND e.status = 'running'
-   AND a.worker_id = %(worker)s AND a.started_at = to_timestamp(r.started)
+   AND a.worker_id = %(worker)s AND a.claimed_at = to_timestamp(r.claimed)
 WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = r.id)
 """
 
@@ -206,13 +211,13 @@ def claim_batch(
 ) -> list[ClaimResult]:
     """Claim events for running (one statement); results in request order.
 
-    An event not due yet by both PostgreSQL's clock and the request's ``started``, beyond
+    An event not due yet by both PostgreSQL's clock and the request's ``claimed``, beyond
     ``ahead`` seconds, is refused (:class:`NotDue`). Requests must name distinct events
     (the group commit's ``key`` dedupes them).
     """
     req = _dumps(
         [
-            {"id": r.event_id, "attempt": r.attempt, "started": r.started, "held_by": r.held_by}
+            {"id": r.event_id, "attempt": r.attempt, "claimed": r.claimed, "held_by": r.held_by}
             for r in requests
         ]
     )
@@ -267,6 +272,9 @@ class Outcome:
     next_attempt_at: float | None = None  # retrying only
     dead_reason: str | None = None  # dead only
     label: str = ""  # the event type as a metrics label (not stored)
+    # Epoch seconds, when the handler was invoked (event_attempts.started_at and lateness_ms);
+    # None: it never was (the row keeps the claim's values).
+    started: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +296,10 @@ class DeadEvent:
     kafka_offset: int | None
 
 
+# The outcome also carries when the handler was invoked: the attempt row's `started_at` and
+# `lateness_ms` (written by the claim with the claim's values) become the handler's, in the
+# statement that is written anyway.
+#
 # A cancel command that reached the event while this attempt ran (cancel_requested_at) turns a
 # failure (retrying or dead) into `cancelled`: no retry follows and nothing goes to the DLQ;
 # a success stays a success. The last branch makes a re-sent outcome (after a lost answer)
@@ -297,10 +309,10 @@ _FINISH_SQL: Final = """
 WITH req AS (
     SELECT * FROM json_to_recordset(%(req)s::json)
         AS r(id uuid, attempt int, status text, error text, finished float8, next_at float8,
-             reason text)
+             reason text, started float8)
 ),
 locked AS (
-    SELECT e.id, r.status, r.error, r.finished, r.next_at, r.reason
+    SELECT e.id, r.status, r.error, r.finished, r.next_at, r.reason, r.started
     FROM events e JOIN req r ON r.id = e.id
     WHERE e.id = ANY(ARRAY(SELECT id FROM req))
       AND e.status = CASE WHEN r.attempt > 0 THEN 'running' END AND e.attempts = r.attempt
@@ -320,14 +332,18 @@ done AS (
         updated_at = now()
     FROM locked l
     WHERE e.id = l.id
-    RETURNING e.id, e.attempts, e.status, l.error, l.finished
+    RETURNING e.id, e.attempts, e.status, l.error, l.finished, l.started
 ),
 logged AS (
     UPDATE event_attempts a
     SET finished_at = to_timestamp(d.finished),
         outcome = CASE d.status WHEN 'succeeded' THEN 'succeeded' WHEN 'retrying' THEN 'retried'
                                 WHEN 'cancelled' THEN 'cancelled' ELSE 'dead' END,
-        error = d.error
+        error = d.error,
+        started_at = coalesce(to_timestamp(d.started), a.started_at),
+        lateness_ms = coalesce(
+            (d.started - extract(epoch FROM a.scheduled_for)::float8) * 1000, a.lateness_ms
+        )
     FROM done d
     WHERE a.event_id = d.id AND a.attempt = d.attempts AND a.outcome IS NULL
 )
@@ -364,6 +380,7 @@ def finish_outcomes(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) 
                 "finished": o.finished,
                 "next_at": o.next_attempt_at,
                 "reason": o.dead_reason,
+                "started": o.started,
             }
             for o in outcomes
         ]
@@ -414,7 +431,7 @@ async def check_schema(db: Database) -> None:
             " FROM events LIMIT 0"
         )
         await db.fetchone(
-            "SELECT event_id, attempt, worker_id, held_by FROM event_attempts LIMIT 0"
+            "SELECT event_id, attempt, worker_id, held_by, claimed_at FROM event_attempts LIMIT 0"
         )
     except psycopg.errors.UndefinedTable as err:
         raise DependencyError(

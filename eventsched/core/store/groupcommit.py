@@ -59,6 +59,15 @@ log = get_logger(__name__)
 Req = TypeVar("Req")
 Res = TypeVar("Res")
 
+#: The statements run here address their batch's rows by key. On a table whose statistics
+#: are stale (a fresh install, a test, a benchmark: autovacuum analyses at most once a
+#: minute) the planner may cost a scan of a small `event_attempts` below an index lookup,
+#: and the generic plan that psycopg's prepared statement keeps from its sixth execution
+#: on goes on scanning the whole table per statement or per row as it grows: ~7,000 rows
+#: read per event, and claims slower than the rate, in a 1,000/s benchmark. Sequential
+#: scans are made a last resort on these connections only.
+_SESSION_OPTIONS = "-c enable_seqscan=off"
+
 BatchFn = Callable[[psycopg.Connection[Any], Sequence[Req]], Sequence[Res]]
 AfterBatch = Callable[[Sequence[Req], Sequence[Res]], None]
 
@@ -217,6 +226,7 @@ class GroupCommit(Generic[Req, Res]):
                             autocommit=True,
                             connect_timeout=max(1, int(connect_timeout)),
                             application_name=f"eventsched-executor-{self.name}",
+                            options=_SESSION_OPTIONS,
                         )
                         self.problem = None
                         backoff = 0.1

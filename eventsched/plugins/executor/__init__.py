@@ -1,20 +1,27 @@
 """The executor role: runs each scheduled event at its due time, once in effect.
 
 The consumer enqueues one SAQ job per event; an :class:`~eventsched.core.jobqueue.OnTimeWorker`
-(on the root trio-asyncio loop, ``executor.concurrency`` slots) starts it on time and calls
-:meth:`Attempts.execute_event <eventsched.plugins.executor.attempt.Attempts.execute_event>`,
-which:
+(on the root trio-asyncio loop, ``executor.concurrency`` slots) hands it to a slot up to
+``CLAIM_AHEAD`` (10 ms) before its due time and calls
+:meth:`Attempts.execute_event <eventsched.plugins.executor.attempt.Attempts.execute_event>`
+at once (``function_waits``), which:
 
 1. **claims** the event: CAS ``scheduled|retrying -> running`` plus its ``event_attempts``
-   row, committed before the handler runs (a job whose claim loses — a duplicate delivery,
-   a reconciler race, an event already done — runs nothing: ``skipped_duplicate``; a job
-   that came before the event is due — beyond ``CLAIM_AHEAD`` — runs nothing either and is
-   put back into the queue at the attempt's due time: ``eventsched_claims_not_due_total``);
+   row (``claimed_at``), committed before the handler runs (a job whose claim loses — a
+   duplicate delivery, a reconciler race, an event already done — runs nothing:
+   ``skipped_duplicate``; a job that came before the event is due — beyond ``CLAIM_AHEAD`` —
+   runs nothing either and is put back into the queue at the attempt's due time:
+   ``eventsched_claims_not_due_total``); then waits on its own clock until the due time
+   (:func:`~eventsched.core.jobqueue.wait_until`, never early), so the claim's round trip
+   happens before the due time instead of after it;
 2. runs the **handler** for the event type (``[handlers]``, else ``default``) under
-   ``executor.job_timeout`` and the attempt's lease;
+   ``executor.job_timeout`` and the attempt's lease; the moment it is invoked is the
+   attempt's start (``eventsched_execution_lateness_seconds``, ``started_at``,
+   ``lateness_ms``);
 3. **records** the outcome (CAS ``running -> succeeded|retrying|dead`` with ``AND attempts =
-   n``, plus the attempt row), written behind: the job returns at once and the outcome
-   commits with the next batch (see ``Attempts._record`` for why that is safe);
+   n``, plus the attempt row: outcome, and the handler's start and lateness), written
+   behind: the job returns at once and the outcome commits with the next batch (see
+   ``Attempts._record`` for why that is safe);
 4. once the outcome committed: on ``retrying`` enqueues the next attempt; on ``dead`` hands
    the event to the DLQ publisher.
 

@@ -39,6 +39,7 @@ from eventsched.core.jobqueue import (
     ScheduledJob,
     ShardedQueue,
     payload_bytes,
+    wait_until,
 )
 from eventsched.core.runtime import metrics, tracing
 from eventsched.core.runtime.contracts import (
@@ -82,6 +83,10 @@ MAX_BATCH: Final = 500
 #: Seconds before its due time a job may be taken (the worker's claim-ahead window); the
 #: claim refuses an event due later than this (its job came early) and puts the job back.
 CLAIM_AHEAD: Final = 0.01
+#: Worker slots beyond ``executor.concurrency``: jobs taken ahead that are being claimed or
+#: wait for their due time hold a slot but no handler slot, so a process with few handler
+#: slots still claims ahead (at 1,000 events/s about 10 jobs are in the 10 ms window).
+AHEAD_SLOTS: Final = 32
 
 
 def failure_text(err: BaseException) -> str:
@@ -142,6 +147,9 @@ class Attempts:
         # Outcomes are written behind (the job returns at once) until this many wait; then
         # jobs wait for their own write, which slows intake instead of growing memory.
         self._write_behind_limit = max(MAX_BATCH, 2 * s.executor_concurrency)
+        # Handlers running at once (executor.concurrency); the worker has AHEAD_SLOTS more
+        # slots, for jobs that are claimed and wait for their due time.
+        self._handler_slots = asyncio.Semaphore(s.executor_concurrency)
         #: Retry enqueues in progress (the role waits for them before it stops).
         self.retrying: set[asyncio.Task[None]] = set()
         # The trace of each event whose attempt runs or awaits its outcome (event id ->
@@ -214,7 +222,7 @@ class Attempts:
         """SAQ job function: run the attempt of an event that the job's ``attempt`` kwarg
         names (absent: the first; see :func:`~eventsched.core.domain.jobcontract.attempt_of`);
         ``traceparent``: the event's trace, which the attempt's span joins."""
-        started = time.time()
+        claimed = time.time()
         number = attempt_of(attempt)
         try:
             uuid.UUID(event_id)
@@ -225,7 +233,7 @@ class Attempts:
         held = self._jobs.held_reason(ctx["job"]) if "job" in ctx else ""
         # A claim asks for the first attempt with 0 (see ClaimRequest).
         request = ClaimRequest(
-            event_id, 0 if is_first_attempt(number) else number, started, held or None
+            event_id, 0 if is_first_attempt(number) else number, claimed, held or None
         )
         claim = await self._patiently(self.claims, request, CLAIM_PATIENCE)
         if claim is None:
@@ -241,15 +249,11 @@ class Attempts:
             self._log.warning(
                 "job_came_early", event_id=event_id, job_attempt=number,
                 scheduled_for=claim.scheduled_for,
-                early_s=round(claim.scheduled_for - started, 3),
+                early_s=round(claim.scheduled_for - claimed, 3),
                 note="put back at the due time",
             )  # fmt: skip
             raise PutBack(claim.scheduled_for)
         label = self.label(claim.type)
-        if held:
-            metrics.EXECUTION_HELD.labels(label, held).observe(started - claim.scheduled_for)
-        else:
-            metrics.EXECUTION_LATENESS.observe(started - claim.scheduled_for)
         task = asyncio.current_task()
         assert task is not None  # SAQ runs job functions in a task
         # The claim set updated_at = now() no earlier than claim.sent: the lease starts
@@ -265,7 +269,6 @@ class Attempts:
                 "eventsched.event.id": event_id,
                 "eventsched.event.type": claim.type,
                 "eventsched.attempt": claim.attempt,
-                "eventsched.lateness_s": round(started - claim.scheduled_for, 6),
             },
         ) as current:
             # The event's trace for the retries: its own, or (none came with it) this
@@ -274,15 +277,32 @@ class Attempts:
             if parent or own:
                 self._traces[event_id] = parent or own
             try:
-                failure = await self._run_handler(claim, label, ctx, running, own or parent)
+                # The claim was made up to CLAIM_AHEAD before the due time (the worker hands
+                # jobs out that early): the handler starts at the due time, never before.
+                await wait_until(claim.scheduled_for)
+                async with self._handler_slots:  # no wait unless every handler slot is busy
+                    failure = await self._run_handler(claim, label, ctx, running, own or parent)
             except asyncio.CancelledError:
                 running.finished = time.monotonic()
                 tracing.fail(current, "interrupted")
-                self._record_interrupted(claim, label)
+                self._record_interrupted(claim, label, running.started)
                 raise
+            if running.started is not None:
+                tracing.set_attributes(
+                    current,
+                    {"eventsched.lateness_s": round(running.started - claim.scheduled_for, 6)},
+                )
             if failure is not None:
                 tracing.fail(current, failure.error)
         running.finished = time.monotonic()
+        started = running.started
+        if started is not None:
+            # Lateness where an outsider sees it: the handler's invocation minus the due time.
+            late = started - claim.scheduled_for
+            if held:
+                metrics.EXECUTION_HELD.labels(label, held).observe(late)
+            else:
+                metrics.EXECUTION_LATENESS.observe(late)
         policy = self.policies[claim.type]
         outcome = decide(
             event_id,
@@ -293,6 +313,7 @@ class Attempts:
             delay=lambda n: retry_delay(n, policy.retry_backoff, self._rng),
             label=label,
             base=claim.base,
+            started=started,
         )
         await self._record(outcome)
 
@@ -304,6 +325,9 @@ class Attempts:
         running: Running,
         traceparent: str | None = None,
     ) -> Failure | None:
+        # The attempt's start, at or after its due time; the handler's invocation below
+        # replaces it (an attempt that fails before that records when it was given up).
+        running.started = time.time()
         if not running.lease_ok():
             # The claim took longer than the lease (PostgreSQL slow or unreachable).
             return Failure(f"lease lost before the handler started ({self._leases.lease:g}s)")
@@ -328,6 +352,7 @@ class Attempts:
         # the loop (queued, then popped, even when cancelled) and stays in its heap until it
         # would have fired; :meth:`_reap` cancels overdue handlers from one periodic scan.
         running.deadline = time.monotonic() + limit
+        running.started = time.time()
         try:
             await Fenced(handler(event), running)
         except asyncio.CancelledError:
@@ -467,7 +492,7 @@ class Attempts:
                 "retry_enqueue_failed", jobs=[job.key for job in jobs], error=redact(str(err))
             )
 
-    def _record_interrupted(self, claim: Claimed, label: str) -> None:
+    def _record_interrupted(self, claim: Claimed, label: str, started: float | None) -> None:
         """The job is being cancelled (shutdown past its grace, SAQ's own timeout): record
         the attempt as failed (written behind, so the cancellation is not delayed; the
         executor flushes the writes before it stops) and retry at once."""
@@ -480,6 +505,7 @@ class Attempts:
             delay=lambda _: 0.0,
             label=label,
             base=claim.base,
+            started=started,
         )
         self.finishes.submit_nowait(outcome)
 

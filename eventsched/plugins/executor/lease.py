@@ -76,6 +76,7 @@ class Running:
     lost: bool = False  # the lease ran out (or the attempt was taken over): handler stopped
     cancelled: bool = False  # we cancelled the task for it (to uncancel once handled)
     finished: float = math.inf  # time.monotonic() when the handler returned
+    started: float | None = None  # time.time() when the handler was invoked (None: not yet)
 
     def lease_ok(self) -> bool:
         if self.lost:

@@ -51,27 +51,30 @@ def decide(
     delay: Callable[[int], float],
     label: str = "",
     base: int = 0,
+    started: float | None = None,
 ) -> Outcome:
     """The outcome of an attempt: succeeded, retrying after ``delay(n)``, or dead.
 
     ``n = attempt - base`` is the attempt's place in the current budget: ``base`` is the
     number of attempts made before it began (0; after a dlq replay re-ran a dead event, the
     attempts of the run that went dead), so a re-run gets ``max_attempts`` attempts of its
-    own while attempt numbers keep counting.
+    own while attempt numbers keep counting. ``started``: when the handler was invoked
+    (epoch seconds; None if it never was), recorded with the outcome.
     """
     n = attempt - base
     if failure is None:
-        return Outcome(event_id, attempt, "succeeded", None, now, label=label)
+        return Outcome(event_id, attempt, "succeeded", None, now, label=label, started=started)
     if failure.permanent:
         return Outcome(
-            event_id, attempt, "dead", failure.error, now, dead_reason=failure.reason, label=label
-        )
+            event_id, attempt, "dead", failure.error, now, dead_reason=failure.reason,
+            label=label, started=started,
+        )  # fmt: skip
     if n >= max_attempts:
         return Outcome(
             event_id, attempt, "dead", failure.error, now, dead_reason="retries_exhausted",
-            label=label,
+            label=label, started=started,
         )  # fmt: skip
     return Outcome(
         event_id, attempt, "retrying", failure.error, now, next_attempt_at=now + delay(n),
-        label=label,
+        label=label, started=started,
     )  # fmt: skip

@@ -32,7 +32,12 @@ from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.settings import Settings, require_postgres
 from eventsched.core.store import executions
-from eventsched.plugins.executor.attempt import CLAIM_AHEAD, RECORD_PATIENCE, Attempts
+from eventsched.plugins.executor.attempt import (
+    AHEAD_SLOTS,
+    CLAIM_AHEAD,
+    RECORD_PATIENCE,
+    Attempts,
+)
 from eventsched.plugins.executor.deadletters import DeadLetters
 from eventsched.plugins.executor.lease import Leases
 from eventsched.plugins.executor.reconciler import Reconciler
@@ -185,13 +190,17 @@ class Executor:
         r = s.reconciler
         info_every = int(max(1, min(10, r.stale_after // 4, (r.grace - 1) // 2)))
         # One worker per served shard; the process's slots and payload budget are shared
-        # out among them (the slots evenly: the id hash spreads events evenly).
+        # out among them (the slots evenly: the id hash spreads events evenly), and each has
+        # AHEAD_SLOTS more for jobs claimed ahead that wait for their due time.
         self.workers = workers = [
             make_worker(
                 self._jobs.shards[index],
                 [(EXECUTE_FUNCTION, self.attempts.execute_event)],
-                concurrency=slots,
+                concurrency=slots + AHEAD_SLOTS,
                 claim_ahead=CLAIM_AHEAD,
+                # The job function claims the attempt in PostgreSQL as soon as the slot has
+                # the job, then waits for the due time: the claim's round trip is off the start.
+                function_waits=True,
                 id=self.worker_id,
                 timers={"worker_info": info_every},
                 payload_budget=self._budget,
