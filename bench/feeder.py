@@ -60,6 +60,13 @@ async def _insert(conn: psycopg.AsyncConnection[Any], rows: Sequence[Row]) -> No
     async with conn.cursor() as cur, cur.copy(f"COPY events ({_COLUMNS}) FROM STDIN") as copy:
         for row in rows:
             await copy.write_row(row)
+    # The key table the consumer's insert fills too (sql/000008): the executor finds an
+    # event's partition there.
+    await conn.execute(
+        "INSERT INTO event_keys (idempotency_key, id, retain_from)"
+        " SELECT idempotency_key, id, retain_from FROM events WHERE id = ANY(%s::uuid[])",
+        ([row[0] for row in rows],),
+    )
 
 
 async def _connect(args: argparse.Namespace) -> tuple[psycopg.AsyncConnection[Any], OnTimeQueue]:

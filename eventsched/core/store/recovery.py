@@ -293,13 +293,15 @@ GAUGE_EXACT_LIMIT: Final = 10_000
 # One round trip: the partial-index statuses are index-only scans that stop after `limit`
 # entries; `succeeded` has no index (nearly every row), so it is counted only on a small table
 # and is otherwise the live-tuple count (kept by the statistics system) minus the others.
+# `events` is partitioned (docs/retention.md): the statistics are kept per partition.
 _COUNTS_SQL: Final = """
 SELECT (SELECT count(*) FROM (SELECT FROM events WHERE status = 'scheduled' LIMIT %(limit)s) s),
        (SELECT count(*) FROM (SELECT FROM events WHERE status = 'running' LIMIT %(limit)s) s),
        (SELECT count(*) FROM (SELECT FROM events WHERE status = 'retrying' LIMIT %(limit)s) s),
        (SELECT count(*) FROM (SELECT FROM events WHERE status = 'dead' LIMIT %(limit)s) s),
        (SELECT count(*) FROM (SELECT FROM events WHERE status = 'cancelled' LIMIT %(limit)s) s),
-       (SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'events'::regclass)
+       (SELECT sum(s.n_live_tup) FROM pg_partition_tree('events') p
+        JOIN pg_stat_user_tables s ON s.relid = p.relid WHERE p.isleaf)
 """
 _INDEXED_STATUSES: Final = ("scheduled", "running", "retrying", "dead", "cancelled")
 

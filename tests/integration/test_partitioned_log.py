@@ -1,0 +1,79 @@
+"""Migration 000008 on a populated database, and the executor's statements on the
+time-partitioned log (docs/retention.md). Real PostgreSQL, a database per test."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from bench.migrate_partitioned import counts, populate
+from eventsched.core.store import migrations
+from tests.support.migrations import REPO_SQL_DIR
+
+
+@pytest.fixture
+def at_version_7(empty_database: str) -> str:
+    migrations.up(empty_database, REPO_SQL_DIR, steps=7)
+    return empty_database
+
+
+def test_converting_a_populated_log_keeps_every_event_and_attempt(at_version_7: str) -> None:
+    dsn = at_version_7
+    before = populate(dsn, 3_000, 12)
+    with psycopg.connect(dsn) as conn:
+        statuses = dict(conn.execute("SELECT status, count(*) FROM events GROUP BY 1").fetchall())
+    assert set(statuses) == {"scheduled", "running", "retrying", "succeeded", "dead", "cancelled"}
+    assert before["attempts"] > before["events"] // 2 and before["commands"] > 0
+
+    migrations.up(dsn, REPO_SQL_DIR)
+    assert migrations.version(dsn) == (8, False)
+    assert counts(dsn) == before
+    with psycopg.connect(dsn) as conn:
+        # Every event in the partition of the day it was recorded, its key beside it, its
+        # attempts in the partition of the same day.
+        misplaced = conn.execute(
+            "SELECT count(*) FROM events e"
+            " WHERE e.tableoid::regclass::text"
+            "  <> 'events_p' || to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYYMMDD')"
+            "  OR e.retain_from <> e.recorded_at"
+        ).fetchone()
+        keys = conn.execute(
+            "SELECT count(*) FROM events e JOIN event_keys k"
+            " ON k.id = e.id AND k.idempotency_key = e.idempotency_key"
+            " AND k.retain_from = e.retain_from"
+        ).fetchone()
+        strays = conn.execute(
+            "SELECT count(*) FROM event_attempts a LEFT JOIN events e"
+            " ON e.id = a.event_id AND e.retain_from = a.event_retain_from"
+            " WHERE e.id IS NULL"
+            "  OR substr(a.tableoid::regclass::text, 16) <> substr(e.tableoid::regclass::text, 8)"
+        ).fetchone()
+        default_rows = conn.execute("SELECT count(*) FROM events_default").fetchone()
+        attempt_ids = conn.execute(
+            "SELECT nextval('event_attempts_id_seq') > (SELECT max(id) FROM event_attempts)"
+        ).fetchone()
+    assert misplaced == (0,)
+    assert keys == (before["events"],)
+    assert strays == (0,)
+    assert default_rows == (0,)
+    assert attempt_ids == (True,)
+
+    migrations.down(dsn, REPO_SQL_DIR, steps=1)
+    assert migrations.version(dsn) == (7, False)
+    assert counts(dsn) == before
+    with psycopg.connect(dsn) as conn:
+        constraints = {
+            row[0]
+            for row in conn.execute(
+                "SELECT conname FROM pg_constraint"
+                " WHERE conrelid IN ('events'::regclass, 'event_attempts'::regclass,"
+                "  'event_commands'::regclass)"
+            )
+        }
+    assert {
+        "events_pkey",
+        "events_idempotency_key_key",
+        "event_attempts_event_id_fkey",
+        "event_attempts_event_id_attempt_key",
+        "event_commands_event_id_fkey",
+    } <= constraints
