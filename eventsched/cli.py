@@ -16,6 +16,7 @@ import click
 
 from eventsched.core.domain.commands import RETRYABLE
 from eventsched.core.domain.event import STATUSES
+from eventsched.core.domain.retention import policy_from_settings
 from eventsched.core.domain.schedulefields import specs_from_settings
 from eventsched.core.runtime import bootstrap
 from eventsched.core.runtime.errors import (
@@ -66,6 +67,7 @@ class State:
         if self._settings is None:
             self._settings = load_settings(self.settings_path)
             specs_from_settings(self._settings)  # [schedules.<name>]: the domain's checks
+            policy_from_settings(self._settings.retention)  # [retention]: likewise
             if self.command_logging:
                 # Operator commands print their results on stdout; their log lines (at
                 # logging.level) go to stderr, so the two never mix.
