@@ -322,6 +322,47 @@ def status(state: State, as_json: bool) -> None:
 
 
 @cli.group()
+def retention() -> None:
+    """The time-partitioned event log: partitions and retention (docs/retention.md)."""
+
+
+@retention.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@pass_state
+@handle_errors
+def retention_status(state: State, as_json: bool) -> None:
+    """Every partition (range, rows, size, unfinished events) and what a pass would do now."""
+    import json
+
+    from eventsched.core.operations import retention as retention_command
+
+    report = retention_command.status(state.settings)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(retention_command.render_status(report))
+
+
+@retention.command("enforce")
+@click.option("--dry-run", is_flag=True, help="Print what the pass would do; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@pass_state
+@handle_errors
+def retention_enforce(state: State, dry_run: bool, as_json: bool) -> None:
+    """Run one retention pass now: create partitions ahead, retire old days (under the
+    retention lock: never beside the executors' leader)."""
+    import json
+
+    from eventsched.core.operations import retention as retention_command
+
+    report = retention_command.enforce(state.settings, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(retention_command.render_pass(report))
+
+
+@cli.group()
 def dlq() -> None:
     """The dead-letter topic: inspect and replay."""
 

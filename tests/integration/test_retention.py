@@ -15,11 +15,17 @@ from typing import Any
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
+from eventsched.cli import cli
 from eventsched.core.domain.event import Event
 from eventsched.core.domain.retention import RetentionPolicy, partition_name
+from eventsched.core.runtime.settings import Settings, build_settings
 from eventsched.core.store import events as eventstore
 from eventsched.core.store import migrations, retention
+from eventsched.core.store.leader import lock_key
+from tests.support.cli import assert_one_line_exit_2, offline
+from tests.support.metrics import metric_value
 from tests.support.migrations import REPO_SQL_DIR
 
 OLD_DAYS = 40  # the old day's age: beyond keep (30 days)
@@ -303,3 +309,101 @@ def test_the_pass_is_json(dsn: str) -> None:
     with retention.connect(dsn) as conn:
         report = retention.enforce(conn, RetentionPolicy(), dry_run=True)
     assert json.loads(json.dumps(report.to_json()))["dry_run"] is True
+
+
+# -- the duty, the command ----------------------------------------------------------------------
+
+
+def settings_for(dsn: str, **retention_values: Any) -> Settings:
+    return build_settings(
+        {
+            "postgres": {"dsn": dsn},
+            "redis": {"queue": f"q-{uuid.uuid4().hex[:8]}"},
+            "retention": retention_values,
+        },
+        "test",
+    )
+
+
+async def test_one_executor_at_a_time_leads_the_duty_and_counts_what_it_drops(dsn: str) -> None:
+    import trio_asyncio
+
+    from eventsched.plugins.executor.retention import RetentionDuty
+
+    today = datetime.now(UTC).date()
+    with retention.connect(dsn) as conn:
+        old_log(conn, today - timedelta(days=OLD_DAYS))
+        backdate(conn, today - timedelta(days=OLD_DAYS))
+    settings = settings_for(dsn)
+    first, second = RetentionDuty(settings=settings), RetentionDuty(settings=settings)
+    dropped = metric_value("eventsched_retention_dropped_total", table="events")
+    attempts = metric_value("eventsched_retention_dropped_total", table="event_attempts")
+    hopped = metric_value("eventsched_retention_hopped_total")
+    async with trio_asyncio.open_loop():
+        try:
+            assert await first.lock.campaign(False)
+            assert not await second.lock.campaign(False)  # the same key: one leader
+            report = await first.pass_once()
+        finally:
+            await first.lock.release()
+            await second.lock.release()
+    assert report is not None and report.retired == [today - timedelta(days=OLD_DAYS)]
+    assert metric_value("eventsched_retention_dropped_total", table="events") - dropped == 3
+    assert (
+        metric_value("eventsched_retention_dropped_total", table="event_attempts") - attempts == 3
+    )
+    assert metric_value("eventsched_retention_hopped_total") - hopped == 5
+
+
+def eventsched(dsn: str, *args: str, queue: str = "q-cli") -> Any:
+    env = {"EVENTSCHED_POSTGRES__DSN": dsn, "EVENTSCHED_REDIS__QUEUE": queue}
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_the_command_shows_partitions_and_enforces_under_the_duty_lock(dsn: str) -> None:
+    today = datetime.now(UTC).date()
+    old_day = today - timedelta(days=OLD_DAYS)
+    with retention.connect(dsn) as conn:
+        old_log(conn, old_day)
+        backdate(conn, old_day)
+
+    shown = eventsched(dsn, "retention", "status", "--json")
+    assert shown.exit_code == 0, shown.output
+    report = json.loads(shown.stdout)
+    old = next(p for p in report["partitions"] if p["name"] == partition_name("events", old_day))
+    assert (old["rows"], old["unfinished"], old["finished"]) == (8, 3, 5)
+    assert report["pass"]["retire"] == [old_day.isoformat()]
+    assert report["pass"]["dropped"]["events"] == 3 and report["pass"]["hopped"] == 5
+    text = eventsched(dsn, "retention", "status")
+    assert partition_name("events", old_day) in text.stdout
+    assert "would drop 3 events" in text.stdout
+
+    dry = eventsched(dsn, "retention", "enforce", "--dry-run")
+    assert dry.exit_code == 0 and "would drop 3 events" in dry.stdout
+    with retention.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (8,)
+        # While the duty's lock is held elsewhere (a leader's pass), enforce refuses.
+        assert retention.take_lock(conn, lock_key("q-cli", retention.DUTY))
+        busy = eventsched(dsn, "retention", "enforce")
+        assert busy.exit_code == 1
+        assert "another process is running a retention pass" in busy.stderr
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (8,)
+
+    done = eventsched(dsn, "retention", "enforce")
+    assert done.exit_code == 0, done.output
+    assert "dropped 3 events and 3 attempts, moved 5 events" in done.stdout
+    with retention.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (5,)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "key"),
+    [
+        ("KEEP", "36h", "retention.keep"),
+        ("AHEAD", "0s", "retention.ahead"),
+        ("INTERVAL", "8d", "retention.interval"),
+    ],
+)
+def test_a_bad_retention_setting_exits_2_naming_it(name: str, value: str, key: str) -> None:
+    result = offline("retention", "status", **{f"EVENTSCHED_RETENTION__{name}": value})
+    assert_one_line_exit_2(result, f"invalid setting {key}")
