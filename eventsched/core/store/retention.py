@@ -48,7 +48,9 @@ from eventsched.core.domain.retention import (
     partition_name,
     plan,
 )
+from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
+from eventsched.core.runtime.redaction import redact
 
 __all__ = [
     "DUTY",
@@ -58,6 +60,7 @@ __all__ = [
     "enforce",
     "existing_days",
     "list_partitions",
+    "run_pass",
     "take_lock",
 ]
 
@@ -518,6 +521,16 @@ def _one(cur: psycopg.Cursor[Any]) -> Any:
     row = cur.fetchone()
     assert row is not None
     return row[0]
+
+
+def run_pass(dsn: str, policy: RetentionPolicy, now: datetime) -> PassReport:
+    """:func:`enforce` on a connection of its own (the duty's pass; the caller leads);
+    PostgreSQL errors come out as ``DependencyError("postgres", ...)``."""
+    try:
+        with connect(dsn) as conn:
+            return enforce(conn, policy, now=now)
+    except psycopg.Error as err:
+        raise DependencyError("postgres", redact(str(err)) or type(err).__name__) from err
 
 
 @contextmanager

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import psycopg
 import trio
 
 from eventsched.core.domain.retention import RetentionPolicy, policy_from_settings
 from eventsched.core.runtime import metrics
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
-from eventsched.core.runtime.redaction import redact
 from eventsched.core.runtime.settings import Settings, require_postgres
 from eventsched.core.store import retention as store
 from eventsched.core.store.leader import LeaderLock, lock_key
@@ -73,8 +71,8 @@ class RetentionDuty:
             report = await trio.to_thread.run_sync(
                 self._enforce, now or datetime.now(UTC), abandon_on_cancel=True
             )
-        except (psycopg.Error, DependencyError) as err:
-            log.warning("retention_pass_failed", error=redact(str(err)) or type(err).__name__)
+        except DependencyError as err:
+            log.warning("retention_pass_failed", error=err.problem)
             return None
         record(report)
         self.passes += 1
@@ -83,5 +81,4 @@ class RetentionDuty:
         return report
 
     def _enforce(self, now: datetime) -> store.PassReport:
-        with store.connect(self._dsn) as conn:
-            return store.enforce(conn, self.policy, now=now)
+        return store.run_pass(self._dsn, self.policy, now)
