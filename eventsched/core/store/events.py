@@ -193,10 +193,12 @@ async def lookup_existing(db: Database, rows: Sequence[IngestRow]) -> dict[str, 
 
 
 async def check_schema(db: Database) -> None:
-    """Raise DependencyError unless the events table exists (migrations applied)."""
+    """Raise DependencyError unless the events and event_keys tables exist (migrations
+    applied, 000008 included)."""
 
     async def run(conn: AsyncConnection[Any]) -> None:
         await conn.execute("SELECT 1 FROM events LIMIT 0")
+        await conn.execute("SELECT 1 FROM event_keys LIMIT 0")  # sql/000008
 
     await _translated(db, run)
 

@@ -495,12 +495,14 @@ async def check_schema(db: Database) -> None:
     """Raise :class:`DependencyError` unless the executor's columns exist (migrations ran)."""
     try:
         await db.fetchone(
-            "SELECT id, dead_reason, dlq_published_at, attempt_base, cancel_requested_at"
-            " FROM events LIMIT 0"
+            "SELECT id, dead_reason, dlq_published_at, attempt_base, cancel_requested_at,"
+            " retain_from FROM events LIMIT 0"
         )
         await db.fetchone(
-            "SELECT event_id, attempt, worker_id, held_by FROM event_attempts LIMIT 0"
+            "SELECT event_id, attempt, worker_id, held_by, event_retain_from"
+            " FROM event_attempts LIMIT 0"
         )
+        await db.fetchone("SELECT id, retain_from FROM event_keys LIMIT 0")
     except psycopg.errors.UndefinedTable as err:
         raise DependencyError(
             "postgres", f"schema missing, run `eventsched migrate up`: {err}"
