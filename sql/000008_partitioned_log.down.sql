@@ -15,6 +15,8 @@ BEGIN
 END
 $$;
 
+SET LOCAL maintenance_work_mem = '256MB';
+
 ALTER TABLE events RENAME TO events_v8;
 ALTER TABLE event_attempts RENAME TO event_attempts_v8;
 ALTER SEQUENCE event_attempts_id_seq RENAME TO event_attempts_v8_id_seq;

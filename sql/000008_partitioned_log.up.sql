@@ -15,6 +15,9 @@
 -- Indexes and keys are built after the rows are copied (a bulk build is faster than
 -- maintaining them row by row).
 
+-- Index builds below sort a million rows or more; the default 64MB spills to disk.
+SET LOCAL maintenance_work_mem = '256MB';
+
 -- 1. The old tables and everything named after them step aside.
 ALTER TABLE event_commands DROP CONSTRAINT event_commands_event_id_fkey;
 ALTER TABLE event_attempts DROP CONSTRAINT event_attempts_event_id_fkey;
