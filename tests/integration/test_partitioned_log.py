@@ -77,3 +77,51 @@ def test_converting_a_populated_log_keeps_every_event_and_attempt(at_version_7: 
         "event_attempts_event_id_attempt_key",
         "event_commands_event_id_fkey",
     } <= constraints
+
+
+def test_a_claim_and_an_outcome_find_an_event_moved_after_its_key_was_read(
+    empty_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention moves a kept event into today's partition (a hop) between the executor's
+    read of its key and its statement: the statement, which names the old day, finds
+    nothing, and is sent again with the key's new day."""
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from eventsched.core.store import executions
+    from eventsched.core.store.executions import Claimed, ClaimRequest, NotClaimed, Outcome
+    from tests.support.execution import insert_events, new_events
+
+    migrations.up(empty_database, REPO_SQL_DIR)
+    event = new_events(1, due=time.time() - 1)[0]
+    insert_events(empty_database, [event])
+    real = executions._partitions
+    stale = (datetime.now(UTC).date() + timedelta(days=3),)  # a day it is not in
+    calls: list[tuple[str, ...]] = []
+
+    def first_stale(conn: psycopg.Connection[object], ids: list[str]) -> tuple[object, ...]:
+        calls.append(tuple(ids))
+        return stale if len(calls) % 2 == 1 else real(conn, ids)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(executions, "_partitions", first_stale)
+    with psycopg.connect(empty_database) as conn:
+        [claimed] = executions.claim_batch(
+            conn, [ClaimRequest(event.id, 0, time.time())], worker_id="w1"
+        )
+        conn.commit()
+        assert isinstance(claimed, Claimed)
+        [done] = executions.finish_outcomes(
+            conn, [Outcome(event.id, 1, "succeeded", None, time.time())]
+        )
+        conn.commit()
+        assert done == "succeeded"
+        assert len(calls) == 4  # each statement looked again once
+        # An event that exists nowhere is not looked for twice.
+        calls.clear()
+        monkeypatch.setattr(executions, "_partitions", real)
+        [missing] = executions.claim_batch(
+            conn,
+            [ClaimRequest("0190d4a0-0000-7000-8000-000000000000", 0, time.time())],
+            worker_id="w1",
+        )
+        assert missing == NotClaimed("0190d4a0-0000-7000-8000-000000000000", None, None, None)

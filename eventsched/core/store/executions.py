@@ -272,9 +272,9 @@ def claim_batch(
     by_id = _claim_once(conn, requests, worker_id, ahead, days)
     # An event that retention moved to a newer partition after _partitions read its key
     # (docs/retention.md, "Retiring a day") is not in the days named: the events found
-    # nowhere are claimed again if their keys now name another day.
+    # nowhere are claimed again if their keys now name a day that was not named.
     gone = [r for r in requests if _nowhere(by_id[r.event_id])]
-    if gone and (again := _partitions(conn, [r.event_id for r in gone])) != days:
+    if gone and not set(again := _partitions(conn, [r.event_id for r in gone])) <= set(days):
         by_id.update(_claim_once(conn, gone, worker_id, ahead, again))
     return [by_id[r.event_id] for r in requests]
 
@@ -388,7 +388,7 @@ def finish_outcomes(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) 
     recorded = _finish_once(conn, outcomes, days)
     # As for claims: an event moved to a newer partition meanwhile is looked for again.
     missed = [o for o in outcomes if o.event_id not in recorded]
-    if missed and (again := _partitions(conn, [o.event_id for o in missed])) != days:
+    if missed and not set(again := _partitions(conn, [o.event_id for o in missed])) <= set(days):
         recorded.update(_finish_once(conn, missed, again))
     return [recorded.get(o.event_id, DISCARDED) for o in outcomes]
 
