@@ -125,3 +125,44 @@ def test_a_claim_and_an_outcome_find_an_event_moved_after_its_key_was_read(
             worker_id="w1",
         )
         assert missing == NotClaimed("0190d4a0-0000-7000-8000-000000000000", None, None, None)
+
+
+def test_fresh_partitions_do_not_get_plans_that_scan_them_whole(empty_database: str) -> None:
+    """The executor's statements are prepared and run from a cached generic plan. A
+    partition analysed while empty (reltuples 0) made that plan a sequential scan of
+    today's `event_attempts` partition, kept while the partition grew: in a 1,000/s
+    bench.lateness run ~2,500 attempt rows read per event and p99 lateness 195 ms. The
+    migration analyses only the partitions that hold rows; an empty one is planned like a
+    new table (assumed not small), by its index."""
+    import json
+    import time
+    from datetime import UTC, datetime
+
+    from psycopg import sql
+
+    from eventsched.core.store import executions
+    from tests.support.execution import insert_events, new_events
+
+    migrations.up(empty_database, REPO_SQL_DIR)
+    events = new_events(50, due=time.time() - 1)
+    insert_events(empty_database, events)
+    today = (datetime.now(UTC).date(),)
+    claim = [{"id": events[0].id, "attempt": 0, "started": time.time()}]
+    finish = [dict(claim[0], attempt=1, status="succeeded", error=None, finished=time.time(),
+                   next_at=None, reason=None)]  # fmt: skip
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        for name, text, req in (
+            ("claim", executions._CLAIM_SQL, claim),
+            ("finish", executions._FINISH_SQL, finish),
+        ):
+            statement = executions._in_days(text, today).replace("%(req)s", "$1::text")
+            statement = statement.replace("%(worker)s", "'w1'").replace("%(ahead)s", "0")
+            conn.execute(f"PREPARE {name} AS {statement}")
+            explained = conn.execute(
+                sql.SQL("EXPLAIN EXECUTE {}({})").format(
+                    sql.Identifier(name), sql.Literal(json.dumps(req))
+                )
+            ).fetchall()
+            plan = "\n".join(str(row[0]) for row in explained)
+            assert "Seq Scan on event_attempts" not in plan, plan
