@@ -235,7 +235,7 @@ def ingest_point(
     run: BenchRun, stack: Stack, sampler: Sampler, consumers: int, count: int
 ) -> dict[str, Any]:
     """``count`` events pre-loaded in a fresh 3-partition topic, ingested by ``consumers``."""
-    stack.sql("TRUNCATE events CASCADE")
+    stack.sql("TRUNCATE events, event_attempts, event_keys, event_commands")
     topic, group = f"ingest{consumers}", f"capacity-ingest{consumers}"
     ensure_topics(stack.kafka, {topic: 3})
     with step(f"producing {count:,} events into {topic}"):

@@ -57,9 +57,20 @@ def _row(
 
 
 async def _insert(conn: psycopg.AsyncConnection[Any], rows: Sequence[Row]) -> None:
-    async with conn.cursor() as cur, cur.copy(f"COPY events ({_COLUMNS}) FROM STDIN") as copy:
-        for row in rows:
-            await copy.write_row(row)
+    # The key table the consumer's insert fills too (sql/000008): the executor finds an
+    # event's partition there. One transaction, so both rows get its now() as retain_from.
+    async with conn.transaction():
+        async with (
+            conn.cursor() as cur,
+            cur.copy(f"COPY events ({_COLUMNS}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                await copy.write_row(row)
+        await conn.execute(
+            "INSERT INTO event_keys (idempotency_key, id, retain_from)"
+            " SELECT k, i, now() FROM unnest(%s::text[], %s::uuid[]) AS t(k, i)",
+            ([row[1] for row in rows], [row[0] for row in rows]),
+        )
 
 
 async def _connect(args: argparse.Namespace) -> tuple[psycopg.AsyncConnection[Any], OnTimeQueue]:

@@ -85,7 +85,7 @@ def run_ours(
     args = run.args
     queue = queue or f"bench{attempt}"
     if attempt:
-        stack.sql("TRUNCATE events CASCADE")
+        stack.sql("TRUNCATE events, event_attempts, event_keys, event_commands")
     settings = stack.settings(
         f"executor{attempt}", executor={"concurrency": args.concurrency}, redis={"queue": queue}
     )

@@ -48,6 +48,10 @@ def _insert(dsn: str, count: int) -> list[str]:
         with conn.cursor() as cur, cur.copy(f"COPY events ({columns}) FROM STDIN") as copy:
             for event_id in ids:
                 copy.write_row((event_id, event_id, "bench.event", '{"n": 1}', now, now))
+        conn.execute(
+            "INSERT INTO event_keys (idempotency_key, id, retain_from)"
+            " SELECT idempotency_key, id, retain_from FROM events"
+        )
         conn.execute("ANALYZE events")
     return ids
 

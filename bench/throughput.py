@@ -78,7 +78,7 @@ def run_ours(
     attempt: int = 0,
 ) -> dict[str, Any]:
     args = run.args
-    stack.sql("TRUNCATE events CASCADE")
+    stack.sql("TRUNCATE events, event_attempts, event_keys, event_commands")
     tag = f"{processes}-{attempt}"
     queue = f"tp{tag}"
     settings = stack.settings(

@@ -16,6 +16,7 @@ import click
 
 from eventsched.core.domain.commands import RETRYABLE
 from eventsched.core.domain.event import STATUSES
+from eventsched.core.domain.retention import policy_from_settings
 from eventsched.core.domain.schedulefields import specs_from_settings
 from eventsched.core.runtime import bootstrap, tracing
 from eventsched.core.runtime.errors import (
@@ -91,6 +92,7 @@ class State:
         if self._settings is None:
             self._settings = load_settings(self.settings_path)
             specs_from_settings(self._settings)  # [schedules.<name>]: the domain's checks
+            policy_from_settings(self._settings.retention)  # [retention]: likewise
             if self.command_logging:
                 # Operator commands print their results on stdout; their log lines (at
                 # logging.level) go to stderr, so the two never mix.
@@ -348,6 +350,47 @@ def status(state: State, as_json: bool) -> None:
     if not report.ok:
         _dev_stack_hint(state)
         sys.exit(1)
+
+
+@cli.group()
+def retention() -> None:
+    """The time-partitioned event log: partitions and retention (docs/retention.md)."""
+
+
+@retention.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@pass_state
+@handle_errors
+def retention_status(state: State, as_json: bool) -> None:
+    """Every partition (range, rows, size, unfinished events) and what a pass would do now."""
+    import json
+
+    from eventsched.core.operations import retention as retention_command
+
+    report = retention_command.status(state.settings)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(retention_command.render_status(report))
+
+
+@retention.command("enforce")
+@click.option("--dry-run", is_flag=True, help="Print what the pass would do; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@pass_state
+@handle_errors
+def retention_enforce(state: State, dry_run: bool, as_json: bool) -> None:
+    """Run one retention pass now: create partitions ahead, retire old days (under the
+    retention lock: never beside the executors' leader)."""
+    import json
+
+    from eventsched.core.operations import retention as retention_command
+
+    report = retention_command.enforce(state.settings, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(retention_command.render_pass(report))
 
 
 @cli.group()

@@ -27,6 +27,7 @@ from eventsched.plugins.api.openapi import document
 from tests.support.api import READER, WRITER, api_section, bearer, serving
 from tests.support.cli import assert_one_line_exit_2, offline
 from tests.support.clients import query, read_topic
+from tests.support.eventkeys import EVENT_RETAIN_FROM
 from tests.support.execution import NewEvent, insert_events, new_events
 from tests.support.metrics import metric_value
 from tests.support.proc import AppProcess, free_port
@@ -209,10 +210,11 @@ async def test_an_event_with_attempts_shows_them(
     query(
         database,
         "INSERT INTO event_attempts (event_id, attempt, scheduled_for, started_at, finished_at,"
-        " lateness_ms, outcome, error, worker_id) VALUES"
-        " (%s, 1, now(), now(), now(), 2.5, 'retried', 'boom', 'w1'),"
-        " (%s, 2, now(), now(), now(), 4.0, 'dead', 'boom again', 'w1') RETURNING 1",
-        (event.id, event.id),
+        " lateness_ms, outcome, error, worker_id, event_retain_from) VALUES"
+        f" (%s, 1, now(), now(), now(), 2.5, 'retried', 'boom', 'w1', {EVENT_RETAIN_FROM}),"
+        f" (%s, 2, now(), now(), now(), 4.0, 'dead', 'boom again', 'w1', {EVENT_RETAIN_FROM})"
+        " RETURNING 1",
+        (event.id, event.id, event.id, event.id),
     )
     async with serving(api_settings(), token=READER) as client:
         got = (await client.get(f"/v1/events/{event.id}")).json()

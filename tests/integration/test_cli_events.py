@@ -28,6 +28,7 @@ from eventsched.core.domain.event import format_time, uuid7
 from eventsched.core.kafka import ensure_topics
 from tests.support.cli import run
 from tests.support.clients import read_topic
+from tests.support.eventkeys import EVENT_RETAIN_FROM, REGISTER_KEYS
 from tests.support.ingest import child_sections
 from tests.support.proc import REPO, free_port
 from tests.support.servers import Names
@@ -83,6 +84,7 @@ def insert(
             f"INSERT INTO events ({', '.join(values)}) VALUES ({', '.join(['%s'] * len(values))})",
             list(values.values()),
         )
+        conn.execute(REGISTER_KEYS)
     return Row(event_id, str(values["idempotency_key"]), type, status, due)
 
 
@@ -93,10 +95,10 @@ def add_attempt(
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO event_attempts (event_id, attempt, scheduled_for, started_at,"
-            " finished_at, lateness_ms, outcome, error, worker_id)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            " finished_at, lateness_ms, outcome, error, worker_id, event_retain_from)"
+            f" VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, {EVENT_RETAIN_FROM})",
             (event.id, attempt, event.execute_at, started, started, 12.5 * attempt, outcome,
-             error, f"worker-{attempt}"),
+             error, f"worker-{attempt}", event.id),
         )  # fmt: skip
 
 
@@ -385,6 +387,7 @@ def test_retry_by_filter_of_more_than_100_events_needs_yes(
             " now(), 'dead', now(), %s FROM generate_series(1, 101) n",
             (finished,),
         )
+        conn.execute(REGISTER_KEYS)
 
     refused = eventsched(stack, "events", "retry", "--status", "dead")
     assert refused.stdout == "101 events match\n"

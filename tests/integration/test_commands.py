@@ -38,6 +38,7 @@ from eventsched.core.store.pool import Database
 from eventsched.core.store.recovery import Candidate
 from tests.support import command_handlers
 from tests.support.clients import delete_queue_keys, query
+from tests.support.eventkeys import EVENT_RETAIN_FROM, REGISTER_KEYS
 from tests.support.exec_handlers import read_journal
 from tests.support.execution import (
     executor_env,
@@ -283,10 +284,12 @@ def test_an_outcome_after_a_cancel_request_ends_cancelled_even_when_resent(datab
                 " 'running', 1, now(), CASE WHEN %s THEN now() END)",
                 [event_id, event_id, requested],
             )
+            conn.execute(REGISTER_KEYS)
             conn.execute(
                 "INSERT INTO event_attempts (event_id, attempt, scheduled_for, started_at,"
-                " lateness_ms, worker_id) VALUES (%s, 1, now(), now(), 0, 'w')",
-                [event_id],
+                " lateness_ms, worker_id, event_retain_from)"
+                f" VALUES (%s, 1, now(), now(), 0, 'w', {EVENT_RETAIN_FROM})",
+                [event_id, event_id],
             )
         now = time.time()
         outcomes = [
@@ -319,10 +322,12 @@ async def test_the_reconciler_takeover_of_a_stale_attempt_honours_a_cancel_reque
                 " CASE WHEN %s THEN now() END)",
                 [event_id, event_id, requested],
             )
+            conn.execute(REGISTER_KEYS)
             conn.execute(
                 "INSERT INTO event_attempts (event_id, attempt, scheduled_for, started_at,"
-                " lateness_ms, worker_id) VALUES (%s, 1, now(), now(), 0, 'w')",
-                [event_id],
+                " lateness_ms, worker_id, event_retain_from)"
+                f" VALUES (%s, 1, now(), now(), 0, 'w', {EVENT_RETAIN_FROM})",
+                [event_id, event_id],
             )
         seen = dict(
             conn.execute(

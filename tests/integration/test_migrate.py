@@ -7,6 +7,7 @@ the tests can run side by side with other suites.
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 import zlib
@@ -364,6 +365,12 @@ def insert_event(dsn: str, **overrides: Any) -> uuid.UUID:
     columns = sql.SQL(", ").join(sql.Identifier(column) for column in row)
     values = sql.SQL(", ").join(sql.Placeholder() * len(row))
     with psycopg.connect(dsn) as conn:
+        # The key table first, as the consumer's insert does (sql/000008); both rows get
+        # the transaction's now() as retain_from.
+        conn.execute(
+            "INSERT INTO event_keys (idempotency_key, id, retain_from) VALUES (%s, %s, now())",
+            (row["idempotency_key"], row["id"]),
+        )
         conn.execute(
             sql.SQL("INSERT INTO events ({}) VALUES ({})").format(columns, values),
             tuple(row.values()),
@@ -384,9 +391,13 @@ def insert_attempt(dsn: str, event_id: uuid.UUID, attempt: int = 1, **overrides:
     columns = sql.SQL(", ").join(sql.Identifier(column) for column in row)
     values = sql.SQL(", ").join(sql.Placeholder() * len(row))
     with psycopg.connect(dsn) as conn:
+        # The partition key is the event's (the claim copies it, sql/000008).
         conn.execute(
-            sql.SQL("INSERT INTO event_attempts ({}) VALUES ({})").format(columns, values),
-            tuple(row.values()),
+            sql.SQL(
+                "INSERT INTO event_attempts ({}, event_retain_from)"
+                " SELECT {}, (SELECT retain_from FROM events WHERE id = %s)"
+            ).format(columns, values),
+            (*row.values(), event_id),
         )
 
 
@@ -402,40 +413,55 @@ def test_new_event_gets_its_defaults(migrated: Database) -> None:
 
 
 def test_idempotency_key_is_unique(migrated: Database) -> None:
+    # Unique across every partition: the key table is not partitioned (sql/000008).
     insert_event(migrated.dsn, idempotency_key="order-1")
-    with pytest.raises(psycopg.errors.UniqueViolation, match="events_idempotency_key_key"):
+    with pytest.raises(psycopg.errors.UniqueViolation, match="event_keys_pkey"):
         insert_event(migrated.dsn, idempotency_key="order-1")
-    # What the consumer does with a redelivered message: nothing.
-    inserted = execute(
-        migrated.dsn,
-        "INSERT INTO events (id, idempotency_key, type, payload, execute_at, created_at) "
-        "VALUES (%s, 'order-1', 't', '{}', now(), now()) ON CONFLICT DO NOTHING RETURNING id",
-        (uuid.uuid4(),),
-    )
-    assert inserted == []
+
+
+def test_an_id_belongs_to_one_key(migrated: Database) -> None:
+    event_id = insert_event(migrated.dsn)
+    with pytest.raises(psycopg.errors.UniqueViolation, match="event_keys_id_key"):
+        insert_event(migrated.dsn, id=event_id)
 
 
 def test_an_attempt_is_recorded_once(migrated: Database) -> None:
     event_id = insert_event(migrated.dsn)
     insert_attempt(migrated.dsn, event_id, 1, outcome="retried", error="timeout")
     insert_attempt(migrated.dsn, event_id, 2)  # running: no outcome yet
-    with pytest.raises(psycopg.errors.UniqueViolation, match="event_attempts_event_id_attempt_key"):
+    # The constraint of the partition, named after the parent's.
+    with pytest.raises(psycopg.errors.UniqueViolation, match=r"event_attempts_p[0-9]{8}_event_id"):
         insert_attempt(migrated.dsn, event_id, 2)
     assert execute(
         migrated.dsn, "SELECT attempt, outcome FROM event_attempts ORDER BY attempt"
     ) == [(1, "retried"), (2, None)]
 
 
-def test_deleting_an_event_deletes_its_attempts(migrated: Database) -> None:
+def test_an_event_and_its_attempts_share_a_day_partition(migrated: Database) -> None:
     event_id = insert_event(migrated.dsn)
     insert_attempt(migrated.dsn, event_id, 1)
-    execute(migrated.dsn, "DELETE FROM events WHERE id = %s", (event_id,))
-    assert execute(migrated.dsn, "SELECT count(*) FROM event_attempts") == [(0,)]
+    day = datetime.now(UTC).strftime("%Y%m%d")
+    assert execute(
+        migrated.dsn,
+        "SELECT (SELECT tableoid::regclass::text FROM events WHERE id = %s),"
+        " (SELECT tableoid::regclass::text FROM event_attempts WHERE event_id = %s)",
+        (event_id, event_id),
+    ) == [(f"events_p{day}", f"event_attempts_p{day}")]
 
 
-def test_attempt_needs_an_existing_event(migrated: Database) -> None:
-    with pytest.raises(psycopg.errors.ForeignKeyViolation):
-        insert_attempt(migrated.dsn, uuid.uuid4(), 1)
+def test_partitions_exist_a_week_ahead_and_a_default_one(migrated: Database) -> None:
+    today = datetime.now(UTC).date()
+    for table in ("events", "event_attempts"):
+        names = {
+            row[0]
+            for row in execute(
+                migrated.dsn,
+                "SELECT relid::text FROM pg_partition_tree(%s::regclass) WHERE isleaf",
+                (table,),
+            )
+        }
+        days = {f"{table}_p{today + timedelta(days=n):%Y%m%d}" for n in range(8)}
+        assert names == days | {f"{table}_default"}
 
 
 @pytest.mark.parametrize(
@@ -520,7 +546,14 @@ def test_queries_can_use_their_index(migrated: Database, query: str, index: str)
     with psycopg.connect(migrated.dsn) as conn:
         conn.execute("SET enable_seqscan = off")
         plan = "\n".join(str(row[0]) for row in conn.execute(f"EXPLAIN {query}"))
-    assert index in plan
+        # The plan names the partitions' indexes: map them to the parent's.
+        used = set(re.findall(r"(?:using|on) (\w+(?:idx|brin))\b", plan))
+        parents = {
+            str(row[0])
+            for name in used
+            for row in conn.execute("SELECT pg_partition_root(%s::regclass)::text", (name,))
+        }
+    assert index in parents, plan
 
 
 def test_tables_are_documented(migrated: Database) -> None:

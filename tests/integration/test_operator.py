@@ -24,6 +24,7 @@ from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.status import StatusReport, render_status
 from tests.support.cli import run
 from tests.support.clients import delete_queue_keys, read_topic
+from tests.support.eventkeys import REGISTER_KEYS
 from tests.support.ingest import RawMessage, child_sections, make_events, produce
 from tests.support.proc import free_port
 from tests.support.servers import Names
@@ -99,6 +100,7 @@ def test_status_reports_every_section(
                 " created_at) VALUES (%s, %s, %s, '{}', %s, %s, now())",
                 (event.id, event.idempotency_key, event.type, due, status),
             )
+            conn.execute(REGISTER_KEYS)
     client = redis.Redis.from_url(redis_url)
     client.zadd(f"saq:{names.queue}:incomplete", {"a": now.timestamp() + 60, "b": 0})
     client.rpush(f"saq:{names.queue}:queued", "b")

@@ -23,6 +23,7 @@ from eventsched.core.store.leader import LeaderLock, lock_key
 from eventsched.plugins.executor.reconciler import Reconciler
 from tests.support import exec_handlers
 from tests.support.clients import query, read_topic, status_counts
+from tests.support.eventkeys import EVENT_RETAIN_FROM
 from tests.support.execution import (
     NewEvent,
     all_finished,
@@ -58,10 +59,11 @@ def add_attempt(dsn: str, event: NewEvent, attempt: int, ago: float, outcome: st
     query(
         dsn,
         "INSERT INTO event_attempts (event_id, attempt, scheduled_for, started_at, finished_at,"
-        " lateness_ms, outcome, worker_id) VALUES (%s, %s, now() - make_interval(secs => %s),"
-        " now() - make_interval(secs => %s), CASE WHEN %s::text IS NULL THEN NULL ELSE now() END,"
-        " 0, %s, 'gone-worker') RETURNING id",
-        (event.id, attempt, ago, ago, outcome, outcome),
+        " lateness_ms, outcome, worker_id, event_retain_from) VALUES (%s, %s,"
+        " now() - make_interval(secs => %s), now() - make_interval(secs => %s),"
+        " CASE WHEN %s::text IS NULL THEN NULL ELSE now() END, 0, %s, 'gone-worker',"
+        f" {EVENT_RETAIN_FROM}) RETURNING id",
+        (event.id, attempt, ago, ago, outcome, outcome, event.id),
     )
 
 

@@ -10,6 +10,7 @@ import trio_asyncio
 from eventsched.core.operations.summary import Lateness, Snapshot, lateness_by_kind
 from eventsched.core.store.pool import Database
 from tests.support.clients import query
+from tests.support.eventkeys import EVENT_RETAIN_FROM
 from tests.support.execution import insert_events, new_events
 
 
@@ -20,8 +21,9 @@ def attempt(
     query(
         dsn,
         "INSERT INTO event_attempts (event_id, attempt, scheduled_for, started_at,"
-        " lateness_ms, worker_id, held_by) VALUES (%s, 1, %s, %s, %s, 'w', %s)",
-        (event_id, scheduled_for, started, lateness_ms, held_by),
+        " lateness_ms, worker_id, held_by, event_retain_from)"
+        f" VALUES (%s, 1, %s, %s, %s, 'w', %s, {EVENT_RETAIN_FROM})",
+        (event_id, scheduled_for, started, lateness_ms, held_by, event_id),
     )
 
 

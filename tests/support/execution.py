@@ -30,6 +30,7 @@ from eventsched.core.runtime.settings import Settings, require_redis
 from eventsched.core.store.pool import Database
 from eventsched.plugins.executor import Executor
 from tests.support.clients import query, status_counts
+from tests.support.eventkeys import REGISTER_KEYS
 from tests.support.servers import Names
 
 
@@ -75,6 +76,8 @@ def insert_events(dsn: str, events: Sequence[NewEvent], **columns: Any) -> None:
     ):
         for row in rows:
             copy.write_row(row)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(REGISTER_KEYS)
 
 
 def statuses(dsn: str) -> dict[str, str]:

@@ -230,3 +230,42 @@ def test_the_window_agrees_with_plan_and_fate() -> None:
         )
         kept = dropped_at - recorded_at
         assert window.at_least <= kept <= window.at_most
+
+
+# ---------------------------------------------------------------- [retention] settings
+
+
+def test_the_settings_become_the_policy() -> None:
+    from eventsched.core.domain.retention import policy_from_settings
+    from eventsched.core.runtime.settings import build_settings
+
+    settings = build_settings(
+        {"retention": {"keep": "10d", "ahead": "3d", "interval": "30m", "archive_dir": "/a"}}
+    )
+    assert policy_from_settings(settings.retention) == RetentionPolicy(
+        keep=timedelta(days=10),
+        ahead=timedelta(days=3),
+        interval=timedelta(minutes=30),
+        archive_dir="/a",
+    )
+    assert policy_from_settings(build_settings({}).retention) == RetentionPolicy()
+
+
+@pytest.mark.parametrize(
+    ("values", "key", "problem"),
+    [
+        ({"keep": "36h"}, "retention.keep", "must be a whole number of days"),
+        ({"ahead": "100d"}, "retention.ahead", "must be between 1d and 90d"),
+        ({"interval": "7d"}, "retention.interval", "must be more than 0s and at most 1d"),
+        ({"ahead": "1d", "interval": "1d"}, "retention.interval", "(1d) must be shorter"),
+    ],
+)
+def test_a_bad_setting_names_its_key(values: dict[str, str], key: str, problem: str) -> None:
+    from eventsched.core.domain.retention import policy_from_settings
+    from eventsched.core.runtime.errors import ConfigError
+    from eventsched.core.runtime.settings import build_settings
+
+    with pytest.raises(ConfigError) as caught:
+        policy_from_settings(build_settings({"retention": values}).retention)
+    assert caught.value.key == key
+    assert caught.value.problem.startswith(problem), caught.value.problem

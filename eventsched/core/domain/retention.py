@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Final, Literal
 
+from eventsched.core.runtime.errors import ConfigError
+from eventsched.core.runtime.settings import RetentionSettings
+
 __all__ = [
     "DAY",
     "FINISHED_STATUSES",
@@ -39,6 +42,7 @@ __all__ = [
     "partition_bounds",
     "partition_name",
     "plan",
+    "policy_from_settings",
 ]
 
 DAY: Final = timedelta(days=1)
@@ -95,6 +99,21 @@ class RetentionPolicy:
                 f"interval ({_show(self.interval)}) must be shorter than ahead "
                 f"({_show(self.ahead)}): a pass must come before the partitions run out"
             )
+
+
+def policy_from_settings(r: RetentionSettings) -> RetentionPolicy:
+    """The policy of ``[retention]``; a bad value is a :class:`ConfigError` naming
+    ``retention.<field>`` (every message of the policy starts with the field's name)."""
+    try:
+        return RetentionPolicy(
+            keep=timedelta(seconds=float(r.keep)),
+            ahead=timedelta(seconds=float(r.ahead)),
+            interval=timedelta(seconds=float(r.interval)),
+            archive_dir=r.archive_dir,
+        )
+    except ValueError as err:
+        field, _, problem = str(err).partition(" ")
+        raise ConfigError(f"retention.{field}", problem) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,6 +149,18 @@ SCHEDULE_OCCURRENCES = Counter(
     ["result"],  # published | failed (not acknowledged: again next pass) | too_old | cancelled
     registry=REGISTRY,
 )
+RETENTION_DROPPED = Counter(
+    "eventsched_retention_dropped",
+    "Rows retention dropped with their day partitions (docs/retention.md), by table",
+    ["table"],  # events | event_attempts
+    registry=REGISTRY,
+)
+RETENTION_HOPPED = Counter(
+    "eventsched_retention_hopped",
+    "Events retention moved out of a retired day into today's partition (unfinished, or"
+    " finished within retention.keep)",
+    registry=REGISTRY,
+)
 CLAIMS_NOT_DUE = Counter(
     "eventsched_claims_not_due",
     "Jobs whose claim was refused because the event is not due yet (put back at its due time)",

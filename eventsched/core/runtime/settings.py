@@ -271,6 +271,20 @@ class PyroscopeSettings(_Section, frozen=True):
     upload_interval: Duration = Duration(10.0)
 
 
+class RetentionSettings(_Section, frozen=True):
+    """``[retention]``: the time-partitioned log's maintenance duty (docs/retention.md). The
+    rules are the domain's (``eventsched.core.domain.retention.policy_from_settings``, which
+    the CLI applies at start-up, as for schedules)."""
+
+    # The executors' leader creates partitions ahead and retires old ones (false: nobody
+    # does; `eventsched retention enforce` still can).
+    enabled: bool = True
+    keep: Duration = Duration(30 * 86400.0)
+    ahead: Duration = Duration(7 * 86400.0)
+    interval: Duration = Duration(3600.0)
+    archive_dir: str = ""
+
+
 class DevSettings(_Section, frozen=True):
     data_dir: str = ".eventsched/dev"
 
@@ -288,6 +302,7 @@ class Settings(_Section, frozen=True):
     executor: ExecutorSettings = ExecutorSettings()
     reconciler: ReconcilerSettings = ReconcilerSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    retention: RetentionSettings = RetentionSettings()
     # Schedule name -> its definition (eventsched.core.runtime.schedulesettings).
     schedules: dict[str, ScheduleSettings] = {}
     api: ApiSettings = ApiSettings()

@@ -63,7 +63,12 @@ target AS (
            e.traceparent
     FROM events e
     WHERE e.id = coalesce(%(event_id)s::uuid,
-                          (SELECT k.id FROM events k WHERE k.idempotency_key = %(key)s::text))
+                          (SELECT k.id FROM event_keys k WHERE k.idempotency_key = %(key)s::text))
+      AND e.retain_from = (
+          SELECT k.retain_from FROM event_keys k
+          WHERE k.id = coalesce(%(event_id)s::uuid,
+                                (SELECT k.id FROM event_keys k
+                                 WHERE k.idempotency_key = %(key)s::text)))
       AND (%(key)s::text IS NULL OR e.idempotency_key = %(key)s::text)
       AND NOT %(hide)s::bool
     FOR UPDATE OF e

@@ -2,8 +2,10 @@
 
 The consumer records a whole Kafka batch with ONE statement: the columns travel as arrays
 and ``unnest`` turns them back into rows, so the cost per event is a few array elements,
-not a statement, a round trip or a parse. ``ON CONFLICT (idempotency_key) DO NOTHING``
-absorbs redelivery; ``RETURNING`` tells which keys were new. Keys that already existed are
+not a statement, a round trip or a parse. The idempotency keys live in ``event_keys`` (not
+partitioned, so unique across the whole time-partitioned log, docs/retention.md): ``ON
+CONFLICT (idempotency_key) DO NOTHING`` on it absorbs redelivery, and only the events whose
+key row was new are inserted; ``RETURNING`` tells which keys were new. Keys that already existed are
 then looked up (one more statement, only when there are any) to learn their id, status
 and due time, and whether the stored event has the same content as the message.
 
@@ -41,13 +43,24 @@ T = TypeVar("T")
 # `%b`: arrays travel in binary; psycopg's text dumping of the same lists costs about ten
 # times more client CPU (docs/design-notes.md, "Binary arrays for the insert").
 _INSERT_SQL: Final = """
+WITH t AS (
+    SELECT *
+    FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::bool[],
+                %b::text[], %b::int[], %b::bigint[], %b::timestamptz[], %b::text[])
+         AS t(id, key, type, payload, execute_at, late, topic, part, off, created_at, tp)
+),
+k AS (
+    INSERT INTO event_keys (idempotency_key, id, retain_from)
+    SELECT key, id, now() FROM t
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING idempotency_key
+)
 INSERT INTO events (id, idempotency_key, type, payload, execute_at, late,
-                    kafka_topic, kafka_partition, kafka_offset, created_at, traceparent)
-SELECT id, key, type, payload::jsonb, execute_at, late, topic, part, off, created_at, tp
-FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::bool[],
-            %b::text[], %b::int[], %b::bigint[], %b::timestamptz[], %b::text[])
-     AS t(id, key, type, payload, execute_at, late, topic, part, off, created_at, tp)
-ON CONFLICT (idempotency_key) DO NOTHING
+                    kafka_topic, kafka_partition, kafka_offset, created_at, traceparent,
+                    retain_from)
+SELECT t.id, t.key, t.type, t.payload::jsonb, t.execute_at, t.late, t.topic, t.part, t.off,
+       t.created_at, t.tp, now()
+FROM t JOIN k ON k.idempotency_key = t.key
 RETURNING idempotency_key
 """
 
@@ -59,20 +72,25 @@ SELECT e.idempotency_key, e.id, e.status, e.execute_at,
         AND e.payload = t.payload::jsonb) AS same
 FROM unnest(%b::text[], %b::uuid[], %b::text[], %b::text[], %b::timestamptz[])
      AS t(key, id, type, payload, execute_at)
-JOIN events e ON e.idempotency_key = t.key
+CROSS JOIN LATERAL (
+    SELECT e.* FROM event_keys k JOIN events e ON e.id = k.id AND e.retain_from = k.retain_from
+    WHERE k.idempotency_key = t.key
+) e
 """
 
 # Exact counts of the statuses that have a partial index (index-only scans); `succeeded`
 # has none on purpose (see sql/000001), so it is total minus the others, where the total
-# is count(*) on a small table and the planner's estimate on a big one.
+# is count(*) on a small table and the planner's estimate on a big one (kept per partition:
+# `events` is partitioned, docs/retention.md).
 _STATUS_COUNTS_SQL: Final = """
 SELECT (SELECT count(*) FROM events WHERE status = 'scheduled'),
        (SELECT count(*) FROM events WHERE status = 'running'),
        (SELECT count(*) FROM events WHERE status = 'retrying'),
        (SELECT count(*) FROM events WHERE status = 'dead'),
        (SELECT count(*) FROM events WHERE status = 'cancelled'),
-       (SELECT greatest(reltuples, 0)::bigint FROM pg_class
-         WHERE oid = to_regclass('events'))
+       (SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint
+          FROM pg_partition_tree('events') p JOIN pg_class c ON c.oid = p.relid
+         WHERE p.isleaf)
 """
 _TOTAL_SQL: Final = "SELECT count(*) FROM events"
 # Below this many (estimated) rows the exact count(*) is cheap enough for a status command.
@@ -179,10 +197,12 @@ async def lookup_existing(db: Database, rows: Sequence[IngestRow]) -> dict[str, 
 
 
 async def check_schema(db: Database) -> None:
-    """Raise DependencyError unless the events table exists (migrations applied)."""
+    """Raise DependencyError unless the events and event_keys tables exist (migrations
+    applied, 000008 included)."""
 
     async def run(conn: AsyncConnection[Any]) -> None:
         await conn.execute("SELECT 1 FROM events LIMIT 0")
+        await conn.execute("SELECT 1 FROM event_keys LIMIT 0")  # sql/000008
 
     await _translated(db, run)
 

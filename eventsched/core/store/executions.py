@@ -25,15 +25,17 @@ several executors queue behind each other instead of deadlocking.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Any, Final
 
 import psycopg
 
+from eventsched.core.domain.retention import DAY
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.store.pool import Database
 
@@ -146,7 +148,7 @@ locked AS (
            CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
                 ELSE e.next_attempt_at END AS scheduled_for
     FROM events e JOIN req r ON r.id = e.id
-    WHERE e.id = ANY(ARRAY(SELECT id FROM req))
+    WHERE e.id = ANY(ARRAY(SELECT id FROM req)) AND __IN_DAYS_E__
       AND e.status = CASE WHEN r.attempt = 0 THEN 'scheduled' ELSE 'retrying' END
       AND (r.attempt = 0 OR (r.attempt > 0 AND e.attempts = r.attempt - 1))
       AND CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
@@ -159,17 +161,17 @@ claimed AS (
     UPDATE events e
     SET status = 'running', attempts = e.attempts + 1, updated_at = now()
     FROM locked l
-    WHERE e.id = l.id
+    WHERE e.id = l.id AND __IN_DAYS_E__
     RETURNING e.id, e.attempts, e.type, e.payload, e.execute_at, l.scheduled_for, l.claimed,
-              e.attempt_base, l.held_by
+              e.attempt_base, l.held_by, e.retain_from
 ),
 logged AS (
     INSERT INTO event_attempts
         (event_id, attempt, scheduled_for, claimed_at, started_at, lateness_ms, worker_id,
-         held_by)
+         held_by, event_retain_from)
     SELECT c.id, c.attempts, c.scheduled_for, to_timestamp(c.claimed), to_timestamp(c.claimed),
            (c.claimed - extract(epoch FROM c.scheduled_for)::float8) * 1000, %(worker)s,
-           c.held_by
+           c.held_by, c.retain_from
     FROM claimed c
 )
 SELECT c.id::text, true, c.attempts, c.type, c.payload,
@@ -193,28 +195,24 @@ SELECT r.id::text, a.id IS NOT NULL, e.attempts, e.type,
        END,
        greatest(0, extract(epoch FROM now() - e.updated_at))::float8
 FROM req r
-LEFT JOIN events e ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req))
+LEFT JOIN events e
+    ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req)) AND __IN_DAYS_E__
 LEFT JOIN event_attempts a
     ON a.event_id = r.id AND a.event_id = ANY(ARRAY(SELECT id FROM req))
+   AND __IN_DAYS_A__
    AND a.attempt = e.attempts AND e.status = 'running'
    AND a.worker_id = %(worker)s AND a.claimed_at = to_timestamp(r.claimed)
 WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = r.id)
 """
 
 
-def claim_batch(
+def _claim_once(
     conn: psycopg.Connection[Any],
     requests: Sequence[ClaimRequest],
-    *,
     worker_id: str,
-    ahead: float = 0.0,
-) -> list[ClaimResult]:
-    """Claim events for running (one statement); results in request order.
-
-    An event not due yet by both PostgreSQL's clock and the request's ``claimed``, beyond
-    ``ahead`` seconds, is refused (:class:`NotDue`). Requests must name distinct events
-    (the group commit's ``key`` dedupes them).
-    """
+    ahead: float,
+    days: tuple[date, ...],
+) -> dict[str, ClaimResult]:
     req = _dumps(
         [
             {"id": r.event_id, "attempt": r.attempt, "claimed": r.claimed, "held_by": r.held_by}
@@ -222,7 +220,9 @@ def claim_batch(
         ]
     )
     sent = time.monotonic()
-    cur = conn.execute(_CLAIM_SQL, {"req": req, "worker": worker_id, "ahead": ahead})
+    cur = conn.execute(
+        _in_days(_CLAIM_SQL, days), {"req": req, "worker": worker_id, "ahead": ahead}
+    )
     by_id: dict[str, ClaimResult] = {}
     for (
         event_id,
@@ -252,6 +252,34 @@ def claim_batch(
             by_id[event_id] = NotDue(event_id, type_, due_at)
         else:
             by_id[event_id] = NotClaimed(event_id, type_, status, attempts)
+    return by_id
+
+
+def _nowhere(result: ClaimResult) -> bool:
+    return isinstance(result, NotClaimed) and result.type is None
+
+
+def claim_batch(
+    conn: psycopg.Connection[Any],
+    requests: Sequence[ClaimRequest],
+    *,
+    worker_id: str,
+    ahead: float = 0.0,
+) -> list[ClaimResult]:
+    """Claim events for running (one statement); results in request order.
+
+    An event not due yet by both PostgreSQL's clock and the request's ``claimed``, beyond
+    ``ahead`` seconds, is refused (:class:`NotDue`). Requests must name distinct events
+    (the group commit's ``key`` dedupes them).
+    """
+    days = _partitions(conn, [r.event_id for r in requests])
+    by_id = _claim_once(conn, requests, worker_id, ahead, days)
+    # An event that retention moved to a newer partition after _partitions read its key
+    # (docs/retention.md, "Retiring a day") is not in the days named: the events found
+    # nowhere are claimed again if their keys now name a day that was not named.
+    gone = [r for r in requests if _nowhere(by_id[r.event_id])]
+    if gone and not set(again := _partitions(conn, [r.event_id for r in gone])) <= set(days):
+        by_id.update(_claim_once(conn, gone, worker_id, ahead, again))
     return [by_id[r.event_id] for r in requests]
 
 
@@ -314,7 +342,7 @@ WITH req AS (
 locked AS (
     SELECT e.id, r.status, r.error, r.finished, r.next_at, r.reason, r.started
     FROM events e JOIN req r ON r.id = e.id
-    WHERE e.id = ANY(ARRAY(SELECT id FROM req))
+    WHERE e.id = ANY(ARRAY(SELECT id FROM req)) AND __IN_DAYS_E__
       AND e.status = CASE WHEN r.attempt > 0 THEN 'running' END AND e.attempts = r.attempt
     ORDER BY e.id
     FOR UPDATE OF e
@@ -331,7 +359,7 @@ done AS (
         dead_reason = CASE WHEN e.cancel_requested_at IS NULL THEN l.reason END,
         updated_at = now()
     FROM locked l
-    WHERE e.id = l.id
+    WHERE e.id = l.id AND __IN_DAYS_E__
     RETURNING e.id, e.attempts, e.status, l.error, l.finished, l.started
 ),
 logged AS (
@@ -346,12 +374,13 @@ logged AS (
         )
     FROM done d
     WHERE a.event_id = d.id AND a.attempt = d.attempts AND a.outcome IS NULL
+      AND __IN_DAYS_A__
 )
 SELECT d.id::text, d.status FROM done d
 UNION ALL
 SELECT r.id::text, e.status
 FROM req r JOIN events e
-    ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req))
+    ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req)) AND __IN_DAYS_E__
    AND e.attempts = r.attempt
    AND (e.status = r.status
         OR (e.status = 'cancelled' AND r.status IN ('retrying', 'dead')
@@ -370,6 +399,18 @@ def finish_outcomes(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) 
     """:func:`finish_batch`, telling per request the status recorded: the outcome's, or
     ``cancelled`` for a failure after a cancel request; ``""`` (:data:`DISCARDED`) if the
     event was no longer this attempt's."""
+    days = _partitions(conn, [o.event_id for o in outcomes])
+    recorded = _finish_once(conn, outcomes, days)
+    # As for claims: an event moved to a newer partition meanwhile is looked for again.
+    missed = [o for o in outcomes if o.event_id not in recorded]
+    if missed and not set(again := _partitions(conn, [o.event_id for o in missed])) <= set(days):
+        recorded.update(_finish_once(conn, missed, again))
+    return [recorded.get(o.event_id, DISCARDED) for o in outcomes]
+
+
+def _finish_once(
+    conn: psycopg.Connection[Any], outcomes: Sequence[Outcome], days: tuple[date, ...]
+) -> dict[str, str]:
     req = _dumps(
         [
             {
@@ -385,9 +426,52 @@ def finish_outcomes(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) 
             for o in outcomes
         ]
     )
-    cur = conn.execute(_FINISH_SQL, {"req": req})
-    recorded: dict[str, str] = dict(cur.fetchall())
-    return [recorded.get(o.event_id, DISCARDED) for o in outcomes]
+    cur = conn.execute(_in_days(_FINISH_SQL, days), {"req": req})
+    return dict(cur.fetchall())
+
+
+# -- partitions -----------------------------------------------------------------------------
+
+# `events` and `event_attempts` are partitioned by `retain_from`, one partition per UTC day
+# (docs/retention.md). A claim or an outcome names the days of its events' partitions as
+# constants in its text (`__IN_DAYS_E__`: `(e.retain_from >= '<day>' AND e.retain_from <
+# '<next day>') OR ...`), learned from `event_keys` (not partitioned: one primary-key probe
+# per id) just before. With constants the planner prunes at plan time, so it plans, locks
+# and opens only those partitions, and the text is the same for every batch of the same
+# days (nearly always today's alone), so psycopg prepares it and PostgreSQL keeps a generic
+# plan for it, as for the unpartitioned table. Each alternative measured worse with 49
+# partitions (bench.partitioned_hotpath, bench/RESULTS.md): naming no partition planned and
+# probed all of them; the days as an array parameter prune only in a custom plan (planning
+# every time), and a generic plan of it locks and initialises every partition.
+_PARTITIONS_SQL: Final = "SELECT DISTINCT retain_from FROM event_keys WHERE id = ANY(%s::uuid[])"
+
+
+def _partitions(conn: psycopg.Connection[Any], event_ids: Sequence[str]) -> tuple[date, ...]:
+    rows = conn.execute(_PARTITIONS_SQL, (list(event_ids),)).fetchall()
+    return tuple(sorted({retain_from.astimezone(UTC).date() for (retain_from,) in rows}))
+
+
+@functools.lru_cache(maxsize=256)
+def _in_days(statement: str, days: tuple[date, ...]) -> str:
+    """``statement`` with its ``__IN_DAYS_E__``/``__IN_DAYS_A__`` replaced by the ranges of
+    these days' partitions (``false`` for none: no event exists)."""
+
+    def ranges(column: str) -> str:
+        if not days:
+            return "false"
+        return (
+            "("
+            + " OR ".join(
+                f"({column} >= '{day.isoformat()} 00:00:00+00'"
+                f" AND {column} < '{(day + DAY).isoformat()} 00:00:00+00')"
+                for day in days
+            )
+            + ")"
+        )
+
+    return statement.replace("__IN_DAYS_E__", ranges("e.retain_from")).replace(
+        "__IN_DAYS_A__", ranges("a.event_retain_from")
+    )
 
 
 # -- heartbeats ------------------------------------------------------------------------------
@@ -427,12 +511,14 @@ async def check_schema(db: Database) -> None:
     """Raise :class:`DependencyError` unless the executor's columns exist (migrations ran)."""
     try:
         await db.fetchone(
-            "SELECT id, dead_reason, dlq_published_at, attempt_base, cancel_requested_at"
-            " FROM events LIMIT 0"
+            "SELECT id, dead_reason, dlq_published_at, attempt_base, cancel_requested_at,"
+            " retain_from FROM events LIMIT 0"
         )
         await db.fetchone(
-            "SELECT event_id, attempt, worker_id, held_by, claimed_at FROM event_attempts LIMIT 0"
+            "SELECT event_id, attempt, worker_id, held_by, claimed_at, event_retain_from"
+            " FROM event_attempts LIMIT 0"
         )
+        await db.fetchone("SELECT id, retain_from FROM event_keys LIMIT 0")
     except psycopg.errors.UndefinedTable as err:
         raise DependencyError(
             "postgres", f"schema missing, run `eventsched migrate up`: {err}"

@@ -154,13 +154,19 @@ _EVENT_COLUMNS = (
     "finished_at",
     "dead_reason",
 )
+# Lookups by id name the event's partition too (`event_keys.retain_from`, an init plan), so
+# only that partition is read (docs/retention.md, "Pruning in practice").
+_IN_PARTITION = "retain_from = (SELECT k.retain_from FROM event_keys k WHERE k.id = %s)"
 _EVENT = f"""
 SELECT {", ".join(_EVENT_COLUMNS)}, substr(traceparent, 4, 32) AS trace_id
-FROM events WHERE id = %s
+FROM events WHERE id = %s AND {_IN_PARTITION}
 """
 _ATTEMPTS = """
 SELECT attempt, scheduled_for, started_at, finished_at, lateness_ms, outcome, error, worker_id
-FROM (SELECT * FROM event_attempts WHERE event_id = %s ORDER BY attempt DESC LIMIT %s) newest
+FROM (SELECT * FROM event_attempts
+      WHERE event_id = %s
+        AND event_retain_from = (SELECT k.retain_from FROM event_keys k WHERE k.id = %s)
+      ORDER BY attempt DESC LIMIT %s) newest
 ORDER BY attempt
 """
 
@@ -179,11 +185,11 @@ async def event_with_attempts(db: Database, event_id: uuid.UUID) -> EventRow | N
     commands (oldest first), or None."""
 
     async def fn(conn: AsyncConnection[Any]) -> EventRow | None:
-        cur = await conn.execute(_EVENT, (event_id,))
+        cur = await conn.execute(_EVENT, (event_id, event_id))
         row = await cur.fetchone()
         if row is None:
             return None
-        cur = await conn.execute(_ATTEMPTS, (event_id, MAX_ATTEMPTS))
+        cur = await conn.execute(_ATTEMPTS, (event_id, event_id, MAX_ATTEMPTS))
         attempts = tuple(Attempt(*a) for a in await cur.fetchall())
         cur = await conn.execute(_HISTORY, (event_id, MAX_HISTORY))
         history = tuple(CommandEntry(*c) for c in await cur.fetchall())
@@ -238,16 +244,23 @@ async def list_events(
 async def event_key(db: Database, event_id: uuid.UUID) -> EventKey | None:
     """The idempotency key, status and due time of an event, by id."""
     row = await db.fetchone(
-        "SELECT id, idempotency_key, status, execute_at FROM events WHERE id = %s", (event_id,)
+        f"SELECT id, idempotency_key, status, execute_at FROM events"
+        f" WHERE id = %s AND {_IN_PARTITION}",
+        (event_id, event_id),
     )
     return None if row is None else EventKey(*row)
 
 
 async def events_by_keys(db: Database, keys: Sequence[str]) -> dict[str, EventKey]:
     """The events recorded under any of these idempotency keys, by key (one query)."""
+    # The keys are in event_keys (the only unique index on them); each event row is then
+    # read from its own partition (a nested loop with id and retain_from as parameters).
     rows = await db.fetchall(
-        "SELECT id, idempotency_key, status, execute_at FROM events"
-        " WHERE idempotency_key = ANY(%s::text[])",
+        "SELECT e.id, e.idempotency_key, e.status, e.execute_at"
+        " FROM unnest(%s::text[]) AS q(key)"
+        " CROSS JOIN LATERAL (SELECT e.* FROM event_keys k JOIN events e"
+        "   ON e.id = k.id AND e.retain_from = k.retain_from"
+        "   WHERE k.idempotency_key = q.key) e",
         (list(keys),),
     )
     return {row[1]: EventKey(*row) for row in rows}
@@ -256,7 +269,9 @@ async def events_by_keys(db: Database, keys: Sequence[str]) -> dict[str, EventKe
 async def event_by_key(db: Database, idempotency_key: str) -> EventKey | None:
     """The event recorded under an idempotency key, if any."""
     row = await db.fetchone(
-        "SELECT id, idempotency_key, status, execute_at FROM events WHERE idempotency_key = %s",
+        "SELECT e.id, e.idempotency_key, e.status, e.execute_at"
+        " FROM event_keys k JOIN events e ON e.id = k.id AND e.retain_from = k.retain_from"
+        " WHERE k.idempotency_key = %s",
         (idempotency_key,),
     )
     return None if row is None else EventKey(*row)

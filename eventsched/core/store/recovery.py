@@ -295,13 +295,15 @@ GAUGE_EXACT_LIMIT: Final = 10_000
 # One round trip: the partial-index statuses are index-only scans that stop after `limit`
 # entries; `succeeded` has no index (nearly every row), so it is counted only on a small table
 # and is otherwise the live-tuple count (kept by the statistics system) minus the others.
+# `events` is partitioned (docs/retention.md): the statistics are kept per partition.
 _COUNTS_SQL: Final = """
 SELECT (SELECT count(*) FROM (SELECT FROM events WHERE status = 'scheduled' LIMIT %(limit)s) s),
        (SELECT count(*) FROM (SELECT FROM events WHERE status = 'running' LIMIT %(limit)s) s),
        (SELECT count(*) FROM (SELECT FROM events WHERE status = 'retrying' LIMIT %(limit)s) s),
        (SELECT count(*) FROM (SELECT FROM events WHERE status = 'dead' LIMIT %(limit)s) s),
        (SELECT count(*) FROM (SELECT FROM events WHERE status = 'cancelled' LIMIT %(limit)s) s),
-       (SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'events'::regclass)
+       (SELECT sum(s.n_live_tup) FROM pg_partition_tree('events') p
+        JOIN pg_stat_user_tables s ON s.relid = p.relid WHERE p.isleaf)
 """
 _INDEXED_STATUSES: Final = ("scheduled", "running", "retrying", "dead", "cancelled")
 
@@ -332,4 +334,16 @@ async def _estimated_rows(db: Database, status: str) -> int:
     row = await db.fetchone(f"EXPLAIN (FORMAT JSON) SELECT FROM events WHERE status = '{status}'")
     assert row is not None  # EXPLAIN returns its plan
     plan = row[0][0]["Plan"]
-    return int(plan["Plan Rows"])
+    parts = plan.get("Plans") if plan["Node Type"] == "Append" else None
+    if not parts:
+        return int(plan["Plan Rows"])
+    # `events` is partitioned: the planner estimates at least one row for every partition,
+    # the empty ones too (today's and the week ahead); those known to be empty count none.
+    names = [part.get("Relation Name") for part in parts]
+    empty = {
+        name
+        for (name,) in await db.fetchall(
+            "SELECT relname FROM pg_class WHERE relname = ANY(%s) AND reltuples = 0", (names,)
+        )
+    }
+    return sum(int(p["Plan Rows"]) for p in parts if p.get("Relation Name") not in empty)

@@ -169,9 +169,11 @@ class Recorder:
         for row in existing_rows:
             stored = existing.get(row.event.idempotency_key)
             if stored is None:
-                # Cannot happen unless someone deletes rows: a conflict means a committed row.
-                self._log.error(
-                    "idempotency_key_vanished",
+                # The key is taken but its event is gone: retention is dropping the event's
+                # day and has not deleted its key yet (docs/retention.md, "The idempotency
+                # window"). Still inside the window: the message is a duplicate.
+                self._log.info(
+                    "idempotency_key_of_retired_event",
                     idempotency_key=row.event.idempotency_key,
                     partition=row.partition,
                     offset=row.offset,

@@ -41,6 +41,7 @@ from eventsched.plugins.executor.attempt import (
 from eventsched.plugins.executor.deadletters import DeadLetters
 from eventsched.plugins.executor.lease import Leases
 from eventsched.plugins.executor.reconciler import Reconciler
+from eventsched.plugins.executor.retention import RetentionDuty
 from eventsched.plugins.executor.schedules import ScheduleLeader
 
 # One logger name for the whole role, as before it was split into modules.
@@ -113,6 +114,7 @@ class Executor:
         self.schedules = ScheduleLeader(
             settings=s, db=self._db, producer=self._producer, specs=specs_from_settings(s)
         )
+        self.retention = RetentionDuty(settings=s)
 
     @staticmethod
     def check_settings(settings: Settings) -> None:
@@ -227,6 +229,9 @@ class Executor:
             scheduling = trio.CancelScope()
             if s.scheduler.enabled:
                 nursery.start_soon(self._lead_schedules, scheduling)
+            retaining = trio.CancelScope()
+            if s.retention.enabled:
+                nursery.start_soon(self._retain, retaining)
             self._log.info(
                 "executor_started", concurrency=s.executor_concurrency, queue=self._jobs.name,
                 shards=list(self.served), of_shards=len(self._jobs.shards),
@@ -235,6 +240,7 @@ class Executor:
             await self.ctx.stopping.wait()
             reconciling.cancel()  # intake stops: no more re-enqueues
             scheduling.cancel()  # nor new occurrences
+            retaining.cancel()  # nor maintenance passes
             self._log.info("executor_draining", running=len(self.leases.held))
             async with trio.open_nursery() as draining:
                 for worker in workers:
@@ -250,6 +256,10 @@ class Executor:
     async def _lead_schedules(self, scope: trio.CancelScope) -> None:
         with scope:
             await self.schedules.run()
+
+    async def _retain(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self.retention.run()
 
     async def _wait_for_dependencies(self) -> bool:
         """Ready means ready: wait until PostgreSQL (with our schema) and Redis answer."""
