@@ -25,6 +25,7 @@ from eventsched.core.runtime.settings import Settings
 from eventsched.plugins.api.session import COOKIE
 from tests.support.api import READER, WRITER, api_section
 from tests.support.clients import query, read_topic
+from tests.support.eventkeys import EVENT_RETAIN_FROM
 from tests.support.execution import NewEvent, insert_events, new_events
 from tests.support.ingest import running
 from tests.support.metrics import metric_value
@@ -290,9 +291,11 @@ async def test_the_pages_show_counts_lateness_forecast_dead_letters_and_schedule
         query(
             database,
             "INSERT INTO event_attempts (event_id, attempt, scheduled_for, started_at,"
-            " finished_at, lateness_ms, outcome, worker_id)"
-            " VALUES (%s, %s, now(), now(), now(), %s, 'succeeded', 'w-1') RETURNING 1",
-            (dead[0].id, attempt, lateness),
+            " finished_at, lateness_ms, outcome, worker_id, event_retain_from)"
+            " VALUES (%s, %s, now(), now(), now(), %s, 'succeeded', 'w-1', "
+            + EVENT_RETAIN_FROM
+            + ") RETURNING 1",
+            (dead[0].id, attempt, lateness, dead[0].id),
         )
     query(
         database,

@@ -22,6 +22,7 @@ from eventsched.core.runtime.settings import Settings
 from tests.support.api import WRITER, api_section
 from tests.support.browser import chromium, require_browser, screenshot_dir, wait_for
 from tests.support.clients import query
+from tests.support.eventkeys import EVENT_RETAIN_FROM
 from tests.support.execution import insert_events, new_events
 from tests.support.ingest import running
 from tests.support.servers import Names
@@ -66,11 +67,12 @@ def seed(dsn: str) -> dict[str, Any]:
         query(
             dsn,
             "INSERT INTO event_attempts (event_id, attempt, scheduled_for, started_at,"
-            " finished_at, lateness_ms, outcome, error, worker_id) VALUES (%s, %s,"
-            " now() - make_interval(mins => %s), now() - make_interval(mins => %s),"
-            " now() - make_interval(mins => %s), %s, %s, %s, 'executor-1') RETURNING 1",
+            " finished_at, lateness_ms, outcome, error, worker_id, event_retain_from) VALUES"
+            " (%s, %s, now() - make_interval(mins => %s), now() - make_interval(mins => %s),"
+            " now() - make_interval(mins => %s), %s, %s, %s, 'executor-1', "
+            + EVENT_RETAIN_FROM + ") RETURNING 1",
             (event_id, attempt, ago, ago, ago, lateness, outcome,
-             "HTTP 503 from reports" if outcome != "succeeded" else None),
+             "HTTP 503 from reports" if outcome != "succeeded" else None, event_id),
         )  # fmt: skip
     query(dsn, "INSERT INTO schedules (name, type, cron, timezone, payload, source)"
                " VALUES ('nightly-report', 'report.build', '0 2 * * *', 'Europe/Berlin', '{}',"
