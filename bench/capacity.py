@@ -45,6 +45,7 @@ from bench.capacity_counters import (
     TABLES,
     enable_statements,
     redis_calls,
+    redis_counters,
     server_work,
     snapshot,
     statements,
@@ -55,6 +56,7 @@ from bench.sampling import Sampler
 from bench.stack import RECOMMENDED_CONCURRENCY, Stack, executions_done
 from bench.stats import wait_for_count
 from bench.throughput import run_ours
+from eventsched.core.jobqueue.shards import shard_of
 from eventsched.core.kafka import ensure_topics
 from tests.support.clients import FAST_GROUP_CONFIG, read_topic
 from tests.support.metrics import metric_sum
@@ -75,6 +77,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-scaling", action="store_true", help="skip the 1 -> 2 points")
     parser.add_argument("--ingest-count", type=int, default=None, help="(100000; quick 2000)")
     parser.add_argument("--drain-count", type=int, default=None, help="(30000; quick 400)")
+    parser.add_argument(
+        "--drain-shards",
+        default="1,2",
+        help="Redis servers of the 1 -> 2 executor points, comma-separated: each count is a "
+        "pair of points (1,2: one Redis, then two shards)",
+    )
+    parser.add_argument(
+        "--scaling-only", action="store_true", help="only the 1 -> 2 points (phase 4)"
+    )
     parser.add_argument(
         "--also-rates",
         default=None,
@@ -287,15 +298,22 @@ def ingest_point(
 
 
 def drain_point(
-    run: BenchRun, stack: Stack, sampler: Sampler, executors: int, count: int
+    run: BenchRun, stack: Stack, sampler: Sampler, executors: int, count: int, shards: int = 1
 ) -> dict[str, Any]:
+    """``count`` events due at once drained by ``executors`` processes; with ``shards`` > 1
+    their jobs are spread over that many Redis servers (:meth:`Stack.add_redis_shards`),
+    every executor serving all of them, and each shard's work is given per event."""
     lead = 3.0 if run.quick else 10.0
+    urls = stack.redis_urls[:shards]
     before = snapshot(stack)
+    shard_before = [redis_counters(stack, url) for url in urls]
     stack.sql("SELECT pg_stat_statements_reset()")
-    r = run_ours(run, stack, sampler, count, lead, executors)
+    r = run_ours(run, stack, sampler, count, lead, executors, redis_shards=urls)
     # The window includes the feeder's COPY (left out of the statements) and its jobs.
     r["work"] = server_work(stack, before, count)
     r["work"]["cpu_us"] = {k: 1e6 * v / count for k, v in r["cpu"]["cpu_s"].items()}
+    r["shards"] = shard_work(stack, urls, shard_before, r["cpu"], count)
+    r["work"]["redis_commands"] = sum(s["redis_commands"] for s in r["shards"])
     keep = (
         "work",
         "processes",
@@ -305,9 +323,45 @@ def drain_point(
         "executor_cpu_ms_per_job",
         "cpu",
         "outcomes",
+        "shards",
     )
-    log(f"{executors} executor(s): {r['throughput_finished']['per_s']:,.0f}/s ({noise(r['cpu'])})")
+    log(
+        f"{executors} executor(s), {shards} Redis: {r['throughput_finished']['per_s']:,.0f}/s "
+        f"({noise(r['cpu'])})"
+    )
     return {k: r[k] for k in keep}
+
+
+def shard_work(
+    stack: Stack,
+    urls: list[str],
+    before: list[dict[str, float]],
+    cpu: dict[str, Any],
+    count: int,
+) -> list[dict[str, Any]]:
+    """Each Redis shard's part of a drain: its events (by :func:`shard_of` of the ids in
+    PostgreSQL), commands and ``INFO cpu`` per event of the whole drain (both include the
+    feeder's enqueue), and its process's CPU (``/proc``) in the drain window per event."""
+    ids = [row[0] for row in stack.sql("SELECT id::text FROM events")]
+    homes = [shard_of(i, len(urls)) for i in ids]
+    n = max(1, count)
+    out = []
+    for index, (url, b) in enumerate(zip(urls, before, strict=True)):
+        a = redis_counters(stack, url)
+        calls = redis_calls(b, a)
+        name = "redis" if index == 0 else f"redis{index}"
+        out.append(
+            {
+                "shard": index,
+                "events": homes.count(index),
+                "redis_commands": sum(calls.values()) / n,
+                "redis_commands_by_name": {k: v / n for k, v in list(calls.items())[:6]},
+                "redis_cpu_us_info": 1e6 * (a["redis_cpu_s"] - b["redis_cpu_s"]) / n,
+                "redis_cpu_us": 1e6 * cpu["cpu_s"].get(name, 0.0) / n,
+                "redis_cores": cpu["cores"].get(name, 0.0),
+            }
+        )
+    return out
 
 
 # -- per-event figures and the record
@@ -449,6 +503,17 @@ def table_rows(
             "key + value + headers, no batch overhead, one replica",
         ],
     ]
+    return rows + scaling_rows(scaling)
+
+
+def shard_key(shards: int) -> str:
+    """The key of the executor points with ``shards`` Redis servers in ``scaling``."""
+    return "executors" if shards == 1 else f"executors_{shards}shards"
+
+
+def scaling_rows(scaling: dict[str, Any]) -> list[list[str]]:
+    """The 1 -> 2 points: costs at full batches, rates, and each Redis shard's part."""
+    rows: list[list[str]] = []
     sat = [(k, scaling[k][0]["work"]) for k in ("consumers", "executors") if scaling.get(k)]
     if sat:
         label = " / ".join(
@@ -480,31 +545,48 @@ def table_rows(
                 "the drain's window includes its jobs' enqueue",
             ],
         ]
-    for kind in ("consumers", "executors"):
-        points = scaling.get(kind, [])
+    for kind, points in scaling.items():
         for pt in points:
-            rate = pt["per_s"] if kind == "consumers" else pt["throughput_finished"]["per_s"]
-            n = pt["consumers"] if kind == "consumers" else pt["processes"]
+            consumers = kind == "consumers"
+            rate = pt["per_s"] if consumers else pt["throughput_finished"]["per_s"]
+            n = pt["consumers"] if consumers else pt["processes"]
             ratio = ""
             if len(points) == 2 and pt is points[1]:
                 first = (
-                    points[0]["per_s"]
-                    if kind == "consumers"
-                    else points[0]["throughput_finished"]["per_s"]
+                    points[0]["per_s"] if consumers else points[0]["throughput_finished"]["per_s"]
                 )
                 ratio = f"; {rate / max(1e-9, first):.2f}x one"
-            what = (
-                "ingest (pre-loaded, 3 partitions)"
-                if kind == "consumers"
-                else "drain (all due at once)"
-            )
-            rows.append(
-                [
-                    f"{what}, {n} {kind[:-1]}{'s' if n > 1 else ''}",
-                    f"{rate:,.0f}/s{ratio}",
-                    noise(pt["cpu"]),
-                ]
-            )
+            if consumers:
+                rows.append([
+                    f"ingest (pre-loaded, 3 partitions), {n} consumer{'s' if n > 1 else ''}",
+                    f"{rate:,.0f}/s{ratio}", noise(pt["cpu"]),
+                ])  # fmt: skip
+                continue
+            shards = len(pt.get("shards", [])) or 1
+            what = f"drain (all due at once), {shards} Redis, {n} executor{'s' if n > 1 else ''}"
+            rows.append([what, f"{rate:,.0f}/s{ratio}", noise(pt["cpu"])])
+            cpu_us = pt["work"]["cpu_us"]
+            executor_us = sum(v for k, v in cpu_us.items() if k.startswith("executor"))
+            redis_us = [v for k, v in sorted(cpu_us.items()) if k.startswith("redis")]
+            rows.append([
+                f"{what}: CPU per event, executors / PostgreSQL / Redis",
+                f"{executor_us:,.0f} / {cpu_us.get('postgres', 0):,.0f} / "
+                + " + ".join(f"{v:,.0f}" for v in redis_us) + " µs",
+                "/proc in the drain window (from the due time to the last outcome); "
+                + ", ".join(f"{k} {v:.2f}" for k, v in pt["cpu"]["cores"].items()) + " cores",
+            ])  # fmt: skip
+            if shards > 1:
+                for sh in pt["shards"]:
+                    rows.append([
+                        f"{what}: Redis shard {sh['shard']} per event",
+                        f"{sh['redis_commands']:.2f} commands, {sh['redis_cpu_us']:,.0f} µs CPU "
+                        f"(INFO cpu {sh['redis_cpu_us_info']:,.0f} µs)",
+                        f"{sh['events']:,} of the events; per event of the whole drain; "
+                        "commands and INFO cpu include the enqueue, /proc CPU is the drain "
+                        "window's; " + ", ".join(
+                            f"{k} {v:.2f}" for k, v in list(sh["redis_commands_by_name"].items())[:4]
+                        ),
+                    ])  # fmt: skip
     return rows
 
 
@@ -530,6 +612,11 @@ def main() -> None:
     quick = args.quick
     rate = args.rate or (200.0 if quick else 800.0)
     duration = args.duration or (3.0 if quick else 25.0)
+    drain_shards = [int(x) for x in args.drain_shards.split(",") if x.strip()]
+    if args.scaling_only and args.no_scaling:
+        raise SystemExit("--scaling-only and --no-scaling: nothing to run")
+    if any(n < 1 for n in drain_shards):
+        raise SystemExit(f"--drain-shards {args.drain_shards}: counts of 1 or more")
     run = BenchRun("capacity", args)
     sampler = Sampler().start()
     scaling: dict[str, Any] = {}
@@ -537,26 +624,57 @@ def main() -> None:
         with Stack(run) as stack:
             with step("PostgreSQL restarted with pg_stat_statements"):
                 enable_statements(stack)
+            if not args.no_scaling and max(drain_shards, default=1) > 1:
+                with step(f"{max(drain_shards)} Redis shards"):
+                    stack.add_redis_shards(max(drain_shards))
             sampler.track_servers(stack.server_pids())
-            p = pipeline(run, stack, sampler, rate, duration)
-            also = args.also_rates if args.also_rates is not None else ("" if quick else "200,2000")
-            by_rate = {
-                r: per_event(pipeline(run, stack, sampler, r, duration))
-                for r in (float(x) for x in also.split(",") if x.strip())
-            }
-            pend = pending(stack, args.pending or (500 if quick else 50_000))
-            api_r = api(stack, sampler, args.api_seconds or (1.0 if quick else 8.0))
+            if not args.scaling_only:
+                p = pipeline(run, stack, sampler, rate, duration)
+                also = (
+                    args.also_rates
+                    if args.also_rates is not None
+                    else ("" if quick else "200,2000")
+                )
+                by_rate = {
+                    r: per_event(pipeline(run, stack, sampler, r, duration))
+                    for r in (float(x) for x in also.split(",") if x.strip())
+                }
+                pend = pending(stack, args.pending or (500 if quick else 50_000))
+                api_r = api(stack, sampler, args.api_seconds or (1.0 if quick else 8.0))
             if not args.no_scaling:
                 ingest_n = args.ingest_count or (2000 if quick else 100_000)
                 drain_n = args.drain_count or (400 if quick else 30_000)
                 scaling["consumers"] = [
                     ingest_point(run, stack, sampler, k, ingest_n) for k in (1, 2)
                 ]
-                scaling["executors"] = [
-                    drain_point(run, stack, sampler, k, drain_n) for k in (1, 2)
-                ]
+                for shards in drain_shards:
+                    scaling[shard_key(shards)] = [
+                        drain_point(run, stack, sampler, k, drain_n, shards) for k in (1, 2)
+                    ]
     finally:
         sampler.stop()
+    scaling_note = (
+        f"scaling: 1 and 2 executors drain {drain_n:,} events due at once with "
+        + " and then ".join(f"{n} Redis server{'s' if n > 1 else ''}" for n in drain_shards)
+        + " (2 or more: `redis.shards`, every executor serving all shards, the jobs spread by "
+        "the hash of the event id); consumers ingest "
+        f"{ingest_n:,} pre-loaded events from 3 partitions"
+        if not args.no_scaling
+        else ""
+    )
+    if args.scaling_only:
+        notes = [
+            "scaling points only (--scaling-only): no pipeline, pending or api phase",
+            scaling_note,
+            "the machine may be shared with other work: each scaling rate carries its window's "
+            "foreign CPU; CPU seconds per event are each process's own",
+            f"PostgreSQL {'without fsync (--fast-stack)' if args.fast_stack else 'as `eventsched dev` (fsync on)'}, "
+            "pg_stat_statements preloaded; executors' log level " + args.log_level,
+        ]
+        run.finish(
+            {"scaling": scaling}, [["component", "figure", "how"], *scaling_rows(scaling)], notes
+        )
+        return
     e = per_event(p)
     table = table_rows(e, pend, api_r, scaling)
     table += rate_rows({rate: e, **by_rate})

@@ -60,6 +60,19 @@ def snapshot(stack: Stack) -> dict[str, float]:
     return out
 
 
+def redis_counters(stack: Stack, url: str) -> dict[str, float]:
+    """One Redis server's cumulative counters: ``redis.<command>.calls``, ``redis_cpu_s``
+    (``INFO cpu``) and ``redis_used_memory``."""
+    out: dict[str, float] = {}
+    with stack.redis(url) as r:
+        for command, stats in r.info("commandstats").items():
+            out[f"redis.{command.removeprefix('cmdstat_')}.calls"] = float(stats["calls"])
+        cpu = r.info("cpu")
+        out["redis_cpu_s"] = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+        out["redis_used_memory"] = float(r.info("memory")["used_memory"])
+    return out
+
+
 def statements(stack: Stack) -> list[dict[str, Any]]:
     """The roles' statements since the last reset: calls, rows, WAL bytes each."""
     rows = stack.sql(

@@ -23,8 +23,10 @@ Model: a fluid, discrete-time simulation (ticks of ``dt`` s) of the pipeline's q
   work on the machine used meanwhile (measured in each window).
 * In a tick, each process handles what it wants scaled down by its tightest resource (its
   own core, PostgreSQL, its Redis shard): a bottleneck approximation, not a model of
-  PostgreSQL's or Redis's internals. Sharded Redis is modelled (an event's work goes to the
-  shard its id hashes to, evenly): it is not built yet.
+  PostgreSQL's or Redis's internals. Redis shards (``redis.shards``) are modelled as the
+  one-Redis cost per event split evenly (an event's jobs live on the shard its id hashes
+  to); the 2-shard drain points of ``bench.capacity`` check that, and measure each shard's
+  own cost per event.
 
 Run it to regenerate ``bench/capacity.png`` and the checks table::
 
@@ -274,6 +276,7 @@ class Point:
     source: str
     rates: tuple[float, float]
     foreign: tuple[float, float]
+    shards: int = 1  # Redis servers (executor points); every executor serves all of them
 
 
 #: bench/RESULTS.md, target 2 (`bench.throughput`, 100,000 events due at once): one and two
@@ -309,7 +312,10 @@ def checked_rates(point: Point, costs: Costs, count: int = 30_000) -> tuple[floa
             d = Deployment(3, n, 0, host_cores=2.0, foreign_cores=foreign)
             out.append(drain_rate(costs, d, ingest=count))
         else:
-            d = Deployment(3, 1, n, host_cores=2.0, foreign_cores=foreign, retry=0.0)
+            d = Deployment(
+                3, 1, n, redis_shards=point.shards, host_cores=2.0, foreign_cores=foreign,
+                retry=0.0,
+            )  # fmt: skip
             out.append(drain_rate(costs, d, due=count))
     return out[0], out[1]
 
@@ -324,12 +330,14 @@ def points_from_run(doc: dict[str, Any]) -> list[Point]:
             Point("consumers", label, (c[0]["per_s"], c[1]["per_s"]),
                   (c[0]["cpu"]["foreign_cores"], c[1]["cpu"]["foreign_cores"]))
         )  # fmt: skip
-    if len(e := scaling.get("executors", [])) == 2:
-        out.append(
-            Point("executors", label,
-                  (e[0]["throughput_finished"]["per_s"], e[1]["throughput_finished"]["per_s"]),
-                  (e[0]["cpu"]["foreign_cores"], e[1]["cpu"]["foreign_cores"]))
-        )  # fmt: skip
+    for key, e in scaling.items():
+        if key.startswith("executors") and len(e) == 2:
+            out.append(
+                Point("executors", label,
+                      (e[0]["throughput_finished"]["per_s"], e[1]["throughput_finished"]["per_s"]),
+                      (e[0]["cpu"]["foreign_cores"], e[1]["cpu"]["foreign_cores"]),
+                      shards=len(e[0].get("shards", [])) or 1)
+            )  # fmt: skip
     return out
 
 
@@ -342,7 +350,7 @@ def check_table(points: Sequence[Point], costs: Costs) -> list[list[str]]:
         measured = pt.rates[1] / pt.rates[0]
         simulated = sim[1] / sim[0]
         rows.append([
-            f"1 -> 2 {pt.what}",
+            f"1 -> 2 {pt.what}" + (f", {pt.shards} Redis shards" if pt.shards > 1 else ""),
             f"{pt.rates[0]:,.0f} -> {pt.rates[1]:,.0f}/s = {measured:.2f}x ({pt.source})",
             f"{pt.foreign[0]:.2f} / {pt.foreign[1]:.2f}",
             f"{sim[0]:,.0f} -> {sim[1]:,.0f}/s = {simulated:.2f}x",

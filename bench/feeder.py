@@ -14,7 +14,9 @@ Modes::
 
 The due offsets come from ``random.Random(seed)``: event i gets the i-th draw, so the stock
 SAQ feeder (``bench.stock_saq feed``) with the same seed produces the same due offsets.
-Writes a JSON summary to ``--result``.
+``--redis`` takes one URL, or several separated by commas: the Redis shards (``redis.shards``),
+each job enqueued on the shard of its event id (:func:`eventsched.core.jobqueue.shards.shard_of`),
+as the consumer's sharded enqueue does. Writes a JSON summary to ``--result``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from redis import asyncio as aioredis
 from eventsched.core.domain.event import uuid7
 from eventsched.core.domain.jobcontract import make_job
 from eventsched.core.jobqueue import OnTimeQueue, ScheduledJob
+from eventsched.core.jobqueue.shards import shard_of
 
 EVENT_TYPE = "bench.event"
 #: SAQ timeout of the executor's jobs with default settings (job_timeout 5 min + 30 s).
@@ -73,15 +76,43 @@ async def _insert(conn: psycopg.AsyncConnection[Any], rows: Sequence[Row]) -> No
         )
 
 
-async def _connect(args: argparse.Namespace) -> tuple[psycopg.AsyncConnection[Any], OnTimeQueue]:
+class Shards:
+    """The queue on each Redis of ``--redis``; a job goes to its event's shard."""
+
+    def __init__(self, urls: Sequence[str], name: str) -> None:
+        self.queues = [
+            OnTimeQueue(aioredis.from_url(url, socket_timeout=None), name, enqueue_chunk=500)
+            for url in urls
+        ]
+
+    async def connect(self) -> None:
+        for queue in self.queues:
+            await queue.connect()
+
+    async def disconnect(self) -> None:
+        for queue in self.queues:
+            await queue.disconnect()
+
+    async def enqueue_scheduled(self, jobs: Sequence[ScheduledJob]) -> int:
+        if len(self.queues) == 1:
+            return await self.queues[0].enqueue_scheduled(jobs)
+        groups: dict[int, list[ScheduledJob]] = {}
+        for job in jobs:
+            groups.setdefault(shard_of(job.key, len(self.queues)), []).append(job)
+        added = await asyncio.gather(
+            *(self.queues[i].enqueue_scheduled(group) for i, group in groups.items())
+        )
+        return sum(added)
+
+
+async def _connect(args: argparse.Namespace) -> tuple[psycopg.AsyncConnection[Any], Shards]:
     conn = await psycopg.AsyncConnection.connect(args.dsn, autocommit=True)
-    redis = aioredis.from_url(args.redis, socket_timeout=None)
-    queue = OnTimeQueue(redis, args.queue, enqueue_chunk=500)
+    queue = Shards([u for u in args.redis.split(",") if u], args.queue)
     await queue.connect()
     return conn, queue
 
 
-async def _close(conn: psycopg.AsyncConnection[Any], queue: OnTimeQueue) -> None:
+async def _close(conn: psycopg.AsyncConnection[Any], queue: Shards) -> None:
     await conn.close()
     await queue.disconnect()
 
@@ -202,7 +233,7 @@ def main() -> None:
     )
     parser.add_argument("mode", choices=["steady", "preload", "backlog"])
     parser.add_argument("--dsn", required=True)
-    parser.add_argument("--redis", required=True)
+    parser.add_argument("--redis", required=True, help="URL, or the shards' URLs, comma-separated")
     parser.add_argument("--queue", required=True)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--duration", type=float, default=60.0)

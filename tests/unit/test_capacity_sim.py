@@ -8,9 +8,12 @@ import pytest
 from bench.capacity_sim import (
     Costs,
     Deployment,
+    Point,
     StageCost,
+    checked_rates,
     drain_rate,
     partition_owners,
+    points_from_run,
     run_steady,
     water_fill,
 )
@@ -99,3 +102,45 @@ def test_redis_shards_split_the_redis_work() -> None:
     assert one.throughput == pytest.approx(2500.0, rel=0.05)  # 1 core / 400 us
     assert two.throughput == pytest.approx(4000.0, rel=0.02)
     assert two.utilisation["redis"] == pytest.approx(0.8, rel=0.03)
+
+
+def _drain(rate: float, foreign: float, shards: int) -> dict[str, object]:
+    return {
+        "throughput_finished": {"per_s": rate},
+        "cpu": {"foreign_cores": foreign},
+        "shards": [{"shard": i} for i in range(shards)],
+    }
+
+
+def test_a_runs_sharded_executor_points_are_checked_with_their_shards() -> None:
+    doc = {
+        "git": {"label": "abc1234"},
+        "date": "2026-12-03T21:20:00+00:00",
+        "results": {
+            "scaling": {
+                "consumers": [
+                    {"per_s": 10.0, "cpu": {"foreign_cores": 0.1}},
+                    {"per_s": 15.0, "cpu": {"foreign_cores": 0.2}},
+                ],
+                "executors": [_drain(100.0, 0.0, 1), _drain(150.0, 0.1, 1)],
+                "executors_2shards": [_drain(110.0, 0.0, 2), _drain(170.0, 0.2, 2)],
+            }
+        },
+    }
+    points = points_from_run(doc)
+    assert [(p.what, p.shards, p.rates) for p in points] == [
+        ("consumers", 1, (10.0, 15.0)),
+        ("executors", 1, (100.0, 150.0)),
+        ("executors", 2, (110.0, 170.0)),
+    ]
+    assert points[2].foreign == (0.0, 0.2) and points[2].source == "bench.capacity abc1234 21:20"
+
+
+def test_a_point_with_two_shards_is_simulated_with_two_redis_cores() -> None:
+    # Redis-bound executors: one Redis core caps the drain at 1 / 400 us = 2,500/s; two
+    # shards on a host with cores to spare lift that cap.
+    heavy = Costs(COSTS.consume, StageCost(hold_us=100.0, cpu_us=10.0, pg_us=1.0, redis_us=400.0))
+    one = checked_rates(Point("executors", "t", (1.0, 1.0), (0.0, 0.0)), heavy, 2000)
+    two = checked_rates(Point("executors", "t", (1.0, 1.0), (0.0, 0.0), shards=2), heavy, 2000)
+    assert one[1] == pytest.approx(2500.0, rel=0.05)
+    assert two[1] > 1.5 * one[1]
