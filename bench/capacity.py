@@ -350,10 +350,14 @@ def shard_work(
         a = redis_counters(stack, url)
         calls = redis_calls(b, a)
         name = "redis" if index == 0 else f"redis{index}"
+        own = max(1, homes.count(index))
         out.append(
             {
                 "shard": index,
                 "events": homes.count(index),
+                # The same per event whose jobs live on this shard (one Redis's figure).
+                "redis_commands_own": sum(calls.values()) / own,
+                "redis_cpu_us_own": 1e6 * cpu["cpu_s"].get(name, 0.0) / own,
                 "redis_commands": sum(calls.values()) / n,
                 "redis_commands_by_name": {k: v / n for k, v in list(calls.items())[:6]},
                 "redis_cpu_us_info": 1e6 * (a["redis_cpu_s"] - b["redis_cpu_s"]) / n,
@@ -580,7 +584,8 @@ def scaling_rows(scaling: dict[str, Any]) -> list[list[str]]:
                     rows.append([
                         f"{what}: Redis shard {sh['shard']} per event",
                         f"{sh['redis_commands']:.2f} commands, {sh['redis_cpu_us']:,.0f} µs CPU "
-                        f"(INFO cpu {sh['redis_cpu_us_info']:,.0f} µs)",
+                        f"(INFO cpu {sh['redis_cpu_us_info']:,.0f} µs); per event on the shard "
+                        f"{sh['redis_commands_own']:.2f} and {sh['redis_cpu_us_own']:,.0f} µs",
                         f"{sh['events']:,} of the events; per event of the whole drain; "
                         "commands and INFO cpu include the enqueue, /proc CPU is the drain "
                         "window's; " + ", ".join(
