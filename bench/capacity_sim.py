@@ -277,6 +277,32 @@ class Point:
     rates: tuple[float, float]
     foreign: tuple[float, float]
     shards: int = 1  # Redis servers (executor points); every executor serves all of them
+    #: The run's own cost of the stage, from its one-process point (hold: the inverse of
+    #: that rate; CPU per event in that window), for a check that needs no older run.
+    own: StageCost | None = None
+
+
+def with_own(point: Point, costs: Costs) -> Costs:
+    """``costs`` with the point's stage replaced by the run's own cost of it."""
+    if point.own is None:
+        return costs
+    if point.what == "consumers":
+        return Costs(point.own, costs.execute)
+    return Costs(costs.consume, point.own)
+
+
+def stage_cost(one: dict[str, Any], rate: float, role: str) -> StageCost | None:
+    """A one-process point's cost per event (``work.cpu_us``: /proc CPU per event of the
+    window, by process name) as a :class:`StageCost`."""
+    cpu = one.get("work", {}).get("cpu_us")
+    if not cpu or rate <= 0:
+        return None
+    return StageCost(
+        hold_us=1e6 / rate,
+        cpu_us=sum(v for k, v in cpu.items() if k.startswith(role)),
+        pg_us=cpu.get("postgres", 0.0),
+        redis_us=sum(v for k, v in cpu.items() if k.startswith("redis")),
+    )
 
 
 #: bench/RESULTS.md, target 2 (`bench.throughput`, 100,000 events due at once): one and two
@@ -301,6 +327,34 @@ CAPACITY_POINTS = (
     Point("consumers", "bench.capacity 1cf1914 17:12", (14_157, 18_348), (0.73, 1.14)),
     Point("executors", "bench.capacity 1cf1914 17:12", (2_338, 3_378), (1.07, 0.89)),
 )
+
+
+#: bench/RESULTS.md, `bench.capacity --scaling-only` (2026-12-03 21:12-21:19, after the
+#: suite had finished: load average 0.4-0.7 at each start, 0.00-0.13 cores of other
+#: processes in each window): 100,000 events ingested by 1 then 2 consumers; 30,000 due at
+#: once drained by 1 then 2 executors with one Redis, then with 2 Redis shards (every
+#: executor serving both). ``own``: each run's one-process cost (hold, CPU µs per event of
+#: the process, PostgreSQL, every Redis), from its JSON via :func:`points_from_run`.
+SHARD_RUN_POINTS = (
+    Point("consumers", "bench.capacity 2f78f51 21:12", (26_548, 27_476), (0.0, 0.061),
+          own=StageCost(37.67, 28.6, 9.7, 10.4)),
+    Point("executors", "bench.capacity 2f78f51 21:12", (3_634, 5_392), (0.067, 0.0),
+          own=StageCost(275.21, 207.3, 70.0, 50.7)),
+    Point("executors", "bench.capacity 2f78f51 21:12", (4_079, 6_287), (0.109, 0.037), shards=2,
+          own=StageCost(245.18, 194.7, 58.7, 55.3)),
+    Point("consumers", "bench.capacity e8e246f 21:14", (25_656, 30_050), (0.0, 0.073),
+          own=StageCost(38.98, 29.5, 9.8, 10.6)),
+    Point("executors", "bench.capacity e8e246f 21:14", (3_901, 5_746), (0.084, 0.046),
+          own=StageCost(256.34, 197.7, 61.7, 46.3)),
+    Point("executors", "bench.capacity e8e246f 21:14", (4_423, 6_771), (0.126, 0.034), shards=2,
+          own=StageCost(226.11, 180.7, 55.7, 52.7)),
+    Point("consumers", "bench.capacity 6a848c3 21:17", (26_086, 28_464), (0.007, 0.07),
+          own=StageCost(38.34, 29.1, 9.9, 10.6)),
+    Point("executors", "bench.capacity 6a848c3 21:17", (3_744, 4_521), (0.126, 0.028),
+          own=StageCost(267.11, 203.7, 64.7, 48.7)),
+    Point("executors", "bench.capacity 6a848c3 21:17", (4_209, 5_131), (0.099, 0.054), shards=2,
+          own=StageCost(237.56, 180.0, 103.0, 52.0)),
+)  # fmt: skip
 
 
 def checked_rates(point: Point, costs: Costs, count: int = 30_000) -> tuple[float, float]:
@@ -328,7 +382,8 @@ def points_from_run(doc: dict[str, Any]) -> list[Point]:
     if len(c := scaling.get("consumers", [])) == 2:
         out.append(
             Point("consumers", label, (c[0]["per_s"], c[1]["per_s"]),
-                  (c[0]["cpu"]["foreign_cores"], c[1]["cpu"]["foreign_cores"]))
+                  (c[0]["cpu"]["foreign_cores"], c[1]["cpu"]["foreign_cores"]),
+                  own=stage_cost(c[0], c[0]["per_s"], "consumer"))
         )  # fmt: skip
     for key, e in scaling.items():
         if key.startswith("executors") and len(e) == 2:
@@ -336,26 +391,42 @@ def points_from_run(doc: dict[str, Any]) -> list[Point]:
                 Point("executors", label,
                       (e[0]["throughput_finished"]["per_s"], e[1]["throughput_finished"]["per_s"]),
                       (e[0]["cpu"]["foreign_cores"], e[1]["cpu"]["foreign_cores"]),
-                      shards=len(e[0].get("shards", [])) or 1)
+                      shards=len(e[0].get("shards", [])) or 1,
+                      own=stage_cost(e[0], e[0]["throughput_finished"]["per_s"], "executor"))
             )  # fmt: skip
     return out
 
 
 def check_table(points: Sequence[Point], costs: Costs) -> list[list[str]]:
+    """Each point against the simulation with ``costs``, and, for points of a run that
+    measured its own one-process costs, with those (the second executor's or consumer's
+    gain predicted from the same run's first)."""
+    own = any(pt.own is not None for pt in points)
     rows = [
         ["step", "measured (source)", "foreign cores", "simulated", "ratio measured / simulated"]
+        + (["simulated with the run's own 1-process costs"] if own else [])
     ]
     for pt in points:
         sim = checked_rates(pt, costs)
         measured = pt.rates[1] / pt.rates[0]
         simulated = sim[1] / sim[0]
-        rows.append([
+        row = [
             f"1 -> 2 {pt.what}" + (f", {pt.shards} Redis shards" if pt.shards > 1 else ""),
             f"{pt.rates[0]:,.0f} -> {pt.rates[1]:,.0f}/s = {measured:.2f}x ({pt.source})",
             f"{pt.foreign[0]:.2f} / {pt.foreign[1]:.2f}",
             f"{sim[0]:,.0f} -> {sim[1]:,.0f}/s = {simulated:.2f}x",
             f"{measured / simulated:.2f} (rates: {pt.rates[0] / sim[0]:.2f}, {pt.rates[1] / sim[1]:.2f})",
-        ])  # fmt: skip
+        ]  # fmt: skip
+        if own:
+            if pt.own is None:
+                row.append("")
+            else:
+                mine = checked_rates(pt, with_own(pt, costs))
+                row.append(
+                    f"{mine[0]:,.0f} -> {mine[1]:,.0f}/s = {mine[1] / mine[0]:.2f}x "
+                    f"(measured / simulated {measured / (mine[1] / mine[0]):.2f})"
+                )
+        rows.append(row)
     return rows
 
 
@@ -393,7 +464,7 @@ def plot(path: Path, costs: Costs) -> dict[str, float]:
             ),
             (
                 f"1 billion/day sizing: {BILLION.consumers} consumers ({BILLION.partitions} partitions), "
-                f"{BILLION.executors} executors,\n{BILLION.redis_shards} Redis shards (modelled), "
+                f"{BILLION.executors} executors,\n{BILLION.redis_shards} Redis shards, "
                 f"PostgreSQL {BILLION.pg_cores:g} cores",
                 BILLION,
                 150_000.0,
@@ -445,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a bench.capacity JSON (bench/out/) whose 1 -> 2 points to check too")  # fmt: skip
     parser.add_argument("--plot", type=Path, default=Path(__file__).with_name("capacity.png"))
     args = parser.parse_args(argv)
-    points = [*RECORD_POINTS, *CAPACITY_POINTS]
+    points = [*RECORD_POINTS, *CAPACITY_POINTS, *SHARD_RUN_POINTS]
     for path in args.run:
         points += points_from_run(json.loads(path.read_text()))
     print(markdown(check_table(points, RECORDED)))

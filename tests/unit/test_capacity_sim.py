@@ -16,6 +16,7 @@ from bench.capacity_sim import (
     points_from_run,
     run_steady,
     water_fill,
+    with_own,
 )
 
 #: Round numbers: a consumer handles 10,000 events/s, an executor 5,000 attempts/s.
@@ -105,10 +106,14 @@ def test_redis_shards_split_the_redis_work() -> None:
 
 
 def _drain(rate: float, foreign: float, shards: int) -> dict[str, object]:
+    cpu_us = {"executor": 150.0, "postgres": 40.0, "redis": 20.0, "kafka": 1.0}
+    if shards == 2:
+        cpu_us |= {"redis": 12.0, "redis1": 10.0}
     return {
         "throughput_finished": {"per_s": rate},
         "cpu": {"foreign_cores": foreign},
         "shards": [{"shard": i} for i in range(shards)],
+        "work": {"cpu_us": cpu_us},
     }
 
 
@@ -134,6 +139,12 @@ def test_a_runs_sharded_executor_points_are_checked_with_their_shards() -> None:
         ("executors", 2, (110.0, 170.0)),
     ]
     assert points[2].foreign == (0.0, 0.2) and points[2].source == "bench.capacity abc1234 21:20"
+    # The run's own one-executor cost: hold from its rate, CPU per event by process, every
+    # shard's Redis CPU summed; the consumers' point had no costs (an older run's JSON).
+    assert points[2].own == StageCost(hold_us=1e6 / 110.0, cpu_us=150.0, pg_us=40.0, redis_us=22.0)
+    assert points[0].own is None
+    own = with_own(points[2], COSTS)
+    assert own.execute == points[2].own and own.consume == COSTS.consume
 
 
 def test_a_point_with_two_shards_is_simulated_with_two_redis_cores() -> None:
