@@ -506,7 +506,7 @@ def check(
         "   AND coalesce(a.error, '') NOT ILIKE '%%simulated failure%%'"
         "   AND coalesce(a.error, '') NOT LIKE 'worker lost%%'"
         "   AND coalesce(a.error, '') NOT LIKE 'lease lost%%')"
-        " FROM events e LEFT JOIN event_attempts a ON a.event_id = e.id GROUP BY e.id",
+        " FROM events e LEFT JOIN event_attempts a ON a.event_id = e.id GROUP BY e.id, e.status, e.attempts, e.dead_reason",
     )
     events = {r[0]: r[1:] for r in rows}
     produced = ledger.produced
