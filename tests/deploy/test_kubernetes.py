@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from eventsched.core.runtime import settings as config
+from eventsched.core.runtime.sections import ApiToken
 from eventsched.plugins.api.auth import check_api_settings, is_loopback
 from tests.support.proc import REPO as ROOT
 
@@ -422,7 +423,7 @@ def check_mounted_api_tokens(
     assert api.port == named_port(container, "api")
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
     mounts = {Path(m["mountPath"]): volumes[m["name"]] for m in container["volumeMounts"]}
-    readable: list[config.ApiToken] = []
+    readable: list[ApiToken] = []
     for index, token in enumerate(api.tokens):
         path = Path(token.token_file)
         secret = mounts[path.parent]["secret"]

@@ -14,7 +14,8 @@ from eventsched.core.domain.commands import refusal
 from eventsched.core.domain.event import STATUSES
 from eventsched.core.runtime.errors import ConfigError
 from eventsched.core.runtime.root import expand_roles
-from eventsched.core.runtime.settings import ApiSettings, ApiToken, build_settings
+from eventsched.core.runtime.sections import ApiSettings, ApiToken
+from eventsched.core.runtime.settings import build_settings
 from eventsched.plugins.api import Api
 from eventsched.plugins.api.auth import check_api_settings, is_loopback, load_tokens
 from eventsched.plugins.api.openapi import document

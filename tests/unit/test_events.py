@@ -22,7 +22,7 @@ from eventsched.core.domain.decode import DECODE_REASONS, DecodeLimits, decode_e
 from eventsched.core.domain.event import Event, UUID7Generator, format_time, parse_time, uuid7
 from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
 from eventsched.core.runtime.errors import DecodeError
-from eventsched.core.runtime.settings import ConsumerSettings
+from eventsched.core.runtime.sections import ConsumerSettings
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, 250_000, tzinfo=UTC)
 LIMITS = DecodeLimits()

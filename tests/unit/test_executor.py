@@ -15,7 +15,7 @@ from eventsched.core.domain.jobcontract import (
     job_key,
     make_job,
 )
-from eventsched.core.runtime.settings import RetryBackoffSettings
+from eventsched.core.runtime.sections import RetryBackoffSettings
 from eventsched.core.store.executions import Outcome
 from eventsched.plugins.executor.retry import Failure, decide, retry_delay
 

@@ -10,7 +10,8 @@ from eventsched.core.domain.jobcontract import SAQ_TIMEOUT_MARGIN, saq_timeout
 from eventsched.core.domain.policies import LEASE_MARGIN, Policies, resolve
 from eventsched.core.jobqueue.limits import Lane
 from eventsched.core.runtime.errors import ConfigError
-from eventsched.core.runtime.settings import RetryBackoffSettings, Settings, load_settings
+from eventsched.core.runtime.sections import RetryBackoffSettings
+from eventsched.core.runtime.settings import Settings, load_settings
 
 TYPES = """
 [default.handlers]

@@ -74,7 +74,7 @@ from eventsched.core.domain.jsonparse import needs_scan, parse_json, scan_payloa
 from eventsched.core.runtime.errors import DecodeError
 
 if TYPE_CHECKING:
-    from eventsched.core.runtime.settings import ConsumerSettings
+    from eventsched.core.runtime.sections import ConsumerSettings
 
 __all__ = ["DECODE_REASONS", "DecodeLimits", "decode_event"]
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from eventsched.core.jobqueue.limits import Lane
-from eventsched.core.runtime.settings import RetryBackoffSettings, Settings
+from eventsched.core.runtime.sections import RetryBackoffSettings
+from eventsched.core.runtime.settings import Settings
 from eventsched.core.runtime.typesettings import (
     DEFAULT_TYPE,
     BackoffOverride,

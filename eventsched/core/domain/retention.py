@@ -27,7 +27,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Final, Literal
 
 from eventsched.core.runtime.errors import ConfigError
-from eventsched.core.runtime.settings import RetentionSettings
+from eventsched.core.runtime.sections import RetentionSettings
 
 __all__ = [
     "DAY",

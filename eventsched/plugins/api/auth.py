@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from eventsched.core.runtime.errors import ConfigError
-from eventsched.core.runtime.settings import ApiSettings, ApiToken
+from eventsched.core.runtime.sections import ApiSettings, ApiToken
 
 #: Shorter tokens are refused at start-up: they can be guessed.
 MIN_TOKEN_LENGTH: Final = 16

@@ -16,7 +16,7 @@ import trio
 
 from eventsched.core.kafka import KafkaConsumer
 from eventsched.core.runtime.errors import DependencyError
-from eventsched.core.runtime.settings import ConsumerSettings
+from eventsched.core.runtime.sections import ConsumerSettings
 
 if TYPE_CHECKING:
     from eventsched.core.runtime.health import Health

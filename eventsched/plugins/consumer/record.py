@@ -31,7 +31,7 @@ from eventsched.core.domain.message import decode_message
 from eventsched.core.jobqueue import ScheduledJob
 from eventsched.core.kafka import Batch, Record, TopicPartitionKey
 from eventsched.core.runtime.errors import DecodeError
-from eventsched.core.runtime.settings import ConsumerSettings
+from eventsched.core.runtime.sections import ConsumerSettings
 from eventsched.core.runtime.tracing import header_traceparent
 from eventsched.core.store import events as eventstore
 from eventsched.core.store.commands import Applied, CommandRow

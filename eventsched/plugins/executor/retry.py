@@ -19,7 +19,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from eventsched.core.runtime.settings import RetryBackoffSettings
+from eventsched.core.runtime.sections import RetryBackoffSettings
 from eventsched.core.store.executions import Outcome
 
 
