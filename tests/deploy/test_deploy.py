@@ -32,6 +32,7 @@ import yaml
 from eventsched.core.runtime import metrics as app_metrics
 from eventsched.core.runtime import settings as config
 from eventsched.core.runtime import tracing
+from eventsched.core.runtime.sections import DEFAULT_CONCURRENCY
 from tests.support import alloy
 from tests.support.proc import REPO as ROOT
 
@@ -645,6 +646,20 @@ def test_app_environment_loads_into_valid_production_settings(
     assert settings.pyroscope.enabled and settings.pyroscope.server == "http://pyroscope:4040"
     grace = parse_duration(str(services[app]["stop_grace_period"]))
     assert grace > settings.shutdown.grace + 5
+
+
+def test_executor_concurrency_defaults_to_the_settings_default(
+    compose_text: str, env_example: dict[str, str]
+) -> None:
+    """compose.yml's and .env.example's EXECUTOR_CONCURRENCY is executor.concurrency's
+    default, so that the stack runs what docs/settings.md describes."""
+    without = {k: v for k, v in env_example.items() if k != "EXECUTOR_CONCURRENCY"}
+    executor = yaml.safe_load(interpolate(compose_text, without))["services"]["executor"]
+    settings = config.load_settings(
+        environ=environment_of(executor), settings_file=ROOT / "config" / "settings.toml"
+    )
+    assert settings.executor_concurrency == DEFAULT_CONCURRENCY
+    assert env_example["EXECUTOR_CONCURRENCY"] == str(DEFAULT_CONCURRENCY)
 
 
 def test_every_interpolated_variable_is_documented_in_env_example(
