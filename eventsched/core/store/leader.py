@@ -4,6 +4,9 @@ The reconciler (and any other duty that must run in exactly one process of a dep
 holds a session-level ``pg_try_advisory_lock`` on a connection of its own; the lock goes
 with the session, so a leader that dies or loses its connection frees it for another
 process. Trio side; the connection is psycopg's async one on the trio-asyncio loop.
+
+:func:`lead` is the loop of a duty that runs one pass per interval while it leads (the
+schedule leader, the retention duty); the reconciler, with two timers, has its own.
 """
 
 from __future__ import annotations
@@ -31,6 +34,33 @@ def lock_key(queue_name: str, duty: str = "reconciler") -> int:
     executors serving ``queue_name`` (signed 64 bit)."""
     digest = hashlib.blake2b(f"eventsched:{duty}:{queue_name}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+async def lead(
+    lock: LeaderLock,
+    duty: Callable[[], Awaitable[object]],
+    *,
+    interval: float,
+    follower_interval: float,
+    logger: Any,
+    became: tuple[str, str],
+) -> None:
+    """Campaign for ``lock`` and, while leading, await ``duty()`` every ``interval``
+    seconds (a follower tries again every ``follower_interval``), until cancelled; the lock
+    is released at the end. ``became`` names the log events (on ``logger``, the duty's own)
+    of becoming leader and follower. ``duty`` handles its own errors."""
+    try:
+        leading = False
+        while True:
+            was_leading = leading
+            leading = await lock.campaign(leading)
+            if leading != was_leading:
+                logger.info(became[0] if leading else became[1], lock_key=lock.key)
+            if leading:
+                await duty()
+            await trio.sleep(interval if leading else follower_interval)
+    finally:
+        await lock.release()
 
 
 class LeaderLock:

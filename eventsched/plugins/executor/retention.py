@@ -22,7 +22,7 @@ from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.settings import Settings, require_postgres
 from eventsched.core.store import retention as store
-from eventsched.core.store.leader import LeaderLock, lock_key
+from eventsched.core.store.leader import LeaderLock, lead, lock_key
 
 log = get_logger(__name__)
 
@@ -49,19 +49,14 @@ class RetentionDuty:
         self.passes = 0
 
     async def run(self) -> None:
-        try:
-            leading = False
-            while True:
-                was_leading = leading
-                leading = await self.lock.campaign(leading)
-                if leading != was_leading:
-                    log.info("retention_leader" if leading else "retention_follower",
-                             lock_key=self.lock.key)  # fmt: skip
-                if leading:
-                    await self.pass_once()
-                await trio.sleep(self.policy.interval.total_seconds() if leading else 5.0)
-        finally:
-            await self.lock.release()
+        await lead(
+            self.lock,
+            self.pass_once,
+            interval=self.policy.interval.total_seconds(),
+            follower_interval=5.0,
+            logger=log,
+            became=("retention_leader", "retention_follower"),
+        )
 
     async def pass_once(self, now: datetime | None = None) -> store.PassReport | None:
         """One pass; None if PostgreSQL failed it (logged; the next pass continues it)."""

@@ -45,7 +45,7 @@ from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.settings import Settings, require_postgres
 from eventsched.core.store import schedules as store
-from eventsched.core.store.leader import LeaderLock, lock_key
+from eventsched.core.store.leader import LeaderLock, lead, lock_key
 from eventsched.core.store.pool import Database
 
 log = get_logger(__name__)
@@ -96,23 +96,21 @@ class ScheduleLeader:
         self.passes = 0
 
     async def run(self) -> None:
+        await self._apply_settings()  # before the lock is first tried: nothing to release
+        await lead(
+            self.lock,
+            self._pass,
+            interval=self._interval,
+            follower_interval=self._interval,
+            logger=log,
+            became=("schedule_leader", "schedule_follower"),
+        )
+
+    async def _pass(self) -> None:
         try:
-            await self._apply_settings()
-            leading = False
-            while True:
-                was_leading = leading
-                leading = await self.lock.campaign(leading)
-                if leading != was_leading:
-                    log.info("schedule_leader" if leading else "schedule_follower",
-                             lock_key=self.lock.key)  # fmt: skip
-                if leading:
-                    try:
-                        await self.materialise_once()
-                    except DependencyError as err:
-                        log.warning("schedule_pass_failed", error=str(err))
-                await trio.sleep(self._interval)
-        finally:
-            await self.lock.release()
+            await self.materialise_once()
+        except DependencyError as err:
+            log.warning("schedule_pass_failed", error=str(err))
 
     async def _apply_settings(self) -> None:
         backoff = 0.2
