@@ -92,6 +92,16 @@ def input_errors_exit_2(fn: F) -> F:
     return wrapper  # type: ignore[return-value]  # same signature as fn
 
 
+def subcommand(group: click.Group, name: str) -> Callable[[F], F]:
+    """A subcommand of ``group`` that an operator runs: it gets the settings (``state``),
+    and our errors and bad option values become one line and exit 1 or 2."""
+
+    def decorate(fn: F) -> F:
+        return group.command(name)(pass_state(handle_errors(input_errors_exit_2(fn))))  # type: ignore[return-value]
+
+    return decorate
+
+
 class OneLineUsage(click.Group):
     """A group whose usage errors (an unknown option, a bad value) are one line, exit 2."""
 

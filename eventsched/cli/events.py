@@ -18,6 +18,7 @@ from eventsched.cli.common import (
     handle_errors,
     input_errors_exit_2,
     pass_state,
+    subcommand,
 )
 from eventsched.core.domain.commands import RETRYABLE
 from eventsched.core.domain.event import STATUSES
@@ -72,8 +73,7 @@ def _events_command(name: str) -> Callable[[F], F]:
     """An ``events`` subcommand with the settings, errors (exit 1/2) and its --json flag."""
 
     def decorate(fn: F) -> F:
-        wrapped = input_errors_exit_2(fn)
-        return events.command(name)(JSON(pass_state(handle_errors(wrapped))))  # type: ignore[return-value]
+        return subcommand(events, name)(JSON(fn))
 
     return decorate
 

@@ -10,17 +10,8 @@ from typing import Any
 
 import click
 
-from eventsched.cli.common import (
-    JSON,
-    OneLineUsage,
-    State,
-    handle_errors,
-    input_errors_exit_2,
-    pass_state,
-)
+from eventsched.cli.common import JSON, OneLineUsage, State, subcommand
 from eventsched.core.domain.schedules import MISFIRE_POLICIES
-
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def _dump(data: Any) -> str:
@@ -45,16 +36,7 @@ def schedules() -> None:
     """
 
 
-def _command(name: str) -> Decorator:
-    """A ``schedules`` subcommand with the settings and errors (exit 1/2)."""
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        return schedules.command(name)(pass_state(handle_errors(input_errors_exit_2(fn))))
-
-    return decorate
-
-
-@_command("list")
+@subcommand(schedules, "list")
 @JSON
 def list_(state: State, as_json: bool) -> None:
     """Every schedule, by name."""
@@ -72,7 +54,7 @@ def list_(state: State, as_json: bool) -> None:
         click.echo("no schedules")
 
 
-@_command("show")
+@subcommand(schedules, "show")
 @click.argument("name")
 @JSON
 def show(state: State, name: str, as_json: bool) -> None:
@@ -88,7 +70,7 @@ def show(state: State, name: str, as_json: bool) -> None:
         click.echo(f"{key + ':':22}{'' if value is None else shown}")
 
 
-@_command("add")
+@subcommand(schedules, "add")
 @click.argument("name")
 @click.option("--type", "type_", required=True, help="Event type of the occurrences.")
 @click.option("--cron", default=None, help="Cron expression (5 fields, or 6: seconds first).")
@@ -124,13 +106,13 @@ def _pause_or_resume(paused: bool) -> Callable[..., None]:
 
 pause = _pause_or_resume(True)
 pause.__doc__ = "Stop materialising occurrences (those already materialised still run)."
-_command("pause")(JSON(click.argument("name")(pause)))
+subcommand(schedules, "pause")(JSON(click.argument("name")(pause)))
 resume = _pause_or_resume(False)
 resume.__doc__ = "Materialise again, from now (what passed meanwhile is skipped)."
-_command("resume")(JSON(click.argument("name")(resume)))
+subcommand(schedules, "resume")(JSON(click.argument("name")(resume)))
 
 
-@_command("delete")
+@subcommand(schedules, "delete")
 @click.argument("name")
 @JSON
 def delete(state: State, name: str, as_json: bool) -> None:
@@ -144,7 +126,7 @@ def delete(state: State, name: str, as_json: bool) -> None:
         click.echo(f"deleted {name}; cancelled {len(done.cancelled)} materialised occurrences")
 
 
-@_command("next")
+@subcommand(schedules, "next")
 @click.argument("name")
 @click.option("--count", type=click.IntRange(0), default=10, show_default=True)
 @click.option("--from", "from_", default=None, help="After TIME (default: now).")
