@@ -2,6 +2,7 @@
 (``tests.support.webhook``), each defined once there."""
 
 from tests.support.servers import (  # noqa: F401
+    clean_queue,
     database,
     dlq_topic,
     empty_database,
@@ -15,5 +16,6 @@ from tests.support.servers import (  # noqa: F401
     pg_admin_dsn,
     redis_url,
     services_dir,
+    shards,
 )
 from tests.support.webhook import closed_port, not_http, receiver  # noqa: F401

@@ -14,7 +14,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from eventsched.core.store import events as eventstore
 from eventsched.core.store import migrations
 from eventsched.core.store.events import IngestRow
 from eventsched.core.store.pool import Database
-from tests.support.clients import FAST_GROUP_CONFIG, delete_queue_keys, query, read_topic
+from tests.support.clients import FAST_GROUP_CONFIG, query, read_topic
 from tests.support.corpus import load_corpus
 from tests.support.ingest import (
     RawMessage,
@@ -72,12 +71,6 @@ QUICK_GROUP = {
 def topics(kafka_bootstrap: str, names: Names) -> Names:
     ensure_topics(kafka_bootstrap, {names.topic: PARTITIONS, names.dlq_topic: 1})
     return names
-
-
-@pytest.fixture
-def clean_queue(redis_url: str, names: Names) -> Iterator[str]:
-    yield names.queue
-    delete_queue_keys(redis_url, names.queue)
 
 
 def consumed(result: str) -> float:

@@ -12,18 +12,15 @@ stored once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from confluent_kafka.admin import AdminClient
 
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.kafka.clientconfig import CONSUMER_DEFAULTS
 from eventsched.core.operations.devbrokers import KafkaBroker
-from tests.support.clients import delete_queue_keys, query
+from tests.support.clients import query
 from tests.support.ingest import (
     committed_offsets,
     count_rows,
@@ -31,27 +28,10 @@ from tests.support.ingest import (
     make_events,
     produce,
     rows_reach,
-    running,
+    running_consumer,
 )
 from tests.support.servers import Names
 from tests.support.waiting import wait_until
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    """A broker of this test alone: it is restarted (on the same port) in the middle."""
-    broker = KafkaBroker(tmp_path / "broker")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
-@pytest.fixture
-def clean_queue(redis_url: str, names: Names) -> Iterator[str]:
-    yield names.queue
-    delete_queue_keys(redis_url, names.queue)
 
 
 def _topics(broker: KafkaBroker, names: Names) -> None:
@@ -89,7 +69,7 @@ async def test_a_restart_of_the_memory_only_broker_loses_no_event_and_duplicates
     await trio.to_thread.run_sync(_topics, own_broker, names)
     settings = make_settings(kafka={"bootstrap_servers": own_broker.url})
     before = make_events(20)
-    async with running(settings, ["consumer"]):
+    async with running_consumer(settings):
         await trio.to_thread.run_sync(
             produce, own_broker.url, names.topic, [event_message(e) for e in before]
         )
@@ -109,7 +89,7 @@ async def test_a_restart_of_the_memory_only_broker_loses_no_event_and_duplicates
 
     after = make_events(15, start=100)
     resent = before[:5]  # a producer re-sends events PostgreSQL already holds
-    async with running(settings, ["consumer"]):
+    async with running_consumer(settings):
         await trio.to_thread.run_sync(
             produce,
             own_broker.url,
@@ -134,7 +114,7 @@ async def test_a_consumer_that_stays_up_across_the_broker_restart_resumes_from_t
     settings = make_settings(kafka={"bootstrap_servers": own_broker.url})
     before = make_events(20)
     after = make_events(30, start=100)
-    async with running(settings, ["consumer"]):
+    async with running_consumer(settings):
         await trio.to_thread.run_sync(
             produce, own_broker.url, names.topic, [event_message(e) for e in before]
         )

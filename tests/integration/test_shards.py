@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from eventsched.core.domain.jobcontract import make_job
 from eventsched.core.domain.wire import new_event
 from eventsched.core.jobqueue import ShardedQueue, shard_of
 from eventsched.core.kafka import ensure_topics
-from eventsched.core.operations.devbrokers import RedisServer
 from eventsched.core.operations.status import render_status, status
 from eventsched.core.runtime.errors import DependencyError
 from eventsched.core.runtime.settings import Settings
@@ -48,24 +46,13 @@ from tests.support.execution import (
 from tests.support.ingest import event_message, produce, running
 from tests.support.metrics import metric_value as sample
 from tests.support.proc import AppProcess
-from tests.support.servers import Names, started
+from tests.support.servers import Names, own_redis_servers
 from tests.support.waiting import wait_until
 
 HANDLERS = "tests.support.exec_handlers"
 RECONCILE_FAST = {"interval": "300ms", "grace": "300ms", "stale_after": "1s"}
 
 pytestmark = pytest.mark.usefixtures("executor_state")
-
-
-@pytest.fixture
-def shards(tmp_path: Path) -> Iterator[list[str]]:
-    """Two Redis servers of this test alone (not two databases of one: a FLUSHALL of one
-    must leave the other alone)."""
-    with (
-        started(RedisServer(tmp_path / "shard0", fast=True)) as first,
-        started(RedisServer(tmp_path / "shard1", fast=True)) as second,
-    ):
-        yield [first.url, second.url]
 
 
 def sharded_settings(make_settings: Any, urls: list[str], **sections: Any) -> Settings:
@@ -184,10 +171,7 @@ def test_the_consumer_enqueues_on_the_shard_that_answers_and_retries_the_other(
     """Shard 1 is down while a batch arrives: shard 0's jobs are enqueued (and counted) at
     once, the batch's offsets wait, and shard 1 gets its jobs once it is back."""
     ensure_topics(kafka_bootstrap, {names.topic: 1, names.dlq_topic: 1})
-    with (
-        started(RedisServer(tmp_path / "s0", fast=True)) as first,
-        started(RedisServer(tmp_path / "s1", fast=True)) as second,
-    ):
+    with own_redis_servers(tmp_path / "s0", tmp_path / "s1") as (first, second):
         urls = [first.url, second.url]
         settings = sharded_settings(make_settings, urls)
         now = datetime.now(UTC)
@@ -222,10 +206,7 @@ async def test_edits_of_events_on_a_shard_that_answers_go_on_while_another_is_do
 ) -> None:
     far = time.time() + 600
     events = new_events(40, due=far)
-    with (
-        started(RedisServer(tmp_path / "s0", fast=True)) as first,
-        started(RedisServer(tmp_path / "s1", fast=True)) as second,
-    ):
+    with own_redis_servers(tmp_path / "s0", tmp_path / "s1") as (first, second):
         async with trio_asyncio.open_loop():
             queue = ShardedQueue([first.url, second.url], names.queue, op_timeout=3.0)
             await queue.connect()
@@ -410,7 +391,7 @@ async def test_a_shard_down_shows_on_readyz_and_in_status_and_the_others_are_rep
     database: str,
 ) -> None:
     ensure_topics(kafka_bootstrap, {names.topic: 1, names.dlq_topic: 1})
-    with started(RedisServer(tmp_path / "shard2", fast=True)) as third:
+    with own_redis_servers(tmp_path / "shard2") as (third,):
         settings = sharded_settings(make_settings, [*shards, third.url])
         async with running(settings, ["executor"]) as runtime:
             await wait_until(lambda: runtime.health.readiness()[0], limit=10)

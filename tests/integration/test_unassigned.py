@@ -30,14 +30,14 @@ import trio
 from confluent_kafka import Consumer, TopicPartition
 
 from eventsched.core.kafka import ensure_topics
-from tests.support.clients import FAST_GROUP_CONFIG, delete_queue_keys, query
+from tests.support.clients import FAST_GROUP_CONFIG, query
 from tests.support.ingest import (
     count_rows,
     event_message,
     make_events,
     produce,
     rows_reach,
-    running,
+    running_consumer,
 )
 from tests.support.metrics import metric_value
 from tests.support.servers import Names
@@ -63,12 +63,6 @@ def watched(make_settings: Any, **kafka: Any) -> Any:
 def one_partition(kafka_bootstrap: str, names: Names) -> Iterator[Names]:
     ensure_topics(kafka_bootstrap, {names.topic: 1, names.dlq_topic: 1})
     yield names
-
-
-@pytest.fixture
-def clean_queue(redis_url: str, names: Names) -> Iterator[str]:
-    yield names.queue
-    delete_queue_keys(redis_url, names.queue)
 
 
 class _Member:
@@ -221,9 +215,7 @@ async def test_a_consumer_without_partitions_while_records_wait_is_not_ready_unt
     try:
         await _member_owns(holder, {0})
         settings = watched(make_settings)
-        async with running(settings, ["consumer"]) as runtime:
-            port = runtime.bound_port
-            assert port is not None and port > 0  # a real loopback port, not 0
+        async with running_consumer(settings) as port:
             body = await _wait_stalled(port)
             # The rebalance is over (the holder has the partition again) and the consumer
             # is still stalled.
@@ -262,9 +254,7 @@ async def test_a_spare_consumer_beside_a_member_that_keeps_up_stays_ready(
     try:
         await _member_owns(worker, {0})
         settings = watched(make_settings)
-        async with running(settings, ["consumer"]) as runtime:
-            port = runtime.bound_port
-            assert port is not None and port > 0  # a real loopback port, not 0
+        async with running_consumer(settings) as port:
             await _wait_readyz(port, 200)
             # New records keep arriving (so there is lag now and then) and the member keeps
             # committing them: well past the grace, the spare stays ready.
@@ -304,9 +294,7 @@ async def test_a_spare_consumer_stays_ready_with_nothing_to_read(
     worker = _Member(kafka_bootstrap, names.group, names.topic, commits=True)
     try:
         await _member_owns(worker, {0})
-        async with running(watched(make_settings), ["consumer"]) as runtime:
-            port = runtime.bound_port
-            assert port is not None and port > 0  # a real loopback port, not 0
+        async with running_consumer(watched(make_settings)) as port:
             await trio.sleep(7.0)
             status, body = await _readiness(port)
             assert status == 200, body
@@ -364,9 +352,7 @@ async def test_readyz_catches_a_group_that_assigns_nothing_after_its_leader_left
         await _member_owns(holder, {0, 1, 2})
         settings = watched(make_settings)
         assert settings.consumer.rejoin_after == 0
-        async with running(settings, ["consumer"]) as runtime:
-            port = runtime.bound_port
-            assert port is not None and port > 0  # a real loopback port, not 0
+        async with running_consumer(settings) as port:
             await _wedge(holder)
             seen: list[tuple[int, dict[str, Any]]] = []
 
@@ -494,9 +480,7 @@ async def test_a_consumer_in_a_wedged_group_rejoins_and_keeps_the_committed_offs
             consumer={**QUICK_WATCH, "rejoin_after": "2s"},
             kafka={"consumer_client": GROUP_CONFIG},
         )
-        async with running(settings, ["consumer"]) as runtime:
-            port = runtime.bound_port
-            assert port is not None and port > 0  # a real loopback port, not 0
+        async with running_consumer(settings) as port:
             await _wedge(holder)
             seen: list[tuple[int, dict[str, Any]]] = []
 

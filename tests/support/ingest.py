@@ -132,6 +132,16 @@ async def running(settings: Settings, roles: Sequence[str]) -> AsyncIterator[Run
             runtime.request_stop()
 
 
+@asynccontextmanager
+async def running_consumer(settings: Settings) -> AsyncIterator[int]:
+    """The consumer role run as :func:`running` does; yields the port of its /readyz and
+    /metrics (asked for as 0: a real loopback port by then)."""
+    async with running(settings, ["consumer"]) as runtime:
+        port = runtime.bound_port
+        assert port is not None and port > 0  # a real loopback port, not 0
+        yield port
+
+
 # -- child processes ---------------------------------------------------------------------
 
 

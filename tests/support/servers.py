@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -182,17 +182,44 @@ def executor_state(redis_url: str, names: Names) -> Iterator[None]:
 
 
 @pytest.fixture
+def clean_queue(redis_url: str, names: Names) -> Iterator[str]:
+    """This test's SAQ queue (its name), whose keys go afterwards: for consumer-side tests."""
+    yield names.queue
+    delete_queue_keys(redis_url, names.queue)
+
+
+@pytest.fixture
 def own_postgres(tmp_path: Path) -> Iterator[PostgresServer]:
     """A PostgreSQL server of this test alone, so stopping it disturbs nobody."""
     with started(PostgresServer(tmp_path / "pg", fast=True)) as server:
         yield server
 
 
+@contextmanager
+def own_redis_servers(*directories: Path) -> Iterator[list[RedisServer]]:
+    """A Redis server of one test alone per directory, running until the block ends
+    (started in order, stopped in reverse): servers, not databases of one server, so that a
+    FLUSHALL or a stop of one touches no other test's keys, nor the other servers."""
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(started(RedisServer(directory, fast=True)))
+            for directory in directories
+        ]
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[str]:
     """A Redis of this test alone (its URL): FLUSHALL must not touch anyone else's keys."""
-    with started(RedisServer(tmp_path / "redis", fast=True)) as server:
+    with own_redis_servers(tmp_path / "redis") as (server,):
         yield server.url
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Iterator[list[str]]:
+    """Two Redis servers of this test alone (their URLs), the shards of one job queue: a
+    FLUSHALL of one must leave the other alone."""
+    with own_redis_servers(tmp_path / "shard0", tmp_path / "shard1") as servers:
+        yield [server.url for server in servers]
 
 
 @pytest.fixture
