@@ -17,6 +17,7 @@ from typing import Any
 import trio
 from confluent_kafka.admin import AdminClient
 
+from eventsched.core.domain.event import Event
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.kafka.clientconfig import CONSUMER_DEFAULTS
 from eventsched.core.operations.devbrokers import KafkaBroker
@@ -58,6 +59,18 @@ async def _all_committed(broker: KafkaBroker, names: Names, count: int) -> None:
     await wait_until(check, limit=30, interval=0.3)
 
 
+async def _recorded_and_committed(
+    broker: KafkaBroker, names: Names, database: str, events: list[Event]
+) -> None:
+    """Send ``events``, the test's first, and wait until PostgreSQL holds them and the
+    group committed their offsets."""
+    await trio.to_thread.run_sync(
+        produce, broker.url, names.topic, [event_message(e) for e in events]
+    )
+    await rows_reach(database, len(events))
+    await _all_committed(broker, names, len(events))
+
+
 def test_a_consumer_whose_offsets_vanished_starts_from_the_earliest_offset() -> None:
     """The documented start position (README, docs/operations.md)."""
     assert CONSUMER_DEFAULTS["auto.offset.reset"] == "earliest"
@@ -70,11 +83,7 @@ async def test_a_restart_of_the_memory_only_broker_loses_no_event_and_duplicates
     settings = make_settings(kafka={"bootstrap_servers": own_broker.url})
     before = make_events(20)
     async with running_consumer(settings):
-        await trio.to_thread.run_sync(
-            produce, own_broker.url, names.topic, [event_message(e) for e in before]
-        )
-        await rows_reach(database, len(before))
-        await _all_committed(own_broker, names, len(before))
+        await _recorded_and_committed(own_broker, names, database, before)
 
     # The restart: the broker's memory (topics, messages, committed offsets) is gone.
     await trio.to_thread.run_sync(own_broker.stop)
@@ -115,11 +124,7 @@ async def test_a_consumer_that_stays_up_across_the_broker_restart_resumes_from_t
     before = make_events(20)
     after = make_events(30, start=100)
     async with running_consumer(settings):
-        await trio.to_thread.run_sync(
-            produce, own_broker.url, names.topic, [event_message(e) for e in before]
-        )
-        await rows_reach(database, len(before))
-        await _all_committed(own_broker, names, len(before))
+        await _recorded_and_committed(own_broker, names, database, before)
         await trio.to_thread.run_sync(own_broker.stop)
         await trio.to_thread.run_sync(own_broker.start)
         await trio.to_thread.run_sync(_topics, own_broker, names)

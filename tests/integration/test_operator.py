@@ -15,7 +15,6 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from confluent_kafka import Consumer, TopicPartition
 
 from eventsched.core.domain.deadletter import dlq_headers
 from eventsched.core.domain.decode import DecodeLimits, decode_event
@@ -25,7 +24,13 @@ from eventsched.core.operations.status import StatusReport, render_status
 from tests.support.cli import run
 from tests.support.clients import delete_queue_keys, read_topic
 from tests.support.eventkeys import REGISTER_KEYS
-from tests.support.ingest import RawMessage, child_sections, make_events, produce
+from tests.support.ingest import (
+    RawMessage,
+    child_sections,
+    commit_offsets,
+    make_events,
+    produce,
+)
 from tests.support.proc import free_port
 from tests.support.servers import Names
 from tests.support.settingsfile import write_settings
@@ -108,7 +113,7 @@ def test_status_reports_every_section(
     # Five events on partition 0 of which the group committed two; two DLQ messages.
     messages = [RawMessage(encode_event(e), kafka_key(e), None, 0) for e in make_events(5)]
     produce(kafka_bootstrap, names.topic, messages)
-    _commit(kafka_bootstrap, names.group, names.topic, {0: 2})
+    commit_offsets(kafka_bootstrap, names.group, names.topic, {0: 2})
     produce(kafka_bootstrap, names.dlq_topic, [RawMessage(b"x"), RawMessage(b"y")])
 
     result = run(stack, "status", "--json")
@@ -133,16 +138,6 @@ def test_status_reports_every_section(
     for line in ["EVENTS (PostgreSQL)", "  scheduled             2", "total lag 3",
                  f"DLQ {names.dlq_topic}: 2 messages", f"oldest overdue: {overdue.id}"]:  # fmt: skip
         assert line in human.stdout
-
-
-def _commit(bootstrap: str, group: str, topic: str, offsets: dict[int, int]) -> None:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        consumer.commit(
-            offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False
-        )
-    finally:
-        consumer.close()
 
 
 def test_status_names_unreachable_dependencies_and_exits_1(

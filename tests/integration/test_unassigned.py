@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, TopicPartition
 from eventsched.core.kafka import ensure_topics
 from tests.support.clients import FAST_GROUP_CONFIG, query
 from tests.support.ingest import (
+    commit_offsets,
     count_rows,
     event_message,
     make_events,
@@ -439,16 +440,6 @@ def test_waiting_work_sees_records_inside_the_last_batch(
 # -- (d) the dev stack recovers from the wedge by itself -----------------------------------
 
 
-def _commit(bootstrap: str, group: str, topic: str, offsets: dict[int, int]) -> None:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        consumer.commit(
-            offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False
-        )
-    finally:
-        consumer.close()
-
-
 async def test_a_consumer_in_a_wedged_group_rejoins_and_keeps_the_committed_offsets(
     make_settings: Any,
     kafka_bootstrap: str,
@@ -471,7 +462,7 @@ async def test_a_consumer_in_a_wedged_group_rejoins_and_keeps_the_committed_offs
     )
     # Records 0-3 of each partition were processed before: committed, never to be read again.
     await trio.to_thread.run_sync(
-        _commit, kafka_bootstrap, names.group, names.topic, {0: 4, 1: 4, 2: 4}
+        commit_offsets, kafka_bootstrap, names.group, names.topic, {0: 4, 1: 4, 2: 4}
     )
     holder = _Member(kafka_bootstrap, names.group, names.topic, commits=False)
     try:

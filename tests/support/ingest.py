@@ -96,6 +96,18 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
+def commit_offsets(bootstrap: str, group: str, topic: str, offsets: dict[int, int]) -> None:
+    """Commit these offsets (partition -> offset) for the group, as a member that read up
+    to them would have."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        consumer.commit(
+            offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False
+        )
+    finally:
+        consumer.close()
+
+
 def saq_schedule(redis_url: str, queue: str) -> dict[str, float]:
     """Job key -> score in the queue's ``incomplete`` zset (the due time while scheduled)."""
     client = redis.Redis.from_url(redis_url)
