@@ -39,6 +39,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="executor handler slots (64)",
     )
     parser.add_argument("--profile-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--pin-servers",
+        default=None,
+        metavar="CPUS",
+        help="pin PostgreSQL, Redis and the broker to these CPUs (taskset list, e.g. 1)",
+    )
+    parser.add_argument(
+        "--pin-roles",
+        default=None,
+        metavar="CPUS",
+        help="pin the producer, consumer and executor processes to these CPUs (e.g. 0)",
+    )
 
 
 def plot(path: Path, r: dict[str, Any], p: Pipeline) -> None:
@@ -80,6 +92,7 @@ def main() -> None:
     try:
         with Stack(run) as stack:
             sampler.track_servers(stack.server_pids())
+            stack.pin(args.pin_servers, args.pin_roles)
             r = run_pipeline(stack, sampler, p, profiler)
     finally:
         sampler.stop()
@@ -109,6 +122,7 @@ def main() -> None:
         f"producer {p.rate:,.0f} events/s for {p.duration:g} s, due {p.delay_min:g}-{p.delay_max:g} s out; one process per role; "
         f"executor concurrency {p.concurrency}, handler `observed` (notes its start, logs), log level {args.log_level}; "
         f"PostgreSQL {'without fsync (--fast-stack)' if args.fast_stack else 'as `eventsched dev` (fsync on)'}",
+        f"CPUs: servers {args.pin_servers or 'any'}, roles {args.pin_roles or 'any'} (`--pin-servers`, `--pin-roles`)",
         f"during the load: {noise(r['cpu_load'])}",
         f"target 5 (no growing lag, lateness p99 ≤ 25 ms): {verdict(met)}",
     ]

@@ -161,15 +161,25 @@ class Role(Child):
     """``python -m eventsched --settings FILE run --role ROLE --port N``.
 
     The harness picks the HTTP port (not ``--port 0``, whose answer is only in the log) so
-    that readiness can be read from ``/readyz`` whatever the role's log level.
+    that readiness can be read from ``/readyz`` whatever the role's log level. With
+    ``cpus`` (``taskset`` syntax, e.g. ``"0"``) the process and every thread it starts run
+    only on those CPUs.
     """
 
     def __init__(
-        self, role: str, settings_file: Path, env: Mapping[str, str], logdir: Path, index: int = 0
+        self,
+        role: str,
+        settings_file: Path,
+        env: Mapping[str, str],
+        logdir: Path,
+        index: int = 0,
+        *,
+        cpus: str | None = None,
     ) -> None:
         name = role if index == 0 else f"{role}-{index + 1}"
         self.port: int | None = free_port()
-        argv = [PYTHON, "-m", "eventsched", "--settings", str(settings_file)]
+        pin = ["taskset", "-c", cpus] if cpus else []
+        argv = [*pin, PYTHON, "-m", "eventsched", "--settings", str(settings_file)]
         super().__init__(
             name, [*argv, "run", "--role", role, "--port", str(self.port)], env, logdir
         )
@@ -231,6 +241,35 @@ class Helper(Child):
         return data
 
 
+def _cpu_list(text: str) -> set[int]:
+    """``"0,2-3"`` -> {0, 2, 3} (taskset's list syntax)."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
 def _overrides(items: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
     """``SECTION:KEY=VALUE`` strings as (section, {key: typed value})."""
     out: list[tuple[str, dict[str, Any]]] = []
@@ -268,6 +307,8 @@ class Stack:
         self._stack: Any = None
         #: Redis servers started beside the stack's (:meth:`add_redis_shards`): shards 1, 2...
         self._extra_redis: list[Any] = []
+        #: CPUs the role processes are pinned to (:meth:`pin`), None: any.
+        self.role_cpus: str | None = None
 
     def __enter__(self) -> Self:
         from eventsched.core.operations.devstack import DevStack
@@ -345,6 +386,22 @@ class Stack:
             if server.pid is not None:
                 out[f"redis{i}"] = server.pid
         return out
+
+    def pin(self, servers: str | None, roles: str | None) -> None:
+        """Pin the servers (every process of each server's tree and all their threads: the
+        PostgreSQL backends forked later inherit the postmaster's CPUs) and the role
+        processes started from now on to CPU lists (``taskset`` syntax, e.g. ``"1"``,
+        ``"0-1"``); None leaves them where the kernel puts them. For "what if PostgreSQL
+        and Redis had cores of their own" on a machine without spare cores."""
+        self.role_cpus = roles
+        if servers is None:
+            return
+        cpus = _cpu_list(servers)
+        for pid in self.server_pids().values():
+            for member in _tree(pid):
+                for task in Path(f"/proc/{member}/task").iterdir():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.sched_setaffinity(int(task.name), cpus)
 
     def restart_server(self, name: str) -> None:
         """Stop and start one server on its port and data (e.g. after ``ALTER SYSTEM``); its
@@ -447,7 +504,7 @@ class Stack:
                 "EVENTSCHED_REDIS__SHARDS": json.dumps(list(redis_shards)),
             }
         env = clean_env({**self.env, **extra})
-        child = Role(role, settings_file, env, self.logdir, index)
+        child = Role(role, settings_file, env, self.logdir, index, cpus=self.role_cpus)
         self.children.append(child)
         return child
 

@@ -36,6 +36,7 @@ from eventsched.core.store.commands import CommandRow, apply_commands
 from eventsched.core.store.executions import Claimed, ClaimRequest, Outcome
 from eventsched.core.store.pool import Database
 from eventsched.core.store.recovery import Candidate
+from eventsched.plugins.executor.attempt import CLAIM_AHEAD
 from tests.support import command_handlers
 from tests.support.clients import delete_queue_keys, query
 from tests.support.eventkeys import EVENT_RETAIN_FROM, REGISTER_KEYS
@@ -54,9 +55,9 @@ from tests.support.waiting import wait_until
 
 HANDLER = "tests.support.command_handlers:scripted"
 FAST_RETRY = {"base": "100ms", "factor": 2.0, "max": "1s", "jitter": 0.0}
-#: The executor's claim-ahead window: an attempt may be claimed this much before its due
-#: time (its handler starts at the due time, never before).
-AHEAD = 0.011
+#: The executor's claim-ahead window (and 1 ms for clock rounding): an attempt may be
+#: claimed this much before its due time (its handler starts at the due time, never before).
+AHEAD = CLAIM_AHEAD + 0.001
 
 
 @pytest.fixture
@@ -357,7 +358,7 @@ async def test_the_reconciler_takeover_of_a_stale_attempt_honours_a_cancel_reque
 async def test_a_cancel_between_the_claim_and_the_due_time_lets_the_attempt_run(
     database: str,
 ) -> None:
-    """The executor claims an attempt up to the claim-ahead window (10 ms) before its due
+    """The executor claims an attempt up to the claim-ahead window (40 ms) before its due
     time and starts the handler at the due time. A cancel applied in between finds the event
     `running`: `cancel_requested`, and the attempt is not stopped (a success stays
     `succeeded`; a failure would end `cancelled`), as for a cancel while the handler runs."""

@@ -2,7 +2,7 @@
 
 The consumer enqueues one SAQ job per event; an :class:`~eventsched.core.jobqueue.OnTimeWorker`
 (on the root trio-asyncio loop, ``executor.concurrency`` slots) hands it to a slot up to
-``CLAIM_AHEAD`` (10 ms) before its due time and calls
+``CLAIM_AHEAD`` (40 ms) before its due time and calls
 :meth:`Attempts.execute_event <eventsched.plugins.executor.attempt.Attempts.execute_event>`
 at once (``function_waits``), which:
 

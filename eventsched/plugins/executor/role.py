@@ -35,6 +35,7 @@ from eventsched.core.store import executions
 from eventsched.plugins.executor.attempt import (
     AHEAD_SLOTS,
     CLAIM_AHEAD,
+    CLAIM_INTERVAL,
     RECORD_PATIENCE,
     Attempts,
 )
@@ -200,6 +201,7 @@ class Executor:
                 [(EXECUTE_FUNCTION, self.attempts.execute_event)],
                 concurrency=slots + AHEAD_SLOTS,
                 claim_ahead=CLAIM_AHEAD,
+                min_interval=CLAIM_INTERVAL,
                 # The job function claims the attempt in PostgreSQL as soon as the slot has
                 # the job, then waits for the due time: the claim's round trip is off the start.
                 function_waits=True,
