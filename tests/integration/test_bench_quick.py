@@ -134,9 +134,15 @@ def test_throughput_quick(quick_runs: dict[str, QuickRun]) -> None:
         assert d["all_finished"] and d["statuses"] == {"succeeded": count}
         assert d["throughput_finished"]["count"] == count and d["throughput_finished"]["per_s"] > 0
         assert d["load"]["enqueued"] == count
+        # Read from the handler's journal: every start was observed, none before it was due.
+        assert d["unobserved"] == 0 and d["burst_lateness_ms"]["early"] == 0
+        starts = d["first_starts"]
+        assert starts["first_ms"] >= 0 and starts["first_1000"]["count"] == min(1000, count)
+        assert starts["first_64"]["p50"] <= starts["first_1000"]["p50"]
     assert r["targets"]["scaling"] > 0  # two executors' throughput over one's
     assert r["stock_saq"]["finished"] == count
     assert r["stock_saq"]["throughput_finished"]["per_s"] > 0
+    assert r["stock_saq"]["first_starts"]["first_ms"] >= 0
 
 
 def test_ingest_quick(quick_runs: dict[str, QuickRun]) -> None:

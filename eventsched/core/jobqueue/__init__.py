@@ -13,7 +13,8 @@ statuses, dedup, sweep, abort, worker info) and changes how jobs move:
   earliest score in ``incomplete`` (capped by ``max_wait``; woken early by the pub/sub
   message every enqueue sends), then runs one Lua script that moves every job due by then to
   ``queued`` and moves as many as it has idle slots from ``queued`` to ``active``, returning
-  their payloads. A slot that gets a job before its due time sleeps the rest of the way on
+  their payloads (a burst opens with a claim of a few jobs, the rest follow at once: see
+  :data:`~eventsched.core.jobqueue.dispatcher.OPENING_CLAIM`). A slot that gets a job before its due time sleeps the rest of the way on
   its own clock, so the Redis round trip and the hand-out happen before the due time rather
   than after it, and jobs due within ``claim_ahead`` of each other share one claim.
 * **No lock.** A Redis script runs atomically, and a moved job gets score 0, which is

@@ -28,13 +28,29 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+#: The first claim after one that found nothing takes at most this many jobs; the next
+#: claim, at once, takes what the slots wait for. A burst of jobs due at one instant would
+#: otherwise start with one big claim: every slot's job handed out in the same loop pass,
+#: and each job's own preparation (the executor's PostgreSQL claim) queued behind all of
+#: theirs, so even the first job of the burst starts late. A few jobs go ahead instead.
+OPENING_CLAIM = 8
+
+
+def claim_size(demand: int, room: int | None, opening: bool) -> int:
+    """Jobs to claim now: one per waiting slot (``demand``), no more than the payload budget
+    has ``room`` for (None: no budget), and at most :data:`OPENING_CLAIM` when ``opening``
+    (the last claim found nothing)."""
+    size = demand if room is None else min(demand, room)
+    return min(size, OPENING_CLAIM) if opening else size
+
 
 class Dispatcher:
     """Claims due jobs for the worker's idle slots, waking at the next due score.
 
-    Worker slots wait in :meth:`get`; :meth:`run` claims exactly as many jobs as there are
-    waiting slots, so no job sits claimed but unstarted, and with a ``budget`` no more than
-    it has room for (:class:`~eventsched.core.jobqueue.budget.PayloadBudget`: each job handed out
+    Worker slots wait in :meth:`get`; :meth:`run` claims no more jobs than there are
+    waiting slots, so no job sits claimed but unstarted (at most :data:`OPENING_CLAIM` in
+    the first claim of a burst, the rest at once after it), and with a ``budget`` no more
+    than it has room for (:class:`~eventsched.core.jobqueue.budget.PayloadBudget`: each job handed out
     holds bytes of it until :meth:`done`). It sleeps until the earliest score
     in `incomplete`, at most ``max_wait`` (a safety net for missed notifications, clock
     steps and enqueues by clients that don't publish), and wakes early when an enqueue
@@ -63,6 +79,7 @@ class Dispatcher:
         self._backlog = 0
         self._closed = False
         self._orphans: list[Job] = []
+        self._opening = True  # the last claim found nothing: the next one is small
         self._budget = budget
         if budget is not None:
             budget.on_release(self._budget_freed)
@@ -76,11 +93,11 @@ class Dispatcher:
         return sum(1 for g in self._getters if not g.done())
 
     def _limit(self) -> int:
-        """Jobs to claim now: one per waiting slot, as many as the budget has room for."""
+        """Jobs to claim now (:func:`claim_size`)."""
         demand = self._demand()
         if self._budget is None or not demand:
-            return demand
-        return min(demand, self._budget.room())
+            return claim_size(demand, None, self._opening)
+        return claim_size(demand, self._budget.room(), self._opening)
 
     def _worth_a_claim(self) -> bool:
         """Room for ``_claim_batch`` jobs, or for every waiting slot (O(1): a stale getter
@@ -172,9 +189,10 @@ class Dispatcher:
                 self._flush_timer.cancel()
                 self._flush_timer = None
             self._last_claim = time.time()
+            limit = self._limit()
             try:
                 result = await self._queue.claim(
-                    self._limit(),
+                    limit,
                     self._last_claim + self._ahead,
                     commands=self._batcher.encode(batch) if batch else "",
                 )
@@ -182,6 +200,10 @@ class Dispatcher:
                 self._batcher.settle(batch, err)
                 raise
             self._batcher.settle(batch, None)
+            if limit:
+                # Asked and got nothing: the queue ran dry, the next jobs open a burst.
+                # (A claim that asked for none, every slot busy, says nothing about it.)
+                self._opening = not result.jobs
             return result
 
     async def _run(self) -> None:
