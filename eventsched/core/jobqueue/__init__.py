@@ -9,7 +9,8 @@ a stock worker is both slow and up to a second late (the figures are in docs/des
 statuses, dedup, sweep, abort, worker info) and changes how jobs move:
 
 * **On-time claiming.** :class:`OnTimeWorker` runs one *dispatcher* per process instead of a
-  1 s timer plus one ``BLMOVE`` per slot. It sleeps until ``claim_ahead`` (10 ms) before the
+  1 s timer plus one ``BLMOVE`` per slot. It sleeps until ``claim_ahead`` (10 ms by default;
+  the executor's is 40 ms) before the
   earliest score in ``incomplete`` (capped by ``max_wait``; woken early by the pub/sub
   message every enqueue sends), then runs one Lua script that moves every job due by then to
   ``queued`` and moves as many as it has idle slots from ``queued`` to ``active``, returning
