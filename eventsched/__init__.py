@@ -14,20 +14,14 @@ What user code is written against:
 
 Importing this package has no side effects: the trio-asyncio bootstrap that the runtime
 needs (:mod:`eventsched.core.runtime.bootstrap`) runs in the process entry points, not here, and no
-server library is imported (the client loads confluent-kafka when one is made).
+server library is imported (the client loads confluent-kafka when one is made). The client
+classes are imported on first use, so a role's process, which imports this package but
+never the client, does not load httpx.
 """
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from eventsched.client import (
-    AsyncClient,
-    AsyncScheduleClient,
-    Client,
-    ClientError,
-    DeliveryError,
-    ScheduleApiError,
-    ScheduleClient,
-)
 from eventsched.core.domain.event import Event
 from eventsched.core.domain.handler import (
     Handler,
@@ -37,6 +31,44 @@ from eventsched.core.domain.handler import (
     handler_factory,
 )
 from eventsched.core.domain.wire import encode_event, kafka_headers, kafka_key, new_event
+
+if TYPE_CHECKING:
+    from eventsched.client import (
+        AsyncClient,
+        AsyncScheduleClient,
+        Client,
+        ClientError,
+        DeliveryError,
+        ScheduleApiError,
+        ScheduleClient,
+    )
+
+#: Loaded on first use (:func:`__getattr__`): the client brings httpx (and through it rich
+#: and pygments) along, which the roles' processes never use.
+_CLIENT_NAMES = frozenset(
+    {
+        "AsyncClient",
+        "AsyncScheduleClient",
+        "Client",
+        "ClientError",
+        "DeliveryError",
+        "ScheduleApiError",
+        "ScheduleClient",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        import eventsched.client
+
+        return getattr(eventsched.client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_CLIENT_NAMES})
+
 
 try:
     __version__ = version("eventsched")  # written once, in pyproject.toml

@@ -156,3 +156,25 @@ CLIENT = _script(
 
 def test_the_client_loads_no_server_library_and_no_trio_asyncio(interpreters: Interpreters) -> None:
     assert _output(interpreters, CLIENT) == "[] [] True"
+
+
+# A role's process imports only what it runs on: the consumer, after the bootstrap, the CLI
+# and the composition root, loads neither the client (and through it httpx, rich's
+# pretty-printer for httpx's command line) nor httpx itself (RSS counts every module).
+CONSUMER_ROLE = _script(
+    """
+    import sys
+    from eventsched.core.runtime import bootstrap
+    bootstrap.install()
+    import eventsched.cli
+    import eventsched.core.runtime.root
+    import eventsched.plugins.consumer
+    print([m for m in ("eventsched.client", "httpx") if m in sys.modules])
+    from eventsched import Client
+    print(Client.__module__)
+    """
+)
+
+
+def test_the_consumer_role_loads_neither_the_client_nor_httpx(interpreters: Interpreters) -> None:
+    assert _output(interpreters, CONSUMER_ROLE) == "[]\neventsched.client.blocking"

@@ -20,7 +20,7 @@ from eventsched.core.kafka import (
     config_from_settings,
 )
 from eventsched.core.runtime.errors import ConfigError
-from eventsched.core.runtime.settings import Settings, build_settings
+from eventsched.core.runtime.settings import Settings, build_settings, load_settings
 
 BOOTSTRAP = "broker-a:9092"
 
@@ -82,7 +82,29 @@ def test_group_consumer_layers_defaults_client_consumer_client_then_own_keys() -
     assert config["bootstrap.servers"] == BOOTSTRAP
     # Without settings of its own, the consumer keeps its prefetch default.
     plain = config_from_settings(_settings({}, {}), ClientKind.GROUP_CONSUMER)
-    assert plain["queued.max.messages.kbytes"] == 16384
+    assert plain["queued.max.messages.kbytes"] == 1024
+
+
+def test_the_consumer_role_loads_a_small_prefetch_refilled_at_once() -> None:
+    """What the shipped settings give the consumer role (docs/design-notes.md, "Consumer
+    prefetch"): 1 MB queued ahead, fetches of 256 KB per partition and 1 MB in all, and
+    1 ms (not librdkafka's second) before fetching again once the queue was full."""
+    settings = load_settings(
+        environ={"EVENTSCHED_ENV": "test", "EVENTSCHED_KAFKA__BOOTSTRAP_SERVERS": BOOTSTRAP}
+    )
+    config = config_from_settings(settings, ClientKind.GROUP_CONSUMER)
+    assert {key: config[key] for key in CONSUMER_CLIENT_DEFAULTS} == {
+        "queued.max.messages.kbytes": 1024,
+        "fetch.queue.backoff.ms": 1,
+        "max.partition.fetch.bytes": 262_144,
+        "fetch.max.bytes": 1_048_576,
+    }
+    # Settings still win, key by key.
+    overridden = config_from_settings(
+        _settings({}, {"queued.max.messages.kbytes": 4096}), ClientKind.GROUP_CONSUMER
+    )
+    assert overridden["queued.max.messages.kbytes"] == 4096
+    assert overridden["fetch.queue.backoff.ms"] == 1
 
 
 def test_reader_takes_consumer_settings_without_the_role_defaults() -> None:

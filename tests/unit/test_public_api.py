@@ -14,7 +14,9 @@ from tests.support.readme import handler_example
 
 def test_everything_in_all_is_there() -> None:
     assert sorted(eventsched.__all__) == sorted(set(eventsched.__all__))
-    assert [name for name in eventsched.__all__ if name not in vars(eventsched)] == []
+    # The client's names are loaded on first use (a role's process never loads them).
+    assert [name for name in eventsched.__all__ if not hasattr(eventsched, name)] == []
+    assert set(eventsched.__all__) <= set(dir(eventsched))
     assert {"HandlerEvent", "Handler", "HandlerContext", "handler_factory", "PermanentError",
             "new_event", "encode_event", "kafka_key", "kafka_headers", "__version__",
             "Client", "AsyncClient", "ClientError", "DeliveryError"} <= set(

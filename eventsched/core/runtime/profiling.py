@@ -13,8 +13,6 @@ import importlib.util
 import os
 import socket
 
-import httpx
-
 from eventsched.core.runtime.errors import ConfigError
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.settings import Settings
@@ -36,6 +34,7 @@ def start_profiling(settings: Settings, roles: list[str]) -> bool:
             "pyroscope.enabled",
             "needs the profiling extra: pip install 'eventsched[profiling]'",
         )
+    import httpx  # only for the check below: a role that does not profile never loads it
     import pyroscope  # an optional dependency: only loaded when enabled
 
     server = cfg.server.rstrip("/")
