@@ -10,45 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
-import trio_asyncio
-from redis import asyncio as aioredis
 from saq.types import Context
 
 from eventsched.core.jobqueue import JobQueue, ScheduledJob, drain_worker, make_worker, run_worker
 from eventsched.core.jobqueue.dispatcher import OPENING_CLAIM
 from eventsched.core.jobqueue.jobs import JobClaim
+from tests.support.clients import open_job_queue
 
 
 @pytest.fixture
 async def jobs(redis_url: str) -> AsyncIterator[JobQueue]:
-    name = f"test-burst-{uuid.uuid4().hex[:12]}"
-
-    async def cleanup() -> None:
-        redis = aioredis.from_url(redis_url)
-        try:
-            for pattern in (f"saq:{name}:*", f"saq:job:{name}:*", f"saq:abort:{name}*"):
-                keys = [key async for key in redis.scan_iter(match=pattern)]
-                if keys:
-                    await redis.delete(*keys)
-        finally:
-            await redis.aclose()
-
-    async with trio_asyncio.open_loop():
-        queue = JobQueue(redis_url, name)
-        await queue.connect()
-        try:
-            yield queue
-        finally:
-            await queue.close()
-            with trio.CancelScope(shield=True):
-                await trio_asyncio.aio_as_trio(cleanup)()
+    async with open_job_queue(redis_url, "test-burst") as queue:
+        yield queue
 
 
 async def test_a_burst_opens_with_a_small_claim_and_the_rest_follow_at_once(

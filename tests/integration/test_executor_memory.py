@@ -23,7 +23,6 @@ import secrets
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,7 +32,6 @@ import psutil
 import pytest
 import trio
 import trio_asyncio
-from redis import asyncio as aioredis
 from saq.types import Context
 
 from eventsched.core.domain.jobcontract import make_job
@@ -45,7 +43,7 @@ from eventsched.core.jobqueue import (
     make_worker,
     run_worker,
 )
-from tests.support.clients import status_counts
+from tests.support.clients import open_job_queue, status_counts
 from tests.support.execution import (
     all_finished,
     executor_env,
@@ -191,27 +189,8 @@ async def test_a_burst_of_big_payloads_stays_within_the_budget_and_memory_comes_
 
 @pytest.fixture
 async def jobs(redis_url: str) -> AsyncIterator[JobQueue]:
-    name = f"test-mem-{uuid.uuid4().hex[:12]}"
-
-    async def cleanup() -> None:
-        redis = aioredis.from_url(redis_url)
-        try:
-            for pattern in (f"saq:{name}:*", f"saq:job:{name}:*", f"saq:abort:{name}*"):
-                keys = [key async for key in redis.scan_iter(match=pattern)]
-                if keys:
-                    await redis.delete(*keys)
-        finally:
-            await redis.aclose()
-
-    async with trio_asyncio.open_loop():
-        queue = JobQueue(redis_url, name)
-        await queue.connect()
-        try:
-            yield queue
-        finally:
-            await queue.close()
-            with trio.CancelScope(shield=True):
-                await trio_asyncio.aio_as_trio(cleanup)()
+    async with open_job_queue(redis_url, "test-mem") as queue:
+        yield queue
 
 
 class Loaded:
