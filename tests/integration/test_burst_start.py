@@ -21,7 +21,7 @@ from saq.types import Context
 from eventsched.core.jobqueue import JobQueue, ScheduledJob, drain_worker, make_worker, run_worker
 from eventsched.core.jobqueue.dispatcher import OPENING_CLAIM
 from eventsched.core.jobqueue.jobs import JobClaim
-from tests.support.clients import open_job_queue
+from tests.support.execution import open_job_queue
 
 
 @pytest.fixture

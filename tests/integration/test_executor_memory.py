@@ -43,12 +43,13 @@ from eventsched.core.jobqueue import (
     make_worker,
     run_worker,
 )
-from tests.support.clients import open_job_queue, status_counts
+from tests.support.clients import status_counts
 from tests.support.execution import (
     all_finished,
     executor_env,
     insert_events,
     new_events,
+    open_job_queue,
     queue_client,
 )
 from tests.support.memory_handlers import MB

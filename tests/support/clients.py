@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import redis
-import trio
-import trio_asyncio
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-from eventsched.core.jobqueue import JobQueue
 
 #: Kafka consumer settings for quick group joins on Tansu (its defaults make a join take
 #: 20+ s: it finishes a join after about session.timeout.ms / 2). Measured: a 3 or 4 s
@@ -117,22 +112,6 @@ def read_topic(bootstrap: str, topic: str, *, timeout: float = 15.0) -> list[Rea
 
 
 # -- Redis -----------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def open_job_queue(redis_url: str, prefix: str) -> AsyncIterator[JobQueue]:
-    """A connected :class:`JobQueue` of the test's own (``<prefix>-<random>``) on a
-    trio-asyncio loop; its keys are removed afterwards."""
-    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    async with trio_asyncio.open_loop():
-        queue = JobQueue(redis_url, name)
-        await queue.connect()
-        try:
-            yield queue
-        finally:
-            await queue.close()
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(delete_queue_keys, redis_url, name)
 
 
 def delete_queue_keys(redis_url: str, queue: str) -> None:

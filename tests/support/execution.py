@@ -8,6 +8,7 @@ them with ``trio.to_thread.run_sync``.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from eventsched.core.runtime.health import Health
 from eventsched.core.runtime.settings import Settings, require_redis
 from eventsched.core.store.pool import Database
 from eventsched.plugins.executor import Executor
-from tests.support.clients import query, status_counts
+from tests.support.clients import delete_queue_keys, query, status_counts
 from tests.support.eventkeys import REGISTER_KEYS
 from tests.support.servers import Names
 
@@ -180,6 +181,20 @@ async def queue_client(url: str, queue: str) -> AsyncIterator[JobQueue]:
         yield jobs
     finally:
         await jobs.close()
+
+
+@asynccontextmanager
+async def open_job_queue(redis_url: str, prefix: str) -> AsyncIterator[JobQueue]:
+    """A connected :func:`queue_client` of the test's own (``<prefix>-<random>``) on a
+    trio-asyncio loop of its own; its keys are removed afterwards."""
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    async with trio_asyncio.open_loop():
+        try:
+            async with queue_client(redis_url, name) as queue:
+                yield queue
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(delete_queue_keys, redis_url, name)
 
 
 @asynccontextmanager
