@@ -95,9 +95,8 @@ class Dispatcher:
     def _limit(self) -> int:
         """Jobs to claim now (:func:`claim_size`)."""
         demand = self._demand()
-        if self._budget is None or not demand:
-            return claim_size(demand, None, self._opening)
-        return claim_size(demand, self._budget.room(), self._opening)
+        room = self._budget.room() if self._budget is not None and demand else None
+        return claim_size(demand, room, self._opening)
 
     def _worth_a_claim(self) -> bool:
         """Room for ``_claim_batch`` jobs, or for every waiting slot (O(1): a stale getter
