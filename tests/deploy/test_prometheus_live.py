@@ -263,8 +263,14 @@ def test_prometheus_scrapes_every_target_and_every_panel_has_data(
 
 
 def _gaps(ports: dict[str, int], dbname: str) -> dict[str, Any]:
-    """What Prometheus lacks: targets missing or down, panels whose query answers nothing."""
-    targets = httpx.get(f"http://127.0.0.1:{ports['prometheus']}/api/v1/targets", timeout=10).json()
+    """What Prometheus lacks: targets missing or down, panels whose query answers nothing;
+    Prometheus itself, while it is not listening yet (it was just spawned)."""
+    try:
+        targets = httpx.get(
+            f"http://127.0.0.1:{ports['prometheus']}/api/v1/targets", timeout=10
+        ).json()
+    except httpx.ConnectError as err:
+        return {"prometheus": repr(err)}
     active = targets["data"]["activeTargets"]
     gaps: dict[str, Any] = {}
     if {t["labels"]["job"] for t in active} != set(ports):
