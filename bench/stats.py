@@ -106,6 +106,14 @@ def read_attempts(stack: Stack, where: str = "TRUE") -> Attempts:
         f" FROM event_attempts a JOIN events e ON e.id = a.event_id WHERE {where}"
     )
     seen = stack.observed()
+    # The handler writes its observations in batches (bench.observe.FLUSH_AFTER after the
+    # first one): a run that ended a moment ago may not have written its last ones yet.
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(
+        r[4] != "none" and (r[7], r[8]) not in seen for r in rows
+    ):
+        time.sleep(0.1)
+        seen = stack.observed()
     observed: list[tuple[float, float, float]] = []  # (handler lateness, recorded, diff)
     ahead: list[float] = []
     unobserved = 0
