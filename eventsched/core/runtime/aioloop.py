@@ -28,6 +28,11 @@ executor that was one handle per job for the job timeout: ~38,000 handles (and t
 contexts) at 1,000 jobs/s, which the garbage collector's full collections walked in 40-55 ms
 pauses that showed up as execution lateness. Cancellations are counted and the heap is
 rebuilt without them once they are more than :data:`MIN_CANCELLED` and half of it.
+
+And it checks callbacks only in debug mode, as asyncio's own loop does: trio-asyncio's
+``call_soon``, ``call_later`` and ``call_at`` test every callback for being a coroutine
+function (``inspect`` on each call), and every future's result reaches its waiter through
+``call_soon``: ~3% of the executor's loop thread at 1,000 jobs/s.
 """
 
 from __future__ import annotations
@@ -98,6 +103,12 @@ def _timer_handle_cancelled(self: Any, handle: asyncio.TimerHandle) -> None:
     self._eventsched_cancelled += 1
 
 
+def _check_callback(self: Any, callback: Any, method: str) -> None:
+    """``BaseEventLoop._check_callback`` in debug mode only (asyncio's own rule)."""
+    if self._debug:
+        asyncio.BaseEventLoop._check_callback(self, callback, method)  # type: ignore[attr-defined]
+
+
 def installed() -> bool:
     """Whether the batched step is in place."""
     return _original is not None and _base.BaseTrioEventLoop._main_loop_one is _main_loop_batch
@@ -113,5 +124,6 @@ def install() -> bool:
     _original = _base.BaseTrioEventLoop._main_loop_one
     _base.BaseTrioEventLoop._eventsched_cancelled = 0
     _base.BaseTrioEventLoop._timer_handle_cancelled = _timer_handle_cancelled
+    _base.BaseTrioEventLoop._check_callback = _check_callback
     _base.BaseTrioEventLoop._main_loop_one = _main_loop_batch
     return True
