@@ -274,3 +274,62 @@ def test_stale_and_missing_day_hints_still_claim_and_record(
     assert sorted(outcomes) == sorted(
         (e.id, "succeeded", f"event_attempts_p{today:%Y%m%d}") for e in [*old, *fresh]
     )
+
+
+async def test_the_enqueuers_that_read_an_event_tell_its_day_for_the_job(
+    empty_database: str,
+) -> None:
+    """The reconciler's pages and take-overs, the commands and ``dlq replay`` read the
+    event's row anyway: each returns the day of its partition, which the job it enqueues
+    carries as the claim's hint (the job contract's ``day``)."""
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    import trio_asyncio
+
+    from eventsched.core.domain.commands import new_command
+    from eventsched.core.store import recovery, replay, retention
+    from eventsched.core.store.commands import CommandRow, apply_commands
+    from eventsched.core.store.pool import Database
+    from tests.support.execution import insert_events, new_events
+
+    migrations.up(empty_database, REPO_SQL_DIR)
+    old_day = datetime.now(UTC).date() - timedelta(days=3)  # a day that is not today's
+    recorded = datetime.combine(old_day, datetime.min.time(), tzinfo=UTC) + timedelta(hours=12)
+    with retention.connect(empty_database) as rconn:
+        retention._create_day(rconn, old_day)
+    overdue, moved, stale, dead = new_events(4, due=time.time() - 60)
+    there = {"retain_from": recorded, "recorded_at": recorded}
+    insert_events(empty_database, [overdue, moved], **there)
+    seen = datetime.now(UTC) - timedelta(hours=1)
+    insert_events(empty_database, [stale], status="running", attempts=1, updated_at=seen, **there)
+    insert_events(empty_database, [dead], status="dead", attempts=1, finished_at=seen, **there)
+    async with trio_asyncio.open_loop():
+        db = await Database.open(empty_database, max_size=1)
+        try:
+            found = await recovery.candidates(db, "overdue", age=1, limit=10)
+            [running] = await recovery.candidates(db, "stale_running", age=1, limit=10)
+            [taken] = await recovery.take_over(
+                db, [running], stale_after=1, max_attempts=3, error="lost"
+            )
+            rerun = await replay.rerun_dead(db, dead.id, 1)
+            later = datetime.now(UTC) + timedelta(minutes=5)
+            [applied] = await apply_commands(
+                db,
+                [
+                    CommandRow(
+                        new_command(
+                            "reschedule", event_id=moved.id, execute_at=later, requested_by="t"
+                        )
+                    )
+                ],
+            )
+        finally:
+            await db.close()
+    assert sorted((c.event_id, c.day) for c in found) == sorted(
+        [(overdue.id, old_day), (moved.id, old_day)]
+    )
+    assert (running.event_id, running.day) == (stale.id, old_day)
+    assert (taken.status, taken.day) == ("retrying", old_day)
+    assert rerun is not None and rerun[1] == old_day
+    assert (applied.result, applied.day) == ("applied", old_day)
