@@ -2,7 +2,7 @@
 
 For each event: a row in PostgreSQL ``events`` (status ``scheduled``, the consumer's
 columns) and then the executor's SAQ job (:func:`eventsched.core.domain.jobcontract.make_job`: key =
-event id, scheduled = due time) through :class:`eventsched.core.jobqueue.OnTimeQueue`, the
+event id, scheduled = due time, day = the insert's partition day, as the consumer's) through :class:`eventsched.core.jobqueue.OnTimeQueue`, the
 consumer's own enqueue path. Runs on plain asyncio in its own process, so its CPU is not
 mixed with the harness's or the executor's.
 
@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import time
-from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +47,24 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _COLUMNS = "id, idempotency_key, type, payload, execute_at, created_at"
 
 Row = tuple[str, str, str, str, datetime, datetime]
+#: A job waiting for its event's partition day (``day=``), known once the row is inserted.
+JobOf = Callable[..., ScheduledJob]
 
 
 def _row(
     due_ms: int, n: int, created: datetime, type_: str = EVENT_TYPE, lane: str = ""
-) -> tuple[Row, ScheduledJob]:
+) -> tuple[Row, JobOf]:
     """A new event due at ``due_ms`` (epoch ms, exact in both PostgreSQL and the job);
     ``lane``: its type's queue lane when the type has limits (as the consumer marks it)."""
     event_id = str(uuid7())
     due = _EPOCH + timedelta(milliseconds=due_ms)
     row: Row = (event_id, event_id, type_, json.dumps({"n": n}), due, created)
-    return row, make_job(event_id, 1, due_ms / 1000, JOB_TIMEOUT, lane=lane)
+    return row, functools.partial(make_job, event_id, 1, due_ms / 1000, JOB_TIMEOUT, lane=lane)
 
 
-async def _insert(conn: psycopg.AsyncConnection[Any], rows: Sequence[Row]) -> None:
+async def _insert(conn: psycopg.AsyncConnection[Any], rows: Sequence[Row]) -> date:
+    """Insert ``rows``; the UTC day of their partition (the jobs' ``day``, as the consumer's
+    insert returns it)."""
     # The key table the consumer's insert fills too (sql/000008): the executor finds an
     # event's partition there. One transaction, so both rows get its now() as retain_from.
     async with conn.transaction():
@@ -69,11 +74,16 @@ async def _insert(conn: psycopg.AsyncConnection[Any], rows: Sequence[Row]) -> No
         ):
             for row in rows:
                 await copy.write_row(row)
-        await conn.execute(
-            "INSERT INTO event_keys (idempotency_key, id, retain_from)"
-            " SELECT k, i, now() FROM unnest(%s::text[], %s::uuid[]) AS t(k, i)",
+        cur = await conn.execute(
+            "WITH k AS (INSERT INTO event_keys (idempotency_key, id, retain_from)"
+            " SELECT k, i, now() FROM unnest(%s::text[], %s::uuid[]) AS t(k, i))"
+            " SELECT (now() AT TIME ZONE 'UTC')::date",
             ([row[1] for row in rows], [row[0] for row in rows]),
         )
+        found = await cur.fetchone()
+    assert found is not None  # a SELECT without FROM returns one row
+    day: date = found[0]
+    return day
 
 
 class Shards:
@@ -144,10 +154,11 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 for i in range(due_count)
             ]
-            await _insert(conn, [r for r, _ in batch])
-            await queue.enqueue_scheduled([j for _, j in batch])
+            day = await _insert(conn, [r for r, _ in batch])
+            jobs = [j(day=day) for _, j in batch]
+            await queue.enqueue_scheduled(jobs)
             done = time.time()
-            lead_min = min(lead_min, min(j.scheduled for _, j in batch) - done)
+            lead_min = min(lead_min, min(j.scheduled for j in jobs) - done)
             busy += time.perf_counter() - began
             sent += due_count
         await asyncio.sleep(args.tick)
@@ -173,8 +184,8 @@ async def preload(args: argparse.Namespace) -> dict[str, Any]:
     jobs: list[ScheduledJob] = []
     for start in range(0, args.count, 50_000):
         batch = [_row(due_ms, n, created) for n in range(start, min(args.count, start + 50_000))]
-        await _insert(conn, [r for r, _ in batch])
-        jobs += [j for _, j in batch]
+        day = await _insert(conn, [r for r, _ in batch])
+        jobs += [j(day=day) for _, j in batch]
     rows_done = time.time()
     added = 0
     for start in range(0, len(jobs), 5000):
@@ -213,8 +224,8 @@ async def backlog(args: argparse.Namespace) -> dict[str, Any]:
             )
             for n in range(start, min(args.count, start + chunk))
         ]
-        await _insert(conn, [r for r, _ in batch])
-        jobs = [j for _, j in batch]
+        day = await _insert(conn, [r for r, _ in batch])
+        jobs = [j(day=day) for _, j in batch]
         for i in range(0, len(jobs), 5000):
             added += await queue.enqueue_scheduled(jobs[i : i + 5000])
     done = time.time()

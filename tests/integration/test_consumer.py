@@ -46,6 +46,7 @@ from tests.support.ingest import (
     produce,
     rows_reach,
     running,
+    saq_kwargs,
     saq_schedule,
     start_role,
     wait_assigned,
@@ -185,6 +186,13 @@ async def test_redelivery_and_conflicting_keys_keep_the_first_event_and_one_job(
 
     assert_recorded_once(database, [*events, *orphans, first])
     assert_scheduled_once(redis_url, topics.queue, [*events, *orphans, first])
+    # Every job names its event's partition day, the new events' from the insert and the
+    # orphans' from the lookup of their keys (the executor's claim takes it as a hint).
+    days = query(database, "SELECT id::text, (retain_from AT TIME ZONE 'UTC')::date FROM events")
+    hints = saq_kwargs(redis_url, topics.queue)
+    assert {key: kwargs.get("day") for key, kwargs in hints.items()} == {
+        event_id: day.isoformat() for event_id, day in days
+    }
     assert consumed("new") - new_before == 101
     assert consumed("duplicate") - dup_before == 122
     conflicts = [line for line in logs if line["event"] == "conflicting_duplicate"]

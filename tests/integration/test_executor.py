@@ -39,6 +39,7 @@ from tests.support.execution import (
     new_events,
     queue_client,
     running_executor,
+    saq_job,
     saq_score,
     statuses,
 )
@@ -477,6 +478,10 @@ async def test_jobs_cut_off_by_the_shutdown_deadline_record_their_attempt_and_re
     assert await trio.to_thread.run_sync(status_counts, database) == {"retrying": 1}
     pending = await trio.to_thread.run_sync(saq_score, redis_url, names.queue, f"{event.id}#2")
     assert pending is not None  # 0: due now, in `queued`
+    # The retry's job names the event's partition day, from the claim: no lookup for it.
+    job = await trio.to_thread.run_sync(saq_job, redis_url, names.queue, f"{event.id}#2")
+    [(day,)] = query(database, "SELECT (retain_from AT TIME ZONE 'UTC')::date FROM events")
+    assert job is not None and job["kwargs"]["day"] == day.isoformat()
 
 
 # -- several processes -----------------------------------------------------------------------------

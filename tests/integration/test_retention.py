@@ -42,7 +42,7 @@ def consumer_insert(conn: psycopg.Connection[Any], *events: Event) -> set[str]:
     the keys that were new."""
     rows = [eventstore.IngestRow(e, "events", 0, n) for n, e in enumerate(events)]
     cur = conn.execute(eventstore._INSERT_SQL, eventstore._columns(rows))
-    return {key for (key,) in cur.fetchall()}
+    return {key for key, _day in cur.fetchall()}
 
 
 def event(key: str, due: datetime | None = None) -> Event:

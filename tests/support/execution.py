@@ -151,6 +151,16 @@ def saq_score(url: str, queue: str, key: str) -> float | None:
         client.close()
 
 
+def saq_job(url: str, queue: str, key: str) -> dict[str, Any] | None:
+    """The stored record of the job ``key`` (its kwargs, scheduled time...), None if none."""
+    client = redis.Redis.from_url(url)
+    try:
+        record = client.get(f"saq:job:{queue}:{key}")
+        return None if record is None else dict(json.loads(record))
+    finally:
+        client.close()
+
+
 @dataclass
 class Harness:
     """An executor role running in this test's process, with its adapters."""

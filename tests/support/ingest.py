@@ -7,6 +7,7 @@ them with ``trio.to_thread.run_sync``. Reading a topic back, queries and waiting
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -115,6 +116,22 @@ def saq_schedule(redis_url: str, queue: str) -> dict[str, float]:
         prefix = f"saq:job:{queue}:"
         entries = client.zrange(f"saq:{queue}:incomplete", 0, -1, withscores=True)
         return {member.decode()[len(prefix) :]: score for member, score in entries}
+    finally:
+        client.close()
+
+
+def saq_kwargs(redis_url: str, queue: str) -> dict[str, dict[str, Any]]:
+    """Job key -> the kwargs of its stored job, for every job pending in the queue."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        prefix = f"saq:job:{queue}:"
+        members = [m.decode() for m in client.zrange(f"saq:{queue}:incomplete", 0, -1)]
+        records = client.mget(members) if members else []
+        return {
+            member[len(prefix) :]: json.loads(record)["kwargs"]
+            for member, record in zip(members, records, strict=True)
+            if record is not None
+        }
     finally:
         client.close()
 

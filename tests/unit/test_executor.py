@@ -5,6 +5,7 @@ decision (the runs are in tests/integration/test_executor.py).
 from __future__ import annotations
 
 import random
+from datetime import date
 
 import pytest
 
@@ -12,6 +13,7 @@ from eventsched.core.domain.jobcontract import (
     EXECUTE_FUNCTION,
     FIRST_ATTEMPT,
     attempt_of,
+    day_of,
     job_key,
     make_job,
 )
@@ -31,6 +33,14 @@ def test_job_keys_and_kwargs_follow_the_documented_scheme() -> None:
     retry = make_job("e1", 3, 13.0, 60)
     assert (retry.key, retry.kwargs) == ("e1#3", {"event_id": "e1", "attempt": 3})
     assert job_key("e1", 2) == "e1#2"
+
+
+def test_the_partition_day_is_an_optional_hint_read_back_or_ignored() -> None:
+    hinted = make_job("e1", 2, 13.0, 60, day=date(2026, 12, 4))
+    assert hinted.kwargs == {"event_id": "e1", "attempt": 2, "day": "2026-12-04"}
+    assert day_of(hinted.kwargs.get("day")) == date(2026, 12, 4)
+    # Absent (a job enqueued before the kwarg) or not a date: no hint, the claim looks up.
+    assert [day_of(v) for v in (None, "", "2026-13-01", "x' OR true", 20261204)] == [None] * 5
 
 
 def test_the_first_attempt_has_one_meaning_in_kwargs_keys_and_readers() -> None:
@@ -73,6 +83,10 @@ def test_decide(attempt: int, failure: Failure | None, status: str, reason: str 
     assert outcome.next_attempt_at == (100.0 + attempt * 10.0 if status == "retrying" else None)
     assert outcome == Outcome("e", attempt, status, None if failure is None else failure.error,
                               100.0, outcome.next_attempt_at, reason)  # fmt: skip
+    # The claim's partition day rides along to the outcome (whatever the outcome).
+    day = date(2026, 12, 4)
+    carried = decide("e", attempt, failure, max_attempts=3, now=100.0, delay=lambda n: 0.0, day=day)
+    assert carried.day == day
 
 
 def test_wait_until_returns_at_the_due_time_never_before() -> None:

@@ -6,6 +6,7 @@
                  scheduled=<due time, epoch s>, kwargs={"event_id": "<uuid>"} for the first
                  attempt, {"event_id": "<uuid>", "attempt": n} for retry n >= 2,
                  plus {"traceparent": "00-..."} when the event belongs to a trace,
+                 plus {"day": "YYYY-MM-DD"} when the enqueuer knows the event's partition,
                  timeout=saq_timeout(settings))
 
 Attempts are numbered from :data:`FIRST_ATTEMPT` (1). The first attempt's job carries no
@@ -19,6 +20,18 @@ same key, which SAQ skips while that job is pending. The consumer, the reconcile
 ``dlq replay`` enqueue with these functions; the executor registers
 :data:`EXECUTE_FUNCTION` and reads the same kwargs.
 
+The ``day`` kwarg is a hint, never needed: the UTC day of the event's ``retain_from`` (the
+day partition of ``events`` that holds it, docs/retention.md) as the enqueuer read it with
+the event (the consumer's insert, the claim of the attempt before, the reconciler's and the
+commands' reads). The executor's claim names that partition without looking the event's key
+up first (:mod:`eventsched.core.store.executions`, above ``_PARTITIONS_SQL``); a job without
+it (enqueued before the kwarg existed, or by a path that does not know the day) is looked
+up, and a stale one (retention moved the event to a newer partition since) finds nothing
+and is looked up then, so a hint costs at most a round trip. :func:`day_of` reads it back
+(anything but a ``YYYY-MM-DD`` date counts as absent). An executor older than the kwarg
+fails a job that carries it (its job function takes no ``day``): upgrade the executors
+before, or together with, the roles that enqueue.
+
 Due times, one name each: an event's due time is ``execute_at`` (a UTC datetime at the
 edges: the wire format, the ``events`` column, the handler's event); an attempt's due time
 is ``scheduled_for`` (the ``event_attempts`` column: ``execute_at`` for the first attempt,
@@ -31,6 +44,7 @@ float epoch seconds (``datetime.timestamp()``).
 from __future__ import annotations
 
 import math
+from datetime import date
 from typing import Any, Final
 
 from eventsched.core.jobqueue import ScheduledJob
@@ -56,6 +70,17 @@ def attempt_of(kwarg: int | None) -> int:
     return FIRST_ATTEMPT if kwarg is None or is_first_attempt(kwarg) else kwarg
 
 
+def day_of(kwarg: object) -> date | None:
+    """The partition day a job's ``day`` kwarg names; None when absent or not a date
+    (a hint: the claim then looks the day up)."""
+    if not isinstance(kwarg, str):
+        return None
+    try:
+        return date.fromisoformat(kwarg)
+    except ValueError:
+        return None
+
+
 def job_key(event_id: str, attempt: int) -> str:
     """SAQ job key of an event's attempt: the event id for the first, ``<id>#<n>`` after."""
     return event_id if is_first_attempt(attempt) else f"{event_id}#{attempt}"
@@ -78,16 +103,20 @@ def make_job(
     *,
     lane: str = "",
     traceparent: str | None = None,
+    day: date | None = None,
 ) -> ScheduledJob:
     """The SAQ job that runs ``attempt`` of an event at ``scheduled`` (epoch seconds);
     ``lane``: the event's queue lane (its type, when the type has limits or a priority of
     its own: :mod:`eventsched.core.domain.policies`), marked for the event at enqueue;
-    ``traceparent``: the W3C trace context the attempt's span is a child of."""
+    ``traceparent``: the W3C trace context the attempt's span is a child of; ``day``: the
+    UTC day of the event's partition, if known (the claim's hint, see the module)."""
     kwargs: dict[str, Any] = {"event_id": event_id}
     if not is_first_attempt(attempt):
         kwargs["attempt"] = attempt
     if traceparent is not None:
         kwargs["traceparent"] = traceparent
+    if day is not None:
+        kwargs["day"] = day.isoformat()
     return ScheduledJob(
         key=job_key(event_id, attempt),
         function=EXECUTE_FUNCTION,

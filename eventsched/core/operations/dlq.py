@@ -249,13 +249,14 @@ class _Reruns:
                 self._would_rerun.add(event_id)
                 return None
             return _why_not(state)
-        due = await replay.rerun_dead(self._db, event_id, attempts)
-        if due is None:
+        rerun = await replay.rerun_dead(self._db, event_id, attempts)
+        if rerun is None:
             return _why_not(await replay.event_state(self._db, event_id))
+        due, day = rerun
         try:
             queue = await self._connected_queue()
             await queue.enqueue_many(
-                [make_job(event_id, FIRST_ATTEMPT, due, saq_timeout(self._settings))]
+                [make_job(event_id, FIRST_ATTEMPT, due, saq_timeout(self._settings), day=day)]
             )
         except DependencyError as err:
             raise DependencyError(

@@ -5,7 +5,9 @@ and ``unnest`` turns them back into rows, so the cost per event is a few array e
 not a statement, a round trip or a parse. The idempotency keys live in ``event_keys`` (not
 partitioned, so unique across the whole time-partitioned log, docs/retention.md): ``ON
 CONFLICT (idempotency_key) DO NOTHING`` on it absorbs redelivery, and only the events whose
-key row was new are inserted; ``RETURNING`` tells which keys were new. Keys that already existed are
+key row was new are inserted; ``RETURNING`` tells which keys were new, and the day partition
+each went into (the executor's claim takes it from the job as a hint, see
+:mod:`eventsched.core.domain.jobcontract`). Keys that already existed are
 then looked up (one more statement, only when there are any) to learn their id, status
 and due time, and whether the stored event has the same content as the message.
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Final, NamedTuple, TypeVar
 from uuid import UUID
 
@@ -61,7 +63,7 @@ INSERT INTO events (id, idempotency_key, type, payload, execute_at, late,
 SELECT t.id, t.key, t.type, t.payload::jsonb, t.execute_at, t.late, t.topic, t.part, t.off,
        t.created_at, t.tp, now()
 FROM t JOIN k ON k.idempotency_key = t.key
-RETURNING idempotency_key
+RETURNING idempotency_key, (retain_from AT TIME ZONE 'UTC')::date
 """
 
 # `same`: the stored event is the one in the message (a redelivery), not another event
@@ -69,7 +71,8 @@ RETURNING idempotency_key
 _LOOKUP_SQL: Final = """
 SELECT e.idempotency_key, e.id, e.status, e.execute_at,
        (e.id = t.id AND e.type = t.type AND e.execute_at = t.execute_at
-        AND e.payload = t.payload::jsonb) AS same
+        AND e.payload = t.payload::jsonb) AS same,
+       (e.retain_from AT TIME ZONE 'UTC')::date
 FROM unnest(%b::text[], %b::uuid[], %b::text[], %b::text[], %b::timestamptz[])
      AS t(key, id, type, payload, execute_at)
 CROSS JOIN LATERAL (
@@ -137,6 +140,8 @@ class StoredEvent:
     execute_at: datetime
     #: The stored event equals the message's (id, type, payload, due time): a redelivery.
     same: bool
+    #: The UTC day of the event's partition (its ``retain_from``), for its job's hint.
+    day: date | None = None
 
 
 def _columns(rows: Sequence[IngestRow]) -> list[list[Any]]:
@@ -156,19 +161,20 @@ def _columns(rows: Sequence[IngestRow]) -> list[list[Any]]:
     ]
 
 
-async def insert_events(db: Database, rows: Sequence[IngestRow]) -> set[str]:
+async def insert_events(db: Database, rows: Sequence[IngestRow]) -> dict[str, date]:
     """Insert ``rows`` in one statement, skipping existing idempotency keys; return the keys
-    that were inserted. The keys of ``rows`` must be distinct.
+    that were inserted, each with the UTC day of the partition it went into (the day of the
+    statement's ``now()``). The keys of ``rows`` must be distinct.
 
     Raises RowsRejected (some row's data is refused) or DependencyError (retry later).
     """
     if not rows:
-        return set()
+        return {}
     params = _columns(rows)
 
-    async def run(conn: AsyncConnection[Any]) -> set[str]:
+    async def run(conn: AsyncConnection[Any]) -> dict[str, date]:
         cur = await conn.execute(_INSERT_SQL, params)
-        return {key for (key,) in await cur.fetchall()}
+        return dict(await cur.fetchall())
 
     return await _translated(db, run)
 
@@ -189,8 +195,8 @@ async def lookup_existing(db: Database, rows: Sequence[IngestRow]) -> dict[str, 
     async def run(conn: AsyncConnection[Any]) -> dict[str, StoredEvent]:
         cur = await conn.execute(_LOOKUP_SQL, params)
         return {
-            key: StoredEvent(key, event_id, status, execute_at, bool(same))
-            for key, event_id, status, execute_at, same in await cur.fetchall()
+            key: StoredEvent(key, event_id, status, execute_at, bool(same), day)
+            for key, event_id, status, execute_at, same, day in await cur.fetchall()
         }
 
     return await _translated(db, run)

@@ -67,6 +67,10 @@ class ClaimRequest:
     # The limit of the event type that held the job back after its due time ("concurrency"
     # or "rate"), or None: it was free to run (event_attempts.held_by).
     held_by: str | None = None
+    # The UTC day of the event's partition (its retain_from) as whoever made the job knew
+    # it (the job's ``day`` kwarg): a hint that spares the key lookup (see _PARTITIONS_SQL);
+    # None: look it up. A stale one (retention moved the event since) costs a second try.
+    day: date | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,9 @@ class Claimed:
     # lease): when the claiming statement was sent (for a re-sent claim recognised as done,
     # when this one was sent minus the age of the first one's updated_at).
     sent: float = field(default=0.0, compare=False)
+    # The UTC day of the event's partition when it was claimed: its outcome and its retry's
+    # job carry it, so neither looks the event's key up again.
+    day: date | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +183,8 @@ logged AS (
 )
 SELECT c.id::text, true, c.attempts, c.type, c.payload,
        extract(epoch FROM c.execute_at)::float8, extract(epoch FROM c.scheduled_for)::float8,
-       'running', c.attempt_base, NULL::float8, 0::float8
+       'running', c.attempt_base, NULL::float8, 0::float8,
+       (c.retain_from AT TIME ZONE 'UTC')::date
 FROM claimed c
 UNION ALL
 SELECT r.id::text, a.id IS NOT NULL, e.attempts, e.type,
@@ -193,7 +201,8 @@ SELECT r.id::text, a.id IS NOT NULL, e.attempts, e.type,
                                          THEN e.execute_at
                                          ELSE e.next_attempt_at END)::float8
        END,
-       greatest(0, extract(epoch FROM now() - e.updated_at))::float8
+       greatest(0, extract(epoch FROM now() - e.updated_at))::float8,
+       (e.retain_from AT TIME ZONE 'UTC')::date
 FROM req r
 LEFT JOIN events e
     ON e.id = r.id AND e.id = ANY(ARRAY(SELECT id FROM req)) AND __IN_DAYS_E__
@@ -236,6 +245,7 @@ def _claim_once(
         base,
         due_at,
         lease_age,
+        day,
     ) in cur.fetchall():
         if won:
             by_id[event_id] = Claimed(
@@ -247,6 +257,7 @@ def _claim_once(
                 scheduled_for,
                 base,
                 sent - lease_age,
+                day,
             )
         elif due_at is not None:
             by_id[event_id] = NotDue(event_id, type_, due_at)
@@ -272,11 +283,12 @@ def claim_batch(
     ``ahead`` seconds, is refused (:class:`NotDue`). Requests must name distinct events
     (the group commit's ``key`` dedupes them).
     """
-    days = _partitions(conn, [r.event_id for r in requests])
+    days = _days(conn, requests)
     by_id = _claim_once(conn, requests, worker_id, ahead, days)
-    # An event that retention moved to a newer partition after _partitions read its key
-    # (docs/retention.md, "Retiring a day") is not in the days named: the events found
-    # nowhere are claimed again if their keys now name a day that was not named.
+    # An event that retention moved to a newer partition after its day was learned (a
+    # stale hint, or a hop right after _partitions read its key: docs/retention.md,
+    # "Retiring a day") is not in the days named: the events found nowhere are claimed
+    # again if their keys now name a day that was not named.
     gone = [r for r in requests if _nowhere(by_id[r.event_id])]
     if gone and not set(again := _partitions(conn, [r.event_id for r in gone])) <= set(days):
         by_id.update(_claim_once(conn, gone, worker_id, ahead, again))
@@ -303,6 +315,9 @@ class Outcome:
     # Epoch seconds, when the handler was invoked (event_attempts.started_at and lateness_ms);
     # None: it never was (the row keeps the claim's values).
     started: float | None = None
+    # The UTC day of the event's partition as its claim found it (Claimed.day); None: look
+    # it up. Stale if retention moved the event while it ran: then it is looked up again.
+    day: date | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +414,7 @@ def finish_outcomes(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) 
     """:func:`finish_batch`, telling per request the status recorded: the outcome's, or
     ``cancelled`` for a failure after a cancel request; ``""`` (:data:`DISCARDED`) if the
     event was no longer this attempt's."""
-    days = _partitions(conn, [o.event_id for o in outcomes])
+    days = _days(conn, outcomes)
     recorded = _finish_once(conn, outcomes, days)
     # As for claims: an event moved to a newer partition meanwhile is looked for again.
     missed = [o for o in outcomes if o.event_id not in recorded]
@@ -435,15 +450,37 @@ def _finish_once(
 # `events` and `event_attempts` are partitioned by `retain_from`, one partition per UTC day
 # (docs/retention.md). A claim or an outcome names the days of its events' partitions as
 # constants in its text (`__IN_DAYS_E__`: `(e.retain_from >= '<day>' AND e.retain_from <
-# '<next day>') OR ...`), learned from `event_keys` (not partitioned: one primary-key probe
-# per id) just before. With constants the planner prunes at plan time, so it plans, locks
+# '<next day>') OR ...`). With constants the planner prunes at plan time, so it plans, locks
 # and opens only those partitions, and the text is the same for every batch of the same
 # days (nearly always today's alone), so psycopg prepares it and PostgreSQL keeps a generic
 # plan for it, as for the unpartitioned table. Each alternative measured worse with 49
 # partitions (bench.partitioned_hotpath, bench/RESULTS.md): naming no partition planned and
 # probed all of them; the days as an array parameter prune only in a custom plan (planning
 # every time), and a generic plan of it locks and initialises every partition.
+#
+# The days come with the requests where they can (`_days`): a job carries its event's day
+# as a hint (the `day` kwarg of the job contract, from whoever enqueued it: the consumer's
+# insert, the claim of the attempt before, the reconciler's and the commands' reads of the
+# event), a claim returns the day it found (`Claimed.day`) and the outcome carries it on.
+# Only requests without one are looked up in `event_keys` (not partitioned: one
+# primary-key probe per id), one statement and round trip more per batch that has any. A
+# day that is wrong or stale (retention hopped the event to today's partition since) finds
+# nothing; the events found nowhere are then looked up and sent once more, as after a hop
+# between the lookup and the statement, so a hint can cost a round trip, never a claim or
+# an outcome.
 _PARTITIONS_SQL: Final = "SELECT DISTINCT retain_from FROM event_keys WHERE id = ANY(%s::uuid[])"
+
+
+def _days(
+    conn: psycopg.Connection[Any], requests: Sequence[ClaimRequest | Outcome]
+) -> tuple[date, ...]:
+    """The days to name for ``requests``: those they carry, and those of the events of
+    requests without one (looked up; no statement if every request carries its day)."""
+    days = {r.day for r in requests if r.day is not None}
+    unknown = [r.event_id for r in requests if r.day is None]
+    if unknown:
+        days.update(_partitions(conn, unknown))
+    return tuple(sorted(days))
 
 
 def _partitions(conn: psycopg.Connection[Any], event_ids: Sequence[str]) -> tuple[date, ...]:

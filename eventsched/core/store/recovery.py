@@ -21,7 +21,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Final
 
 from eventsched.core.domain.event import STATUSES
@@ -44,6 +44,8 @@ class Candidate:
     at: datetime  # the ordering column: execute_at, next_attempt_at or updated_at
     #: The event's trace (``events.traceparent``): its re-enqueued job joins it.
     traceparent: str | None = None
+    #: The UTC day of the event's partition (``retain_from``): its job's hint for the claim.
+    day: date | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,28 +59,33 @@ class Cursor:
 # Each query is served by its partial index (see sql/000001_init.up.sql).
 _OVERDUE_SQL: Final = {
     "overdue": """
-        SELECT id::text, attempts, execute_at, traceparent FROM events
+        SELECT id::text, attempts, execute_at, traceparent,
+               (retain_from AT TIME ZONE 'UTC')::date FROM events
         WHERE status = 'scheduled' AND execute_at < now() - make_interval(secs => %(age)s)
           AND (execute_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY execute_at, id LIMIT %(limit)s""",
     "retry_overdue": """
-        SELECT id::text, attempts, next_attempt_at, traceparent FROM events
+        SELECT id::text, attempts, next_attempt_at, traceparent,
+               (retain_from AT TIME ZONE 'UTC')::date FROM events
         WHERE status = 'retrying' AND next_attempt_at < now() - make_interval(secs => %(age)s)
           AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY next_attempt_at, id LIMIT %(limit)s""",
     # Restoring after Redis lost its data: every pending event, whatever its due time.
     "restore_scheduled": """
-        SELECT id::text, attempts, execute_at, traceparent FROM events
+        SELECT id::text, attempts, execute_at, traceparent,
+               (retain_from AT TIME ZONE 'UTC')::date FROM events
         WHERE status = 'scheduled'
           AND (execute_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY execute_at, id LIMIT %(limit)s""",
     "restore_retrying": """
-        SELECT id::text, attempts, next_attempt_at, traceparent FROM events
+        SELECT id::text, attempts, next_attempt_at, traceparent,
+               (retain_from AT TIME ZONE 'UTC')::date FROM events
         WHERE status = 'retrying'
           AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY next_attempt_at, id LIMIT %(limit)s""",
     "stale_running": """
-        SELECT id::text, attempts, updated_at, traceparent FROM events
+        SELECT id::text, attempts, updated_at, traceparent,
+               (retain_from AT TIME ZONE 'UTC')::date FROM events
         WHERE status = 'running' AND updated_at < now() - make_interval(secs => %(age)s)
           AND (updated_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY updated_at, id LIMIT %(limit)s""",
@@ -99,7 +106,7 @@ async def candidates(
         _OVERDUE_SQL[reason],
         {"age": age, "at": after.at, "id": after.event_id, "limit": limit},
     )
-    return [Candidate(event_id, attempts, at, tp) for event_id, attempts, at, tp in rows]
+    return [Candidate(*row) for row in rows]
 
 
 _STILL_SQL: Final = {
@@ -159,7 +166,8 @@ done AS (
         updated_at = now()
     FROM locked l
     WHERE e.id = l.id
-    RETURNING e.id, e.status, e.attempts, extract(epoch FROM e.next_attempt_at)::float8 AS next_at
+    RETURNING e.id, e.status, e.attempts, extract(epoch FROM e.next_attempt_at)::float8 AS next_at,
+              (e.retain_from AT TIME ZONE 'UTC')::date AS day
 ),
 logged AS (
     UPDATE event_attempts a
@@ -170,7 +178,7 @@ logged AS (
     FROM done d
     WHERE a.event_id = d.id AND a.attempt = d.attempts AND a.outcome IS NULL
 )
-SELECT id::text, status, attempts, next_at FROM done
+SELECT id::text, status, attempts, next_at, day FROM done
 """
 
 
@@ -184,6 +192,7 @@ class TakenOver:
     status: str
     attempts: int
     next_attempt_at: float | None
+    day: date | None = None  # the UTC day of the event's partition: its retry job's hint
 
 
 async def take_over(

@@ -126,8 +126,9 @@ class Commands:
         assert done.event_id is not None and done.due is not None
         attempt = FIRST_ATTEMPT if done.status == "scheduled" else done.attempts + 1
         return make_job(
-            done.event_id, attempt, done.due, self._job_timeout, traceparent=done.traceparent
-        )
+            done.event_id, attempt, done.due, self._job_timeout, traceparent=done.traceparent,
+            day=done.day,
+        )  # fmt: skip
 
 
 def synced_ids(applied: Sequence[Applied]) -> set[str]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Final
 
 import trio
@@ -160,12 +160,12 @@ class Recorder:
         if existing_rows:
             existing = await self._retrying(eventstore.lookup_existing, self._db, existing_rows)
 
-        jobs = [
-            self._job(row.event.id, row.event.execute_at, row.event.type, row.traceparent)
-            for row in rows
-            if row.event.idempotency_key in new_keys
-            and not (synced and str(row.event.id) in synced)
-        ]
+        jobs: list[ScheduledJob] = []
+        for row in rows:
+            e = row.event
+            day = new_keys.get(e.idempotency_key)
+            if day is not None and not (synced and str(e.id) in synced):
+                jobs.append(self._job(e.id, e.execute_at, e.type, row.traceparent, day))
         for row in existing_rows:
             stored = existing.get(row.event.idempotency_key)
             if stored is None:
@@ -184,7 +184,7 @@ class Recorder:
             if stored.status == "scheduled" and not (synced and str(stored.id) in synced):
                 # The message's traceparent: a redelivery of the stored event's own message.
                 tp = row.traceparent if stored.same else None
-                jobs.append(self._job(stored.id, stored.execute_at, row.event.type, tp))
+                jobs.append(self._job(stored.id, stored.execute_at, row.event.type, tp, stored.day))
         for row in later:
             first = first_by_key[row.event.idempotency_key]
             if not _same_event(first.event, row.event):
@@ -212,10 +212,11 @@ class Recorder:
 
     async def _insert(
         self, rows: Sequence[IngestRow]
-    ) -> tuple[set[str], list[tuple[IngestRow, str]]]:
-        """Insert rows; returns (new keys, rows refused even alone with the reason)."""
+    ) -> tuple[dict[str, date], list[tuple[IngestRow, str]]]:
+        """Insert rows; returns (new keys with their partition days, rows refused even
+        alone with the reason)."""
         if not rows:
-            return set(), []
+            return {}, []
         try:
             return await self._retrying(eventstore.insert_events, self._db, rows), []
         except RowsRejected as err:
@@ -230,7 +231,7 @@ class Recorder:
 
     async def _insert_one(
         self, row: IngestRow, first_error: RowsRejected
-    ) -> tuple[set[str], list[tuple[IngestRow, str]]]:
+    ) -> tuple[dict[str, date], list[tuple[IngestRow, str]]]:
         error = first_error
         for attempt in range(1, self._settings.max_retries):
             await trio.sleep(min(self._settings.backoff_initial * 2 ** (attempt - 1), 1.0))
@@ -246,7 +247,7 @@ class Recorder:
             offset=row.offset,
             attempts=self._settings.max_retries,
         )
-        return set(), [(row, error.problem)]
+        return {}, [(row, error.problem)]
 
     def _conflict(self, row: IngestRow, winner_id: Any) -> None:
         self._log.warning(
@@ -259,12 +260,18 @@ class Recorder:
         )
 
     def _job(
-        self, event_id: Any, execute_at: datetime, type_: str, traceparent: str | None
+        self,
+        event_id: Any,
+        execute_at: datetime,
+        type_: str,
+        traceparent: str | None,
+        day: date | None,
     ) -> ScheduledJob:
-        # The executor's job contract: first attempt, key = event id, due time in epoch s.
+        # The executor's job contract: first attempt, key = event id, due time in epoch s,
+        # the event's partition day (from the insert or the lookup: no statement of its own).
         return make_job(
             str(event_id), FIRST_ATTEMPT, execute_at.timestamp(), self._job_timeout,
-            lane=self._lane_of(type_), traceparent=traceparent,
+            lane=self._lane_of(type_), traceparent=traceparent, day=day,
         )  # fmt: skip
 
 

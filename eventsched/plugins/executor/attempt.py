@@ -19,13 +19,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Final, TypeVar
 
 import httpx
 
 from eventsched.core.domain.jobcontract import (
     attempt_of,
+    day_of,
     is_first_attempt,
     make_job,
     saq_timeout,
@@ -214,12 +215,14 @@ class Attempts:
         scheduled: float,
         type_: str | None = None,
         traceparent: str | None = None,
+        day: date | None = None,
     ) -> ScheduledJob:
         """The job of an event's attempt: the job contract, with this role's SAQ timeout
-        (and the type's lane, when the caller knows the type; the event's trace context)."""
+        (and the type's lane, when the caller knows the type; the event's trace context;
+        its partition day, when the caller read it with the event)."""
         return make_job(
             event_id, attempt, scheduled, self._saq_timeout, lane=self.policies.lane_of(type_),
-            traceparent=traceparent,
+            traceparent=traceparent, day=day,
         )  # fmt: skip
 
     async def execute_event(
@@ -229,10 +232,12 @@ class Attempts:
         event_id: str,
         attempt: int | None = None,
         traceparent: str | None = None,
+        day: str | None = None,
     ) -> None:
         """SAQ job function: run the attempt of an event that the job's ``attempt`` kwarg
         names (absent: the first; see :func:`~eventsched.core.domain.jobcontract.attempt_of`);
-        ``traceparent``: the event's trace, which the attempt's span joins."""
+        ``traceparent``: the event's trace, which the attempt's span joins; ``day``: the
+        event's partition day, the claim's hint (absent or stale: it is looked up)."""
         claimed = time.time()
         number = attempt_of(attempt)
         try:
@@ -244,8 +249,9 @@ class Attempts:
         held = self._jobs.held_reason(ctx["job"]) if "job" in ctx else ""
         # A claim asks for the first attempt with 0 (see ClaimRequest).
         request = ClaimRequest(
-            event_id, 0 if is_first_attempt(number) else number, claimed, held or None
-        )
+            event_id, 0 if is_first_attempt(number) else number, claimed, held or None,
+            day_of(day),
+        )  # fmt: skip
         claim = await self._patiently(self.claims, request, CLAIM_PATIENCE)
         if claim is None:
             return  # PostgreSQL unreachable: the reconciler re-enqueues the event
@@ -325,6 +331,7 @@ class Attempts:
             label=label,
             base=claim.base,
             started=started,
+            day=claim.day,
         )
         await self._record(outcome)
 
@@ -469,7 +476,9 @@ class Attempts:
                 assert outcome.next_attempt_at is not None  # decide() sets it for retrying
                 at, label = outcome.next_attempt_at, outcome.label
                 retries.append(
-                    self.job_for(outcome.event_id, outcome.attempt + 1, at, label, traceparent)
+                    self.job_for(
+                        outcome.event_id, outcome.attempt + 1, at, label, traceparent, outcome.day
+                    )
                 )
             else:
                 self.dead_letters.submit_nowait(outcome.event_id)
@@ -517,6 +526,7 @@ class Attempts:
             label=label,
             base=claim.base,
             started=started,
+            day=claim.day,
         )
         self.finishes.submit_nowait(outcome)
 

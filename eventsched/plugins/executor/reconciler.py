@@ -70,6 +70,7 @@ import functools
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, Final, Protocol, TypeVar
 
 import trio
@@ -117,8 +118,9 @@ ATTEMPT_OF: Final[dict[str, Callable[[Candidate], int]]] = {
     "retry_overdue": _next_attempt,
     "restore_retrying": _next_attempt,
 }
-# (event id, attempt, due time, event type or None, traceparent or None) -> its job
-JobFor = Callable[[str, int, float, str | None, str | None], ScheduledJob]
+# (event id, attempt, due time, event type or None, traceparent or None, partition day or
+# None) -> its job
+JobFor = Callable[[str, int, float, str | None, str | None, date | None], ScheduledJob]
 
 
 class DeadLetterSink(Protocol):
@@ -293,7 +295,7 @@ class Reconciler:
                 return 0
         attempt_of = ATTEMPT_OF[reason]
         jobs = [
-            self._job_for(c.event_id, attempt_of(c), c.at.timestamp(), None, c.traceparent)
+            self._job_for(c.event_id, attempt_of(c), c.at.timestamp(), None, c.traceparent, c.day)
             for c in page
         ]
         pending = await self._jobs.pending_keys([job.key for job in jobs])
@@ -412,7 +414,7 @@ class Reconciler:
         page = [c for c in page if self._expired_long_enough(c)]
         if not page:
             return 0
-        keys = [self._job_for(c.event_id, c.attempts, 0.0, None, None).key for c in page]
+        keys = [self._job_for(c.event_id, c.attempts, 0.0, None, None, None).key for c in page]
         traces = {c.event_id: c.traceparent for c in page}
         live = await self.live_jobs(keys)
         stale: list[Candidate] = []
@@ -437,10 +439,9 @@ class Reconciler:
                         status=t.status)  # fmt: skip
             if t.status == "retrying":
                 assert t.next_attempt_at is not None  # set with status retrying
+                trace = traces.get(t.event_id)
                 jobs.append(
-                    self._job_for(
-                        t.event_id, t.attempts + 1, t.next_attempt_at, None, traces.get(t.event_id)
-                    )
+                    self._job_for(t.event_id, t.attempts + 1, t.next_attempt_at, None, trace, t.day)
                 )
             elif t.status == "dead":
                 self._dead_letters.submit_nowait(t.event_id)

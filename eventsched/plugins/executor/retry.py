@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date
 
 from eventsched.core.runtime.sections import RetryBackoffSettings
 from eventsched.core.store.executions import Outcome
@@ -52,6 +53,7 @@ def decide(
     label: str = "",
     base: int = 0,
     started: float | None = None,
+    day: date | None = None,
 ) -> Outcome:
     """The outcome of an attempt: succeeded, retrying after ``delay(n)``, or dead.
 
@@ -59,22 +61,25 @@ def decide(
     number of attempts made before it began (0; after a dlq replay re-ran a dead event, the
     attempts of the run that went dead), so a re-run gets ``max_attempts`` attempts of its
     own while attempt numbers keep counting. ``started``: when the handler was invoked
-    (epoch seconds; None if it never was), recorded with the outcome.
+    (epoch seconds; None if it never was), recorded with the outcome; ``day``: the event's
+    partition day as the claim found it (``Claimed.day``), carried to the outcome.
     """
     n = attempt - base
     if failure is None:
-        return Outcome(event_id, attempt, "succeeded", None, now, label=label, started=started)
+        return Outcome(
+            event_id, attempt, "succeeded", None, now, label=label, started=started, day=day
+        )
     if failure.permanent:
         return Outcome(
             event_id, attempt, "dead", failure.error, now, dead_reason=failure.reason,
-            label=label, started=started,
+            label=label, started=started, day=day,
         )  # fmt: skip
     if n >= max_attempts:
         return Outcome(
             event_id, attempt, "dead", failure.error, now, dead_reason="retries_exhausted",
-            label=label, started=started,
+            label=label, started=started, day=day,
         )  # fmt: skip
     return Outcome(
         event_id, attempt, "retrying", failure.error, now, next_attempt_at=now + delay(n),
-        label=label, started=started,
+        label=label, started=started, day=day,
     )  # fmt: skip
