@@ -7,6 +7,7 @@ process where a signal or a kill is the point). Real PostgreSQL, Redis and broke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -482,6 +483,23 @@ async def test_jobs_cut_off_by_the_shutdown_deadline_record_their_attempt_and_re
     job = await trio.to_thread.run_sync(saq_job, redis_url, names.queue, f"{event.id}#2")
     [(day,)] = query(database, "SELECT (retain_from AT TIME ZONE 'UTC')::date FROM events")
     assert job is not None and job["kwargs"]["day"] == day.isoformat()
+
+
+async def test_a_job_with_a_kwarg_this_version_does_not_know_still_runs(
+    make_settings: Any, database: str
+) -> None:
+    """A newer enqueuer may add a hint kwarg to the job contract (as ``day`` was added): the
+    job function ignores kwargs it does not know, so roles can be upgraded in any order."""
+    settings = executor_settings(make_settings, "ok")
+    (event,) = new_events(1, due=time.time())
+    await trio.to_thread.run_sync(insert_events, database, [event])
+    async with running_executor(settings) as harness:
+        job = make_job(event.id, 1, event.execute_at, saq_timeout(settings))
+        await harness.jobs.enqueue_many(
+            [dataclasses.replace(job, kwargs={**job.kwargs, "hint_from_the_future": 1})]
+        )
+        await wait_until(all_finished(database, 1), limit=10)
+    assert await trio.to_thread.run_sync(status_counts, database) == {"succeeded": 1}
 
 
 # -- several processes -----------------------------------------------------------------------------

@@ -30,7 +30,9 @@ up, and a stale one (retention moved the event to a newer partition since) finds
 and is looked up then, so a hint costs at most a round trip. :func:`day_of` reads it back
 (anything but a ``YYYY-MM-DD`` date counts as absent). An executor older than the kwarg
 fails a job that carries it (its job function takes no ``day``): upgrade the executors
-before, or together with, the roles that enqueue.
+before, or together with, the roles that enqueue. From this version on the job function
+ignores kwargs it does not know, so a kwarg added later must be an optional hint too (the
+rule for changing this contract), and later upgrades can go in any order.
 
 Due times, one name each: an event's due time is ``execute_at`` (a UTC datetime at the
 edges: the wire format, the ``events`` column, the handler's event); an attempt's due time

@@ -233,11 +233,14 @@ class Attempts:
         attempt: int | None = None,
         traceparent: str | None = None,
         day: str | None = None,
+        **newer: object,
     ) -> None:
         """SAQ job function: run the attempt of an event that the job's ``attempt`` kwarg
         names (absent: the first; see :func:`~eventsched.core.domain.jobcontract.attempt_of`);
         ``traceparent``: the event's trace, which the attempt's span joins; ``day``: the
-        event's partition day, the claim's hint (absent or stale: it is looked up)."""
+        event's partition day, the claim's hint (absent or stale: it is looked up).
+        ``newer``: kwargs a later version of the job contract added, ignored: they are
+        optional hints by the contract's rule, so roles can be upgraded in any order."""
         claimed = time.time()
         number = attempt_of(attempt)
         try:
