@@ -220,10 +220,13 @@ class Loaded:
             self.running -= 1
 
 
-async def _run_all(jobs: JobQueue, loaded: Loaded, count: int) -> None:
+async def _run_all(jobs: JobQueue, loaded: Loaded, count: int, hint: int | None = None) -> None:
     now = time.time()
     await jobs.enqueue_many(
-        [ScheduledJob(key=f"{jobs.name}-{n}", function="run", scheduled=now) for n in range(count)]
+        [
+            ScheduledJob(key=f"{jobs.name}-{n}", function="run", scheduled=now, size=hint)
+            for n in range(count)
+        ]
     )
     worker = make_worker(jobs, [("run", loaded.run)], concurrency=50, payload_budget=loaded.budget)
     async with trio.open_nursery() as nursery:
@@ -243,6 +246,32 @@ async def test_the_dispatcher_hands_out_only_what_the_budget_has_room_for(jobs: 
     assert loaded.most_held <= 1000  # 50 slots, but never more bytes than the budget
     assert 10 <= loaded.most_running <= 12
     assert loaded.budget.held == 0  # every job gave its bytes back
+    assert await jobs.counts() == {"queued": 0, "scheduled": 0, "active": 0}
+
+
+async def test_jobs_with_a_size_hint_are_handed_out_as_far_as_their_sizes_fit(
+    jobs: JobQueue,
+) -> None:
+    # Feared at 500 bytes, two jobs would be handed out at once; the enqueuer said 100, and
+    # ten are (the claims' round trips no longer bound a burst of small payloads).
+    loaded = Loaded(PayloadBudget(1000, unknown=500), size=100)
+    await _run_all(jobs, loaded, 60, hint=100)
+    assert len(loaded.calls) == 60 and set(loaded.calls.values()) == {1}
+    assert loaded.most_held <= 1000
+    assert 8 <= loaded.most_running <= 10
+    assert loaded.budget.held == 0
+    assert await jobs.counts() == {"queued": 0, "scheduled": 0, "active": 0}
+
+
+async def test_a_hint_that_does_not_fit_sends_the_job_back_until_there_is_room(
+    jobs: JobQueue,
+) -> None:
+    # Hints of 400 in a budget of 1000: two at a time, whatever the last claim suggested.
+    loaded = Loaded(PayloadBudget(1000, unknown=100), size=400)
+    await _run_all(jobs, loaded, 12, hint=400)
+    assert len(loaded.calls) == 12 and set(loaded.calls.values()) == {1}
+    assert loaded.most_held <= 1000 and loaded.most_running == 2
+    assert loaded.budget.held == 0
     assert await jobs.counts() == {"queued": 0, "scheduled": 0, "active": 0}
 
 

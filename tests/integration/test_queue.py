@@ -34,6 +34,7 @@ from eventsched.core.jobqueue import (
     run_worker,
 )
 from eventsched.core.jobqueue import store as store_module
+from eventsched.core.jobqueue.jobs import size_hint
 from eventsched.core.runtime.errors import DependencyError
 
 REDIS_URL = os.environ.get("EVENTSCHED_TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -141,9 +142,11 @@ def lateness_report(recorder: Recorder) -> tuple[float, float, float]:
 # -- enqueue ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kwargs", "job_timeout"), [({"x": 1}, 7), ({}, 10)])
+@pytest.mark.parametrize(
+    ("kwargs", "job_timeout", "size"), [({"x": 1}, 7, None), ({}, 10, None), ({}, 10, 321)]
+)
 async def test_enqueue_stores_what_saq_would_store(
-    jobs: JobQueue, kwargs: dict[str, Any], job_timeout: int
+    jobs: JobQueue, kwargs: dict[str, Any], job_timeout: int, size: int | None
 ) -> None:
     queue = jobs.aio_queue
     scheduled = due_in(100) + 0.000123
@@ -153,6 +156,7 @@ async def test_enqueue_stores_what_saq_would_store(
         scheduled=scheduled,
         kwargs=kwargs,
         timeout=job_timeout,
+        size=size,
     )
     assert await jobs.enqueue_many([spec]) == 1
 
@@ -164,6 +168,8 @@ async def test_enqueue_stores_what_saq_would_store(
     saq_job = await aio(queue.job, spec.key)
     assert saq_job.scheduled == scheduled  # float seconds, nothing truncated
     assert (saq_job.retries, saq_job.timeout, saq_job.status) == (1, job_timeout, Status.QUEUED)
+    assert size_hint(saq_job) == size  # in the job's meta, not among its kwargs
+    assert saq_job.kwargs == kwargs
     assert await aio(queue.redis.zscore, queue.namespace("incomplete"), saq_job.id) == scheduled
 
 

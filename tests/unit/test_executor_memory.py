@@ -79,6 +79,24 @@ def test_room_counts_unclaimed_jobs_at_their_worst_case_and_claimed_ones_at_thei
     assert (budget.held, budget.room()) == (0, 10)
 
 
+def test_a_size_hint_is_reserved_instead_of_the_worst_case() -> None:
+    budget = PayloadBudget(1000, unknown=400)
+    assert (budget.room(), budget.room(100)) == (2, 10)
+    for n in range(9):
+        assert budget.fits(100)
+        budget.reserve(f"h{n}", 100)
+    assert (budget.held, budget.fits(100), budget.fits(None)) == (900, True, False)
+    budget.reserve("h9", 100)
+    assert (budget.held, budget.fits(1), budget.room(100)) == (1000, False, 0)
+    budget.settle("h0", 60)  # smaller than its hint: room again
+    assert (budget.held, budget.fits(40), budget.fits(41)) == (960, True, False)
+    budget.settle("h1", 150)  # bigger than its hint: over the limit until it ends
+    assert budget.held == 1010
+    for n in range(10):
+        budget.release(f"h{n}")
+    assert (budget.held, budget.fits(None)) == (0, True)
+
+
 def test_one_job_always_fits_so_a_payload_bigger_than_the_budget_still_runs() -> None:
     budget = PayloadBudget(1000, unknown=4000)
     assert budget.room() == 1

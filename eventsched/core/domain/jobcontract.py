@@ -7,7 +7,7 @@
                  attempt, {"event_id": "<uuid>", "attempt": n} for retry n >= 2,
                  plus {"traceparent": "00-..."} when the event belongs to a trace,
                  plus {"day": "YYYY-MM-DD"} when the enqueuer knows the event's partition,
-                 timeout=saq_timeout(settings))
+                 timeout=saq_timeout(settings), size=<payload bytes> when known)
 
 Attempts are numbered from :data:`FIRST_ATTEMPT` (1). The first attempt's job carries no
 ``attempt`` kwarg; :func:`attempt_of` reads the kwarg back (absent: the first attempt), and
@@ -33,6 +33,13 @@ fails a job that carries it (its job function takes no ``day``): upgrade the exe
 before, or together with, the roles that enqueue. From this version on the job function
 ignores kwargs it does not know, so a kwarg added later must be an optional hint too (the
 rule for changing this contract), and later upgrades can go in any order.
+
+``size`` is a hint too, but not a kwarg: the payload's size in bytes as its enqueuer saw it,
+kept in the SAQ job's ``meta`` (:attr:`~eventsched.core.jobqueue.ScheduledJob.size`), where
+the executor's dispatcher reads it before the job function runs: its payload budget
+(``executor.inflight_bytes``) reserves that much for the job until the claim brings the
+payload, instead of the largest message (``consumer.max_message_bytes``). A job without it
+reserves the largest; an executor older than it ignores it.
 
 Due times, one name each: an event's due time is ``execute_at`` (a UTC datetime at the
 edges: the wire format, the ``events`` column, the handler's event); an attempt's due time
@@ -106,12 +113,15 @@ def make_job(
     lane: str = "",
     traceparent: str | None = None,
     day: date | None = None,
+    size: int | None = None,
 ) -> ScheduledJob:
     """The SAQ job that runs ``attempt`` of an event at ``scheduled`` (epoch seconds);
     ``lane``: the event's queue lane (its type, when the type has limits or a priority of
     its own: :mod:`eventsched.core.domain.policies`), marked for the event at enqueue;
     ``traceparent``: the W3C trace context the attempt's span is a child of; ``day``: the
-    UTC day of the event's partition, if known (the claim's hint, see the module)."""
+    UTC day of the event's partition, if known (the claim's hint, see the module); ``size``:
+    the payload's size in bytes, if known (the executor's payload budget reserves that much
+    for the job instead of the largest message, see the module)."""
     kwargs: dict[str, Any] = {"event_id": event_id}
     if not is_first_attempt(attempt):
         kwargs["attempt"] = attempt
@@ -126,4 +136,5 @@ def make_job(
         kwargs=kwargs,
         timeout=timeout,
         lane=lane,
+        size=size,
     )

@@ -6,10 +6,14 @@ therefore do not bound memory: 256 slots and a burst of 1 MB payloads load 256 M
 while a batch is converted: libpq's result and the Python objects).
 
 :class:`PayloadBudget` is the byte bound. The worker's dispatcher hands a job to a slot only
-while the budget has room (:meth:`PayloadBudget.room`, always at least one job when nothing
-is held, so a payload bigger than the whole budget still runs). A job holds ``unknown`` bytes
-(the largest payload that may arrive: ``consumer.max_message_bytes``) from hand-out until its
-claim answers, then its payload's JSON size until it ends. Everything runs on the asyncio
+while the budget has room (:meth:`PayloadBudget.fits`, always at least one job when nothing
+is held, so a payload bigger than the whole budget still runs). A job holds its size hint
+(:attr:`~eventsched.core.jobqueue.jobs.ScheduledJob.size`: the size its enqueuer saw), or
+``unknown`` bytes without one (the largest payload that may arrive:
+``consumer.max_message_bytes``), from hand-out until its claim answers, then its payload's
+JSON size until it ends. Without hints a 64 MB budget admits 64 jobs whose claim is in
+flight, which bounded a burst's drain by the claims' round trips; with them, as many small
+payloads as fit. Everything runs on the asyncio
 side (dispatcher, slots and job functions share the loop): no locks.
 
 :func:`trim_heap` gives freed memory back to the operating system. CPython hands big objects
@@ -69,10 +73,11 @@ def payload_bytes(payload: object) -> int:
 class PayloadBudget:
     """Bytes of payload the jobs handed out by one worker may hold at once (asyncio side).
 
-    Invariant: :attr:`held` is ``unknown`` for every handed-out job whose claim has not
-    answered plus the payload size of every claimed job that has not ended. The dispatcher
-    takes at most :meth:`room` jobs, so :attr:`held` exceeds ``limit`` only by payloads
-    bigger than ``unknown``, or by the one job always allowed when nothing is held.
+    Invariant: :attr:`held` is the reservation (size hint, else ``unknown``) of every
+    handed-out job whose claim has not answered plus the payload size of every claimed job
+    that has not ended. The dispatcher hands a job out only if it :meth:`fits`, so
+    :attr:`held` exceeds ``limit`` only by payloads bigger than their reservation, or by the
+    one job always allowed when nothing is held.
     """
 
     def __init__(
@@ -86,7 +91,8 @@ class PayloadBudget:
     ) -> None:
         self.limit = limit
         self.unknown = max(1, unknown)
-        self._unclaimed: set[str] = set()
+        self._unclaimed: dict[str, int] = {}  # handed out, claim pending: its reservation
+        self._reserved = 0  # sum of self._unclaimed
         self._claimed: dict[str, int] = {}
         self._payloads = 0  # sum of self._claimed (what is really allocated)
         self._high = 0  # its high-water mark since the last trim
@@ -100,38 +106,50 @@ class PayloadBudget:
 
     @property
     def held(self) -> int:
-        return len(self._unclaimed) * self.unknown + self._payloads
+        return self._reserved + self._payloads
 
-    def room(self) -> int:
-        """How many more jobs may be handed out now (at ``unknown`` bytes each)."""
+    def room(self, each: int | None = None) -> int:
+        """How many more jobs of ``each`` bytes (None: ``unknown``) fit now."""
+        per = max(1, self.unknown if each is None else each)
         if not self._unclaimed and not self._claimed:
-            return max(1, self.limit // self.unknown)
-        return max(0, self.limit - self.held) // self.unknown
+            return max(1, self.limit // per)
+        return max(0, self.limit - self.held) // per
+
+    def fits(self, size: int | None) -> bool:
+        """Whether a job with this size hint (None: ``unknown``) may be handed out now: it
+        fits in what is left, or nothing is held."""
+        if not self._unclaimed and not self._claimed:
+            return True
+        return self.held + (self.unknown if size is None else size) <= self.limit
 
     def on_release(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` whenever bytes are released (the dispatcher wakes up)."""
         self._listeners.append(listener)
 
-    def reserve(self, job_id: str) -> None:
-        """A job was handed out: it holds ``unknown`` bytes until :meth:`settle`."""
-        if job_id not in self._claimed:
-            self._unclaimed.add(job_id)
+    def reserve(self, job_id: str, size: int | None = None) -> None:
+        """A job was handed out: it holds ``size`` bytes (its hint; None: ``unknown``) until
+        :meth:`settle`."""
+        if job_id not in self._claimed and job_id not in self._unclaimed:
+            reservation = self.unknown if size is None else size
+            self._unclaimed[job_id] = reservation
+            self._reserved += reservation
 
     def settle(self, job_id: str, size: int) -> None:
         """The job's claim answered: it holds ``size`` bytes (0: no payload) until it ends."""
-        if job_id not in self._unclaimed:
+        reservation = self._unclaimed.pop(job_id, None)
+        if reservation is None:
             return  # not handed out through this budget, or settled already
-        self._unclaimed.discard(job_id)
+        self._reserved -= reservation
         self._claimed[job_id] = size
         self._payloads += size
         self._high = max(self._high, self._payloads)
-        if size < self.unknown:
+        if size < reservation:
             self._released()
 
     def release(self, job_id: str) -> None:
         """The job ended (or went back to the queue): its bytes are free."""
         if job_id in self._unclaimed:
-            self._unclaimed.discard(job_id)
+            self._reserved -= self._unclaimed.pop(job_id)
         elif job_id in self._claimed:
             size = self._claimed.pop(job_id)
             self._payloads -= size

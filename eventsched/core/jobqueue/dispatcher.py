@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from saq.job import Job
 
-from eventsched.core.jobqueue.jobs import JobClaim
+from eventsched.core.jobqueue.jobs import JobClaim, size_hint
 from eventsched.core.jobqueue.store import REDIS_ERRORS, OnTimeQueue
 from eventsched.core.runtime.logs import get_logger
 from eventsched.core.runtime.redaction import redact
@@ -86,6 +86,9 @@ class Dispatcher:
             # While the budget is what limits, bytes come free a job at a time; claiming
             # each time would cost a Redis round trip per job. Wait for room for this many.
             self._claim_batch = max(1, budget.limit // budget.unknown // 8)
+        # Bytes the budget reserves per job of the next claim, as in the last one that
+        # brought jobs: their largest size hint (None: a job without one, the worst case).
+        self._each: int | None = None
 
     def _demand(self) -> int:
         while self._getters and self._getters[0].done():
@@ -95,7 +98,7 @@ class Dispatcher:
     def _limit(self) -> int:
         """Jobs to claim now (:func:`claim_size`)."""
         demand = self._demand()
-        room = self._budget.room() if self._budget is not None and demand else None
+        room = self._budget.room(self._each) if self._budget is not None and demand else None
         return claim_size(demand, room, self._opening)
 
     def _worth_a_claim(self) -> bool:
@@ -104,7 +107,7 @@ class Dispatcher:
         ``max_wait`` and at every due time."""
         if self._budget is None:
             return True
-        room = self._budget.room()
+        room = self._budget.room(self._each)
         return room >= self._claim_batch or 0 < len(self._getters) <= room
 
     def _budget_freed(self) -> None:
@@ -156,15 +159,22 @@ class Dispatcher:
             self._wake.set()
 
     def _hand_out(self, jobs: list[Job]) -> list[Job]:
-        """Give each job to a waiting slot; return those no slot is left for."""
+        """Give each job to a waiting slot, in order, while the budget has room for its
+        size hint; return those no slot (or no room) is left for."""
         left = deque(jobs)
         while left and self._getters:
             getter = self._getters.popleft()
-            if not getter.done():
-                job = left.popleft()
-                if self._budget is not None:
-                    self._budget.reserve(job.id)
-                getter.set_result(job)
+            if getter.done():
+                continue
+            job = left[0]
+            if self._budget is not None:
+                size = size_hint(job)
+                if not self._budget.fits(size):  # the hints of the last claim were smaller
+                    self._getters.appendleft(getter)
+                    break
+                self._budget.reserve(job.id, size)
+            left.popleft()
+            getter.set_result(job)
         return list(left)
 
     def request_flush(self) -> None:
@@ -199,6 +209,9 @@ class Dispatcher:
                 self._batcher.settle(batch, err)
                 raise
             self._batcher.settle(batch, None)
+            if self._budget is not None and result.jobs:
+                hints = [size_hint(job) for job in result.jobs]
+                self._each = None if None in hints else max(h for h in hints if h is not None)
             if limit:
                 # Asked and got nothing: the queue ran dry, the next jobs open a burst.
                 # (A claim that asked for none, every slot busy, says nothing about it.)

@@ -14,6 +14,9 @@ from typing import Any
 
 from saq.job import Job, Status
 
+#: The key of :attr:`ScheduledJob.size` in the SAQ job's ``meta``.
+SIZE_META = "size"
+
 _JOB_FIELDS = [(field.name, field.default) for field in dataclasses.fields(Job)]
 _JOB_DEFAULTS = dict(_JOB_FIELDS)
 
@@ -58,7 +61,15 @@ def job_payload(job: ScheduledJob, queue: str, ttl: int, queued_ms: int) -> dict
         payload["scheduled"] = float(job.scheduled)
     payload["queued"] = queued_ms
     payload["status"] = Status.QUEUED.value
+    if job.size is not None:
+        payload["meta"] = {SIZE_META: job.size}
     return payload
+
+
+def size_hint(job: Job) -> int | None:
+    """The payload size a job was enqueued with (:attr:`ScheduledJob.size`), or None."""
+    size = job.meta.get(SIZE_META) if job.meta else None
+    return size if isinstance(size, int) and size >= 0 else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,6 +82,9 @@ class ScheduledJob:
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     timeout: int = 60  # seconds before SAQ cancels the job and its sweep calls it stuck
     lane: str = ""  # the event's lane (its type, if limited or prioritised; see limits.py)
+    #: Bytes of payload the job will load (a hint for the worker's payload budget, kept in
+    #: the SAQ job's ``meta``, not passed to the function); None: unknown, the worst case.
+    size: int | None = None
 
 
 class PutBack(Exception):

@@ -24,7 +24,13 @@ from saq.types import WorkerInfo
 from saq.utils import now
 
 from eventsched.core.jobqueue.batcher import Batcher, Command
-from eventsched.core.jobqueue.jobs import JobClaim, ScheduledJob, job_dict, job_payload
+from eventsched.core.jobqueue.jobs import (
+    SIZE_META,
+    JobClaim,
+    ScheduledJob,
+    job_dict,
+    job_payload,
+)
 from eventsched.core.jobqueue.limits import Lane, LaneKeys, encode_lanes, event_of, release_commands
 from eventsched.core.jobqueue.scripts import CLAIM_LUA, ENQUEUE_LUA, SWEEP_LUA
 from eventsched.core.runtime.logs import get_logger
@@ -141,6 +147,7 @@ class OnTimeQueue(RedisQueue):
             retries=1,  # one attempt: SAQ retries only if retries > attempts
             ttl=self.ttl,
             status=Status.QUEUED,
+            meta={} if job.size is None else {SIZE_META: job.size},
         )
         # SAQ annotates `scheduled` as int but stores any JSON number untouched; we need
         # the fraction (the due time in milliseconds and below).
