@@ -58,8 +58,12 @@ def _row(
     ``lane``: its type's queue lane when the type has limits (as the consumer marks it)."""
     event_id = str(uuid7())
     due = _EPOCH + timedelta(milliseconds=due_ms)
-    row: Row = (event_id, event_id, type_, json.dumps({"n": n}), due, created)
-    return row, functools.partial(make_job, event_id, 1, due_ms / 1000, JOB_TIMEOUT, lane=lane)
+    payload = json.dumps({"n": n})
+    row: Row = (event_id, event_id, type_, payload, due, created)
+    # The payload's size too, as the consumer's jobs carry it (the executor's budget hint).
+    return row, functools.partial(
+        make_job, event_id, 1, due_ms / 1000, JOB_TIMEOUT, lane=lane, size=len(payload.encode())
+    )
 
 
 async def _insert(conn: psycopg.AsyncConnection[Any], rows: Sequence[Row]) -> date:
