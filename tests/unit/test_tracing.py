@@ -202,3 +202,30 @@ def test_without_opentelemetry_loaded_the_helpers_make_no_span() -> None:
         assert current is None
     assert tracing.current_traceparent() is None
     assert tracing.start_publish("events") is None
+
+
+LOADED = textwrap.dedent(
+    """
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from eventsched.core.runtime import tracing
+
+    # The API imported (redis-py does it) but no provider set: no spans, checked again and
+    # again without the API's own lookup; a provider set later is seen at the next call.
+    assert not tracing.loaded() and not tracing.loaded()
+    assert tracing.current_traceparent() is None
+    trace.set_tracer_provider(TracerProvider())
+    assert tracing.loaded()
+    with tracing.span("x") as current:
+        assert current is not None and tracing.current_traceparent() is not None
+    print("ok")
+    """
+)
+
+
+def test_spans_start_once_a_provider_is_set_after_the_api_was_loaded() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
