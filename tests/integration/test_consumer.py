@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 from eventsched.core.domain.decode import DecodeLimits, decode_event
 from eventsched.core.domain.event import Event
 from eventsched.core.domain.wire import encode_event, kafka_headers, new_event
+from eventsched.core.jobqueue import payload_bytes
 from eventsched.core.kafka import ensure_topics
 from eventsched.core.operations.devpostgres import PostgresServer
 from eventsched.core.operations.summary import metric_total
@@ -47,6 +48,7 @@ from tests.support.ingest import (
     rows_reach,
     running,
     saq_kwargs,
+    saq_records,
     saq_schedule,
     start_role,
     wait_assigned,
@@ -192,6 +194,12 @@ async def test_redelivery_and_conflicting_keys_keep_the_first_event_and_one_job(
     hints = saq_kwargs(redis_url, topics.queue)
     assert {key: kwargs.get("day") for key, kwargs in hints.items()} == {
         event_id: day.isoformat() for event_id, day in days
+    }
+    # ... and its payload's size, as the executor's payload budget counts it (SAQ's meta).
+    payloads = query(database, "SELECT id::text, payload FROM events")
+    records = saq_records(redis_url, topics.queue)
+    assert {key: record.get("meta", {}).get("size") for key, record in records.items()} == {
+        event_id: payload_bytes(payload) for event_id, payload in payloads
     }
     assert consumed("new") - new_before == 101
     assert consumed("duplicate") - dup_before == 122

@@ -122,13 +122,18 @@ def saq_schedule(redis_url: str, queue: str) -> dict[str, float]:
 
 def saq_kwargs(redis_url: str, queue: str) -> dict[str, dict[str, Any]]:
     """Job key -> the kwargs of its stored job, for every job pending in the queue."""
+    return {key: record["kwargs"] for key, record in saq_records(redis_url, queue).items()}
+
+
+def saq_records(redis_url: str, queue: str) -> dict[str, dict[str, Any]]:
+    """Job key -> its stored job record (SAQ's job dict), for every job pending in the queue."""
     client = redis.Redis.from_url(redis_url)
     try:
         prefix = f"saq:job:{queue}:"
         members = [m.decode() for m in client.zrange(f"saq:{queue}:incomplete", 0, -1)]
         records = client.mget(members) if members else []
         return {
-            member[len(prefix) :]: json.loads(record)["kwargs"]
+            member[len(prefix) :]: json.loads(record)
             for member, record in zip(members, records, strict=True)
             if record is not None
         }

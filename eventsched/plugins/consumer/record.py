@@ -28,7 +28,7 @@ from eventsched.core.domain.decode import DecodeLimits
 from eventsched.core.domain.event import Event
 from eventsched.core.domain.jobcontract import FIRST_ATTEMPT, make_job
 from eventsched.core.domain.message import decode_message
-from eventsched.core.jobqueue import ScheduledJob
+from eventsched.core.jobqueue import ScheduledJob, payload_bytes
 from eventsched.core.kafka import Batch, Record, TopicPartitionKey
 from eventsched.core.runtime.errors import DecodeError
 from eventsched.core.runtime.sections import ConsumerSettings
@@ -165,7 +165,7 @@ class Recorder:
             e = row.event
             day = new_keys.get(e.idempotency_key)
             if day is not None and not (synced and str(e.id) in synced):
-                jobs.append(self._job(e.id, e.execute_at, e.type, row.traceparent, day))
+                jobs.append(self._job(e.id, e.execute_at, e.type, row.traceparent, day, e.payload))
         for row in existing_rows:
             stored = existing.get(row.event.idempotency_key)
             if stored is None:
@@ -183,8 +183,10 @@ class Recorder:
                 self._conflict(row, stored.id)
             if stored.status == "scheduled" and not (synced and str(stored.id) in synced):
                 # The message's traceparent: a redelivery of the stored event's own message.
-                tp = row.traceparent if stored.same else None
-                jobs.append(self._job(stored.id, stored.execute_at, row.event.type, tp, stored.day))
+                tp, payload = (row.traceparent, row.event.payload) if stored.same else (None, None)
+                jobs.append(
+                    self._job(stored.id, stored.execute_at, row.event.type, tp, stored.day, payload)
+                )
         for row in later:
             first = first_by_key[row.event.idempotency_key]
             if not _same_event(first.event, row.event):
@@ -266,12 +268,16 @@ class Recorder:
         type_: str,
         traceparent: str | None,
         day: date | None,
+        payload: dict[str, Any] | None,
     ) -> ScheduledJob:
         # The executor's job contract: first attempt, key = event id, due time in epoch s,
-        # the event's partition day (from the insert or the lookup: no statement of its own).
+        # the event's partition day (from the insert or the lookup: no statement of its own)
+        # and its payload's size as the executor's budget counts it (None: another event's
+        # payload is stored under this key, its size unknown here).
         return make_job(
             str(event_id), FIRST_ATTEMPT, execute_at.timestamp(), self._job_timeout,
             lane=self._lane_of(type_), traceparent=traceparent, day=day,
+            size=None if payload is None else payload_bytes(payload),
         )  # fmt: skip
 
 
