@@ -139,10 +139,13 @@ class _ConsumerWorker:
                     # the caller's last commits remain valid until it closes us.
                     self._poll_while_holding()
                     continue
-                messages = self._consumer.consume(self._max_batch, self._poll_timeout)
-                batch = self._to_batch(messages)
+                # The Message list is a temporary: confluent's Message objects (each with
+                # its own header list) are freed once copied into Records, not kept alive
+                # while the hand-off waits for trio and the next consume() fills another.
+                batch = self._to_batch(self._consumer.consume(self._max_batch, self._poll_timeout))
                 if batch is not None:
                     self._hand_off(batch)
+                    del batch  # trio's now; not kept through the next consume()
         finally:
             self._close_consumer()
 
