@@ -75,7 +75,9 @@ class KafkaConsumer:
     Hand-off and back-pressure: the thread calls ``consume(max_batch, poll_timeout)`` and
     hands each non-empty batch to a trio memory channel of ``buffered_batches`` slots; while
     the channel is full the thread waits and does not fetch, so at most
-    ``buffered_batches + 1`` batches exist outside trio's hands. If the wait lasts longer
+    ``buffered_batches + 1`` batches exist outside trio's hands. With 0 slots the hand-off
+    is a rendezvous: the one batch the thread built waits until trio asks for it (the
+    consumer role's choice, to hold one batch of records less). If the wait lasts longer
     than a second the thread "holds": it pauses all assigned partitions and keeps calling
     ``consume`` (which then returns nothing) every half second, so the member stays in the
     group and serves rebalances however long trio takes; fetching resumes from the
@@ -159,8 +161,8 @@ class KafkaConsumer:
         for required in ("bootstrap.servers", "group.id"):
             if not merged.get(required):
                 raise ConfigError(f"kafka.consumer.{required}", "is required")
-        if max_batch < 1 or buffered_batches < 1:
-            raise ConfigError("kafka.consumer", "max_batch and buffered_batches must be >= 1")
+        if max_batch < 1 or buffered_batches < 0:
+            raise ConfigError("kafka.consumer", "max_batch must be >= 1 and buffered_batches >= 0")
         merged.setdefault("error_cb", _error_logger("consumer"))
         async with _task_group() as nursery:
             consumer = cls(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ class _ConsumerWorker:
         self._closing = False
         self._tickets = itertools.count(1)
         self._log = log.bind(group=str(config.get("group.id")))
+        self._headers = _SharedHeaders()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -139,10 +141,13 @@ class _ConsumerWorker:
                     # the caller's last commits remain valid until it closes us.
                     self._poll_while_holding()
                     continue
-                messages = self._consumer.consume(self._max_batch, self._poll_timeout)
-                batch = self._to_batch(messages)
+                # The Message list is a temporary: confluent's Message objects (each with
+                # its own header list) are freed once copied into Records, not kept alive
+                # while the hand-off waits for trio and the next consume() fills another.
+                batch = self._to_batch(self._consumer.consume(self._max_batch, self._poll_timeout))
                 if batch is not None:
                     self._hand_off(batch)
+                    del batch  # trio's now; not kept through the next consume()
         finally:
             self._close_consumer()
 
@@ -241,16 +246,12 @@ class _ConsumerWorker:
             raw_headers = message.headers()
             records.append(
                 Record(
-                    topic,
+                    sys.intern(topic),  # confluent makes a new str per message
                     partition,
                     offset,
                     _as_bytes(message.key()),
                     _as_bytes(message.value()),
-                    ()
-                    if not raw_headers
-                    else tuple(
-                        (name, _as_bytes(value)) for name, value in _header_list(raw_headers)
-                    ),
+                    () if not raw_headers else self._headers.share(raw_headers),
                     None if timestamp_type == 0 else timestamp,
                 )
             )
@@ -419,6 +420,57 @@ class _ConsumerWorker:
         if self._consumer is None:
             raise DependencyError("kafka", "consumer is closed")
         return self._consumer
+
+
+class _SharedHeaders:
+    """Header tuples for Records, the ones that repeat from message to message shared.
+
+    Every v1 message carries the same ``content-type`` and ``schema-version`` headers, and
+    confluent builds new objects for them per message: a name, a value and a pair each,
+    about 350 bytes a record, several batches of which are alive at once (in the hand-off
+    and in the consumer role's pipeline). Pairs with a short value, and header sets made
+    only of such pairs, are kept and reused; longer values (a ``traceparent``) stay per
+    message. Both tables stop growing at ``LIMIT`` entries, so headers that vary do not
+    accumulate; they are only not shared then.
+    """
+
+    #: Values up to this many bytes are shared.
+    SHORT: Final = 32
+    #: At most this many pairs, and as many header sets, are kept.
+    LIMIT: Final = 256
+
+    def __init__(self) -> None:
+        self._pairs: dict[tuple[str, bytes | None], tuple[str, bytes | None]] = {}
+        self._sets: dict[
+            tuple[tuple[str, bytes | None], ...], tuple[tuple[str, bytes | None], ...]
+        ] = {}
+
+    def share(
+        self,
+        raw: list[tuple[str, str | bytes | None]] | dict[str, str | bytes | None],
+    ) -> tuple[tuple[str, bytes | None], ...]:
+        pairs: list[tuple[str, bytes | None]] = []
+        all_shared = True
+        for name, raw_value in _header_list(raw):
+            pair = (name, _as_bytes(raw_value))
+            known = self._pairs.get(pair)
+            if known is None:
+                value = pair[1]
+                if (value is None or len(value) <= self.SHORT) and len(self._pairs) < self.LIMIT:
+                    self._pairs[pair] = known = pair
+                else:
+                    all_shared = False
+                    known = pair
+            pairs.append(known)
+        headers = tuple(pairs)
+        if not all_shared:
+            return headers
+        known_set = self._sets.get(headers)
+        if known_set is not None:
+            return known_set
+        if len(self._sets) < self.LIMIT:
+            self._sets[headers] = headers
+        return headers
 
 
 def _keys(partitions: list[TopicPartition]) -> frozenset[TopicPartitionKey]:

@@ -147,6 +147,9 @@ class IngestConsumer:
                 config,
                 [k.topic],
                 max_batch=s.max_batch,
+                # No batch waits in the hand-off channel: the consumer thread holds the
+                # next one, built, until a slot takes it (librdkafka's queue is behind it).
+                buffered_batches=0,
                 poll_timeout=s.batch_timeout,
                 on_revoke=self._on_revoke,
                 hook_timeout=s.revoke_wait + 5.0,
@@ -209,6 +212,8 @@ class IngestConsumer:
                     current = _InFlight()
                     await to_order.send(current)
                     nursery.start_soon(self._process, batch, previous, current, slots)
+                    # Not kept here while waiting for a slot: _process lets it go once recorded.
+                    del batch
                     previous = current
 
     async def _process(
@@ -230,6 +235,9 @@ class IngestConsumer:
                 recorded = await self._recorder.record(
                     batch, after=previous.inserted, inserted=current.inserted
                 )
+                # Recorded holds what scheduling and the commit need; the records (about
+                # 1 KB each) are not kept through the enqueue, command sync and commit wait.
+                del batch
                 if recorded.jobs:
                     added = await self._retrying(self._enqueue, recorded.jobs)
                     metrics.JOBS_SCHEDULED.inc(added)
