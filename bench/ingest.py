@@ -44,7 +44,7 @@ GROUP = "eventsched-consumer"
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=None, help="events (200000; quick 5000)")
     parser.add_argument(
-        "--max-batch", type=int, default=2000, help="consumer.max_batch (the default setting)"
+        "--max-batch", type=int, default=1000, help="consumer.max_batch (the default setting)"
     )
     parser.add_argument("--profile-seconds", type=float, default=10.0)
 

@@ -85,7 +85,7 @@ class ProducerSettings(Section, frozen=True):
 
 
 class ConsumerSettings(Section, frozen=True):
-    max_batch: int = 2000
+    max_batch: int = 1000
     batch_timeout: Duration = Duration(0.1)
     max_retries: int = 5
     max_message_bytes: int = 1_048_576
