@@ -97,8 +97,10 @@ CLAIM_AHEAD: Final = 0.04
 CLAIM_INTERVAL: Final = 0.02
 #: Worker slots beyond ``executor.concurrency``: jobs taken ahead that are being claimed or
 #: wait for their due time hold a slot but no handler slot, so a process with few handler
-#: slots still claims ahead (at 1,000 events/s about 40 jobs are in the 40 ms window).
-AHEAD_SLOTS: Final = 64
+#: slots still claims ahead. About rate x CLAIM_AHEAD (rate / 25) of them are busy: 256
+#: cover ~6,400 events/s per process (64 covered ~1,600/s; beyond that jobs were claimed
+#: only once a slot freed, after their due time).
+AHEAD_SLOTS: Final = 256
 
 
 def failure_text(err: BaseException) -> str:
