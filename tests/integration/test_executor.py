@@ -25,6 +25,7 @@ from psycopg import sql
 from eventsched.core.domain.decode import DecodeLimits, decode_event
 from eventsched.core.domain.event import Event, uuid7
 from eventsched.core.domain.jobcontract import make_job, saq_timeout
+from eventsched.core.jobqueue.budget import payload_bytes
 from eventsched.core.runtime.settings import Settings
 from eventsched.core.store import executions
 from eventsched.core.store.executions import Claimed, ClaimRequest, NotClaimed, Outcome
@@ -481,8 +482,31 @@ async def test_jobs_cut_off_by_the_shutdown_deadline_record_their_attempt_and_re
     assert pending is not None  # 0: due now, in `queued`
     # The retry's job names the event's partition day, from the claim: no lookup for it.
     job = await trio.to_thread.run_sync(saq_job, redis_url, names.queue, f"{event.id}#2")
-    [(day,)] = query(database, "SELECT (retain_from AT TIME ZONE 'UTC')::date FROM events")
+    [(day, payload)] = query(
+        database, "SELECT (retain_from AT TIME ZONE 'UTC')::date, payload FROM events"
+    )
     assert job is not None and job["kwargs"]["day"] == day.isoformat()
+    # ... and its payload's size, so the payload budget reserves that, not the largest message.
+    assert job["meta"]["size"] == payload_bytes(payload)
+
+
+async def test_a_retrys_job_carries_the_payload_size_for_the_payload_budget(
+    make_settings: Any, database: str, redis_url: str, names: Names
+) -> None:
+    # A failed attempt's retry is enqueued with its payload's size (from the claim), like
+    # the consumer's jobs: a burst of retries is not held to the budget's worst case.
+    backoff = {"base": "1m", "factor": 1.0, "max": "1m", "jitter": 0.0}
+    settings = executor_settings(make_settings, "always_fails", executor={"retry_backoff": backoff})
+    events = new_events(2, due=time.time(), blob="x" * 3000)
+    await trio.to_thread.run_sync(insert_events, database, events)
+    async with running_executor(settings) as harness:
+        await harness.enqueue(events)
+        await wait_until(lambda: status_counts(database) == {"retrying": 2})
+    payloads = dict(query(database, "SELECT id::text, payload FROM events"))
+    for event in events:
+        job = await trio.to_thread.run_sync(saq_job, redis_url, names.queue, f"{event.id}#2")
+        assert job is not None and job["kwargs"]["attempt"] == 2
+        assert job["meta"]["size"] == payload_bytes(payloads[event.id]) > 3000
 
 
 async def test_a_job_with_a_kwarg_this_version_does_not_know_still_runs(

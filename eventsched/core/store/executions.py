@@ -318,6 +318,9 @@ class Outcome:
     # The UTC day of the event's partition as its claim found it (Claimed.day); None: look
     # it up. Stale if retention moved the event while it ran: then it is looked up again.
     day: date | None = None
+    # The payload's JSON size in bytes, if known (not stored): a retry's job carries it for
+    # the executors' payload budget (see jobcontract.make_job).
+    size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

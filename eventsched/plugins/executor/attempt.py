@@ -218,13 +218,15 @@ class Attempts:
         type_: str | None = None,
         traceparent: str | None = None,
         day: date | None = None,
+        size: int | None = None,
     ) -> ScheduledJob:
         """The job of an event's attempt: the job contract, with this role's SAQ timeout
         (and the type's lane, when the caller knows the type; the event's trace context;
-        its partition day, when the caller read it with the event)."""
+        its partition day, when the caller read it with the event; its payload's size, when
+        the caller has the payload)."""
         return make_job(
             event_id, attempt, scheduled, self._saq_timeout, lane=self.policies.lane_of(type_),
-            traceparent=traceparent, day=day,
+            traceparent=traceparent, day=day, size=size,
         )  # fmt: skip
 
     async def execute_event(
@@ -260,6 +262,7 @@ class Attempts:
         claim = await self._patiently(self.claims, request, CLAIM_PATIENCE)
         if claim is None:
             return  # PostgreSQL unreachable: the reconciler re-enqueues the event
+        size: int | None = None  # the payload's JSON size, once needed
         if self._budget is not None and "job" in ctx:
             size = payload_bytes(claim.payload) if isinstance(claim, Claimed) else 0
             self._budget.settle(ctx["job"].id, size)
@@ -326,6 +329,8 @@ class Attempts:
             else:
                 metrics.EXECUTION_LATENESS.observe(late)
         policy = self.policies[claim.type]
+        if failure is not None and size is None:
+            size = payload_bytes(claim.payload)  # for a retry's job (the budget's hint)
         outcome = decide(
             event_id,
             claim.attempt,
@@ -337,6 +342,7 @@ class Attempts:
             base=claim.base,
             started=started,
             day=claim.day,
+            size=size,
         )
         await self._record(outcome)
 
@@ -480,11 +486,11 @@ class Attempts:
             if status == "retrying":
                 assert outcome.next_attempt_at is not None  # decide() sets it for retrying
                 at, label = outcome.next_attempt_at, outcome.label
-                retries.append(
-                    self.job_for(
-                        outcome.event_id, outcome.attempt + 1, at, label, traceparent, outcome.day
-                    )
-                )
+                job = self.job_for(
+                    outcome.event_id, outcome.attempt + 1, at, label, traceparent,
+                    day=outcome.day, size=outcome.size,
+                )  # fmt: skip
+                retries.append(job)
             else:
                 self.dead_letters.submit_nowait(outcome.event_id)
             self._log.info(
@@ -532,6 +538,7 @@ class Attempts:
             base=claim.base,
             started=started,
             day=claim.day,
+            size=payload_bytes(claim.payload),
         )
         self.finishes.submit_nowait(outcome)
 

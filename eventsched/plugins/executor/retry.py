@@ -54,6 +54,7 @@ def decide(
     base: int = 0,
     started: float | None = None,
     day: date | None = None,
+    size: int | None = None,
 ) -> Outcome:
     """The outcome of an attempt: succeeded, retrying after ``delay(n)``, or dead.
 
@@ -62,24 +63,26 @@ def decide(
     attempts of the run that went dead), so a re-run gets ``max_attempts`` attempts of its
     own while attempt numbers keep counting. ``started``: when the handler was invoked
     (epoch seconds; None if it never was), recorded with the outcome; ``day``: the event's
-    partition day as the claim found it (``Claimed.day``), carried to the outcome.
+    partition day as the claim found it (``Claimed.day``), carried to the outcome;
+    ``size``: the payload's JSON size, carried to the outcome for a retry's job.
     """
     n = attempt - base
     if failure is None:
         return Outcome(
-            event_id, attempt, "succeeded", None, now, label=label, started=started, day=day
-        )
+            event_id, attempt, "succeeded", None, now, label=label, started=started, day=day,
+            size=size,
+        )  # fmt: skip
     if failure.permanent:
         return Outcome(
             event_id, attempt, "dead", failure.error, now, dead_reason=failure.reason,
-            label=label, started=started, day=day,
+            label=label, started=started, day=day, size=size,
         )  # fmt: skip
     if n >= max_attempts:
         return Outcome(
             event_id, attempt, "dead", failure.error, now, dead_reason="retries_exhausted",
-            label=label, started=started, day=day,
+            label=label, started=started, day=day, size=size,
         )  # fmt: skip
     return Outcome(
         event_id, attempt, "retrying", failure.error, now, next_attempt_at=now + delay(n),
-        label=label, started=started, day=day,
+        label=label, started=started, day=day, size=size,
     )  # fmt: skip
