@@ -67,8 +67,8 @@ def test_add_list_show_pause_resume_next(stack: Path, database: str) -> None:
 def test_delete_cancels_the_materialised_occurrences_on_the_log(
     stack: Path, database: str, kafka_bootstrap: str, names: Names
 ) -> None:
-    now = datetime.now(UTC)
-    through = datetime.fromtimestamp(int(now.timestamp()) + 5, UTC)
+    before = datetime.now(UTC)
+    through = datetime.fromtimestamp(int(before.timestamp()) + 8, UTC)
     query(
         database,
         "INSERT INTO schedules (name, type, every_ms, source, materialised_through)"
@@ -76,10 +76,17 @@ def test_delete_cancels_the_materialised_occurrences_on_the_log(
         [through],
     )
     result = run(stack, "schedules", "delete", "doomed", "--json")
+    after = datetime.now(UTC)
     assert result.exit_code == 0, result.output
     cancelled = json.loads(result.output)["cancelled"]
-    expected = [occurrence_key("doomed", through - timedelta(seconds=i)) for i in range(4, -1, -1)]
-    assert cancelled[-5:] == expected and len(cancelled) <= 6
+    # The occurrences after the command's own "now" (somewhere between before and after)
+    # up to the watermark, in order: a suffix of those after `before` that holds every one
+    # after `after`.
+    materialised = [through - timedelta(seconds=i) for i in range(9, -1, -1)]
+    may = [occurrence_key("doomed", at) for at in materialised if at > before]
+    must = [occurrence_key("doomed", at) for at in materialised if at > after]
+    assert must and len(must) <= len(cancelled) <= len(may)
+    assert cancelled == may[len(may) - len(cancelled) :]
     records = read_topic(kafka_bootstrap, names.topic)
     assert [json.loads(r.value or b"{}")["idempotency_key"] for r in records] == cancelled
     refused = run(stack, "schedules", "delete", "filed")
