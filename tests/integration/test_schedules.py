@@ -318,9 +318,9 @@ def test_delete_cancels_the_materialised_future_occurrences(
             assert ran <= {
                 k for k, at, _ in keys_by_event(database).values() if at <= deleted_at
             } | (due.keys() - future)
-            # Nothing was materialised after the delete, and what did not run was cancelled.
+            # What did not run was cancelled (an occurrence materialised after the delete
+            # would have no cancel: it would run, failing the line above, or stay scheduled).
             final = {k: status for k, _, status in keys_by_event(database).values()}
-            assert final.keys() <= ran | due.keys()
             assert all(status == "cancelled" for k, status in final.items() if k not in ran)
 
     trio.run(main)
