@@ -269,6 +269,48 @@ async def test_sweep_spares_a_just_claimed_job_but_recovers_an_orphan(
         assert await jobs.counts() == {"queued": 1, "scheduled": 0, "active": 0}
 
 
+@pytest.mark.parametrize("start_sent_first", [False, True])
+async def test_a_start_record_still_waiting_is_folded_into_the_finish(
+    jobs: JobQueue, start_sent_first: bool
+) -> None:
+    # A job that finishes before its start record left (the usual case: both ride with
+    # the dispatcher's next claim) writes its finished record only: the ACTIVE text
+    # would be overwritten in the same atomic batch anyway. One sent earlier stays sent.
+    queue = jobs.aio_queue
+    await jobs.enqueue_many([job(jobs, "a", due_in(-1))])
+    (claimed,) = (await aio(queue.claim, 1)).jobs
+    redis = aioredis.from_url(REDIS_URL)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await aio(pubsub.subscribe, claimed.id)
+
+    async def run_job() -> None:
+        queue.mark_active(claimed)
+        if start_sent_first:
+            await queue.flush()
+        queue.complete_nowait(claimed, None)
+        await queue.flush()
+
+    async def published() -> list[str]:
+        seen: list[str] = []
+        until = time.monotonic() + 0.5  # None also answers the subscription's confirmation
+        while time.monotonic() < until:
+            message = await pubsub.get_message(timeout=0.1)
+            if message is not None:
+                seen.append(message["data"].decode())
+        return seen
+
+    try:
+        await aio(run_job)
+        seen = await aio(published)
+    finally:
+        await aio(pubsub.aclose)
+        await aio(redis.aclose)
+    assert seen == (["active", "complete"] if start_sent_first else ["complete"])
+    stored = await aio(queue.job, claimed.key)
+    assert stored.status == Status.COMPLETE
+    assert await jobs.counts() == {"queued": 0, "scheduled": 0, "active": 0}
+
+
 async def test_schedule_serves_a_stock_saq_worker(jobs: JobQueue) -> None:
     queue = jobs.aio_queue
     await jobs.enqueue_many([job(jobs, "a", due_in(0.05)), job(jobs, "b", due_in(100))])

@@ -46,6 +46,9 @@ class Batcher:
         self._flusher: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
         self._carrier: Callable[[], None] | None = None
+        #: Bumped by every :meth:`take`: a block submitted in the current generation has
+        #: not left yet, so it may still be emptied in place (see ``OnTimeQueue.mark_active``).
+        self.generation = 0
 
     async def run(self, commands: list[Command]) -> None:
         """Apply ``commands`` with the next batch and wait for it.
@@ -88,6 +91,7 @@ class Batcher:
     def take(self) -> Batch:
         """The pending blocks, to send now; call with :attr:`lock` held."""
         batch, self._pending = self._pending, []
+        self.generation += 1
         return batch
 
     @staticmethod
