@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any, Literal
 
@@ -26,12 +27,32 @@ _LEVELS = {
 }
 
 
-def _add_logger_name(
+_LEVEL_OF = {"warn": "warning", "exception": "error"}  # structlog's add_log_level mapping
+#: The whole second of the last timestamp and its text up to the seconds: one tuple, so a
+#: thread never pairs one second with another's text.
+_second: tuple[int, str] = (-1, "")
+
+
+def _stamp(
     logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """Name the emitting module: structlog's stdlib processor needs stdlib loggers, we don't."""
+    """``level``, ``logger`` (the emitting module: structlog's stdlib processor needs stdlib
+    loggers, we don't) and ``ts`` (UTC, ISO 8601 with microseconds, e.g.
+    ``2026-12-04T15:03:41.826979Z``), in one processor.
+
+    structlog's ``TimeStamper`` builds a ``datetime`` and formats all of it per line (~4 us
+    here, a fifth of the ``log`` handler's line per event); the text up to the seconds is
+    kept for the second it names instead, and only the microseconds are formatted."""
+    global _second
+    event_dict["level"] = _LEVEL_OF.get(method_name, method_name)
     name = event_dict.pop("logger_name", None)
     event_dict.setdefault("logger", name or "eventsched")
+    now = time.time()
+    second = int(now)
+    cached = _second
+    if cached[0] != second:
+        cached = _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    event_dict["ts"] = f"{cached[1]}.{int((now - second) * 1e6):06d}Z"
     return event_dict
 
 
@@ -83,9 +104,7 @@ def configure_logging(
     processors = structlog.get_config()["processors"]
     processors[:] = [
         structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        _add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        _stamp,
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
         _redact_secrets,
