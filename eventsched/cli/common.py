@@ -135,7 +135,13 @@ class State:
 pass_state = click.make_pass_decorator(State)
 
 
-def configure_logging(settings: Settings, stream: Any = None) -> None:
+def configure_logging(settings: Settings, stream: Any = None, *, batched: bool = False) -> None:
+    """``batched``: info lines written together (``logging.flush_interval``), for the roles."""
     from eventsched.core.runtime.logs import configure_logging
 
-    configure_logging(settings.logging.level, settings.logging.format, stream=stream)
+    configure_logging(
+        settings.logging.level,
+        settings.logging.format,
+        stream=stream,
+        flush_interval=settings.logging.flush_interval if batched else 0.0,
+    )

@@ -38,7 +38,7 @@ def run(state: State, roles: tuple[str, ...], port: int | None) -> None:
     settings = state.settings
     wanted = expand_roles(roles)
     validate_for_roles(settings, set(wanted))
-    configure_logging(settings)
+    configure_logging(settings, batched=True)
     structlog.contextvars.bind_contextvars(role="+".join(wanted))
     runtime = Runtime(settings, wanted, port=port)
     result = trio.run(runtime.run)

@@ -111,6 +111,14 @@ def test_contract_env_keys_override() -> None:
             "invalid setting logging.level: invalid enum value 'loud'",
         ),
         (
+            {"EVENTSCHED_LOGGING__FLUSH_INTERVAL": "1m"},
+            "invalid setting logging.flush_interval: must be at most 10s (0: every line at once)",
+        ),
+        (
+            {"EVENTSCHED_LOGGING__FLUSH_INTERVAL": "-1s"},
+            "invalid setting logging.flush_interval: expected a duration like 500ms, 2s or 1m, got '-1s'",
+        ),
+        (
             {"EVENTSCHED_HTTP__PORT": "70000"},
             "invalid setting http.port: must be between 0 and 65535, got 70000",
         ),

@@ -60,6 +60,9 @@ class HttpSettings(Section, frozen=True):
 class LoggingSettings(Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    # `eventsched run`: debug and info lines are written together at most this late (0: each
+    # at once); warnings and errors always at once. See eventsched.core.runtime.logs.LineWriter.
+    flush_interval: Duration = Duration(0.05)
 
 
 class ShutdownSettings(Section, frozen=True):

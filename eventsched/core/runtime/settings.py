@@ -281,6 +281,8 @@ def _check(s: Settings) -> None:
         raise ConfigError("postgres.pool_max", "must be >= postgres.pool_min")
     if not 0 <= s.http.port <= 65535:
         raise ConfigError("http.port", f"must be between 0 and 65535, got {s.http.port}")
+    if s.logging.flush_interval > 10:
+        raise ConfigError("logging.flush_interval", "must be at most 10s (0: every line at once)")
     if s.producer.interval <= 0:
         raise ConfigError("producer.interval", "must be positive")
     if s.producer.rate < 0:
