@@ -31,6 +31,7 @@ from tests.support.execution import (
     executor_env,
     flush_redis,
     insert_events,
+    max_overlap,
     new_events,
     running_executor,
 )
@@ -119,6 +120,29 @@ async def test_flushall_restores_every_pending_event_before_it_is_due_and_each_r
     lateness = [r.started_at - r.scheduled_for for r in rows if r.outcome == "succeeded"]
     assert min(lateness) >= 0
     assert max(lateness) < 0.3
+
+
+async def test_restored_events_of_a_limited_type_keep_its_limit(
+    make_settings: Any, database: str, own_redis: str, names: Names
+) -> None:
+    # Redis lost the jobs and the events' lane marks with them: the restored jobs must be
+    # marked again, or a type limited to one at a time would run all at once.
+    settings = reconciling_settings(
+        make_settings, "slow", redis={"url": own_redis}, types={"a": {"concurrency": 1}}
+    )
+    events = new_events(6, due=time.time() + 2.5, type="a", sleep=0.2)
+    await trio.to_thread.run_sync(insert_events, database, events)
+    async with running_executor(settings) as harness:
+        assert await harness.enqueue(events) == 6
+        await wait_until(lambda: marker(own_redis, names.queue) == "ok", limit=5)
+        await trio.to_thread.run_sync(flush_redis, own_redis)
+        await wait_until(all_finished(database, 6), limit=20)
+
+    assert await trio.to_thread.run_sync(status_counts, database) == {"succeeded": 6}
+    rows = await trio.to_thread.run_sync(attempt_rows, database)
+    assert len(rows) == 6
+    assert max_overlap((r.started_at, r.finished_at or float("inf")) for r in rows) == 1
+    assert sorted(r.held_by or "" for r in rows) == [""] + ["concurrency"] * 5
 
 
 async def test_a_restore_spans_passes_and_starts_over_when_redis_is_lost_again(

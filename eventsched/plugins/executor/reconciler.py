@@ -295,7 +295,7 @@ class Reconciler:
                 return 0
         attempt_of = ATTEMPT_OF[reason]
         jobs = [
-            self._job_for(c.event_id, attempt_of(c), c.at.timestamp(), None, c.traceparent, c.day)
+            self._job_for(c.event_id, attempt_of(c), c.at.timestamp(), c.type, c.traceparent, c.day)
             for c in page
         ]
         pending = await self._jobs.pending_keys([job.key for job in jobs])
@@ -416,6 +416,7 @@ class Reconciler:
             return 0
         keys = [self._job_for(c.event_id, c.attempts, 0.0, None, None, None).key for c in page]
         traces = {c.event_id: c.traceparent for c in page}
+        types = {c.event_id: c.type for c in page}
         live = await self.live_jobs(keys)
         stale: list[Candidate] = []
         for c, key in zip(page, keys, strict=True):
@@ -441,7 +442,14 @@ class Reconciler:
                 assert t.next_attempt_at is not None  # set with status retrying
                 trace = traces.get(t.event_id)
                 jobs.append(
-                    self._job_for(t.event_id, t.attempts + 1, t.next_attempt_at, None, trace, t.day)
+                    self._job_for(
+                        t.event_id,
+                        t.attempts + 1,
+                        t.next_attempt_at,
+                        types.get(t.event_id),
+                        trace,
+                        t.day,
+                    )
                 )
             elif t.status == "dead":
                 self._dead_letters.submit_nowait(t.event_id)
