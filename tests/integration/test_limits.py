@@ -231,6 +231,17 @@ async def test_a_job_waiting_in_its_lane_can_be_removed_and_moved(jobs: JobQueue
     assert await jobs.job_exists("a2")
 
 
+async def test_a_job_placed_with_a_lane_marks_its_event_and_is_limited(jobs: JobQueue) -> None:
+    # What a command (reschedule, retry) places after Redis lost the event's lane mark:
+    # the job brings its lane back, as an enqueue does.
+    queue = jobs.aio_queue
+    queue.set_lanes([Lane("a", concurrency=1, lease=30.0)])
+    for placed in due_jobs("a", 3, lane="a"):
+        assert await jobs.place_job(placed) == "added"
+    assert keys(await claim(queue)) == ["a0"]
+    assert keys(await claim(queue)) == []
+
+
 async def test_a_laned_job_given_back_to_queued_is_still_limited(jobs: JobQueue) -> None:
     # A job given back (its slot vanished) returns to `queued`, its lease with it; the
     # claim routes it to its lane again.

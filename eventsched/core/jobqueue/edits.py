@@ -18,6 +18,7 @@ from saq.job import ABORT_ID_PREFIX
 from saq.utils import now
 
 from eventsched.core.jobqueue.jobs import ScheduledJob, job_payload
+from eventsched.core.jobqueue.limits import event_of
 from eventsched.core.jobqueue.scripts import PLACE_LUA, REMOVE_LUA
 from eventsched.core.jobqueue.store import OnTimeQueue
 
@@ -68,5 +69,7 @@ async def place_job(queue: OnTimeQueue, job: ScheduledJob) -> str:
         queue.lane_keys.lanes,
         queue.job_id(""),
         queue.lane_keys.prefix,
+        event_of(job.key),
+        job.lane,
     )
     return result.decode() if isinstance(result, bytes) else str(result)

@@ -404,10 +404,13 @@ return {removed, taken}
 # it if it is not pending. KEYS = incomplete, queued, job id, abort id; ARGV = now, wake-up
 # channel, payload (the job's record with its new `scheduled`), score (exact decimal
 # string), the lanes hash, the job id prefix, the lane key prefix (a job waiting in its
-# lane's `ready` is pending and untaken, as in `queued`). A job taken by a worker is left alone (its claim reads the due time from
+# lane's `ready` is pending and untaken, as in `queued`), then the event id and its lane
+# ('' for none). A job taken by a worker is left alone (its claim reads the due time from
 # PostgreSQL: too early, it is put back at that time). Same due rule as ENQUEUE_LUA: a job
-# already due goes straight to `queued` with score 0. Returns 'moved', 'added', 'taken' or
-# 'aborting' (an abort of the key is in progress: nothing done, as for an enqueue).
+# already due goes straight to `queued` with score 0. A job with a lane marks its event
+# (the mark may have been lost with Redis's data), as an enqueue does. Returns 'moved',
+# 'added', 'taken' or 'aborting' (an abort of the key is in progress: nothing done, as for
+# an enqueue).
 PLACE_LUA = (
     _UNQUEUE_LUA
     + """
@@ -420,6 +423,9 @@ if score then
     result = 'moved'
 elseif redis.call('EXISTS', KEYS[4]) == 1 then
     return 'aborting'
+end
+if ARGV[9] ~= '' then
+    redis.call('HSET', ARGV[5], ARGV[8], ARGV[9])
 end
 redis.call('SET', KEYS[3], ARGV[3])
 local scheduled = ARGV[4]

@@ -39,6 +39,7 @@ from eventsched.core.runtime.settings import Settings, require_postgres, require
 from eventsched.core.store.executions import DEAD_REASONS
 
 if TYPE_CHECKING:
+    from eventsched.core.domain.policies import Policies
     from eventsched.core.jobqueue import ShardedQueue
     from eventsched.core.store.pool import Database
 
@@ -228,6 +229,7 @@ class _Reruns:
         self._db: Database | None = None
         self._queue: ShardedQueue | None = None
         self._would_rerun: set[str] = set()  # dry run: events an earlier letter re-runs
+        self._policies: Policies | None = None  # the types' lanes, read on first use
 
     async def rerun(self, event_id: str, attempts: int | None) -> str | None:
         """Re-run the event if it is dead from the death this letter reported; None if it
@@ -252,12 +254,19 @@ class _Reruns:
         rerun = await replay.rerun_dead(self._db, event_id, attempts)
         if rerun is None:
             return _why_not(await replay.event_state(self._db, event_id))
-        due, day = rerun
+        if self._policies is None:
+            from eventsched.core.domain.policies import Policies
+
+            self._policies = Policies(self._settings)
+        # Its lane (per-type limits): the event's mark in Redis may have been lost since.
+        lane = self._policies.lane_of(rerun.type)
+        job = make_job(
+            event_id, FIRST_ATTEMPT, rerun.due, saq_timeout(self._settings), day=rerun.day,
+            lane=lane,
+        )  # fmt: skip
         try:
             queue = await self._connected_queue()
-            await queue.enqueue_many(
-                [make_job(event_id, FIRST_ATTEMPT, due, saq_timeout(self._settings), day=day)]
-            )
+            await queue.enqueue_many([job])
         except DependencyError as err:
             raise DependencyError(
                 "redis",

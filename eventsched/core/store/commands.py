@@ -60,7 +60,7 @@ target AS (
     SELECT e.id, e.status, e.attempts,
            CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
                 ELSE e.next_attempt_at END AS due,
-           e.traceparent, (e.retain_from AT TIME ZONE 'UTC')::date AS day
+           e.traceparent, (e.retain_from AT TIME ZONE 'UTC')::date AS day, e.type
     FROM events e
     WHERE e.id = coalesce(%(event_id)s::uuid,
                           (SELECT k.id FROM event_keys k WHERE k.idempotency_key = %(key)s::text))
@@ -98,7 +98,7 @@ SELECT f.ok AND l.result IS NOT NULL, t.id::text, t.status,
        coalesce(c.status, t.status), coalesce(c.attempts, t.attempts),
        extract(epoch FROM coalesce(c.due, t.due))::float8,
        coalesce(l.result, (SELECT p.result FROM event_commands p WHERE p.command_id = %(cid)s)),
-       coalesce(l.applied_at, clock_timestamp()), t.traceparent, t.day
+       coalesce(l.applied_at, clock_timestamp()), t.traceparent, t.day, t.type
 FROM fresh f
 LEFT JOIN target t ON true
 LEFT JOIN changed c ON true
@@ -184,6 +184,8 @@ class Applied:
     traceparent: str | None = None
     #: The UTC day of the event's partition (``retain_from``): that job's hint for the claim.
     day: date | None = None
+    #: The event's type: that job joins the type's lane (limits, priority) if it has one.
+    type: str | None = None
 
 
 def _params(row: CommandRow) -> dict[str, Any]:
@@ -208,7 +210,9 @@ async def _apply_one(conn: AsyncConnection[Any], row: CommandRow) -> Applied:
     cur = await conn.execute(_SQL[row.command.op], _params(row))
     found = await cur.fetchone()
     assert found is not None  # the final SELECT reads `fresh`, which has one row
-    fresh, event_id, before, status, attempts, due, result, applied_at, traceparent, day = found
+    fresh, event_id, before, status, attempts, due, result, applied_at, traceparent, day, type_ = (
+        found
+    )
     return Applied(
         command=row.command,
         fresh=bool(fresh),
@@ -221,6 +225,7 @@ async def _apply_one(conn: AsyncConnection[Any], row: CommandRow) -> Applied:
         applied_at=applied_at,
         traceparent=traceparent,
         day=day,
+        type=type_,
     )
 
 

@@ -8,7 +8,7 @@ that does not apply (or in a dry run) it reads :func:`event_state` to say why. T
 from __future__ import annotations
 
 from datetime import date
-from typing import Final
+from typing import Final, NamedTuple
 
 from eventsched.core.store.pool import Database
 
@@ -22,27 +22,32 @@ UPDATE events
 SET status = 'scheduled', attempt_base = attempts, next_attempt_at = now(),
     finished_at = NULL, dead_reason = NULL, dlq_published_at = NULL, updated_at = now()
 WHERE id = %(id)s AND status = 'dead' AND (%(attempts)s::int IS NULL OR attempts = %(attempts)s)
-RETURNING extract(epoch FROM next_attempt_at)::float8, (retain_from AT TIME ZONE 'UTC')::date
+RETURNING extract(epoch FROM next_attempt_at)::float8, (retain_from AT TIME ZONE 'UTC')::date,
+          type
 """
 _STATE_SQL: Final = "SELECT status, attempts FROM events WHERE id = %(id)s"
 
 
-async def rerun_dead(
-    db: Database, event_id: str, attempts: int | None
-) -> tuple[float, date] | None:
+class Rerun(NamedTuple):
+    """What the re-run's job needs: its due time (epoch seconds), the UTC day of the event's
+    partition (the claim's hint) and the event's type (its lane, if the type has one)."""
+
+    due: float
+    day: date
+    type: str
+
+
+async def rerun_dead(db: Database, event_id: str, attempts: int | None) -> Rerun | None:
     """Set the event back from ``dead`` to ``scheduled``, due now, with a fresh attempt
     budget, if it is dead from the death that reported ``attempts`` (any death when None).
 
-    Returns its due time (epoch seconds) and the UTC day of its partition (the job's hint
-    for the claim) for the job to enqueue, or None when the event is unknown, not dead, or
-    died again since (see :func:`event_state`).
+    Returns what its job needs, or None when the event is unknown, not dead, or died again
+    since (see :func:`event_state`).
     """
     row = await db.fetchone(_RERUN_SQL, {"id": event_id, "attempts": attempts})
     if row is None:
         return None
-    due: float = row[0]
-    day: date = row[1]
-    return due, day
+    return Rerun(row[0], row[1], row[2])
 
 
 async def event_state(db: Database, event_id: str) -> tuple[str, int] | None:

@@ -22,7 +22,7 @@ Per command one log line (``command_applied``) and ``eventsched_commands_total{o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,10 +55,12 @@ class Commands:
         job_timeout: int,
         retrying: DependencyRetry,
         log: Any,
+        lane_of: Callable[[str | None], str],
     ) -> None:
         self._db = db
         self._queue = queue
         self._job_timeout = job_timeout
+        self._lane_of = lane_of  # an event type's queue lane (per-type limits, priority)
         self._retrying = retrying
         self._log = log
 
@@ -127,7 +129,7 @@ class Commands:
         attempt = FIRST_ATTEMPT if done.status == "scheduled" else done.attempts + 1
         return make_job(
             done.event_id, attempt, done.due, self._job_timeout, traceparent=done.traceparent,
-            day=done.day,
+            day=done.day, lane=self._lane_of(done.type),
         )  # fmt: skip
 
 

@@ -88,6 +88,7 @@ class IngestConsumer:
             job_timeout=saq_timeout(ctx.settings),
             retrying=self._retrying,
             log=self._log,
+            lane_of=Policies(ctx.settings).lane_of,
         )
         self._recorder = Recorder(
             s,
