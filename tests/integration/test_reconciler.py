@@ -145,6 +145,33 @@ async def test_restored_events_of_a_limited_type_keep_its_limit(
     assert sorted(r.held_by or "" for r in rows) == [""] + ["concurrency"] * 5
 
 
+async def test_restored_jobs_carry_their_payloads_size(
+    make_settings: Any, database: str, own_redis: str, names: Names
+) -> None:
+    # The executor's payload budget reserves a job's recorded size; a job without one is
+    # counted as the largest message (1 MB), which held a restore's drain to 64 jobs whose
+    # claims were in flight. The restore reads the size with the event.
+    settings = reconciling_settings(make_settings, redis={"url": own_redis})
+    events = new_events(5, due=time.time() + 600, text="x" * 300)
+    await trio.to_thread.run_sync(insert_events, database, events)
+    async with running_executor(settings) as harness:
+        assert await harness.enqueue(events) == 5
+        await wait_until(lambda: marker(own_redis, names.queue) == "ok", limit=5)
+        await trio.to_thread.run_sync(flush_redis, own_redis)
+        await wait_until(lambda: marker(own_redis, names.queue) == "ok", limit=10)
+        assert (await harness.jobs.counts())["scheduled"] == 5
+
+    client = redis.Redis.from_url(own_redis)
+    try:
+        records = [json.loads(client.get(f"saq:job:{names.queue}:{e.id}")) for e in events]
+    finally:
+        client.close()
+    # PostgreSQL's text of the jsonb: the same bytes as Python's json.dumps for these.
+    assert [r.get("meta", {}).get("size") for r in records] == [
+        len(json.dumps(e.payload).encode()) for e in events
+    ]
+
+
 async def test_a_restore_spans_passes_and_starts_over_when_redis_is_lost_again(
     make_settings: Any, database: str, own_redis: str, names: Names, monkeypatch: Any
 ) -> None:

@@ -262,7 +262,7 @@ class _Reruns:
         lane = self._policies.lane_of(rerun.type)
         job = make_job(
             event_id, FIRST_ATTEMPT, rerun.due, saq_timeout(self._settings), day=rerun.day,
-            lane=lane,
+            lane=lane, size=rerun.size,
         )  # fmt: skip
         try:
             queue = await self._connected_queue()

@@ -60,7 +60,8 @@ target AS (
     SELECT e.id, e.status, e.attempts,
            CASE WHEN e.status = 'scheduled' AND e.attempts = 0 THEN e.execute_at
                 ELSE e.next_attempt_at END AS due,
-           e.traceparent, (e.retain_from AT TIME ZONE 'UTC')::date AS day, e.type
+           e.traceparent, (e.retain_from AT TIME ZONE 'UTC')::date AS day, e.type,
+           octet_length(e.payload::text) AS size
     FROM events e
     WHERE e.id = coalesce(%(event_id)s::uuid,
                           (SELECT k.id FROM event_keys k WHERE k.idempotency_key = %(key)s::text))
@@ -98,7 +99,7 @@ SELECT f.ok AND l.result IS NOT NULL, t.id::text, t.status,
        coalesce(c.status, t.status), coalesce(c.attempts, t.attempts),
        extract(epoch FROM coalesce(c.due, t.due))::float8,
        coalesce(l.result, (SELECT p.result FROM event_commands p WHERE p.command_id = %(cid)s)),
-       coalesce(l.applied_at, clock_timestamp()), t.traceparent, t.day, t.type
+       coalesce(l.applied_at, clock_timestamp()), t.traceparent, t.day, t.type, t.size
 FROM fresh f
 LEFT JOIN target t ON true
 LEFT JOIN changed c ON true
@@ -186,6 +187,8 @@ class Applied:
     day: date | None = None
     #: The event's type: that job joins the type's lane (limits, priority) if it has one.
     type: str | None = None
+    #: The event's payload size as JSON text: that job's hint for the payload budget.
+    size: int | None = None
 
 
 def _params(row: CommandRow) -> dict[str, Any]:
@@ -210,9 +213,8 @@ async def _apply_one(conn: AsyncConnection[Any], row: CommandRow) -> Applied:
     cur = await conn.execute(_SQL[row.command.op], _params(row))
     found = await cur.fetchone()
     assert found is not None  # the final SELECT reads `fresh`, which has one row
-    fresh, event_id, before, status, attempts, due, result, applied_at, traceparent, day, type_ = (
-        found
-    )
+    (fresh, event_id, before, status, attempts, due, result, applied_at, traceparent, day,
+     type_, size) = found  # fmt: skip
     return Applied(
         command=row.command,
         fresh=bool(fresh),
@@ -226,6 +228,7 @@ async def _apply_one(conn: AsyncConnection[Any], row: CommandRow) -> Applied:
         traceparent=traceparent,
         day=day,
         type=type_,
+        size=size,
     )
 
 

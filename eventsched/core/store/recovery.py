@@ -49,6 +49,9 @@ class Candidate:
     #: The event's type: its job joins the type's lane (limits and priority) when it has one;
     #: after Redis lost its data the lane mark is gone with the jobs, and only this restores it.
     type: str | None = None
+    #: The payload's size as JSON text (bytes): its job's hint for the executor's payload
+    #: budget, which otherwise reserves the largest message for it.
+    size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,32 +66,37 @@ class Cursor:
 _OVERDUE_SQL: Final = {
     "overdue": """
         SELECT id::text, attempts, execute_at, traceparent,
-               (retain_from AT TIME ZONE 'UTC')::date, type FROM events
+               (retain_from AT TIME ZONE 'UTC')::date, type,
+               octet_length(payload::text) FROM events
         WHERE status = 'scheduled' AND execute_at < now() - make_interval(secs => %(age)s)
           AND (execute_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY execute_at, id LIMIT %(limit)s""",
     "retry_overdue": """
         SELECT id::text, attempts, next_attempt_at, traceparent,
-               (retain_from AT TIME ZONE 'UTC')::date, type FROM events
+               (retain_from AT TIME ZONE 'UTC')::date, type,
+               octet_length(payload::text) FROM events
         WHERE status = 'retrying' AND next_attempt_at < now() - make_interval(secs => %(age)s)
           AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY next_attempt_at, id LIMIT %(limit)s""",
     # Restoring after Redis lost its data: every pending event, whatever its due time.
     "restore_scheduled": """
         SELECT id::text, attempts, execute_at, traceparent,
-               (retain_from AT TIME ZONE 'UTC')::date, type FROM events
+               (retain_from AT TIME ZONE 'UTC')::date, type,
+               octet_length(payload::text) FROM events
         WHERE status = 'scheduled'
           AND (execute_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY execute_at, id LIMIT %(limit)s""",
     "restore_retrying": """
         SELECT id::text, attempts, next_attempt_at, traceparent,
-               (retain_from AT TIME ZONE 'UTC')::date, type FROM events
+               (retain_from AT TIME ZONE 'UTC')::date, type,
+               octet_length(payload::text) FROM events
         WHERE status = 'retrying'
           AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY next_attempt_at, id LIMIT %(limit)s""",
     "stale_running": """
         SELECT id::text, attempts, updated_at, traceparent,
-               (retain_from AT TIME ZONE 'UTC')::date, type FROM events
+               (retain_from AT TIME ZONE 'UTC')::date, type,
+               octet_length(payload::text) FROM events
         WHERE status = 'running' AND updated_at < now() - make_interval(secs => %(age)s)
           AND (updated_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY updated_at, id LIMIT %(limit)s""",

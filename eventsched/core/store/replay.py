@@ -23,18 +23,20 @@ SET status = 'scheduled', attempt_base = attempts, next_attempt_at = now(),
     finished_at = NULL, dead_reason = NULL, dlq_published_at = NULL, updated_at = now()
 WHERE id = %(id)s AND status = 'dead' AND (%(attempts)s::int IS NULL OR attempts = %(attempts)s)
 RETURNING extract(epoch FROM next_attempt_at)::float8, (retain_from AT TIME ZONE 'UTC')::date,
-          type
+          type, octet_length(payload::text)
 """
 _STATE_SQL: Final = "SELECT status, attempts FROM events WHERE id = %(id)s"
 
 
 class Rerun(NamedTuple):
     """What the re-run's job needs: its due time (epoch seconds), the UTC day of the event's
-    partition (the claim's hint) and the event's type (its lane, if the type has one)."""
+    partition (the claim's hint), the event's type (its lane, if the type has one) and its
+    payload's size as JSON text (the payload budget's hint)."""
 
     due: float
     day: date
     type: str
+    size: int
 
 
 async def rerun_dead(db: Database, event_id: str, attempts: int | None) -> Rerun | None:
@@ -47,7 +49,7 @@ async def rerun_dead(db: Database, event_id: str, attempts: int | None) -> Rerun
     row = await db.fetchone(_RERUN_SQL, {"id": event_id, "attempts": attempts})
     if row is None:
         return None
-    return Rerun(row[0], row[1], row[2])
+    return Rerun(row[0], row[1], row[2], row[3])
 
 
 async def event_state(db: Database, event_id: str) -> tuple[str, int] | None:

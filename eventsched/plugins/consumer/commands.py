@@ -129,7 +129,7 @@ class Commands:
         attempt = FIRST_ATTEMPT if done.status == "scheduled" else done.attempts + 1
         return make_job(
             done.event_id, attempt, done.due, self._job_timeout, traceparent=done.traceparent,
-            day=done.day, lane=self._lane_of(done.type),
+            day=done.day, lane=self._lane_of(done.type), size=done.size,
         )  # fmt: skip
 
 

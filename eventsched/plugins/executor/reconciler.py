@@ -120,7 +120,8 @@ ATTEMPT_OF: Final[dict[str, Callable[[Candidate], int]]] = {
 }
 # (event id, attempt, due time, event type or None, traceparent or None, partition day or
 # None) -> its job
-JobFor = Callable[[str, int, float, str | None, str | None, date | None], ScheduledJob]
+#: (event id, attempt, due, type, traceparent, partition day, payload size) -> its job.
+JobFor = Callable[[str, int, float, str | None, str | None, date | None, int | None], ScheduledJob]
 
 
 class DeadLetterSink(Protocol):
@@ -295,7 +296,9 @@ class Reconciler:
                 return 0
         attempt_of = ATTEMPT_OF[reason]
         jobs = [
-            self._job_for(c.event_id, attempt_of(c), c.at.timestamp(), c.type, c.traceparent, c.day)
+            self._job_for(
+                c.event_id, attempt_of(c), c.at.timestamp(), c.type, c.traceparent, c.day, c.size
+            )
             for c in page
         ]
         pending = await self._jobs.pending_keys([job.key for job in jobs])
@@ -414,9 +417,12 @@ class Reconciler:
         page = [c for c in page if self._expired_long_enough(c)]
         if not page:
             return 0
-        keys = [self._job_for(c.event_id, c.attempts, 0.0, None, None, None).key for c in page]
+        keys = [
+            self._job_for(c.event_id, c.attempts, 0.0, None, None, None, None).key for c in page
+        ]
         traces = {c.event_id: c.traceparent for c in page}
         types = {c.event_id: c.type for c in page}
+        sizes = {c.event_id: c.size for c in page}
         live = await self.live_jobs(keys)
         stale: list[Candidate] = []
         for c, key in zip(page, keys, strict=True):
@@ -449,6 +455,7 @@ class Reconciler:
                         types.get(t.event_id),
                         trace,
                         t.day,
+                        sizes.get(t.event_id),
                     )
                 )
             elif t.status == "dead":

@@ -1,11 +1,15 @@
-"""An event's lane (its type's limits and priority) comes back with every job re-made for
-it: the commands' (reschedule, retry) and ``dlq replay``'s, as the reconciler's
-(``test_reconciler``). The lane mark in Redis, which the consumer set when it first
-enqueued the event, is gone after Redis lost its data; a job placed without its lane would
-run outside its type's limits."""
+"""Jobs re-made for an event carry what the first one did: the commands' (reschedule,
+retry) and ``dlq replay``'s, as the reconciler's (``test_reconciler``).
+
+* The event's lane (its type's limits and priority): the lane mark in Redis, which the
+  consumer set when it first enqueued the event, is gone after Redis lost its data; a job
+  placed without its lane would run outside its type's limits.
+* The payload's size: the executor's payload budget reserves it for the job; without it,
+  the largest message (1 MB), which holds a drain of such jobs to 64 claims in flight."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,7 +38,19 @@ def lane_marks(url: str, queue: str) -> dict[str, str]:
         client.close()
 
 
-async def test_a_commands_job_joins_its_events_lane(make_settings: Any, database: str) -> None:
+def job_size(url: str, queue: str, key: str) -> int | None:
+    client = redis.Redis.from_url(url)
+    try:
+        record = json.loads(client.get(f"saq:job:{queue}:{key}") or b"{}")
+    finally:
+        client.close()
+    size: int | None = record.get("meta", {}).get("size")
+    return size
+
+
+async def test_a_commands_job_has_its_events_lane_and_size(
+    make_settings: Any, database: str
+) -> None:
     settings = make_settings(types=TYPES)
     limited, free = new_events(1, due=time.time() - 60, type="a") + new_events(
         1, due=time.time() - 60, type="z"
@@ -57,10 +73,13 @@ async def test_a_commands_job_joins_its_events_lane(make_settings: Any, database
         lane_of=Policies(settings).lane_of,
     )  # fmt: skip
     assert [(a.result, a.type) for a in applied] == [("applied", "a"), ("applied", "z")]
-    assert [commands.job_for(a).lane for a in applied] == ["a", ""]
+    jobs = [commands.job_for(a) for a in applied]
+    assert [job.lane for job in jobs] == ["a", ""]
+    # PostgreSQL's text of the jsonb: the same bytes as Python's json.dumps for these.
+    assert [job.size for job in jobs] == [len(json.dumps(e.payload)) for e in (limited, free)]
 
 
-async def test_dlq_replay_enqueues_a_rerun_with_its_events_lane(
+async def test_dlq_replay_enqueues_a_rerun_with_its_events_lane_and_size(
     make_settings: Any, database: str, redis_url: str, names: Names
 ) -> None:
     settings = make_settings(types=TYPES)
@@ -78,5 +97,8 @@ async def test_dlq_replay_enqueues_a_rerun_with_its_events_lane(
             finally:
                 await reruns.close()
         assert lane_marks(redis_url, names.queue) == {limited.id: "a"}
+        assert [job_size(redis_url, names.queue, e.id) for e in (limited, free)] == [
+            len(json.dumps(e.payload)) for e in (limited, free)
+        ]
     finally:
         delete_queue_keys(redis_url, names.queue)
