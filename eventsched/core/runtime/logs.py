@@ -93,10 +93,10 @@ class LineWriter:
 
     A write and flush per line was ~9 % of the executor's event-loop thread draining a burst
     (py-spy; the ``log`` handler writes a line per event): one system call per line, and on
-    a pipe a wake-up of its reader. Batched, the executor's CPU per job fell ~5 %. Lines also leave when :data:`MAX_LINES` wait, at exit
-    (``atexit``) and on :meth:`flush`. What a ``SIGKILL`` can lose: the last ``interval`` of
-    info lines, never a warning or an error. A daemon thread does the timed writes; it
-    sleeps while nothing waits.
+    a pipe a wake-up of its reader. Batched, the executor's CPU per job fell ~5 %. Lines
+    also leave when :data:`MAX_LINES` wait, at exit (``atexit``) and on :meth:`flush`. What
+    a ``SIGKILL`` can lose: the last ``interval`` of info lines, never a warning or an
+    error. A daemon thread does the timed writes; it sleeps while nothing waits.
     """
 
     #: Lines written at once, however young.
