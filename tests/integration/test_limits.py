@@ -97,6 +97,28 @@ async def test_each_type_runs_with_its_own_handler_retries_and_timeout(
     assert [(r.outcome, r.error) for r in rows_of(rows, plain)] == [("succeeded", None)]
 
 
+async def test_an_event_that_ends_leaves_no_lane_mark_behind(
+    make_settings: Any, database: str, redis_url: str, names: Names, dlq_topic: Names,
+    executor_state: None,
+) -> None:  # fmt: skip
+    # Succeeded, dead or cancelled, an event of a limited type needs its mark no more (a
+    # replay or a retry command marks it again); kept, every dead one stays in Redis.
+    settings = make_settings(
+        handlers={"default": f"{HANDLERS}:ok"},
+        types={"a": {"concurrency": 2, "handler": f"{HANDLERS}:permanent"},
+               "b": {"concurrency": 2}},
+    )  # fmt: skip
+    now = time.time()
+    dead, done = new_events(3, due=now, type="a"), new_events(3, due=now, type="b")
+    await trio.to_thread.run_sync(insert_events, database, dead + done)
+    async with running_executor(settings) as harness:
+        await harness.enqueue(dead + done)
+        await wait_until(all_finished(database, 6), limit=15)
+        marks = harness.jobs.shards[0].aio_queue
+        await wait_until_async(lambda: lane_marks(marks), expected={}, limit=5)
+    assert await trio.to_thread.run_sync(status_counts, database) == {"dead": 3, "succeeded": 3}
+
+
 async def test_a_wait_for_a_token_counts_as_held_not_late(
     make_settings: Any, database: str, dlq_topic: Names, executor_state: None
 ) -> None:
@@ -138,6 +160,24 @@ async def jobs(redis_url: str, names: Names) -> AsyncIterator[JobQueue]:
     async with trio_asyncio.open_loop(), queue_client(redis_url, names.queue) as queue:
         yield queue
     delete_queue_keys(redis_url, names.queue)
+
+
+async def lane_marks(queue: OnTimeQueue) -> dict[bytes, bytes]:
+    """The lanes hash: event id -> lane."""
+    marks: dict[bytes, bytes] = await trio_asyncio.aio_as_trio(queue.redis.hgetall)(
+        queue.lane_keys.lanes
+    )
+    return {k.decode(): v.decode() for k, v in marks.items()}  # type: ignore[misc]
+
+
+async def wait_until_async(
+    read: Any, *, expected: object, limit: float, interval: float = 0.05
+) -> None:
+    """Until ``await read()`` equals ``expected`` (at most ``limit`` s)."""
+    deadline = trio.current_time() + limit
+    while (seen := await read()) != expected:
+        assert trio.current_time() < deadline, f"still {seen!r}"
+        await trio.sleep(interval)
 
 
 def due_jobs(
@@ -240,6 +280,18 @@ async def test_a_job_placed_with_a_lane_marks_its_event_and_is_limited(jobs: Job
         assert await jobs.place_job(placed) == "added"
     assert keys(await claim(queue)) == ["a0"]
     assert keys(await claim(queue)) == []
+
+
+async def test_removed_jobs_take_their_events_lane_marks_along(jobs: JobQueue) -> None:
+    # A cancelled event's jobs are removed; its mark in the lanes hash must go too, or
+    # every cancelled event of a limited type would stay in Redis for good.
+    queue = jobs.aio_queue
+    queue.set_lanes([Lane("a", concurrency=1, lease=30.0)])
+    await jobs.enqueue_many(due_jobs("a", 3, lane="a", at=time.time() + 3600))
+    assert len(await lane_marks(queue)) == 3
+    removed = await jobs.remove_jobs(["a0", "a1"])
+    assert sorted(removed.removed) == ["a0", "a1"]
+    assert list(await lane_marks(queue)) == ["a2"]
 
 
 async def test_a_laned_job_given_back_to_queued_is_still_limited(jobs: JobQueue) -> None:

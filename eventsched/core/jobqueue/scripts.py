@@ -375,9 +375,10 @@ end
 # Remove pending jobs that no worker has taken (a cancelled event's). KEYS = incomplete,
 # queued, then the job ids; ARGV = the lanes hash, the job id prefix, the lane key prefix,
 # then the job ids' keys (for the answer). A job scheduled (score >= 1) or queued (score 0,
-# in `queued` or its lane's `ready`) is removed with its record; a job taken by a worker
-# (score 0, neither: claimed ahead or running) is left alone, the claim's compare-and-set
-# in PostgreSQL stops it. Returns {removed keys, taken keys}.
+# in `queued` or its lane's `ready`) is removed with its record and its event's lane mark
+# (a cancelled event needs it no more; a retry command marks it again); a job taken by a
+# worker (score 0, neither: claimed ahead or running) is left alone, the claim's
+# compare-and-set in PostgreSQL stops it. Returns {removed keys, taken keys}.
 REMOVE_LUA = (
     _UNQUEUE_LUA
     + """
@@ -390,6 +391,7 @@ for i = 3, #KEYS do
         if tonumber(score) >= 1 or unqueue(id, 1) then
             redis.call('ZREM', KEYS[1], id)
             redis.call('DEL', id)
+            redis.call('HDEL', ARGV[1], string.match(ARGV[i + 1], '^[^#]+'))
             removed[#removed + 1] = ARGV[i + 1]
         else
             taken[#taken + 1] = ARGV[i + 1]

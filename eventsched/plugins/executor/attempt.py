@@ -459,7 +459,9 @@ class Attempts:
         (one Redis call per batch, in a task), hand dead events to the DLQ publisher. A
         failure recorded as ``cancelled`` (a cancel command came while it ran) gets neither."""
         retries: list[ScheduledJob] = []
-        done_laned: list[str] = []  # succeeded events of laned types: drop their lane marks
+        # Events of laned types that ended (succeeded, dead, cancelled): drop their lane
+        # marks (a replay or a retry command marks the event again).
+        done_laned: list[str] = []
         counts: Counter[tuple[str, str]] = Counter()  # one inc() per label and status
         for outcome, status in zip(outcomes, recorded, strict=True):
             self._leases.release(outcome.event_id, outcome.attempt)
@@ -472,9 +474,9 @@ class Attempts:
                 )  # fmt: skip
                 continue
             counts[outcome.label, "retried" if status == "retrying" else status] += 1
+            if status != "retrying" and self.policies.lane_of(outcome.label):
+                done_laned.append(outcome.event_id)
             if status == "succeeded":
-                if self.policies.lane_of(outcome.label):
-                    done_laned.append(outcome.event_id)
                 continue
             if status == "cancelled":
                 self._log.info(
