@@ -3,7 +3,8 @@
 An event type with a ``concurrency`` or ``rate`` limit, or a priority of its own, has a
 *lane*. Its events are marked at enqueue (the ``lanes`` hash: event id -> lane name; the
 entry serves every job of the event, its retries included, and is removed when the event
-ends: succeeded, dead or cancelled; whoever makes a job for it later marks it again). The claim script (:data:`~eventsched.core.jobqueue.scripts.CLAIM_LUA`) moves a
+ends: succeeded, dead or cancelled; whoever makes a job for it later marks it again). The
+claim script (:data:`~eventsched.core.jobqueue.scripts.CLAIM_LUA`) moves a
 due job of a lane into the lane's ``ready`` zset rather than the shared ``queued`` list,
 and claims from each lane only while its limits allow, atomically and in the same call that
 claims everything else (no round trip of its own):
