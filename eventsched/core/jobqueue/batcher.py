@@ -46,9 +46,8 @@ class Batcher:
         self._flusher: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
         self._carrier: Callable[[], None] | None = None
-        #: Bumped by every :meth:`take`: a block submitted in the current generation has
-        #: not left yet, so it may still be emptied in place (see ``OnTimeQueue.mark_active``).
-        self.generation = 0
+        # Blocks submitted with a key that have not been taken yet (see withdraw()).
+        self._keyed: dict[str, list[Command]] = {}
 
     async def run(self, commands: list[Command]) -> None:
         """Apply ``commands`` with the next batch and wait for it.
@@ -59,12 +58,23 @@ class Batcher:
         self._submit(commands, future)
         await future
 
-    def submit_nowait(self, commands: list[Command]) -> None:
+    def submit_nowait(self, commands: list[Command], *, key: str | None = None) -> None:
         """Apply ``commands`` with the next batch; a failure is logged, not raised.
 
         No future, so no done-callback either: one event-loop callback less per job.
+        ``key``: :meth:`withdraw` may still empty the block until it is taken.
         """
         self._submit(commands, None)
+        if key is not None:
+            self._keyed[key] = commands
+
+    def withdraw(self, key: str) -> None:
+        """Empty the block submitted under ``key``, if no batch has taken it yet (a block
+        that a later one in the same batch makes pointless: a job's start record, when its
+        finish follows)."""
+        commands = self._keyed.pop(key, None)
+        if commands is not None:
+            commands.clear()
 
     def _submit(self, commands: list[Command], future: asyncio.Future[None] | None) -> None:
         self._pending.append((commands, future))
@@ -91,7 +101,7 @@ class Batcher:
     def take(self) -> Batch:
         """The pending blocks, to send now; call with :attr:`lock` held."""
         batch, self._pending = self._pending, []
-        self.generation += 1
+        self._keyed.clear()  # taken: too late to withdraw any of them
         return batch
 
     @staticmethod

@@ -98,10 +98,6 @@ class OnTimeQueue(RedisQueue):
         self._default_priority = 0
         # Job id -> (lane, held reason) of the jobs this process claimed from a lane.
         self._laned: dict[str, tuple[Lane, str]] = {}
-        # Job id -> its start record while that is still waiting in the batcher, of the
-        # batcher generation below (older entries have left: the dict is then reset).
-        self._starts: dict[str, list[Command]] = {}
-        self._starts_generation = -1
 
     def set_lanes(self, lanes: Sequence[Lane], default_priority: int = 0) -> None:
         """Claim through these lanes (every process of a queue must be given the same).
@@ -368,12 +364,10 @@ class OnTimeQueue(RedisQueue):
         """Record that ``job`` started, without waiting: the next batch carries it, ahead of
         the job's finish (batches are applied in order)."""
         job.status = Status.ACTIVE
-        start: list[Command] = [("SET", job.id, self._text(job)), ("PUBLISH", job.id, "active")]
-        self.batcher.submit_nowait(start)
-        if self._starts_generation != self.batcher.generation:
-            self._starts.clear()  # every start recorded before has left with a batch
-            self._starts_generation = self.batcher.generation
-        self._starts[job.id] = start
+        self.batcher.submit_nowait(
+            [("SET", job.id, self._text(job)), ("PUBLISH", job.id, job.status.value)],
+            key=job.id,  # complete_nowait() withdraws it while it waits
+        )
 
     def complete_nowait(self, job: Job, result: Any) -> None:
         """Finish ``job`` as COMPLETE with the next batch, without waiting for it.
@@ -383,9 +377,7 @@ class OnTimeQueue(RedisQueue):
         same atomic batch overwrites its text anyway, and a job serialization and two Redis
         commands per job are saved. Watchers of the job's channel then see ``complete``
         without ``active`` before it, as a poller between the two states would."""
-        start = self._starts.pop(job.id, None)
-        if start is not None and self._starts_generation == self.batcher.generation:
-            start.clear()
+        self.batcher.withdraw(job.id)
         self._set_finished(job, Status.COMPLETE, result=result, error=None)
         self.batcher.submit_nowait(self._finish_commands(job))
 
