@@ -62,41 +62,34 @@ class Cursor:
     event_id: str = str(_NIL)
 
 
-# Each query is served by its partial index (see sql/000001_init.up.sql).
+# Each query is served by its partial index (see sql/000001_init.up.sql). Columns in the
+# order of Candidate's fields; the third is the one each query orders by.
+_WITH: Final = """traceparent, (retain_from AT TIME ZONE 'UTC')::date, type,
+               octet_length(payload::text)"""
 _OVERDUE_SQL: Final = {
-    "overdue": """
-        SELECT id::text, attempts, execute_at, traceparent,
-               (retain_from AT TIME ZONE 'UTC')::date, type,
-               octet_length(payload::text) FROM events
+    "overdue": f"""
+        SELECT id::text, attempts, execute_at, {_WITH} FROM events
         WHERE status = 'scheduled' AND execute_at < now() - make_interval(secs => %(age)s)
           AND (execute_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY execute_at, id LIMIT %(limit)s""",
-    "retry_overdue": """
-        SELECT id::text, attempts, next_attempt_at, traceparent,
-               (retain_from AT TIME ZONE 'UTC')::date, type,
-               octet_length(payload::text) FROM events
+    "retry_overdue": f"""
+        SELECT id::text, attempts, next_attempt_at, {_WITH} FROM events
         WHERE status = 'retrying' AND next_attempt_at < now() - make_interval(secs => %(age)s)
           AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY next_attempt_at, id LIMIT %(limit)s""",
     # Restoring after Redis lost its data: every pending event, whatever its due time.
-    "restore_scheduled": """
-        SELECT id::text, attempts, execute_at, traceparent,
-               (retain_from AT TIME ZONE 'UTC')::date, type,
-               octet_length(payload::text) FROM events
+    "restore_scheduled": f"""
+        SELECT id::text, attempts, execute_at, {_WITH} FROM events
         WHERE status = 'scheduled'
           AND (execute_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY execute_at, id LIMIT %(limit)s""",
-    "restore_retrying": """
-        SELECT id::text, attempts, next_attempt_at, traceparent,
-               (retain_from AT TIME ZONE 'UTC')::date, type,
-               octet_length(payload::text) FROM events
+    "restore_retrying": f"""
+        SELECT id::text, attempts, next_attempt_at, {_WITH} FROM events
         WHERE status = 'retrying'
           AND (next_attempt_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY next_attempt_at, id LIMIT %(limit)s""",
-    "stale_running": """
-        SELECT id::text, attempts, updated_at, traceparent,
-               (retain_from AT TIME ZONE 'UTC')::date, type,
-               octet_length(payload::text) FROM events
+    "stale_running": f"""
+        SELECT id::text, attempts, updated_at, {_WITH} FROM events
         WHERE status = 'running' AND updated_at < now() - make_interval(secs => %(age)s)
           AND (updated_at, id) > (%(at)s, %(id)s::uuid)
         ORDER BY updated_at, id LIMIT %(limit)s""",

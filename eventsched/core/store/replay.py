@@ -49,7 +49,7 @@ async def rerun_dead(db: Database, event_id: str, attempts: int | None) -> Rerun
     row = await db.fetchone(_RERUN_SQL, {"id": event_id, "attempts": attempts})
     if row is None:
         return None
-    return Rerun(row[0], row[1], row[2], row[3])
+    return Rerun(*row)
 
 
 async def event_state(db: Database, event_id: str) -> tuple[str, int] | None:

@@ -118,9 +118,8 @@ ATTEMPT_OF: Final[dict[str, Callable[[Candidate], int]]] = {
     "retry_overdue": _next_attempt,
     "restore_retrying": _next_attempt,
 }
-# (event id, attempt, due time, event type or None, traceparent or None, partition day or
-# None) -> its job
-#: (event id, attempt, due, type, traceparent, partition day, payload size) -> its job.
+# (event id, attempt, due time, event type, traceparent, partition day, payload size; each
+# of the last four may be None) -> its job
 JobFor = Callable[[str, int, float, str | None, str | None, date | None, int | None], ScheduledJob]
 
 
@@ -420,9 +419,7 @@ class Reconciler:
         keys = [
             self._job_for(c.event_id, c.attempts, 0.0, None, None, None, None).key for c in page
         ]
-        traces = {c.event_id: c.traceparent for c in page}
-        types = {c.event_id: c.type for c in page}
-        sizes = {c.event_id: c.size for c in page}
+        found = {c.event_id: c for c in page}
         live = await self.live_jobs(keys)
         stale: list[Candidate] = []
         for c, key in zip(page, keys, strict=True):
@@ -446,18 +443,12 @@ class Reconciler:
                         status=t.status)  # fmt: skip
             if t.status == "retrying":
                 assert t.next_attempt_at is not None  # set with status retrying
-                trace = traces.get(t.event_id)
-                jobs.append(
-                    self._job_for(
-                        t.event_id,
-                        t.attempts + 1,
-                        t.next_attempt_at,
-                        types.get(t.event_id),
-                        trace,
-                        t.day,
-                        sizes.get(t.event_id),
-                    )
-                )
+                was = found[t.event_id]  # take_over() answers for these candidates only
+                job = self._job_for(
+                    t.event_id, t.attempts + 1, t.next_attempt_at, was.type, was.traceparent,
+                    t.day, was.size,
+                )  # fmt: skip
+                jobs.append(job)
             elif t.status == "dead":
                 self._dead_letters.submit_nowait(t.event_id)
         added = await self._jobs.enqueue_reachable(jobs) if jobs else 0
